@@ -1,0 +1,278 @@
+"""Parity with transformers: tiny random GPT-2 / Llama checkpoints imported into GPT give the same
+logits and the same gradient for every parameter; export_hf round-trips through transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
+from trainer.model.hf_import import hf_to_trainer  # noqa: E402
+from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
+
+VOCAB, T = 101, 12
+SPECIAL = dict(bos_token_id=0, eos_token_id=0)  # token ids inside the tiny vocabulary
+
+
+def gpt2_model(**kwargs):
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **SPECIAL,
+        **kwargs,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama_model(tie: bool = False, cls=None, **kwargs):
+    cfg_cls, model_cls = cls or (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    cfg = cfg_cls(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        **SPECIAL,
+        **kwargs,
+    )
+    return model_cls(cfg)
+
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # small, so all three frequency bands occur (hd 16)
+}
+
+CASES = {
+    "gpt2": lambda: gpt2_model(),
+    "gpt2-n_inner": lambda: gpt2_model(n_inner=80),
+    "llama-gqa-untied": lambda: llama_model(tie=False),
+    "llama-gqa-tied": lambda: llama_model(tie=True),
+    "llama3-rope-scaling": lambda: llama_model(
+        rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
+    ),
+    "llama-bias": lambda: llama_model(attention_bias=True, mlp_bias=True),
+    "mistral": lambda: llama_model(
+        cls=(transformers.MistralConfig, transformers.MistralForCausalLM), sliding_window=None
+    ),
+}
+
+
+def save_random(model, path, **save_kwargs):
+    """Random weights well away from init (norm scales, biases) so every parameter matters."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, **save_kwargs)
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, VOCAB, (3, T), generator=g)
+    targets = torch.randint(0, VOCAB, (3, T), generator=g)
+    targets[0, :4] = IGNORE_INDEX
+    return idx, targets
+
+
+def load_reference(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.eval()
+
+
+def assert_parity(ours: GPT, theirs, cfg: ModelConfig) -> None:
+    ours.eval()
+    idx, targets = batch()
+    logits = ours(idx)
+    ref = theirs(idx).logits
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+    cross_entropy_sum(logits, targets).backward()
+    cross_entropy_sum(ref, targets).backward()
+    ref_grads = hf_to_trainer({n: p.grad for n, p in theirs.named_parameters()}, cfg)
+    ours_grads = {n: p.grad for n, p in ours.named_parameters()}
+    assert set(ours_grads) == set(ref_grads)
+    for name, grad in ours_grads.items():
+        scale = ref_grads[name].abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(
+            grad, ref_grads[name], rtol=0, atol=1e-5 * max(1.0, scale), msg=name
+        )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_gradients_match_transformers(case, tmp_path):
+    save_random(CASES[case](), tmp_path)
+    cfg = load_hf_config(tmp_path)
+    assert_parity(load_pretrained(tmp_path), load_reference(tmp_path), cfg)
+
+
+def test_config_fields(tmp_path):
+    llama = llama_model(tie=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    save_random(llama, tmp_path / "llama")
+    expected = ModelConfig(
+        name="llama",
+        vocab_size=VOCAB,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        intermediate_size=96,
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp="swiglu",
+        position="rope",
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING,
+        tie_embeddings=True,
+        bias=False,
+        pretrained=str(tmp_path / "llama"),
+    )
+    assert load_hf_config(tmp_path / "llama") == expected
+    # transformers<5 wrote rope_theta and rope_scaling (older: "type") at the top level
+    hf = json.loads((tmp_path / "llama" / "config.json").read_text())
+    scaling = hf.pop("rope_parameters")
+    hf["rope_theta"] = scaling.pop("rope_theta")
+    scaling["type"] = scaling.pop("rope_type")
+    hf["rope_scaling"] = scaling
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(hf))
+    assert load_hf_config(tmp_path / "llama") == expected
+
+    save_random(gpt2_model(layer_norm_epsilon=1e-6), tmp_path / "gpt2")
+    assert load_hf_config(tmp_path / "gpt2") == ModelConfig(
+        name="gpt2",
+        vocab_size=VOCAB,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        intermediate_size=256,
+        norm_eps=1e-6,
+        pretrained=str(tmp_path / "gpt2"),
+    )  # the defaults are GPT-2's layout: layernorm, gelu, learned positions, biases, tied
+
+
+def test_sharded_safetensors_and_pytorch_bin(tmp_path):
+    reference = save_random(llama_model(), tmp_path / "full")
+    expected = load_pretrained(tmp_path / "full").state_dict()
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 2
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    torch.save(reference.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    for variant in ("sharded", "bin"):
+        state = load_pretrained(tmp_path / variant).state_dict()
+        assert state.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(state[name], tensor), (variant, name)
+
+
+def test_overrides_and_dtype(tmp_path):
+    save_random(gpt2_model(), tmp_path)
+    full = load_pretrained(tmp_path).eval()
+    cropped = load_pretrained(tmp_path, block_size=16, dropout=0.1, dtype=torch.bfloat16)
+    assert cropped.cfg.block_size == 16 and cropped.cfg.dropout == 0.1
+    wpe = cropped.embed.wpe.weight
+    assert wpe.shape == (16, 64) and wpe.dtype == torch.bfloat16
+    cropped = load_pretrained(tmp_path, block_size=16).eval()
+    idx, _ = batch()
+    torch.testing.assert_close(cropped(idx), full(idx), rtol=0, atol=0)
+    assert all(p.requires_grad for p in cropped.parameters())
+    with pytest.raises(ValueError, match="exceeds the checkpoint's 32 positions"):
+        load_pretrained(tmp_path, block_size=64)
+    with pytest.raises(ValueError, match=r"cannot override \['n_layer'\]"):
+        load_pretrained(tmp_path, n_layer=3)
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: not a directory"):
+        load_hf_config(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' unsupported; expected gpt2, llama"):
+        load_hf_config(tmp_path)
+    llama_model().config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no weights; expected model.safetensors"):
+        load_pretrained(tmp_path)
+
+
+EXPORT_CASES = {
+    "gpt2": dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64),
+    "gpt2-untied": dict(
+        vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False
+    ),
+    "llama3-tied": dict(
+        vocab_size=VOCAB,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        intermediate_size=96,
+        norm="rmsnorm",
+        mlp="swiglu",
+        position="rope",
+        bias=False,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling=dict(LLAMA3_SCALING),
+    ),
+    "llama-untied": dict(
+        vocab_size=VOCAB,
+        block_size=32,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=1,
+        n_embd=64,
+        intermediate_size=96,
+        norm="rmsnorm",
+        mlp="swiglu",
+        position="rope",
+        bias=False,
+        tie_embeddings=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_export_round_trip(case, tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**EXPORT_CASES[case])
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    export_hf(model, tmp_path)
+    assert_parity(model, load_reference(tmp_path), cfg)  # transformers reads what we wrote
+    back = load_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_export_rejects_layouts_without_hf_equivalent(tmp_path):
+    model = GPT(ModelConfig(vocab_size=VOCAB, position="rope", norm="layernorm"))
+    with pytest.raises(ValueError, match="matches no Hugging Face layout"):
+        export_hf(model, tmp_path)

@@ -1,0 +1,240 @@
+"""GPT: shapes, parameter groups, init, limits, tying, generation, presets and their sizes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from trainer.config import ConfigError, ModelConfig
+from trainer.model import GPT, check_attention_backend, param_group
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+GPT2_LIKE = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32)
+LLAMA_LIKE = dict(
+    vocab_size=97,
+    block_size=16,
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=32,
+    intermediate_size=48,
+    norm="rmsnorm",
+    mlp="swiglu",
+    position="rope",
+    bias=False,
+    tie_embeddings=False,
+)
+
+
+def make(**kwargs) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**kwargs))
+
+
+@pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_forward_shape_and_finite(kwargs):
+    model = make(**kwargs)
+    idx = torch.randint(0, 97, (3, 11))
+    logits = model(idx)
+    assert logits.shape == (3, 11, 97)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_causal_prefix_invariance(kwargs):
+    """Logits at position t depend only on tokens <= t."""
+    model = make(**kwargs).eval()
+    idx = torch.randint(0, 97, (2, 12))
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 97
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8], rtol=0, atol=1e-6)
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_param_groups_partition(kwargs):
+    model = make(**kwargs)
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        groups[param_group(name)] = groups.get(param_group(name), 0) + p.numel()
+    blocks = {f"block.{i}.{kind}" for i in range(2) for kind in ("attn", "mlp", "norm")}
+    expected = {"embed", "head"} | blocks
+    assert set(groups) == expected
+    assert sum(groups.values()) == model.num_params()  # every parameter counted exactly once
+
+
+def test_param_group_names():
+    assert param_group("embed.wte.weight") == "embed"
+    assert param_group("embed.wpe.weight") == "embed"
+    assert param_group("blocks.3.attn.c_attn.weight") == "block.3.attn"
+    assert param_group("blocks.11.mlp.w_gate.weight") == "block.11.mlp"
+    assert param_group("blocks.0.norm_2.bias") == "block.0.norm"
+    assert param_group("norm_f.weight") == "head"
+    assert param_group("head.weight") == "head"
+    # wrapper prefixes from DDP, torch.compile, FSDP1, activation checkpointing, peft
+    assert param_group("module._orig_mod.blocks.2.attn.c_proj.weight") == "block.2.attn"
+    assert (
+        param_group("_fsdp_wrapped_module.blocks.1._fsdp_wrapped_module.mlp.c_fc.bias")
+        == "block.1.mlp"
+    )
+    assert param_group("blocks.5._checkpoint_wrapped_module.norm_1.weight") == "block.5.norm"
+    assert param_group("base_model.model.blocks.0.attn.c_attn.lora_A.weight") == "block.0.attn"
+    with pytest.raises(ValueError, match="not a GPT parameter"):
+        param_group("blocks.0.unknown.weight")
+
+
+def test_init_statistics():
+    n_layer, n_embd, std = 8, 256, 0.02
+    model = make(
+        vocab_size=64, block_size=8, n_layer=n_layer, n_head=4, n_embd=n_embd, init_std=std
+    )
+    block = model.blocks[3]
+    residual = std / math.sqrt(2 * n_layer)
+    # 65k and 262k samples: the sample std is within ~1% of the true one
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(residual, rel=0.03)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(residual, rel=0.03)
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(std, rel=0.03)
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(std, rel=0.03)
+    assert model.embed.wte.weight.std().item() == pytest.approx(std, rel=0.03)
+    assert block.attn.c_attn.weight.mean().abs().item() < 1e-3
+    assert torch.all(block.attn.c_attn.bias == 0) and torch.all(block.mlp.c_proj.bias == 0)
+    assert torch.all(block.norm_1.weight == 1) and torch.all(model.norm_f.weight == 1)
+
+
+def test_meta_build_then_init_weights():
+    with torch.device("meta"):
+        model = GPT(ModelConfig(**LLAMA_LIKE))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.all(model.norm_f.weight == 1)
+    assert model.blocks[0].attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.isfinite(model(torch.randint(0, 97, (1, 5)))).all()
+
+
+def test_too_long_sequence_raises():
+    model = make(**GPT2_LIKE)
+    with pytest.raises(ValueError, match="exceeds model.block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_missing_vocab_raises():
+    with pytest.raises(ValueError, match="vocab_size"):
+        GPT(ModelConfig(vocab_size=None))
+
+
+def test_tied_head_shares_embedding():
+    model = make(**GPT2_LIKE)
+    names = dict(model.named_parameters())
+    assert model.head is None
+    assert "head.weight" not in names and "head.weight" not in model.state_dict()
+    hidden = {}
+    model.norm_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+    logits = model(torch.randint(0, 97, (2, 5)))
+    expected = F.linear(hidden["h"], model.embed.wte.weight)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    untied = make(**{**GPT2_LIKE, "tie_embeddings": False})
+    assert untied.head.weight.data_ptr() != untied.embed.wte.weight.data_ptr()
+    assert untied.num_params() - model.num_params() == 97 * 32
+
+
+def test_num_params_and_flops():
+    model = make(**LLAMA_LIKE)
+    # untied: wte is only a lookup, so it drops
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - 97 * 32
+    # tied: wte is also the head's matmul, so only wpe drops
+    gpt2 = make(**GPT2_LIKE)
+    assert gpt2.num_params(exclude_embeddings=True) == gpt2.num_params() - 16 * 32
+    n = model.num_params(exclude_embeddings=True)
+    assert model.flops_per_token(16) == 6 * n + 12 * 2 * 32 * 16
+
+
+def test_generate_length_and_determinism():
+    model = make(**GPT2_LIKE).eval()
+    prompt = torch.randint(0, 97, (2, 6))
+    out = model.generate(prompt, 20, generator=torch.Generator().manual_seed(1), top_k=5)
+    assert out.shape == (2, 26)  # ran past block_size=16 by cropping the context
+    assert torch.equal(out[:, :6], prompt)
+    again = model.generate(prompt, 20, generator=torch.Generator().manual_seed(1), top_k=5)
+    assert torch.equal(out, again)
+    greedy = model.generate(prompt, 1, temperature=0)
+    assert torch.equal(greedy[:, -1], model(prompt)[:, -1].argmax(-1))
+
+
+def test_dropout_only_in_training():
+    model = make(**{**GPT2_LIKE, "dropout": 0.5})
+    idx = torch.randint(0, 97, (2, 8))
+    model.eval()
+    torch.testing.assert_close(model(idx), model(idx), rtol=0, atol=0)
+    model.train()
+    assert (model(idx) - model(idx)).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama"])
+def test_attention_backends_agree_on_cpu(kwargs):
+    auto = make(**kwargs).eval()
+    math_ = make(**kwargs, attention_backend="math").eval()
+    idx = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(auto(idx), math_(idx), rtol=1e-5, atol=1e-6)
+
+
+def test_check_attention_backend():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for backend in ("auto", "math"):
+        check_attention_backend(backend, cpu, torch.float32)  # runs everywhere
+    check_attention_backend("efficient", cuda, torch.float32)
+    check_attention_backend("flash", cuda, torch.bfloat16)
+    for backend in ("flash", "efficient", "flash_attn"):
+        with pytest.raises(ConfigError, match="needs a CUDA device"):
+            check_attention_backend(backend, cpu, torch.bfloat16)
+    for backend in ("flash", "flash_attn"):
+        with pytest.raises(ConfigError, match="needs fp16 or bf16"):
+            check_attention_backend(backend, cuda, torch.float32)
+    model = make(**{**GPT2_LIKE, "attention_backend": "flash"})
+    with pytest.raises(ValueError, match="attention_backend=flash needs a CUDA device"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def load_preset(path: Path) -> ModelConfig:
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def test_every_preset_loads_and_starts_with_its_command():
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"tiny", "gpt2", "gpt2-medium", "llama-1b", "llama3-8b"}
+    for f in files:
+        cfg = load_preset(f)
+        assert cfg.name == f.stem
+        assert f.read_text().startswith(f"# python -m trainer model={f.stem}")
+
+
+# Reference sizes: GPT-2 124M / 355M as released, Llama 3.2 1B and Llama 3.1 8B as released.
+@pytest.mark.parametrize(
+    "preset,params",
+    [
+        ("gpt2", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("llama-1b", 1_235_814_400),
+        ("llama3-8b", 8_030_261_248),
+    ],
+)
+def test_preset_parameter_counts(preset, params):
+    cfg = load_preset(CONFIG_DIR / f"{preset}.yaml")
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = GPT(cfg)
+    assert model.num_params() == params
+
+
+def test_tiny_preset_is_small():
+    cfg = load_preset(CONFIG_DIR / "tiny.yaml")
+    cfg.vocab_size = 256
+    model = GPT(cfg)
+    assert model.num_params() < 2_000_000
+    assert model(torch.randint(0, 256, (1, cfg.block_size))).shape == (1, cfg.block_size, 256)

@@ -1,0 +1,247 @@
+"""Typed configuration: the dataclasses Hydra validates every YAML and override against.
+
+Each dataclass field is a config key (`train.max_steps`, `model.n_head`, ...). Hydra merges
+the YAML files of configs/ onto these schemas in struct mode, so a misspelled or mistyped key
+fails at start. `__post_init__` checks one section at a time; `check_run` checks what spans
+sections. Neither mutates the config: derived values are computed where they are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. Its message is one line naming the key and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder. The options let GPT-2 and Llama-family checkpoints share one class."""
+
+    name: str = "tiny"
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary, rounded up to a multiple of 64
+    block_size: int = 256  # longest context the model supports (learned positions / RoPE table)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
+    n_embd: int = 128
+    intermediate_size: int | None = None  # MLP width; None means 4 * n_embd
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu (as Llama)
+    position: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # Llama 3 'llama3' scaling, as in HF config.json
+    tie_embeddings: bool = True
+    bias: bool = True  # biases in linear layers and LayerNorm
+    dropout: float = 0.0
+    attention_backend: str = "auto"  # auto | flash | efficient | math | flash_attn (Dao's package)
+    init_std: float = 0.02
+    pretrained: str | None = None  # local Hugging Face checkpoint directory to import weights from
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size"):
+            _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}: "
+            "choose n_head so that n_embd / n_head is a whole head size",
+        )
+        kv = self.n_kv_head or self.n_head
+        _require(
+            self.n_head % kv == 0,
+            f"model.n_kv_head={kv} does not divide model.n_head={self.n_head}: "
+            "each key/value head must serve a whole number of query heads",
+        )
+        _require(self.norm in ("layernorm", "rmsnorm"), f"model.norm={self.norm!r}: use layernorm or rmsnorm")
+        _require(self.mlp in ("gelu", "swiglu"), f"model.mlp={self.mlp!r}: use gelu or swiglu")
+        _require(self.position in ("learned", "rope"), f"model.position={self.position!r}: use learned or rope")
+        _require(
+            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
+            "model.position=rope needs an even head size (n_embd / n_head)",
+        )
+        _require(
+            self.attention_backend in ("auto", "flash", "efficient", "math", "flash_attn"),
+            f"model.attention_backend={self.attention_backend!r}: use auto, flash, efficient, math or flash_attn",
+        )
+        _require(
+            self.vocab_size is None or self.vocab_size > 0,
+            f"model.vocab_size must be positive or null, got {self.vocab_size}",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token sequences."""
+
+    source: str = "stdlib"  # stdlib | files | hf | synthetic
+    path: str | None = None  # files: a file or directory; hf: a dataset name or local path
+    hf_config: str | None = None  # hf: the dataset's configuration name
+    hf_split: str = "train"
+    text_field: str = "text"  # hf and .jsonl: the field holding the text
+    streaming: bool = False  # hf: stream instead of downloading / loading the whole dataset
+    max_documents: int | None = None  # cap on documents read (useful with streaming)
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".json"])
+    tokenizer: str = "byte"  # byte | bpe | a local Hugging Face tokenizer directory
+    bpe_vocab_size: int = 4096
+    cache_dir: str = "~/.cache/trainer"  # token caches live here, keyed by (source, tokenizer)
+    val_fraction: float = 0.02  # share of the token stream held out for validation
+    synthetic_vocab: int = 32  # synthetic: Markov chain alphabet size
+    synthetic_tokens: int = 200_000  # synthetic: stream length
+    synthetic_concentration: float = 0.3  # synthetic: Dirichlet concentration of transition rows
+
+    def __post_init__(self) -> None:
+        _require(
+            self.source in ("stdlib", "files", "hf", "synthetic"),
+            f"data.source={self.source!r}: use stdlib, files, hf or synthetic",
+        )
+        _require(
+            self.source not in ("files", "hf") or bool(self.path),
+            f"data.source={self.source} needs data.path=<file, directory or dataset>",
+        )
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
+        _require(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 260")
+        _require(self.synthetic_vocab >= 2, "data.synthetic_vocab must be at least 2")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decay / no-decay groups and a warmup + cosine schedule."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # applied to matrices (linear and embedding weights), not to biases or norms
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # cosine | constant
+    clip_grad_norm: float = 1.0  # 0 disables clipping (the norm is still measured)
+
+    def __post_init__(self) -> None:
+        _require(self.name == "adamw", f"optim.name={self.name!r}: only adamw is available")
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.schedule in ("cosine", "constant"), f"optim.schedule={self.schedule!r}: use cosine or constant")
+        _require(self.clip_grad_norm >= 0, f"optim.clip_grad_norm must be >= 0, got {self.clip_grad_norm}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and optimizer are spread over ranks."""
+
+    strategy: str = "none"
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in ("none",), f"parallel.strategy={self.strategy!r}: available: none")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric format of the forward / backward pass (master weights stay fp32)."""
+
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in ("fp32",), f"precision.dtype={self.dtype!r}: available: fp32")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (off by default)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go. metrics.jsonl always; wandb unless disabled (offline without a key)."""
+
+    wandb: bool = True
+    project: str = "trainer"
+    mode: str = "auto"  # auto (online with a key and a network, else offline) | online | offline
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("auto", "online", "offline"), f"logger.mode={self.mode!r}: use auto, online or offline")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written (a final one is always written)."""
+
+    interval: int = 0  # steps between checkpoints; 0: only the final one
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
+        _require(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass
+class TrainConfig:
+    """The step budget and batch shape. Global batch = micro_batch_size * grad_accum_steps * world size."""
+
+    max_steps: int = 400
+    micro_batch_size: int = 16
+    grad_accum_steps: int = 1
+    seq_len: int = 128
+    seed: int = 1337
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 8
+    device: str = "auto"  # auto | cpu | cuda
+    sample_tokens: int = 200  # length of the sample generated at the end (0: none)
+    sample_prompt: str = "def "
+    num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
+        for key in ("micro_batch_size", "grad_accum_steps", "seq_len", "log_interval", "eval_interval"):
+            _require(getattr(self, key) > 0, f"train.{key} must be positive, got {getattr(self, key)}")
+        _require(self.eval_batches > 0, f"train.eval_batches must be positive, got {self.eval_batches}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: use auto, cpu or cuda")
+        _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+
+
+@dataclass
+class Config:
+    """One run. Each field is a config group (`model=`, `data=`, ...) or a section (`train.*`)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.model.pretrained) or self.train.seq_len <= self.model.block_size,
+            f"train.seq_len={self.train.seq_len} exceeds the model's context model.block_size="
+            f"{self.model.block_size}: lower train.seq_len or raise model.block_size",
+        )
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore; configs/config.yaml lists it first in its defaults."""
+    ConfigStore.instance().store(name="schema", node=Config)

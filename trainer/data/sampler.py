@@ -1,0 +1,84 @@
+"""A deterministic, resumable order over sample indices, and the slice of it each rank trains on.
+
+Every rank builds the same Sampler from the same seed and draws the same global batch, then
+keeps its own shard: no communication, and a checkpoint needs only `state_dict()` from one rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class Sampler:
+    """Epochs of shuffled sample indices. Epoch e's order is a permutation drawn from
+    numpy's Generator seeded with (seed, e), so any position can be recomputed from
+    (seed, epoch, position) alone."""
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples <= 0:
+            raise ValueError(f"a sampler needs at least one sample, got num_samples={num_samples}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0  # index into this epoch's permutation of the next sample
+        self._order: np.ndarray | None = None
+        self._order_epoch = -1
+
+    def _permutation(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.seed % 2**64, self.epoch])
+            self._order = rng.permutation(self.num_samples)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_global_batch(self, global_batch_size: int) -> np.ndarray:
+        """The next `global_batch_size` sample indices; an epoch that runs out continues into the
+        next (freshly shuffled) one, so within one epoch no index repeats."""
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        parts = []
+        needed = global_batch_size
+        while needed > 0:
+            taken = self._permutation()[self.position : self.position + needed]
+            parts.append(taken)
+            needed -= len(taken)
+            self.position += len(taken)
+            if self.position == self.num_samples:
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state: enough to continue exactly where this sampler is."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; the data must have the same number of samples as when saved."""
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"the sampler state is for {state['num_samples']} samples but the data now has "
+                f"{self.num_samples}: the data or train.seq_len changed since the checkpoint"
+            )
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order_epoch = -1
+
+
+def shard_for_rank(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s contiguous chunk of a global batch: the world's chunks are disjoint, cover the
+    batch, and concatenated in rank order give it back (so one process can replay a world's step)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    if len(indices) % world_size:
+        raise ValueError(
+            f"a global batch of {len(indices)} does not split evenly over {world_size} ranks"
+        )
+    size = len(indices) // world_size
+    return indices[rank * size : (rank + 1) * size]

@@ -1,0 +1,137 @@
+"""Metrics fan-out: metrics.jsonl, wandb and the console. metrics.jsonl holds exactly what wandb receives.
+
+Only rank 0 builds a `Loggers` that writes; other ranks get one whose methods do nothing.
+wandb never blocks or fails a run: it runs offline without an API key, and any error it
+raises turns it off with one warning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from trainer.config import LoggerConfig
+
+
+def print0(*args: Any, rank: int = 0, **kwargs: Any) -> None:
+    """print on rank 0 only, so call sites carry no rank checks."""
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain floats for JSON (NaN / inf become strings, as json cannot hold them strictly)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _wandb_mode(requested: str) -> str:
+    """`auto`: online when an API key is configured (env or netrc), otherwise offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("offline", "online", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if netrc.is_file() and "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+class Loggers:
+    """Writes each logged step to metrics.jsonl and wandb (same dict), and drives the progress bar."""
+
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        run_config: dict[str, Any],
+        max_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_file = open(self.metrics_path, "a", buffering=1)  # line-buffered: readable live
+        if cfg.wandb:
+            self._start_wandb(cfg, run_dir, run_config)
+        if cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stdout, disable=None,  # disable=None: off when stdout is not a terminal
+            )
+
+    def _start_wandb(self, cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]) -> None:
+        mode = _wandb_mode(cfg.mode)
+        try:
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.project, dir=str(run_dir), config=run_config, mode=mode,
+                name=run_dir.name, settings=wandb.Settings(console="off", silent=True, init_timeout=60),
+            )
+            # Optimizer step is the x-axis of every panel.
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
+        except Exception as error:  # wandb must never fail a run
+            warnings.warn(f"wandb disabled ({type(error).__name__}: {error}); metrics.jsonl still written", stacklevel=2)
+            self.wandb = None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Record one step's metrics (must include 'step')."""
+        if not self.enabled:
+            return
+        row = {key: _jsonable(value) for key, value in metrics.items()}
+        self.metrics_file.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            try:
+                self.wandb.log(row)
+            except Exception as error:
+                warnings.warn(f"wandb.log failed ({error}); wandb disabled for this run", stacklevel=2)
+                self.wandb = None
+
+    def advance(self, steps: int = 1, **postfix: Any) -> None:
+        """Move the progress bar and show the latest figures beside it."""
+        if self.bar is not None:
+            self.bar.update(steps)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in postfix.items()})
+
+    def write(self, text: str) -> None:
+        """A console line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics_file.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:
+                pass

@@ -1,0 +1,193 @@
+"""The training loop: the one place that knows the order of things. Read it top to bottom.
+
+    for each step: draw the global batch -> k micro-batches (forward, backward; no gradient
+    all-reduce until the last) -> per-group gradient sums of squares -> clip -> step -> log
+    -> evaluate / checkpoint every N
+
+The loss of a step is the sum of token losses over the whole global batch divided by the
+number of target tokens in it, so accumulation over micro-batches (and ranks) with unequal
+token counts gives exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from trainer.checkpoint import save_checkpoint
+from trainer.config import Config, ConfigError, ModelConfig
+from trainer.data import Sampler, build_data, shard_for_rank
+from trainer.loggers import Loggers, print0
+from trainer.model import GPT, cross_entropy_sum, load_hf_config, load_pretrained
+from trainer.model.loss import IGNORE_INDEX
+from trainer.parallel import build_strategy, global_norm
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model's shape with its vocabulary fixed: a derived copy, the run config is untouched."""
+    if cfg.pretrained:
+        pretrained = load_hf_config(cfg.pretrained)
+        cfg = dataclasses.replace(
+            pretrained, pretrained=cfg.pretrained, dropout=cfg.dropout, attention_backend=cfg.attention_backend
+        )
+    if cfg.vocab_size is None:
+        return dataclasses.replace(cfg, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
+    if tokenizer_vocab > cfg.vocab_size:
+        raise ConfigError(
+            f"the tokenizer's vocabulary ({tokenizer_vocab}) exceeds model.vocab_size={cfg.vocab_size}: "
+            f"set model.vocab_size={tokenizer_vocab} or larger (or null), or use a smaller data.tokenizer"
+        )
+    return cfg
+
+
+def split_micro_batches(x: torch.Tensor, y: torch.Tensor, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the global batch, as k micro-batches of equal size."""
+    return list(zip(x.chunk(k), y.chunk(k), strict=True))
+
+
+def forward_backward(
+    strategy: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, accum_steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over this rank's batch in accum_steps micro-batches.
+
+    Each micro-batch's summed token loss is divided by the number of target tokens in the
+    whole global batch (every micro-batch, every rank), so the accumulated gradient equals
+    the gradient of the mean token loss over the global batch, whatever each micro-batch's
+    token count. Returns (this rank's summed token loss, global target count), on device.
+    """
+    n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32))  # collective
+    loss_sum = torch.zeros((), device=x.device)
+    for i, (xb, yb) in enumerate(split_micro_batches(x, y, accum_steps)):
+        with strategy.micro_step(is_last=i == accum_steps - 1):
+            token_loss = cross_entropy_sum(model(xb), yb)
+            strategy.backward(token_loss / n_targets)
+        loss_sum += token_loss.detach()
+    return loss_sum, n_targets
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Any, batch_size: int, batches: int, device: torch.device) -> float:
+    """Mean token loss over the first `batches` validation batches (a fixed, deterministic set)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = 0
+    n = min(len(split), batch_size * batches)
+    for start in range(0, n, batch_size):
+        x, y = split.get_batch(np.arange(start, min(start + batch_size, n)))
+        x, y = x.to(device), y.to(device)
+        total += cross_entropy_sum(model(x), y)
+        count += int((y != IGNORE_INDEX).sum())
+    model.train()
+    return total.item() / max(count, 1)  # host sync: once per evaluation
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """Run cfg.train.max_steps optimizer steps; return the last logged metrics."""
+    tc = cfg.train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    strategy = build_strategy(cfg)
+    rank, world, device = strategy.rank, strategy.world_size, strategy.device
+    torch.manual_seed(tc.seed)
+
+    # -- data and model ------------------------------------------------------------------------
+    data = build_data(cfg.data, tc.seq_len, tc.seed, rank=rank)
+    model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
+    if tc.seq_len > model_cfg.block_size:
+        raise ConfigError(
+            f"train.seq_len={tc.seq_len} exceeds the model's context ({model_cfg.block_size}): lower train.seq_len"
+        )
+    if model_cfg.pretrained:
+        model = load_pretrained(
+            model_cfg.pretrained, dropout=model_cfg.dropout, attention_backend=model_cfg.attention_backend
+        )
+    else:
+        model = GPT(model_cfg)
+    strategy.setup(model, cfg.optim, tc.max_steps)
+
+    global_batch = tc.micro_batch_size * tc.grad_accum_steps * world
+    tokens_per_step = global_batch * tc.seq_len
+    print0(data.describe(), rank=rank)
+    print0(
+        f"model: {model_cfg.name} {model.num_params() / 1e6:.2f}M params "
+        f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings) | "
+        f"device {device} | world {world} | global batch {global_batch} sequences = "
+        f"{tc.micro_batch_size} micro x {tc.grad_accum_steps} accum x {world} ranks = {tokens_per_step:,} tokens/step",
+        rank=rank,
+    )
+    run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, enabled=rank == 0)
+    sampler = Sampler(len(data.train), tc.seed)
+    model = strategy.model
+    metrics: dict[str, Any] = {}
+    tokens_seen = 0
+    window_start, window_tokens = time.perf_counter(), 0
+
+    for step in range(tc.max_steps):
+        # -- this rank's share of the global batch, split into micro-batches -------------------
+        indices = sampler.next_global_batch(global_batch)
+        x, y = data.train.get_batch(shard_for_rank(indices, rank, world))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss_sum, n_targets = forward_backward(strategy, model, x, y, tc.grad_accum_steps)
+
+        # -- gradient statistics, clip, step ---------------------------------------------------
+        grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
+        grad_norm = global_norm(grad_sumsq)
+        lr = strategy.scheduler.get_last_lr()[0]
+        strategy.clip_and_step(grad_norm, cfg.optim.clip_grad_norm)
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+
+        # -- log -------------------------------------------------------------------------------
+        last = step == tc.max_steps - 1
+        if (step + 1) % tc.log_interval == 0 or last:
+            loss = (strategy.all_reduce_sum(loss_sum) / n_targets).item()  # collective + host sync
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                "tokens_per_s": window_tokens / elapsed,
+                "tokens": tokens_seen,
+            }
+            if (step + 1) % tc.eval_interval == 0 or last:
+                metrics["val_loss"] = evaluate(model, data.val, tc.micro_batch_size, tc.eval_batches, device)
+            loggers.log(metrics)
+            loggers.write(
+                " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+        loggers.advance(1, loss=metrics.get("loss", float("nan")))
+
+    # -- the end: a checkpoint, a sample, where everything is -----------------------------------
+    if rank == 0:
+        save_checkpoint(
+            run_dir / "checkpoints" / "final", strategy.unwrapped(), strategy.optimizer, strategy.scheduler,
+            {"step": tc.max_steps, "tokens": tokens_seen, "sampler": sampler.state_dict()},
+        )
+    loggers.close()
+    if rank == 0 and tc.sample_tokens > 0:
+        print0("sample:\n" + sample(strategy.unwrapped(), data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed))
+    print0(f"run dir: {run_dir.resolve()}", rank=rank)
+    strategy.close()
+    return metrics
+
+
+def sample(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int, seed: int) -> str:
+    """A short continuation of prompt (temperature 0.8, top-k 50), seeded for repeatability."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(
+        torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator
+    )
+    return tokenizer.decode(out[0].tolist())

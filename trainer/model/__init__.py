@@ -1,0 +1,16 @@
+"""The model: GPT (GPT-2 / Llama layouts), parameter groups, HF import / export, and the loss."""
+
+from trainer.model.gpt import GPT, check_attention_backend, param_group
+from trainer.model.hf_import import export_hf, load_hf_config, load_pretrained
+from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
+
+__all__ = [
+    "GPT",
+    "IGNORE_INDEX",
+    "check_attention_backend",
+    "cross_entropy_sum",
+    "export_hf",
+    "load_hf_config",
+    "load_pretrained",
+    "param_group",
+]

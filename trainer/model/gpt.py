@@ -1,0 +1,363 @@
+"""GPT: one decoder-only transformer class covering the GPT-2 and Llama layouts.
+
+Pre-norm blocks, `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))`. ModelConfig picks
+LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, multi-head or grouped-query
+attention, a tied or untied head. Parameter names group by layer (see `param_group`), and
+`GPT.blocks` is exposed so strategies can shard and checkpoint one block at a time.
+Nothing here knows about ranks, precision policy or logging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from contextlib import nullcontext
+from functools import cache
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from trainer.config import ConfigError, ModelConfig
+
+# Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
+# into parameter names; `param_group` drops them.
+WRAPPER_NAMES = frozenset(
+    "module _orig_mod _fsdp_wrapped_module _checkpoint_wrapped_module base_model model".split()
+)
+
+
+def param_group(name: str) -> str:
+    """Map a parameter name to its group: embed, block.{i}.attn|mlp|norm, or head (incl. norm_f)."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_NAMES]
+    if parts and parts[0] == "embed":
+        return "embed"
+    if parts and parts[0] in ("head", "norm_f"):
+        return "head"
+    if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+        kind = {"attn": "attn", "mlp": "mlp", "norm_1": "norm", "norm_2": "norm"}.get(parts[2])
+        if kind is not None:
+            return f"block.{parts[1]}.{kind}"
+    raise ValueError(f"param_group: {name!r} is not a GPT parameter name")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+@cache
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ConfigError (one line) when `model.attention_backend` cannot run on device/dtype."""
+    device = torch.device(device)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if backend in ("flash", "efficient", "flash_attn") and device.type != "cuda":
+        raise ConfigError(
+            f"model.attention_backend={backend} needs a CUDA device, got {device.type}: "
+            "use model.attention_backend=auto or math"
+        )
+    if backend in ("flash", "flash_attn") and not half:
+        raise ConfigError(
+            f"model.attention_backend={backend} needs fp16 or bf16, got {dtype}: "
+            "use precision bf16/fp16 or model.attention_backend=auto / efficient / math"
+        )
+    if backend == "flash_attn" and not _flash_attn_available():
+        raise ConfigError(
+            "model.attention_backend=flash_attn needs the flash-attn package (pip install flash-attn): "
+            "or use model.attention_backend=flash"
+        )
+
+
+_SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v.
+
+    q: (B, nh, T, hd); k, v: (B, nkv, T, hd) with nkv dividing nh (query head h reads kv head
+    h // (nh / nkv), the Llama / repeat_interleave convention). Returns (B, nh, T, hd).
+    """
+    if backend != "auto":
+        check_attention_backend(backend, q.device, q.dtype)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_func  # optional dependency, checked above
+
+        # Dao's kernel takes (B, T, nh, hd) and handles nkv < nh itself.
+        y = flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True
+        )
+        return y.transpose(1, 2)
+    gqa = k.size(1) != q.size(1)
+    # SDPA's enable_gqa runs on the flash and math kernels only; elsewhere expand k, v to nh heads.
+    native_gqa = backend in ("flash", "math") or (
+        backend == "auto" and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
+    )
+    if gqa and not native_gqa:
+        repeat = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        gqa = False
+    kernel = nullcontext() if backend == "auto" else sdpa_kernel(_SDPA_BACKENDS[backend])
+    with kernel:
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding (HF Llama's rotate_half layout, so Llama weights import unpermuted)
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin tables, each (T, head_dim), fp32
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, with Llama 3 ('llama3') scaling if given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported (only 'llama3')")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+    # and the band in between interpolated smoothly (HF _compute_llama3_parameters).
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> Rope:
+    """cos, sin tables (T, hd) in fp32. Recomputed per forward: a few tiny kernels, and no
+    buffers to lose when a model is built on the meta device."""
+    inv_freq = rope_inv_freq(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, device)
+    freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, h, T, hd) by the position tables (T, hd): x cos + rotate_half(x) sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight; statistics in (at least) fp32, as HF Llama."""
+    dtype = x.dtype
+    x = x.to(torch.promote_types(dtype, torch.float32))
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a fused [q | k | v] projection and optional GQA / RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.backend = cfg.attention_backend
+        self.dropout = cfg.dropout
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+        B, T, C = x.shape
+        hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout_p = self.dropout if self.training else 0.0
+        y = causal_attention(q, k, v, self.backend, dropout_p)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """GELU-tanh MLP (GPT-2's gelu_new) or SwiGLU: down(silu(gate(x)) * up(x)) as Llama."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.intermediate_size or 4 * cfg.n_embd
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.w_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+            self.w_up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        else:
+            self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, hidden)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope)
+        x = x + self.mlp(self.norm_2(x))
+        return x
+
+
+class Embedding(nn.Module):
+    """Token embedding, plus learned positions when the model does not use RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            positions = torch.arange(idx.size(1), device=idx.device)  # (T,)
+            x = x + self.wpe(positions)  # (T, C), broadcast over B
+        return self.dropout(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer. forward(idx (B, T)) -> logits (B, T, vocab); no loss inside."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("GPT needs model.vocab_size: resolve it from the tokenizer first")
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        # Tied: the logits reuse embed.wte.weight, so there is no separate head parameter.
+        self.head = None
+        if not cfg.tie_embeddings:
+            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases, norms at one, and residual output
+        projections at init_std / sqrt(2 n_layer) so the residual stream's variance does not
+        grow with depth. Callable again after building on the meta device and `to_empty`."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        x = self.embed(idx)  # (B, T, C)
+        rope = rope_cos_sin(self.cfg, T, idx.device) if self.cfg.position == "rope" else None
+        for block in self.blocks:
+            x = block(x, rope)  # (B, T, C)
+        x = self.norm_f(x)
+        if self.head is None:
+            return F.linear(x, self.embed.wte.weight)  # (B, T, vocab)
+        return self.head(x)  # (B, T, vocab)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
+        No KV cache: each step reruns the (cropped) context, which is fine for samples."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size :]
+            logits = self(context)[:, -1, :].float()  # (B, vocab)
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count. exclude_embeddings drops the lookup tables: wpe, and wte when the
+        head is untied (a tied wte is also the head's matmul, so it stays counted)."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            if self.embed.wpe is not None:
+                n -= self.embed.wpe.weight.numel()
+            if self.head is not None:
+                n -= self.embed.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B:
+        6 N (matmuls with the weights) + 12 n_layer n_embd seq_len (attention scores and mix)."""
+        n = self.num_params(exclude_embeddings=True)
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len

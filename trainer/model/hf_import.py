@@ -1,0 +1,345 @@
+"""Import and export local Hugging Face checkpoints (GPT-2 and Llama layouts) for GPT.
+
+A checkpoint directory holds config.json plus model.safetensors, sharded safetensors with
+model.safetensors.index.json, or (fallback) pytorch_model.bin. Nothing is downloaded.
+GPT-2 stores its projections as Conv1D, (in, out), so they are transposed; Llama's separate
+q / k / v projections are concatenated into the fused c_attn, [q | k | v], and split on export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from trainer.config import ModelConfig
+from trainer.model.gpt import GPT, WRAPPER_NAMES
+
+LLAMA_TYPES = ("llama", "mistral")  # mistral is Llama's layout when sliding_window is off
+# Fields load_pretrained lets a caller change; everything else is the checkpoint's architecture.
+OVERRIDABLE = ("name", "block_size", "dropout", "attention_backend", "init_std")
+# HF tensors that are buffers or duplicates, not weights GPT needs.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _read_config_json(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path}: not a directory; expected a local Hugging Face checkpoint directory"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{config_file} not found; expected a Hugging Face checkpoint with config.json"
+        )
+    return json.loads(config_file.read_text())
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
+    """rope_theta and 'llama3' scaling from the transformers<5 keys (rope_theta, rope_scaling)
+    or the transformers>=5 key (rope_parameters, which also holds rope_theta)."""
+    scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = float(hf.get("rope_theta") or scaling.get("rope_theta") or 10000.0)
+    scaling.pop("rope_theta", None)
+    kind = scaling.pop("type", None) or scaling.pop("rope_type", "default")
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
+    return theta, {"rope_type": "llama3", **scaling}
+
+
+def load_hf_config(path: str | Path) -> ModelConfig:
+    """Read a checkpoint's config.json into a ModelConfig (GPT-2 or Llama architecture)."""
+    hf = _read_config_json(path)
+    model_type = hf.get("model_type")
+    name = Path(path).name or "pretrained"
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(
+                f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new"
+            )
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise ValueError(f"{path}: GPT-2 attention-scaling variants are not supported")
+        return ModelConfig(
+            name=name,
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+            norm="layernorm",
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            mlp="gelu",
+            position="learned",
+            tie_embeddings=hf.get("tie_word_embeddings", True),
+            bias=True,
+            pretrained=str(path),
+        )
+    if model_type in LLAMA_TYPES:
+        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, n_embd // n_head):
+            raise ValueError(
+                f"{path}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads; unsupported"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected silu")
+        if hf.get("sliding_window") is not None:
+            raise ValueError(f"{path}: sliding-window attention is not supported")
+        attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+        if attention_bias != mlp_bias:
+            raise ValueError(
+                f"{path}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported"
+            )
+        theta, scaling = _rope_from_hf(hf)
+        return ModelConfig(
+            name=name,
+            vocab_size=hf["vocab_size"],
+            block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"],
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
+            n_embd=n_embd,
+            intermediate_size=hf["intermediate_size"],
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            mlp="swiglu",
+            position="rope",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            bias=bool(attention_bias),
+            pretrained=str(path),
+        )
+    raise ValueError(
+        f"{path}/config.json: model_type {model_type!r} unsupported; expected gpt2, llama or mistral"
+    )
+
+
+def _arch(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture whose layout matches cfg: gpt2 or llama."""
+    gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
+    if gpt2_like and cfg.bias and (cfg.n_kv_head or cfg.n_head) == cfg.n_head:
+        return "gpt2"
+    if (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
+        return "llama"
+    raise ValueError(
+        f"model {cfg.name!r} matches no Hugging Face layout: gpt2 needs learned/layernorm/gelu/bias/no GQA, "
+        "llama needs rope/rmsnorm/swiglu"
+    )
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The config.json transformers needs to rebuild cfg (GPT2LMHeadModel or LlamaForCausalLM)."""
+    hidden = cfg.intermediate_size or 4 * cfg.n_embd
+    if _arch(cfg) == "gpt2":
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": cfg.dropout,
+            "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout,
+            "tie_word_embeddings": cfg.tie_embeddings,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": hidden,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
+        "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: (our name, [HF names concatenated along dim 0], transposed Conv1D?)
+
+
+def _name_map(cfg: ModelConfig) -> list[tuple[str, list[str], bool]]:
+    arch, bias = _arch(cfg), cfg.bias
+    kinds = ["weight", "bias"] if bias else ["weight"]
+    rows: list[tuple[str, list[str], bool]] = []
+    if arch == "gpt2":
+        rows += [
+            ("embed.wte.weight", ["wte.weight"], False),
+            ("embed.wpe.weight", ["wpe.weight"], False),
+        ]
+        for i in range(cfg.n_layer):
+            p, h = f"blocks.{i}.", f"h.{i}."
+            for ours, theirs in [("norm_1", "ln_1"), ("norm_2", "ln_2")]:
+                rows += [
+                    (f"{p}{ours}.{k}", [f"{h}{theirs}.{k}"], False) for k in ("weight", "bias")
+                ]
+            for mod in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                rows += [(f"{p}{mod}.{k}", [f"{h}{mod}.{k}"], k == "weight") for k in kinds]
+        rows += [(f"norm_f.{k}", [f"ln_f.{k}"], False) for k in ("weight", "bias")]
+    else:
+        rows.append(("embed.wte.weight", ["model.embed_tokens.weight"], False))
+        for i in range(cfg.n_layer):
+            p, h = f"blocks.{i}.", f"model.layers.{i}."
+            rows += [
+                (f"{p}norm_1.weight", [f"{h}input_layernorm.weight"], False),
+                (f"{p}norm_2.weight", [f"{h}post_attention_layernorm.weight"], False),
+            ]
+            for k in kinds:
+                qkv = [f"{h}self_attn.{x}_proj.{k}" for x in "qkv"]
+                rows += [
+                    (f"{p}attn.c_attn.{k}", qkv, False),
+                    (f"{p}attn.c_proj.{k}", [f"{h}self_attn.o_proj.{k}"], False),
+                    (f"{p}mlp.w_gate.{k}", [f"{h}mlp.gate_proj.{k}"], False),
+                    (f"{p}mlp.w_up.{k}", [f"{h}mlp.up_proj.{k}"], False),
+                    (f"{p}mlp.c_proj.{k}", [f"{h}mlp.down_proj.{k}"], False),
+                ]
+        rows.append(("norm_f.weight", ["model.norm.weight"], False))
+    if not cfg.tie_embeddings:
+        rows.append(("head.weight", ["lm_head.weight"], False))
+    return rows
+
+
+def hf_to_trainer(
+    hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Rename (and fuse / transpose) HF tensors into GPT's state dict. Also maps gradients."""
+    tensors = {k.removeprefix("transformer."): v for k, v in hf_tensors.items()}
+    rows = _name_map(cfg)
+    missing = [h for _, hs, _ in rows for h in hs if h not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors GPT needs, e.g. {missing[:3]}")
+    used = {h for _, hs, _ in rows for h in hs} | (
+        {"lm_head.weight"} if cfg.tie_embeddings else set()
+    )
+    unused = [k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        raise ValueError(f"checkpoint has {len(unused)} tensors GPT would drop, e.g. {unused[:3]}")
+    out = {}
+    for ours, theirs, transpose in rows:
+        t = (
+            torch.cat([tensors[h] for h in theirs], dim=0)
+            if len(theirs) > 1
+            else tensors[theirs[0]]
+        )
+        out[ours] = (t.t() if transpose else t).contiguous()
+    return out
+
+
+def trainer_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of hf_to_trainer: GPT's state dict in HF names (GPT-2 keys under transformer.)."""
+    state = {
+        ".".join(p for p in k.split(".") if p not in WRAPPER_NAMES): v for k, v in state.items()
+    }
+    hd, nh, nkv = cfg.n_embd // cfg.n_head, cfg.n_head, cfg.n_kv_head or cfg.n_head
+    prefix = "transformer." if _arch(cfg) == "gpt2" else ""
+    out = {}
+    for ours, theirs, transpose in _name_map(cfg):
+        t = state[ours].detach()
+        parts = t.split([nh * hd, nkv * hd, nkv * hd], dim=0) if len(theirs) == 3 else [t]
+        for name, part in zip(theirs, parts, strict=True):
+            key = name if name.startswith(("model.", "lm_head")) else prefix + name
+            out[key] = (part.t() if transpose else part).contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def read_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory under their HF names (on CPU, stored dtype)."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    for index_name, loader in [
+        ("model.safetensors.index.json", load_file),
+        (
+            "pytorch_model.bin.index.json",
+            lambda f: torch.load(f, map_location="cpu", weights_only=True),
+        ),
+    ]:
+        index = path / index_name
+        if index.is_file():
+            tensors = {}
+            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                tensors.update(loader(path / shard))
+            return tensors
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{path}: no weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> GPT:
+    """Build GPT from a local HF checkpoint. overrides: any of OVERRIDABLE (a smaller block_size
+    crops GPT-2's learned positions). Built on the meta device, so nothing is randomly initialised."""
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise ValueError(
+            f"load_pretrained: cannot override {bad}; the checkpoint fixes them (allowed: {OVERRIDABLE})"
+        )
+    cfg = load_hf_config(path)
+    state = hf_to_trainer(read_hf_tensors(path), cfg)
+    cfg = dataclasses.replace(cfg, **overrides)
+    if cfg.position == "learned":
+        wpe = state["embed.wpe.weight"]
+        if cfg.block_size > wpe.size(0):
+            raise ValueError(
+                f"block_size={cfg.block_size} exceeds the checkpoint's {wpe.size(0)} positions"
+            )
+        state["embed.wpe.weight"] = wpe[: cfg.block_size].contiguous()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    return model
+
+
+def export_hf(
+    model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path, cfg: ModelConfig | None = None
+) -> None:
+    """Write config.json + model.safetensors that transformers' from_pretrained loads.
+    model: a GPT, or a full (unsharded) state dict with cfg given."""
+    from safetensors.torch import save_file
+
+    if cfg is None:
+        if not isinstance(model, GPT):
+            raise ValueError("export_hf: pass cfg when exporting a state dict")
+        cfg = model.cfg
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = {k: v.cpu() for k, v in trainer_to_hf(state, cfg).items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = next(iter(tensors.values())).dtype
+    config = hf_config_dict(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
