@@ -7,6 +7,7 @@ problem (exit code 2), and an existing run directory is never written over.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from trainer.config import Config, ConfigError, register_configs
+from trainer.loggers import console_only_on_rank0
+from trainer.parallel import check_launch
+from trainer.parallel.dist import (
+    barrier,
+    broadcast_string,
+    default_run_dir,
+    env_rank,
+    env_world_size,
+    init_distributed,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 register_configs()
@@ -77,11 +88,15 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 
 
-def preflight(argv: list[str]) -> None:
-    """Validate the command line before Hydra starts; raise ConfigError with a one-line reason."""
+def preflight(argv: list[str]) -> list[str]:
+    """Validate the command line before Hydra starts; raise ConfigError with a one-line reason.
+
+    Returns the arguments to hand to Hydra: under torchrun, with `hydra.run.dir` fixed by
+    rank 0 so every rank writes into the same run directory.
+    """
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in ("-m", "--multirun") for f in flags):
-        return  # --help, --cfg, --info ...: Hydra's own business
+        return argv  # --help, --cfg, --info ...: Hydra's own business
     overrides = [a for a in argv if not a.startswith("-")]
     multirun = bool(flags)
     try:
@@ -89,13 +104,23 @@ def preflight(argv: list[str]) -> None:
     except Exception as error:  # Hydra and OmegaConf raise many types; all end here as one line
         raise ConfigError(_one_line(error)) from error
     check_paths(cfg)
-    if not multirun:
-        run_dir = Path(OmegaConf.select(composed, "hydra.run.dir"))
-        if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
-            raise ConfigError(
-                f"run dir {run_dir} already holds a run: choose another hydra.run.dir "
-                "(nothing there was changed)"
-            )
+    check_launch(cfg, env_world_size())
+    if multirun:
+        return argv
+    run_dir = OmegaConf.select(composed, "hydra.run.dir")
+    if env_world_size() > 1:
+        init_distributed(cfg.parallel.timeout_s)
+        if not any(a.startswith("hydra.run.dir=") for a in overrides):
+            run_dir = broadcast_string(default_run_dir())  # collective: rank 0's clock decides
+            argv = [*argv, f"hydra.run.dir={run_dir}"]
+    if env_rank() == 0 and (
+        (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").exists()
+    ):
+        raise ConfigError(
+            f"run dir {run_dir} already holds a run: choose another hydra.run.dir (nothing there was changed)"
+        )
+    barrier()  # collective: no rank writes before rank 0 has checked the run dir
+    return argv
 
 
 def check_paths(cfg: Config) -> None:
@@ -115,21 +140,28 @@ def check_paths(cfg: Config) -> None:
 def _run(cfg: DictConfig) -> None:
     from trainer.loop import train
 
+    if env_rank() != 0:
+        console_only_on_rank0()  # other ranks log to their own file in the run dir
     try:
         config = to_config(cfg)
         check_paths(config)
         train(config, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+    except ConfigError as error:  # found while building: may concern this rank alone, so every rank says it
+        where = f" (rank {env_rank()})" if env_rank() else ""
+        print(f"error{where}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except BaseException:
+        logging.getLogger("trainer").exception(f"rank {env_rank()} failed")  # into this rank's log file
+        raise
 
 
 def main() -> None:
     """Entry point of `python -m trainer` and the `trainer` console script."""
     try:
-        preflight(sys.argv[1:])
+        sys.argv[1:] = preflight(sys.argv[1:])
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        if env_rank() == 0:  # one line, not one per rank
+            print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
     _run()
 

@@ -19,30 +19,21 @@ from torch import nn
 
 def save_checkpoint(
     directory: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    scheduler_state: dict[str, Any],
     train_state: dict[str, Any],
 ) -> Path:
-    """Write model.safetensors, optimizer.pt, scheduler.json and train_state.json under directory."""
+    """Write model.safetensors, optimizer.pt (when whole), scheduler.json and train_state.json."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    # Tied weights share storage; safetensors refuses shared tensors, so store each once.
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    seen: dict[int, str] = {}
-    unique = {}
-    for key, tensor in model.state_dict().items():
-        ptr = tensor.data_ptr()
-        if ptr in seen:
-            continue
-        seen[ptr] = key
-        unique[key] = state[key]
-    save_file(unique, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict(), default=str))
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler_state, default=str))
     (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2))
     for path in tmp.iterdir():
         with open(path, "rb") as handle:

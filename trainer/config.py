@@ -138,14 +138,37 @@ class OptimConfig:
         _require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
+STRATEGIES = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
 @dataclass
 class ParallelConfig:
-    """How the model and optimizer are spread over ranks."""
+    """How the model and optimizer are spread over ranks (torchrun sets the ranks)."""
 
-    strategy: str = "none"
+    strategy: str = "none"  # none | ddp | fsdp (PyTorch FSDP2) | zero1 | zero2 | zero3 (DeepSpeed)
+    timeout_s: float = 600.0  # bound on every collective: a dead rank ends the job, never hangs it
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3-like); False: ZeRO-2-like
+    fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
+    fsdp_shard_size: int = 0  # hybrid sharding: shard within groups of this many ranks, replicate across (0: all)
+    zero_offload_optimizer: bool = False  # DeepSpeed: optimizer state and step on the CPU
+    zero_offload_params: bool = False  # DeepSpeed zero3: parameters on the CPU between uses
+    deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; the harness's keys must agree with it
 
     def __post_init__(self) -> None:
-        _require(self.strategy in ("none",), f"parallel.strategy={self.strategy!r}: available: none")
+        _require(
+            self.strategy in STRATEGIES,
+            f"parallel.strategy={self.strategy!r}: use one of {', '.join(STRATEGIES)}",
+        )
+        _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
+        _require(self.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0, got {self.fsdp_shard_size}")
+        _require(
+            not self.zero_offload_params or self.strategy == "zero3",
+            "parallel.zero_offload_params needs parallel=zero3 (ZeRO-1/2 do not partition parameters)",
+        )
+        _require(
+            not (self.deepspeed_config or self.zero_offload_optimizer) or self.strategy.startswith("zero"),
+            "parallel.deepspeed_config and parallel.zero_offload_optimizer need parallel=zero1, zero2 or zero3",
+        )
 
 
 @dataclass
@@ -201,6 +224,7 @@ class TrainConfig:
     max_steps: int = 400
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # sequences per step; if set, grad_accum_steps is derived from it
     seq_len: int = 128
     seed: int = 1337
     log_interval: int = 10
@@ -218,6 +242,22 @@ class TrainConfig:
         _require(self.eval_batches > 0, f"train.eval_batches must be positive, got {self.eval_batches}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: use auto, cpu or cuda")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _require(
+            self.global_batch_size is None or self.global_batch_size > 0,
+            f"train.global_batch_size must be positive or null, got {self.global_batch_size}",
+        )
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank (derived from global_batch_size when set)."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_micro_step = self.micro_batch_size * world_size
+        _require(
+            self.global_batch_size % per_micro_step == 0,
+            f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size x "
+            f"world size = {self.micro_batch_size} x {world_size}: use a multiple of {per_micro_step}",
+        )
+        return self.global_batch_size // per_micro_step
 
 
 @dataclass

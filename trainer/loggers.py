@@ -8,6 +8,7 @@ raises turns it off with one warning.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -18,10 +19,20 @@ from typing import Any
 from trainer.config import LoggerConfig
 
 
-def print0(*args: Any, rank: int = 0, **kwargs: Any) -> None:
-    """print on rank 0 only, so call sites carry no rank checks."""
-    if rank == 0:
-        print(*args, **kwargs, flush=True)
+class RankFileHandler(logging.FileHandler):
+    """A FileHandler that creates its directory (Hydra writes logs/rank{R}.log through it)."""
+
+    def __init__(self, filename: str, *args: Any, **kwargs: Any) -> None:
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(filename, *args, **kwargs)
+
+
+def console_only_on_rank0() -> None:
+    """Drop the console handlers of the root logger on ranks other than 0 (files stay)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
 
 
 def _jsonable(value: Any) -> Any:

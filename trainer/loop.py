@@ -12,6 +12,7 @@ token counts gives exactly the gradient of one big batch.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -24,10 +25,12 @@ from omegaconf import OmegaConf
 from trainer.checkpoint import save_checkpoint
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Sampler, build_data, shard_for_rank
-from trainer.loggers import Loggers, print0
+from trainer.loggers import Loggers
 from trainer.model import GPT, cross_entropy_sum, load_hf_config, load_pretrained
 from trainer.model.loss import IGNORE_INDEX
 from trainer.parallel import build_strategy, global_norm
+
+log = logging.getLogger("trainer")
 
 
 def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -111,17 +114,17 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         )
     else:
         model = GPT(model_cfg)
-    strategy.setup(model, cfg.optim, tc.max_steps)
+    n_params, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
+    accum = tc.accumulation_steps(world)
+    strategy.setup(model, cfg.optim, tc.max_steps, accum)
 
-    global_batch = tc.micro_batch_size * tc.grad_accum_steps * world
+    global_batch = tc.micro_batch_size * accum * world
     tokens_per_step = global_batch * tc.seq_len
-    print0(data.describe(), rank=rank)
-    print0(
-        f"model: {model_cfg.name} {model.num_params() / 1e6:.2f}M params "
-        f"({model.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings) | "
-        f"device {device} | world {world} | global batch {global_batch} sequences = "
-        f"{tc.micro_batch_size} micro x {tc.grad_accum_steps} accum x {world} ranks = {tokens_per_step:,} tokens/step",
-        rank=rank,
+    log.info(data.describe())
+    log.info(
+        f"model: {model_cfg.name} {n_params / 1e6:.2f}M params ({n_body / 1e6:.2f}M without embeddings) | "
+        f"parallel={strategy.name} on {world} rank(s), device {device} | global batch {global_batch} sequences = "
+        f"{tc.micro_batch_size} micro x {accum} accum x {world} ranks = {tokens_per_step:,} tokens/step"
     )
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, enabled=rank == 0)
@@ -136,7 +139,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         indices = sampler.next_global_batch(global_batch)
         x, y = data.train.get_batch(shard_for_rank(indices, rank, world))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum, n_targets = forward_backward(strategy, model, x, y, tc.grad_accum_steps)
+        loss_sum, n_targets = forward_backward(strategy, model, x, y, accum)
 
         # -- gradient statistics, clip, step ---------------------------------------------------
         grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
@@ -158,6 +161,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 "grad_norm": grad_norm.item(),
                 "tokens_per_s": window_tokens / elapsed,
                 "tokens": tokens_seen,
+                "global_batch": global_batch,
             }
             if (step + 1) % tc.eval_interval == 0 or last:
                 metrics["val_loss"] = evaluate(model, data.val, tc.micro_batch_size, tc.eval_batches, device)
@@ -169,15 +173,18 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         loggers.advance(1, loss=metrics.get("loss", float("nan")))
 
     # -- the end: a checkpoint, a sample, where everything is -----------------------------------
+    weights = strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0
+    optimizer_state = strategy.optimizer_state_dict()
     if rank == 0:
         save_checkpoint(
-            run_dir / "checkpoints" / "final", strategy.unwrapped(), strategy.optimizer, strategy.scheduler,
+            run_dir / "checkpoints" / "final", weights, optimizer_state, strategy.scheduler.state_dict(),
             {"step": tc.max_steps, "tokens": tokens_seen, "sampler": sampler.state_dict()},
         )
     loggers.close()
-    if rank == 0 and tc.sample_tokens > 0:
-        print0("sample:\n" + sample(strategy.unwrapped(), data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed))
-    print0(f"run dir: {run_dir.resolve()}", rank=rank)
+    if tc.sample_tokens > 0:  # every rank generates: sharded models need all ranks in forward
+        text = sample(strategy.unwrapped(), data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed)
+        log.info("sample:\n" + text)
+    log.info(f"run dir: {run_dir.resolve()}")
     strategy.close()
     return metrics
 

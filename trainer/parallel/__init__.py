@@ -1,29 +1,74 @@
-"""Distribution strategies: the only package that knows ranks and shards."""
+"""Distribution strategies: the only package that knows ranks and shards.
+
+| parallel= | what each rank holds                       | gradient sync at the boundary       |
+|-----------|--------------------------------------------|-------------------------------------|
+| none      | everything (one process)                   | -                                   |
+| ddp       | whole model, gradients, optimizer state    | all-reduce                          |
+| fsdp      | a shard of parameters, grads, optim state  | reduce-scatter (FSDP2 fully_shard)  |
+| zero1     | whole model and grads, optim state shard   | DeepSpeed ZeRO-1                    |
+| zero2     | whole model, grad and optim state shards   | DeepSpeed ZeRO-2 (reduce-scatter)   |
+| zero3     | shards of all three                        | DeepSpeed ZeRO-3                    |
+"""
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.parallel.base import SingleProcess, global_norm
+from trainer.parallel.dist import env_local_rank, env_rank, env_world_size, init_distributed
 
-__all__ = ["SingleProcess", "build_strategy", "global_norm", "pick_device"]
+__all__ = ["SingleProcess", "build_strategy", "check_launch", "global_norm", "pick_device"]
 
 
 def pick_device(requested: str) -> torch.device:
-    """`auto` takes the GPU when there is one, else the CPU."""
+    """`auto` takes this rank's GPU when there is one, else the CPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        from trainer.config import ConfigError
-
         raise ConfigError("train.device=cuda but no CUDA device is visible: use train.device=cpu or auto")
+    if requested == "cuda":
+        return torch.device("cuda", env_local_rank())
     return torch.device(requested)
 
 
+def check_launch(cfg: Config, world_size: int) -> None:
+    """What the strategy needs from the launch, checked before any rank builds anything."""
+    strategy = cfg.parallel.strategy
+    if strategy == "none" and world_size > 1:
+        raise ConfigError(
+            f"parallel=none with {world_size} processes would train {world_size} independent copies: "
+            "choose parallel=ddp, fsdp, zero1, zero2 or zero3"
+        )
+    if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"parallel={strategy} needs DeepSpeed: pip install deepspeed (or choose parallel=fsdp)")
+    cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
+    if strategy.startswith("zero"):
+        from trainer.parallel.zero import merged_deepspeed_config
+
+        merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
+
+
 def build_strategy(cfg: Config) -> SingleProcess:
-    """The strategy `parallel.strategy` names, bound to this process's device."""
+    """The strategy `parallel.strategy` names, bound to this process's rank and device."""
+    world_size = env_world_size()
+    check_launch(cfg, world_size)
+    init_distributed(cfg.parallel.timeout_s)
     device = pick_device(cfg.train.device)
-    if cfg.parallel.strategy == "none":
+    rank = env_rank()
+    strategy = cfg.parallel.strategy
+    if strategy == "none":
         return SingleProcess(device)
-    raise NotImplementedError(cfg.parallel.strategy)  # config validation lists what exists
+    if strategy == "ddp":
+        from trainer.parallel.ddp import DDP
+
+        return DDP(device, rank, world_size)
+    if strategy == "fsdp":
+        from trainer.parallel.fsdp import FSDP
+
+        return FSDP(device, rank, world_size, cfg.parallel)
+    from trainer.parallel.zero import DeepSpeedZero
+
+    return DeepSpeedZero(device, rank, world_size, cfg)

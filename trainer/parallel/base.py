@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -26,20 +26,25 @@ class SingleProcess:
 
     name = "none"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         self.device = device
-        self.rank = 0
-        self.world_size = 1
+        self.rank = rank
+        self.world_size = world_size
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
     # -- setup -------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int) -> None:
+    def setup(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, accum_steps: int = 1) -> None:
         """Move the model to the device, then build AdamW and its schedule over its parameters."""
-        self.model = model.to(self.device)
-        self.optimizer = build_optimizer(self.model, optim_cfg, fused=self.device.type == "cuda")
+        self.model = self.wrap(model)
+        fused = self.device.type == "cuda" and all(p.is_cuda for p in self.model.parameters())
+        self.optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Place the model on the device; distributed strategies also wrap or shard it here."""
+        return model.to(self.device)
 
     def unwrapped(self) -> nn.Module:
         """The plain GPT module (for generation and export)."""
@@ -52,7 +57,9 @@ class SingleProcess:
         yield
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        # The loss is already divided by the *global* target count; DDP, FSDP and DeepSpeed
+        # average gradients over ranks, so multiply back by the world size to get the sum.
+        (loss * self.world_size).backward()
 
     def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
         """Sum of squared gradient entries per parameter group (embed, block.i.attn, ..., head).
@@ -60,14 +67,7 @@ class SingleProcess:
         Groups partition the parameters, so the global norm is sqrt(sum of the values).
         Values stay on the device: no host sync here.
         """
-        sums: dict[str, torch.Tensor] = {}
-        for name, p in self.model.named_parameters():
-            if p.grad is None:
-                continue
-            group = param_group(name)
-            sq = p.grad.detach().float().pow(2).sum()
-            sums[group] = sums[group] + sq if group in sums else sq
-        return sums
+        return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
 
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
         """Scale gradients so their global norm is at most max_norm (0: no clipping), then step.
@@ -78,7 +78,7 @@ class SingleProcess:
         if max_norm > 0:
             # Same coefficient as torch.nn.utils.clip_grad_norm_; stays on device (no sync).
             coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
         self.optimizer.step()
         self.scheduler.step()
@@ -92,8 +92,63 @@ class SingleProcess:
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on CPU, on rank 0 (collective: every rank must call it)."""
+        return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
+
+    def optimizer_state_dict(self) -> dict | None:
+        """Optimizer state for the final checkpoint when it is whole on rank 0 (None when sharded)."""
+        return self.optimizer.state_dict()
+
     def close(self) -> None:
         """Release process groups and other resources."""
+
+
+class Distributed(SingleProcess):
+    """What every multi-rank strategy shares: collectives over the default process group."""
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)  # collective
+        return value
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()  # collective
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor under FSDP2); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-group sums of squares of (this rank's part of) each gradient, in fp32, on device."""
+    sums: dict[str, torch.Tensor] = {}
+    for name, grad in named_grads:
+        group = param_group(name)
+        sq = local(grad).detach().float().pow(2).sum()
+        sums[group] = sums[group] + sq if group in sums else sq
+    return sums
+
+
+def all_reduce_groups(sums: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
+    """Sum per-group values over ranks in ONE collective (groups in sorted order on every rank)."""
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    stacked = torch.stack([sums[n] for n in names])
+    dist.all_reduce(stacked, group=group)  # collective: one all-reduce of len(groups) floats
+    return dict(zip(names, stacked.unbind(), strict=True))
 
 
 def global_norm(sums: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Process-group plumbing: read torchrun's environment, start the group, agree on a run dir.
+
+torchrun (and srun + torchrun under SLURM) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT. One process group serves every strategy: NCCL for CUDA tensors, gloo for CPU
+tensors (and for everything on a machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Start the default process group from torchrun's environment (no-op on one process).
+
+    The timeout bounds every collective: a rank that dies leaves the others waiting at most
+    this long before they fail with an error instead of hanging (torchrun usually ends them
+    sooner, when it sees the dead rank).
+    """
+    if env_world_size() <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env_local_rank())
+        backend = "cuda:nccl,cpu:gloo"  # NCCL for GPU tensors, gloo for CPU ones (run dir, counts)
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=torch.device("cuda", env_local_rank()) if torch.cuda.is_available() else None,
+    )
+
+
+def broadcast_string(value: str) -> str:
+    """Rank 0's value, on every rank (collective)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def default_run_dir() -> str:
+    """Hydra's default layout, outputs/DATE/TIME, fixed once so every rank uses the same one."""
+    return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,177 @@
+"""DeepSpeed ZeRO stages 1-3: optimizer state (1), + gradients (2), + parameters (3) partitioned.
+
+DeepSpeed owns gradient accumulation (its engine knows the boundary from
+gradient_accumulation_steps and reduces gradients there), gradient clipping and, in half
+precision, loss scaling. This class hides that from the loop: the loop sees the same
+micro_step / backward / grad_sumsq_by_group / clip_and_step as for every other strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import Config, ConfigError
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.base import Distributed, all_reduce_groups, group_sumsq
+
+
+def harness_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON that the harness config implies."""
+    stage = int(cfg.parallel.strategy[-1])
+    accum = cfg.train.accumulation_steps(world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if cfg.parallel.zero_offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.parallel.zero_offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.train.micro_batch_size * accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad_norm,
+        "zero_optimization": zero,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+    }
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def merged_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The user's JSON (parallel.deepspeed_config), if any, under the harness's keys.
+
+    Keys the harness does not set (bucket sizes, overlap_comm, ...) are honoured; a key the
+    harness sets to a different value is a contradiction and stops the run, naming the key.
+    """
+    ours = harness_deepspeed_config(cfg, world_size)
+    if not cfg.parallel.deepspeed_config:
+        return ours
+    path = Path(cfg.parallel.deepspeed_config).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"parallel.deepspeed_config={path} does not exist: point it at a DeepSpeed JSON file")
+    try:
+        theirs = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"parallel.deepspeed_config={path} is not valid JSON: {error}") from error
+    flat_ours, flat_theirs = _flatten(ours), _flatten(theirs)
+    for key, value in flat_theirs.items():
+        if key in flat_ours and flat_ours[key] != value and value != "auto":
+            raise ConfigError(
+                f"parallel.deepspeed_config sets {key}={value} but the harness config implies {flat_ours[key]}: "
+                "remove it from the JSON or change the matching harness key (train.*, optim.clip_grad_norm, parallel=)"
+            )
+    return _merge(theirs, ours)
+
+
+class DeepSpeedZero(Distributed):
+    """`parallel=zero1|zero2|zero3` through deepspeed.initialize."""
+
+    def __init__(self, device: torch.device, rank: int, world_size: int, cfg: Config) -> None:
+        super().__init__(device, rank, world_size)
+        self.cfg = cfg
+        self.name = cfg.parallel.strategy
+        self.stage = int(self.name[-1])
+        self.ds_config = merged_deepspeed_config(cfg, world_size)
+        self.ds_config.setdefault("steps_per_print", 10**9)  # DeepSpeed's own logging stays quiet
+        self.ds_config.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW
+        self.ds_config.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also when offloading
+
+    def setup(self, model: nn.Module, optim_cfg, max_steps: int, accum_steps: int = 1) -> None:
+        import deepspeed
+
+        model = model.to(self.device)
+        optimizer = build_optimizer(model, optim_cfg)
+        self.names = {p: n for n, p in model.named_parameters()}
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        # Our schedule steps the optimizer DeepSpeed wraps (it shares the param groups).
+        self.scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
+        self.accum_steps = self.ds_config["gradient_accumulation_steps"]
+
+    def unwrapped(self) -> nn.Module:
+        return self.model.module
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        yield
+        if not is_last:
+            # DeepSpeed counts micro-steps to find the accumulation boundary; before it, step()
+            # only advances the count (no reduction for zero1, no update for any stage).
+            self.model.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is normalised by the global target count already: undo DeepSpeed's division
+        # by the accumulation steps and its average over ranks.
+        self.model.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
+        """Sums of squares of this rank's gradient partitions, summed over ranks in one collective."""
+        named = []
+        for p, name in self.names.items():
+            fragment = self._local_grad(p)
+            if fragment is not None:
+                named.append((name, fragment))
+        sums = group_sumsq(named)
+        for name in self.names.values():  # every rank must send every group, even if it owns none
+            from trainer.model import param_group
+
+            sums.setdefault(param_group(name), torch.zeros((), device=self.device))
+        return all_reduce_groups(sums)
+
+    def _local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """The part of p's reduced gradient that this rank's optimizer partition owns."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            return safe_get_local_grad(p)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is None:  # no part of p lives in this rank's partition
+            return None
+        fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).flatten()
+        address = mapping.lp_fragment_address
+        if fragment.numel() == p.numel() and address.numel != p.numel():
+            fragment = fragment.narrow(0, address.start, address.numel)
+        return fragment
+
+    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+        # DeepSpeed clips by its own global norm (gradient_clipping = optim.clip_grad_norm),
+        # which equals grad_norm; then it steps and zeroes the gradients.
+        self.model.step()
+        self.scheduler.step()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        module = self.model.module
+        params = list(module.parameters())
+        # zero3: gather every partitioned parameter (collective); zero1/2 hold them whole.
+        context = deepspeed.zero.GatheredParameters(params) if self.stage == 3 else contextlib.nullcontext()
+        with context:
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else {}
+        return state
+
+    def optimizer_state_dict(self) -> dict | None:
+        return None  # partitioned: saved with DeepSpeed's checkpoint API by the checkpoint issue
