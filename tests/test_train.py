@@ -132,3 +132,21 @@ def test_cli_runs_and_writes_the_run_dir(tmp_path: Path) -> None:
     assert rows[-1]["step"] == 20 and "val_loss" in rows[-1]
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1
+
+
+@pytest.mark.heavy
+def test_multirun_sweep_runs_each_job(tmp_path: Path) -> None:
+    """`python -m trainer -m optim.lr=a,b` runs two jobs, each in its own run dir."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "trainer", "-m", "optim.lr=1e-3,3e-3", "experiment=synthetic",
+            "train.max_steps=4", "train.log_interval=2", "model.n_layer=1", "train.sample_tokens=0",
+            "optim.warmup_steps=0", "optim.schedule=constant", "logger.wandb=false",
+            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lrs = [read_metrics(sweep / job)[-1]["lr"] for job in ("0", "1")]
+    assert lrs == [1e-3, 3e-3]
