@@ -47,6 +47,9 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | flash | efficient | math | flash_attn (Dao's package)
     init_std: float = 0.02
     pretrained: str | None = None  # local Hugging Face checkpoint directory to import weights from
+    activation_checkpointing: str = "none"  # none | full (whole blocks) | attention | mlp (selective)
+    activation_checkpointing_every: int = 1  # checkpoint every k-th block (blocks 0, k, 2k, ...)
+    loss_chunk_size: int = 0  # >0: head + cross-entropy fused over chunks of this many tokens (no full logits)
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -78,6 +81,16 @@ class ModelConfig:
             f"model.vocab_size must be positive or null, got {self.vocab_size}",
         )
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _require(
+            self.activation_checkpointing in ("none", "full", "attention", "mlp"),
+            f"model.activation_checkpointing={self.activation_checkpointing!r}: use none, full, attention or mlp",
+        )
+        _require(
+            1 <= self.activation_checkpointing_every <= self.n_layer,
+            f"model.activation_checkpointing_every={self.activation_checkpointing_every} must be between 1 and "
+            f"the depth model.n_layer={self.n_layer}",
+        )
+        _require(self.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
 
 
 @dataclass
@@ -173,12 +186,30 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric format of the forward / backward pass (master weights stay fp32)."""
+    """Numeric format of forward / backward. Master weights and optimizer state stay fp32."""
 
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    loss_scaling: bool = False  # dynamic loss scaling; always on for fp16, optional for bf16
+    initial_scale: float = 65536.0  # 2**16
+    growth_interval: int = 2000  # steps without inf/NaN before the scale grows
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5  # the scale is multiplied by this after a step with inf/NaN gradients
 
     def __post_init__(self) -> None:
-        _require(self.dtype in ("fp32",), f"precision.dtype={self.dtype!r}: available: fp32")
+        _require(self.dtype in ("fp32", "bf16", "fp16"), f"precision.dtype={self.dtype!r}: use fp32, bf16 or fp16")
+        _require(self.initial_scale > 0, f"precision.initial_scale must be positive, got {self.initial_scale}")
+        _require(self.growth_interval > 0, f"precision.growth_interval must be positive, got {self.growth_interval}")
+        _require(self.growth_factor > 1, f"precision.growth_factor must be > 1, got {self.growth_factor}")
+        _require(0 < self.backoff_factor < 1, f"precision.backoff_factor must be in (0, 1), got {self.backoff_factor}")
+        _require(
+            not self.loss_scaling or self.dtype != "fp32",
+            "precision.loss_scaling=true needs precision=bf16 or fp16 (fp32 gradients do not underflow)",
+        )
+
+    @property
+    def scaled(self) -> bool:
+        """Whether a dynamic loss scaler runs (fp16 always; bf16 when asked)."""
+        return self.dtype == "fp16" or self.loss_scaling
 
 
 @dataclass
