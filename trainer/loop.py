@@ -26,7 +26,8 @@ from trainer.checkpoint import save_checkpoint
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
-from trainer.model import GPT, cross_entropy_sum, load_hf_config, load_pretrained
+from trainer.model import GPT, load_hf_config, load_pretrained
+from trainer.model.checkpointing import apply_activation_checkpointing
 from trainer.model.loss import IGNORE_INDEX
 from trainer.parallel import build_strategy, global_norm
 
@@ -69,7 +70,7 @@ def forward_backward(
     loss_sum = torch.zeros((), device=x.device)
     for i, (xb, yb) in enumerate(split_micro_batches(x, y, accum_steps)):
         with strategy.micro_step(is_last=i == accum_steps - 1):
-            token_loss = cross_entropy_sum(model(xb), yb)
+            token_loss = model(xb, targets=yb)  # summed over this micro-batch's target tokens
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
     return loss_sum, n_targets
@@ -85,7 +86,7 @@ def evaluate(model: torch.nn.Module, split: Any, batch_size: int, batches: int, 
     for start in range(0, n, batch_size):
         x, y = split.get_batch(np.arange(start, min(start + batch_size, n)))
         x, y = x.to(device), y.to(device)
-        total += cross_entropy_sum(model(x), y)
+        total += model(x, targets=y)
         count += int((y != IGNORE_INDEX).sum())
     model.train()
     return total.item() / max(count, 1)  # host sync: once per evaluation
@@ -115,6 +116,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     else:
         model = GPT(model_cfg)
     n_params, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
+    # Order matters (as in torchtitan): activation checkpointing wraps blocks first, then the
+    # strategy shards / wraps the model.
+    apply_activation_checkpointing(model, model_cfg)
     accum = tc.accumulation_steps(world)
     strategy.setup(model, cfg.optim, tc.max_steps, accum)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.config import ConfigError, ModelConfig
+from trainer.model.loss import cross_entropy_sum
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
 # into parameter names; `param_group` drops them.
@@ -274,7 +275,8 @@ class Embedding(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer. forward(idx (B, T)) -> logits (B, T, vocab); no loss inside."""
+    """Decoder-only transformer. forward(idx (B, T)) -> logits (B, T, vocab);
+    forward(idx, targets (B, T)) -> the summed token loss (the caller normalises it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -306,7 +308,7 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
@@ -315,9 +317,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope)  # (B, T, C)
         x = self.norm_f(x)
-        if self.head is None:
-            return F.linear(x, self.embed.wte.weight)  # (B, T, vocab)
-        return self.head(x)  # (B, T, vocab)
+        # The head runs inside forward even when only the loss is wanted, so sharding wrappers
+        # (FSDP2, ZeRO-3) have gathered its weight.
+        logits = F.linear(x, self.embed.wte.weight) if self.head is None else self.head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return cross_entropy_sum(logits, targets)
 
     @torch.no_grad()
     def generate(
