@@ -13,13 +13,23 @@ import sys
 
 import torch
 
-from trainer.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from trainer.config import (
+    Config,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    TrainConfig,
+)
 from trainer.data import shard_for_rank
 from trainer.loop import forward_backward
 from trainer.model import GPT
 from trainer.parallel import build_strategy, global_norm
 
-MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
+# No biases: the key projection's bias has an exactly zero true gradient (softmax ignores a
+# constant added to a whole row of scores), so Adam turns its rounding noise into full-size
+# steps of random sign, and weights compared after a step would differ there by design.
+MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False)
 MICRO, ACCUM, WORLD = 2, 2, 2
 CLIP = 0.5  # below the initial norm, so the step is clipped
 
@@ -40,12 +50,21 @@ VARIANTS = {  # name -> ParallelConfig options
     "zero2-offload": {"strategy": "zero2", "zero_offload_optimizer": True},
     "zero3-offload": {"strategy": "zero3", "zero_offload_optimizer": True, "zero_offload_params": True},
 }
+LOW_PRECISION = {  # name -> (strategy, precision): checked against fp32 with a loose tolerance
+    "ddp-fp16": ("ddp", "fp16"),
+    "fsdp-bf16": ("fsdp", "bf16"),
+    "fsdp-fp16": ("fsdp", "fp16"),
+    "zero1-bf16": ("zero1", "bf16"),
+    "zero3-bf16": ("zero3", "bf16"),
+}
 
 
 def config(strategy: str) -> Config:
+    name, dtype = LOW_PRECISION.get(strategy, (strategy, "fp32"))
     return Config(
         model=MODEL,
-        parallel=ParallelConfig(**VARIANTS.get(strategy, {"strategy": strategy})),
+        precision=PrecisionConfig(dtype=dtype),
+        parallel=ParallelConfig(**VARIANTS.get(name, {"strategy": name})),
         optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", clip_grad_norm=CLIP),
         train=TrainConfig(micro_batch_size=MICRO, grad_accum_steps=ACCUM, seq_len=16, max_steps=1),
     )
@@ -59,6 +78,7 @@ def one_step(strategy_name: str) -> dict:
     x, y = masked_global_batch()
     rows = torch.from_numpy(shard_for_rank(torch.arange(8).numpy(), strategy.rank, strategy.world_size))
     forward_backward(strategy, strategy.model, x[rows], y[rows], ACCUM)
+    strategy.unscale_gradients()
     sums = strategy.grad_sumsq_by_group()
     norm = global_norm(sums)
     strategy.clip_and_step(norm, CLIP)

@@ -55,6 +55,7 @@ def single_process_step() -> dict:
     strategy.setup(GPT(dist_worker.MODEL), cfg.optim, max_steps=1)
     x, y = dist_worker.masked_global_batch()
     forward_backward(strategy, strategy.model, x, y, dist_worker.ACCUM * dist_worker.WORLD)
+    strategy.unscale_gradients()
     sums = strategy.grad_sumsq_by_group()
     norm = global_norm(sums)
     strategy.clip_and_step(norm, dist_worker.CLIP)
@@ -64,7 +65,8 @@ def single_process_step() -> dict:
 @pytest.fixture(scope="module")
 def two_rank_steps(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    result = torchrun(str(REPO / "tests" / "dist_worker.py"), str(out), *STRATEGIES, *VARIANTS, cwd=REPO)
+    names = [*STRATEGIES, *VARIANTS, *dist_worker.LOW_PRECISION]
+    result = torchrun(str(REPO / "tests" / "dist_worker.py"), str(out), *names, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out, weights_only=True)
 
@@ -81,6 +83,23 @@ def test_unequal_token_counts_across_ranks_give_the_single_process_step(
     for group, value in want["sums"].items():
         assert got["sums"][group] == pytest.approx(value, rel=1e-5), group
     assert_weights_close(got["weights"], want["weights"])
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", list(dist_worker.LOW_PRECISION))
+def test_low_precision_maps_onto_each_framework(name: str, single_process_step: dict, two_rank_steps: dict) -> None:
+    """bf16 / fp16 through autocast (ddp), MixedPrecisionPolicy (fsdp), DeepSpeed's sections (zero):
+    gradients close to the fp32 single-process step, per group. Weights only loosely: Adam's first
+    update is lr * sign(g), so rounding that flips the sign of a tiny gradient moves a weight by
+    2 lr (no step, or a wrong loss scale, would be off by ~100%)."""
+    got, want = two_rank_steps[name], single_process_step
+    assert got["norm"] == pytest.approx(want["norm"], rel=1e-2)
+    for group, value in want["sums"].items():
+        assert got["sums"][group] == pytest.approx(value, rel=5e-2), group
+    for tensor_name, tensor in want["weights"].items():
+        gap = (got["weights"][tensor_name].float() - tensor).norm() / tensor.norm().clamp(min=1e-12)
+        assert gap < 0.15, f"{tensor_name}: relative gap {gap:.2e}"
+    assert got["weights"]["embed.wte.weight"].dtype == torch.float32  # master weights stay fp32
 
 
 def run_trainer(run_dir: Path, *overrides: str, nproc: int = 0) -> list[dict]:

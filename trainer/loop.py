@@ -26,10 +26,11 @@ from trainer.checkpoint import save_checkpoint
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
-from trainer.model import GPT, load_hf_config, load_pretrained
+from trainer.model import GPT, check_attention_backend, load_hf_config, load_pretrained
 from trainer.model.checkpointing import apply_activation_checkpointing
 from trainer.model.loss import IGNORE_INDEX
 from trainer.parallel import build_strategy, global_norm
+from trainer.precision import DTYPES
 
 log = logging.getLogger("trainer")
 
@@ -116,6 +117,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     else:
         model = GPT(model_cfg)
     n_params, n_body = model.num_params(), model.num_params(exclude_embeddings=True)
+    compute_dtype = DTYPES[cfg.precision.dtype]
+    check_attention_backend(model_cfg.attention_backend, device, compute_dtype)
     # Order matters (as in torchtitan): activation checkpointing wraps blocks first, then the
     # strategy shards / wraps the model.
     apply_activation_checkpointing(model, model_cfg)
@@ -127,7 +130,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     log.info(data.describe())
     log.info(
         f"model: {model_cfg.name} {n_params / 1e6:.2f}M params ({n_body / 1e6:.2f}M without embeddings) | "
-        f"parallel={strategy.name} on {world} rank(s), device {device} | global batch {global_batch} sequences = "
+        f"parallel={strategy.name} on {world} rank(s), device {device}, {cfg.precision.dtype} | global batch {global_batch} sequences = "
         f"{tc.micro_batch_size} micro x {accum} accum x {world} ranks = {tokens_per_step:,} tokens/step"
     )
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -145,7 +148,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss_sum, n_targets = forward_backward(strategy, model, x, y, accum)
 
-        # -- gradient statistics, clip, step ---------------------------------------------------
+        # -- unscale, gradient statistics, clip, step (or skip on inf / NaN) -------------------
+        strategy.unscale_gradients()
         grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
         grad_norm = global_norm(grad_sumsq)
         lr = strategy.scheduler.get_last_lr()[0]
@@ -166,7 +170,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 "tokens_per_s": window_tokens / elapsed,
                 "tokens": tokens_seen,
                 "global_batch": global_batch,
+                "skipped_steps": strategy.skipped_steps,
             }
+            if strategy.loss_scale() is not None:
+                metrics["loss_scale"] = strategy.loss_scale()
             if (step + 1) % tc.eval_interval == 0 or last:
                 metrics["val_loss"] = evaluate(model, data.val, tc.micro_batch_size, tc.eval_batches, device)
             loggers.log(metrics)
@@ -182,7 +189,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if rank == 0:
         save_checkpoint(
             run_dir / "checkpoints" / "final", weights, optimizer_state, strategy.scheduler.state_dict(),
-            {"step": tc.max_steps, "tokens": tokens_seen, "sampler": sampler.state_dict()},
+            {
+                "step": tc.max_steps, "tokens": tokens_seen, "sampler": sampler.state_dict(),
+                "loss_scaler": strategy.scaler.state_dict() if strategy.scaler is not None else None,
+            },
         )
     loggers.close()
     if tc.sample_tokens > 0:  # every rank generates: sharded models need all ranks in forward

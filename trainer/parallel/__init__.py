@@ -46,8 +46,9 @@ def check_launch(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel={strategy} needs DeepSpeed: pip install deepspeed (or choose parallel=fsdp)")
     cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
     if strategy.startswith("zero"):
-        from trainer.parallel.zero import merged_deepspeed_config
+        from trainer.parallel.zero import check_deepspeed_precision, merged_deepspeed_config
 
+        check_deepspeed_precision(cfg, has_gpu=torch.cuda.is_available() and cfg.train.device != "cpu")
         merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
 
 
@@ -60,15 +61,15 @@ def build_strategy(cfg: Config) -> SingleProcess:
     rank = env_rank()
     strategy = cfg.parallel.strategy
     if strategy == "none":
-        return SingleProcess(device)
+        return SingleProcess(device, precision=cfg.precision)
     if strategy == "ddp":
         from trainer.parallel.ddp import DDP
 
-        return DDP(device, rank, world_size)
+        return DDP(device, rank, world_size, cfg.precision)
     if strategy == "fsdp":
         from trainer.parallel.fsdp import FSDP
 
-        return FSDP(device, rank, world_size, cfg.parallel)
+        return FSDP(device, rank, world_size, cfg.parallel, cfg.precision)
     from trainer.parallel.zero import DeepSpeedZero
 
     return DeepSpeedZero(device, rank, world_size, cfg)

@@ -16,9 +16,10 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, PrecisionConfig
 from trainer.model import param_group
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.precision import DynamicLossScaler, autocast
 
 
 class SingleProcess:
@@ -26,10 +27,15 @@ class SingleProcess:
 
     name = "none"
 
-    def __init__(self, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, device: torch.device, rank: int = 0, world_size: int = 1, precision: PrecisionConfig | None = None
+    ) -> None:
         self.device = device
         self.rank = rank
         self.world_size = world_size
+        self.precision = precision or PrecisionConfig()
+        self.scaler = DynamicLossScaler(self.precision) if self.precision.scaled else None
+        self.skipped_steps = 0  # optimizer steps skipped for inf / NaN gradients
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -53,13 +59,35 @@ class SingleProcess:
     # -- one optimizer step ------------------------------------------------------------------
     @contextlib.contextmanager
     def micro_step(self, is_last: bool) -> Iterator[None]:
-        """Context for one micro-batch; distributed strategies skip gradient sync unless is_last."""
-        yield
+        """Context for one micro-batch's forward and backward: gradient sync only when is_last,
+        forward under the precision policy's autocast."""
+        with self.sync_gradients(is_last), self.autocast():
+            yield
+
+    def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Distributed strategies skip the gradient reduction unless is_last."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is already divided by the *global* target count; DDP, FSDP and DeepSpeed
         # average gradients over ranks, so multiply back by the world size to get the sum.
-        (loss * self.world_size).backward()
+        # Under loss scaling, also by the scale (undone by unscale_gradients).
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        (loss * (self.world_size * scale)).backward()
+
+    def unscale_gradients(self) -> None:
+        """Divide this rank's gradients (or shards) by the loss scale; a no-op without scaling."""
+        if self.scaler is None:
+            return
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+
+    def loss_scale(self) -> float | None:
+        """The current loss scale (None when no scaler runs)."""
+        return self.scaler.scale if self.scaler is not None else None
 
     def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
         """Sum of squared gradient entries per parameter group (embed, block.i.attn, ..., head).
@@ -69,12 +97,21 @@ class SingleProcess:
         """
         return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
 
-    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
         """Scale gradients so their global norm is at most max_norm (0: no clipping), then step.
 
         grad_norm is the global pre-clip norm from grad_sumsq_by_group, so a sharded strategy
-        clips by the norm of the whole gradient, never by its own shard's.
+        clips by the norm of the whole gradient, never by its own shard's. A non-finite norm
+        (overflow, NaN) skips the step: weights, optimizer state and schedule stay as they were,
+        the gradients are dropped and the loss scale backs off. Returns whether it stepped.
         """
+        finite = bool(torch.isfinite(grad_norm))  # host sync: once per step, to decide whether to step
+        if self.scaler is not None:
+            self.scaler.update(found_non_finite=not finite)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return False
         if max_norm > 0:
             # Same coefficient as torch.nn.utils.clip_grad_norm_; stays on device (no sync).
             coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
@@ -83,6 +120,7 @@ class SingleProcess:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -23,8 +22,6 @@ class DDP(Distributed):
     def unwrapped(self) -> nn.Module:
         return self.model.module
 
-    @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
+    def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
         # Before the accumulation boundary, accumulate locally: no all-reduce.
-        with contextlib.nullcontext() if is_last else self.model.no_sync():
-            yield
+        return contextlib.nullcontext() if is_last else self.model.no_sync()

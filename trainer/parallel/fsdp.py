@@ -8,7 +8,6 @@ sharded on dim 0; each rank's optimizer updates only its shard.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from trainer.config import ParallelConfig
 from trainer.parallel.base import Distributed, all_reduce_groups, group_sumsq
+from trainer.precision import DTYPES
 
 
 class FSDP(Distributed):
@@ -24,8 +24,10 @@ class FSDP(Distributed):
 
     name = "fsdp"
 
-    def __init__(self, device: torch.device, rank: int, world_size: int, cfg: ParallelConfig) -> None:
-        super().__init__(device, rank, world_size)
+    def __init__(
+        self, device: torch.device, rank: int, world_size: int, cfg: ParallelConfig, precision=None
+    ) -> None:
+        super().__init__(device, rank, world_size, precision)
         self.cfg = cfg
         if cfg.fsdp_cpu_offload and device.type != "cuda":
             from trainer.config import ConfigError
@@ -51,12 +53,21 @@ class FSDP(Distributed):
         self.shard_group = self.mesh["shard"].get_group()
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         offload = CPUOffloadPolicy() if self.cfg.fsdp_cpu_offload else OffloadPolicy()
+        # bf16 / fp16: each block computes with low-precision copies of its gathered weights;
+        # sharded master weights, gradients and their reduction stay fp32.
+        compute = DTYPES[self.precision.dtype]
+        mixed = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         if not self.cfg.fsdp_cpu_offload:  # with offload the shards live in CPU memory
             model = model.to(self.device)
-        options = dict(mesh=self.mesh, offload_policy=offload)
+        options = dict(mesh=self.mesh, offload_policy=offload, mp_policy=mixed)
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=self.cfg.fsdp_reshard_after_forward, **options)
         # The root keeps its (small) embedding / head parameters gathered after forward: the
@@ -64,11 +75,13 @@ class FSDP(Distributed):
         fully_shard(model, reshard_after_forward=False, **options)
         return model
 
-    @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
+    def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
         # Before the boundary keep unsharded gradients locally: no reduce-scatter.
         self.model.set_requires_gradient_sync(is_last)
-        yield
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
 
     def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
         """Sums of squares of each rank's gradient shards, summed over the shard group.

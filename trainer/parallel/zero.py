@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, ConfigError
+from trainer.model import param_group
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Distributed, all_reduce_groups, group_sumsq
 
@@ -31,15 +33,48 @@ def harness_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.parallel.zero_offload_params:
         zero["offload_param"] = {"device": "cpu"}
+    precision = cfg.precision
+    fp16: dict[str, Any] = {"enabled": precision.dtype == "fp16"}
+    if precision.dtype == "fp16":  # DeepSpeed's dynamic scaler: doubles / halves the scale
+        fp16.update(
+            loss_scale=0,  # 0 means dynamic
+            initial_scale_power=int(math.log2(precision.initial_scale)),
+            loss_scale_window=precision.growth_interval,
+            hysteresis=1,  # back off on the first overflow, as the harness's own scaler does
+            min_loss_scale=1,
+        )
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": cfg.train.micro_batch_size * accum * world_size,
         "gradient_clipping": cfg.optim.clip_grad_norm,
         "zero_optimization": zero,
-        "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "fp16": fp16,
+        "bf16": {"enabled": precision.dtype == "bf16"},
     }
+
+
+def check_deepspeed_precision(cfg: Config, has_gpu: bool) -> None:
+    """What DeepSpeed's precision sections cannot express, as one line each."""
+    precision = cfg.precision
+    if precision.dtype == "fp16" and not has_gpu:
+        raise ConfigError(
+            f"precision=fp16 with parallel={cfg.parallel.strategy} needs a GPU (DeepSpeed's CPU backend has no "
+            "fp16): use precision=bf16, or parallel=ddp / fsdp for fp16 on the CPU"
+        )
+    if precision.dtype == "bf16" and precision.loss_scaling:
+        raise ConfigError(
+            "precision.loss_scaling=true with bf16 is not available under DeepSpeed: drop it, or use parallel=ddp / fsdp"
+        )
+    if precision.dtype == "fp16" and (precision.growth_factor != 2.0 or precision.backoff_factor != 0.5):
+        raise ConfigError(
+            "DeepSpeed's loss scaler grows by 2 and backs off by 0.5: leave precision.growth_factor / "
+            "backoff_factor at their defaults with parallel=zero1/2/3"
+        )
+    if precision.dtype == "fp16" and 2 ** int(math.log2(precision.initial_scale)) != precision.initial_scale:
+        raise ConfigError(
+            f"precision.initial_scale={precision.initial_scale} must be a power of two under DeepSpeed"
+        )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -89,7 +124,8 @@ class DeepSpeedZero(Distributed):
     """`parallel=zero1|zero2|zero3` through deepspeed.initialize."""
 
     def __init__(self, device: torch.device, rank: int, world_size: int, cfg: Config) -> None:
-        super().__init__(device, rank, world_size)
+        super().__init__(device, rank, world_size, cfg.precision)
+        self.scaler = None  # DeepSpeed runs its own loss scaler
         self.cfg = cfg
         self.name = cfg.parallel.strategy
         self.stage = int(self.name[-1])
@@ -116,7 +152,7 @@ class DeepSpeedZero(Distributed):
 
     @contextlib.contextmanager
     def micro_step(self, is_last: bool) -> Iterator[None]:
-        yield
+        yield  # no autocast: DeepSpeed holds bf16 / fp16 weights itself
         if not is_last:
             # DeepSpeed counts micro-steps to find the accumulation boundary; before it, step()
             # only advances the count (no reduction for zero1, no update for any stage).
@@ -136,10 +172,15 @@ class DeepSpeedZero(Distributed):
                 named.append((name, fragment))
         sums = group_sumsq(named)
         for name in self.names.values():  # every rank must send every group, even if it owns none
-            from trainer.model import param_group
-
             sums.setdefault(param_group(name), torch.zeros((), device=self.device))
-        return all_reduce_groups(sums)
+        sums = all_reduce_groups(sums)
+        scale = self.loss_scale() or 1.0  # fp16: DeepSpeed unscales inside step(), so divide here
+        return {k: v / scale**2 for k, v in sums.items()}
+
+    def loss_scale(self) -> float | None:
+        if self.precision.dtype != "fp16":
+            return None
+        return float(self.model.optimizer.loss_scale)
 
     def _local_grad(self, p: nn.Parameter) -> torch.Tensor | None:
         """The part of p's reduced gradient that this rank's optimizer partition owns."""
@@ -156,21 +197,26 @@ class DeepSpeedZero(Distributed):
             fragment = fragment.narrow(0, address.start, address.numel)
         return fragment
 
-    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
         # DeepSpeed clips by its own global norm (gradient_clipping = optim.clip_grad_norm),
-        # which equals grad_norm; then it steps and zeroes the gradients.
+        # which equals grad_norm; then it steps (or, in fp16, skips on overflow and backs off
+        # the scale) and zeroes the gradients.
         self.model.step()
+        if not self.model.was_step_applied():
+            self.skipped_steps += 1
+            return False
         self.scheduler.step()
+        return True
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        import deepspeed
+        """The fp32 master weights (not the bf16 / fp16 working copies), whole, on rank 0."""
+        from deepspeed.utils import safe_get_full_fp32_param
 
-        module = self.model.module
-        params = list(module.parameters())
-        # zero3: gather every partitioned parameter (collective); zero1/2 hold them whole.
-        context = deepspeed.zero.GatheredParameters(params) if self.stage == 3 else contextlib.nullcontext()
-        with context:
-            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if self.rank == 0 else {}
+        state = {}
+        for name, p in self.model.module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # collective: assembles the partitions
+            if self.rank == 0:
+                state[name] = full.detach().cpu().clone()
         return state
 
     def optimizer_state_dict(self) -> dict | None:

@@ -1,0 +1,159 @@
+"""Mixed precision: fp16 underflow and loss scaling, skipped overflow steps, bf16 close to fp32."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.__main__ import compose_config
+from trainer.config import ConfigError, ModelConfig, OptimConfig, PrecisionConfig
+from trainer.loop import train
+from trainer.model import GPT
+from trainer.parallel import SingleProcess
+from trainer.precision import DynamicLossScaler
+
+MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+TINY = 1e-7  # shrinks the loss so every gradient sits below fp16's smallest subnormal (~6e-8)
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (4, 16), generator=g)
+
+
+def gradients(precision: PrecisionConfig) -> dict[str, torch.Tensor]:
+    """Gradients of TINY * mean token loss through the strategy's own precision path."""
+    torch.manual_seed(0)
+    strategy = SingleProcess(torch.device("cpu"), precision=precision)
+    strategy.setup(GPT(MODEL), OptimConfig(), max_steps=1)
+    x, y = batch()
+    with strategy.micro_step(is_last=True):
+        loss = strategy.model(x, targets=y) / y.numel() * TINY
+        strategy.backward(loss)
+    strategy.unscale_gradients()
+    return {n: p.grad.clone() for n, p in strategy.model.named_parameters()}
+
+
+def relative_error(got: dict, want: dict) -> float:
+    num = sum((got[n] - want[n]).pow(2).sum() for n in want)
+    return float((num / sum(w.pow(2).sum() for w in want.values())).sqrt())
+
+
+def test_fp16_without_scaling_loses_small_gradients_and_scaling_recovers_them() -> None:
+    reference = gradients(PrecisionConfig(dtype="fp32"))
+    assert max(g.abs().max() for g in reference.values()) < 6e-8  # all below fp16's range
+
+    unscaled = gradients(PrecisionConfig(dtype="fp16", initial_scale=1.0, growth_interval=10**6))
+    zeros = sum(int((g == 0).sum()) for g in unscaled.values()) / sum(g.numel() for g in unscaled.values())
+    assert zeros > 0.9  # nearly every gradient underflowed to exactly zero
+    assert relative_error(unscaled, reference) > 0.5
+
+    scaled = gradients(PrecisionConfig(dtype="fp16", initial_scale=2.0**16))
+    assert relative_error(scaled, reference) < 1e-2  # fp16 rounding, nothing lost
+
+
+def test_an_inf_gradient_skips_the_step_and_halves_the_scale() -> None:
+    torch.manual_seed(0)
+    strategy = SingleProcess(torch.device("cpu"), precision=PrecisionConfig(dtype="fp16"))
+    strategy.setup(GPT(MODEL), OptimConfig(warmup_steps=0), max_steps=10)
+    x, y = batch()
+
+    def step(inject_inf: bool) -> bool:
+        with strategy.micro_step(is_last=True):
+            strategy.backward(strategy.model(x, targets=y) / y.numel())
+        if inject_inf:
+            strategy.model.embed.wte.weight.grad[3, 5] = float("inf")
+        strategy.unscale_gradients()
+        norm = torch.stack(list(strategy.grad_sumsq_by_group().values())).sum().sqrt()
+        return strategy.clip_and_step(norm, max_norm=1.0)
+
+    assert step(inject_inf=False)  # one real step, so the optimizer has state to protect
+    weights = copy.deepcopy(strategy.model.state_dict())
+    optimizer_state = copy.deepcopy(strategy.optimizer.state_dict())
+    lr, scale = strategy.scheduler.get_last_lr(), strategy.loss_scale()
+
+    assert not step(inject_inf=True)
+    assert strategy.loss_scale() == scale / 2
+    assert strategy.skipped_steps == 1
+    assert strategy.scheduler.get_last_lr() == lr
+    assert all(p.grad is None for p in strategy.model.parameters())
+    for name, tensor in strategy.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    after = strategy.optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)
+
+    assert step(inject_inf=False)  # and training goes on
+    assert not torch.equal(strategy.model.embed.wte.weight, weights["embed.wte.weight"])
+
+
+def test_fp32_nan_gradient_is_skipped_too() -> None:
+    torch.manual_seed(0)
+    strategy = SingleProcess(torch.device("cpu"))
+    strategy.setup(GPT(MODEL), OptimConfig(), max_steps=1)
+    x, y = batch()
+    strategy.backward(strategy.model(x, targets=y) / y.numel())
+    strategy.model.blocks[0].mlp.c_fc.weight.grad[0, 0] = float("nan")
+    before = copy.deepcopy(strategy.model.state_dict())
+    norm = torch.stack(list(strategy.grad_sumsq_by_group().values())).sum().sqrt()
+    assert not strategy.clip_and_step(norm, max_norm=1.0)
+    assert all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items())
+
+
+def test_scaler_grows_after_a_clean_interval_and_backs_off_on_overflow() -> None:
+    scaler = DynamicLossScaler(PrecisionConfig(dtype="fp16", initial_scale=8.0, growth_interval=3))
+    for _ in range(2):
+        scaler.update(found_non_finite=False)
+    assert scaler.scale == 8.0
+    scaler.update(found_non_finite=False)
+    assert scaler.scale == 16.0
+    scaler.update(found_non_finite=True)
+    assert scaler.scale == 8.0 and scaler.clean_steps == 0
+    restored = DynamicLossScaler(PrecisionConfig(dtype="fp16"))
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.state_dict() == {"scale": 8.0, "clean_steps": 0}
+
+
+def run_losses(tmp_path: Path, name: str, *overrides: str) -> list[float]:
+    import json
+
+    cfg, _ = compose_config(
+        [
+            "experiment=synthetic", "logger.wandb=false", "logger.progress_bar=false", "model.n_layer=1",
+            "model.n_embd=64", "train.seq_len=32", "train.micro_batch_size=8", "train.max_steps=40",
+            "train.log_interval=10", "train.eval_interval=40", "train.sample_tokens=0", "optim.lr=3e-3",
+            f"data.cache_dir={tmp_path / 'cache'}", *overrides,
+        ]
+    )
+    train(cfg, tmp_path / name)
+    return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.heavy
+def test_bf16_and_fp16_train_like_fp32(tmp_path: Path) -> None:
+    fp32 = run_losses(tmp_path, "fp32")
+    bf16 = run_losses(tmp_path, "bf16", "precision=bf16")
+    fp16 = run_losses(tmp_path, "fp16", "precision=fp16")
+    assert fp32[-1] < fp32[0] - 0.5  # it learned something
+    assert bf16[-1] == pytest.approx(fp32[-1], abs=0.05)
+    assert fp16[-1] == pytest.approx(fp32[-1], abs=0.02)
+
+
+def test_bad_precision_input_is_one_line(tmp_path: Path) -> None:
+    from trainer.__main__ import preflight
+
+    with pytest.raises(ConfigError, match="precision=fp16 with parallel=zero2 needs a GPU"):
+        preflight(["parallel=zero2", "precision=fp16"])
+    with pytest.raises(ConfigError, match="precision.loss_scaling=true needs precision=bf16 or fp16"):
+        preflight(["precision.loss_scaling=true"])
+    cfg, _ = compose_config(
+        ["experiment=synthetic", "logger.wandb=false", "model.attention_backend=flash", "train.max_steps=1",
+         f"data.cache_dir={tmp_path / 'cache'}"]
+    )
+    with pytest.raises(ConfigError, match="model.attention_backend=flash needs a CUDA device"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
