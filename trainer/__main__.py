@@ -111,13 +111,13 @@ def preflight(argv: list[str]) -> list[str]:
     if env_world_size() > 1:
         init_distributed(cfg.parallel.timeout_s)
         if not any(a.startswith("hydra.run.dir=") for a in overrides):
-            run_dir = broadcast_string(default_run_dir())  # collective: rank 0's clock decides
+            run_dir = broadcast_string(default_run_dir())  # collective: rank 0 decides
             argv = [*argv, f"hydra.run.dir={run_dir}"]
-    if env_rank() == 0 and (
-        (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").exists()
-    ):
+    holds_a_run = (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").exists()
+    if env_rank() == 0 and holds_a_run and cfg.train.resume == "none":
         raise ConfigError(
-            f"run dir {run_dir} already holds a run: choose another hydra.run.dir (nothing there was changed)"
+            f"run dir {run_dir} already holds a run: continue it with train.resume=auto, or choose another "
+            "hydra.run.dir (nothing there was changed)"
         )
     barrier()  # collective: no rank writes before rank 0 has checked the run dir
     return argv
@@ -138,7 +138,7 @@ def check_paths(cfg: Config) -> None:
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _run(cfg: DictConfig) -> None:
-    from trainer.loop import train
+    from trainer.loop import TrainingError, train
 
     if env_rank() != 0:
         console_only_on_rank0()  # other ranks log to their own file in the run dir
@@ -150,6 +150,11 @@ def _run(cfg: DictConfig) -> None:
         where = f" (rank {env_rank()})" if env_rank() else ""
         print(f"error{where}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except TrainingError as error:
+        logging.getLogger("trainer").error(str(error))
+        if env_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
     except BaseException:
         logging.getLogger("trainer").exception(f"rank {env_rank()} failed")  # into this rank's log file
         raise

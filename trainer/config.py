@@ -241,7 +241,8 @@ class CheckpointConfig:
     """When and where checkpoints are written (a final one is always written)."""
 
     interval: int = 0  # steps between checkpoints; 0: only the final one
-    keep: int = 2
+    keep: int = 2  # newest complete checkpoints kept
+    async_save: bool = False  # overlap writing with training (torch.distributed.checkpoint.async_save)
 
     def __post_init__(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval must be >= 0, got {self.interval}")
@@ -265,6 +266,8 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     sample_prompt: str = "def "
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    resume: str = "none"  # none | auto (newest valid checkpoint in the run dir) | a checkpoint directory
+    max_consecutive_skips: int = 10  # stop after this many steps in a row with inf / NaN gradients
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -273,6 +276,7 @@ class TrainConfig:
         _require(self.eval_batches > 0, f"train.eval_batches must be positive, got {self.eval_batches}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: use auto, cpu or cuda")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
+        _require(self.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
         _require(
             self.global_batch_size is None or self.global_batch_size > 0,
             f"train.global_batch_size must be positive or null, got {self.global_batch_size}",

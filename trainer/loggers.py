@@ -72,10 +72,12 @@ class Loggers:
         max_steps: int,
         start_step: int = 0,
         enabled: bool = True,
+        run_id: str | None = None,
     ) -> None:
         self.enabled = enabled
         self.wandb = None
         self.bar = None
+        self.run_id = run_id  # wandb's run id: a resumed run continues the same wandb run
         if not enabled:
             return
         self.metrics_path = run_dir / "metrics.jsonl"
@@ -96,9 +98,11 @@ class Loggers:
             import wandb
 
             self.wandb = wandb.init(
-                project=cfg.project, dir=str(run_dir), config=run_config, mode=mode,
-                name=run_dir.name, settings=wandb.Settings(console="off", silent=True, init_timeout=60),
+                project=cfg.project, dir=str(run_dir), config=run_config, mode=mode, name=run_dir.name,
+                id=self.run_id, resume="allow" if self.run_id else None,
+                settings=wandb.Settings(console="off", silent=True, init_timeout=60),
             )
+            self.run_id = self.wandb.id
             # Optimizer step is the x-axis of every panel.
             self.wandb.define_metric("step")
             self.wandb.define_metric("*", step_metric="step")

@@ -12,8 +12,10 @@ token counts gives exactly the gradient of one big batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint import Checkpointer, save_weights, step_dir_name
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
@@ -133,15 +135,43 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         f"parallel={strategy.name} on {world} rank(s), device {device}, {cfg.precision.dtype} | global batch {global_batch} sequences = "
         f"{tc.micro_batch_size} micro x {accum} accum x {world} ranks = {tokens_per_step:,} tokens/step"
     )
-    run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, enabled=rank == 0)
+    # -- resume: model, optimizer, schedule, sampler, scaler, RNG from the newest valid checkpoint
     sampler = Sampler(len(data.train), tc.seed)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, strategy)
+    shapes = {name: list(p.shape) for name, p in strategy.unwrapped().named_parameters()}
+    start_step, tokens_seen, wandb_id = 0, 0, None
+    resume_from = checkpointer.find(tc.resume, warn=log.warning) if rank == 0 else None
+    resume_from = strategy.broadcast_path(resume_from)  # collective: every rank loads the same one
+    if resume_from is not None:
+        meta = checkpointer.load(resume_from, shapes)
+        start_step, tokens_seen, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
+        sampler.load_state_dict(meta["sampler"])
+        strategy.scheduler.load_state_dict(meta["scheduler"])
+        strategy.skipped_steps = meta["skipped_steps"]
+        if strategy.scaler is not None and meta.get("loss_scaler"):
+            strategy.scaler.load_state_dict(meta["loss_scaler"])
+        log.info(f"resumed from {resume_from} at step {start_step}")
+        if rank == 0:
+            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+
+    run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, start_step, enabled=rank == 0, run_id=wandb_id)
     model = strategy.model
     metrics: dict[str, Any] = {}
-    tokens_seen = 0
+    consecutive_skips = 0
     window_start, window_tokens = time.perf_counter(), 0
 
-    for step in range(tc.max_steps):
+    def save(step: int) -> Path:
+        meta = {
+            "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
+            "scheduler": strategy.scheduler.state_dict(), "skipped_steps": strategy.skipped_steps,
+            "loss_scaler": strategy.scaler.state_dict() if strategy.scaler is not None else None,
+            "wandb_id": loggers.run_id, "world_size": world, "strategy": strategy.name, "shapes": shapes,
+            "model": dataclasses.asdict(model_cfg),  # the resolved shape, for python -m trainer.export
+        }
+        return checkpointer.save(step, meta)  # collective
+
+    for step in range(start_step, tc.max_steps):
         # -- this rank's share of the global batch, split into micro-batches -------------------
         indices = sampler.next_global_batch(global_batch)
         x, y = data.train.get_batch(shard_for_rank(indices, rank, world))
@@ -153,7 +183,14 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
         grad_norm = global_norm(grad_sumsq)
         lr = strategy.scheduler.get_last_lr()[0]
-        strategy.clip_and_step(grad_norm, cfg.optim.clip_grad_norm)
+        stepped = strategy.clip_and_step(grad_norm, cfg.optim.clip_grad_norm)
+        consecutive_skips = 0 if stepped else consecutive_skips + 1
+        if consecutive_skips >= tc.max_consecutive_skips:
+            last_good = checkpointer.complete()[0] if checkpointer.complete() else "none"
+            raise TrainingError(
+                f"stopping at step {step + 1}: {consecutive_skips} steps in a row had inf / NaN gradients "
+                f"(last good checkpoint: {last_good}); lower optim.lr or check the data"
+            )
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
 
@@ -182,18 +219,15 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             )
             window_start, window_tokens = time.perf_counter(), 0
         loggers.advance(1, loss=metrics.get("loss", float("nan")))
+        if cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0 and not last:
+            save(step + 1)
 
-    # -- the end: a checkpoint, a sample, where everything is -----------------------------------
+    # -- the end: a checkpoint, consolidated weights, a sample, where everything is ---------------
+    if not checkpointer.complete() or checkpointer.complete()[0].name != step_dir_name(tc.max_steps):
+        save(tc.max_steps)
     weights = strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0
-    optimizer_state = strategy.optimizer_state_dict()
     if rank == 0:
-        save_checkpoint(
-            run_dir / "checkpoints" / "final", weights, optimizer_state, strategy.scheduler.state_dict(),
-            {
-                "step": tc.max_steps, "tokens": tokens_seen, "sampler": sampler.state_dict(),
-                "loss_scaler": strategy.scaler.state_dict() if strategy.scaler is not None else None,
-            },
-        )
+        save_weights(run_dir / "checkpoints" / "final", weights)
     loggers.close()
     if tc.sample_tokens > 0:  # every rank generates: sharded models need all ranks in forward
         text = sample(strategy.unwrapped(), data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed)
@@ -201,6 +235,20 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     log.info(f"run dir: {run_dir.resolve()}")
     strategy.close()
     return metrics
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (its message is one line for the user)."""
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop logged rows past the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def sample(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int, seed: int) -> str:

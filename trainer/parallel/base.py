@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -130,13 +131,32 @@ class SingleProcess:
     def barrier(self) -> None:
         """Wait for every rank (no-op on one process)."""
 
+    def broadcast_path(self, path: Path | None) -> Path | None:
+        """Rank 0's path on every rank (identity on one process)."""
+        return path
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on CPU, on rank 0 (collective: every rank must call it)."""
         return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
 
-    def optimizer_state_dict(self) -> dict | None:
-        """Optimizer state for the final checkpoint when it is whole on rank 0 (None when sharded)."""
-        return self.optimizer.state_dict()
+    def save_state(self, directory: Path) -> None:
+        """Model and optimizer state with torch.distributed.checkpoint (collective: each rank
+        writes its own shards; the result loads at any world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)  # keyed by parameter name
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist())
+
+    def load_state(self, directory: Path) -> None:
+        """Load what save_state wrote, resharding to this run's layout (collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def close(self) -> None:
         """Release process groups and other resources."""
@@ -157,11 +177,24 @@ class Distributed(SingleProcess):
 
         dist.barrier()  # collective
 
+    def broadcast_path(self, path: Path | None) -> Path | None:
+        import torch.distributed as dist
+
+        box = [str(path) if path is not None else None]
+        dist.broadcast_object_list(box, src=0)  # collective
+        return Path(box[0]) if box[0] is not None else None
+
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _dist() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

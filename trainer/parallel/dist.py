@@ -55,7 +55,14 @@ def broadcast_string(value: str) -> str:
 
 
 def default_run_dir() -> str:
-    """Hydra's default layout, outputs/DATE/TIME, fixed once so every rank uses the same one."""
+    """Hydra's default layout, outputs/DATE/TIME, fixed by rank 0 so every rank uses the same one.
+
+    Under torchrun's elastic agent, a restarted group must find the run it is continuing: the
+    rendezvous run id is the same across restarts, so it names the directory instead.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0" and run_id not in ("", "none"):
+        return f"outputs/torchrun-{run_id}"
     return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
 
 

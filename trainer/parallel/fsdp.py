@@ -101,9 +101,6 @@ class FSDP(Distributed):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(self.model, options=options)
 
-    def optimizer_state_dict(self) -> dict | None:
-        return None  # sharded: saved with torch.distributed.checkpoint by the checkpoint issue
-
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value)  # collective

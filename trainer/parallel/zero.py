@@ -219,5 +219,13 @@ class DeepSpeedZero(Distributed):
                 state[name] = full.detach().cpu().clone()
         return state
 
-    def optimizer_state_dict(self) -> dict | None:
-        return None  # partitioned: saved with DeepSpeed's checkpoint API by the checkpoint issue
+    def save_state(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint: each rank writes its ZeRO partitions (collective)."""
+        self.model.save_checkpoint(str(directory), tag="zero", save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(
+            str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
