@@ -25,16 +25,11 @@ from trainer.parallel import SingleProcess, check_launch, global_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import dist_worker  # noqa: E402
+from runs import torchrun  # noqa: E402
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 VARIANTS = list(dist_worker.VARIANTS)  # hybrid sharding, no reshard after forward, ZeRO offload
 REPO = Path(__file__).resolve().parent.parent
-
-
-def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def assert_weights_close(actual: dict, expected: dict) -> None:

@@ -29,7 +29,7 @@ from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
 from trainer.model import GPT, check_attention_backend, load_hf_config, load_pretrained
-from trainer.model.checkpointing import apply_activation_checkpointing
+from trainer.model.checkpointing import apply_activation_checkpointing, unwrapped_name
 from trainer.model.loss import IGNORE_INDEX
 from trainer.parallel import build_strategy, global_norm
 from trainer.precision import DTYPES
@@ -42,7 +42,9 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     if cfg.pretrained:
         pretrained = load_hf_config(cfg.pretrained)
         cfg = dataclasses.replace(
-            pretrained, pretrained=cfg.pretrained, dropout=cfg.dropout, attention_backend=cfg.attention_backend
+            pretrained, pretrained=cfg.pretrained, dropout=cfg.dropout, attention_backend=cfg.attention_backend,
+            activation_checkpointing=cfg.activation_checkpointing,
+            activation_checkpointing_every=cfg.activation_checkpointing_every, loss_chunk_size=cfg.loss_chunk_size,
         )
     if cfg.vocab_size is None:
         return dataclasses.replace(cfg, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
@@ -123,7 +125,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     check_attention_backend(model_cfg.attention_backend, device, compute_dtype)
     # Order matters (as in torchtitan): activation checkpointing wraps blocks first, then the
     # strategy shards / wraps the model.
-    apply_activation_checkpointing(model, model_cfg)
+    checkpointed = apply_activation_checkpointing(model, model_cfg)
     accum = tc.accumulation_steps(world)
     strategy.setup(model, cfg.optim, tc.max_steps, accum)
 
@@ -134,11 +136,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         f"model: {model_cfg.name} {n_params / 1e6:.2f}M params ({n_body / 1e6:.2f}M without embeddings) | "
         f"parallel={strategy.name} on {world} rank(s), device {device}, {cfg.precision.dtype} | global batch {global_batch} sequences = "
         f"{tc.micro_batch_size} micro x {accum} accum x {world} ranks = {tokens_per_step:,} tokens/step"
+        + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
     )
     # -- resume: model, optimizer, schedule, sampler, scaler, RNG from the newest valid checkpoint
     sampler = Sampler(len(data.train), tc.seed)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, strategy)
-    shapes = {name: list(p.shape) for name, p in strategy.unwrapped().named_parameters()}
+    shapes = {unwrapped_name(name): list(p.shape) for name, p in strategy.unwrapped().named_parameters()}
     start_step, tokens_seen, wandb_id = 0, 0, None
     resume_from = checkpointer.find(tc.resume, warn=log.warning) if rank == 0 else None
     resume_from = strategy.broadcast_path(resume_from)  # collective: every rank loads the same one

@@ -146,7 +146,8 @@ class SingleProcess:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)  # keyed by parameter name
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist())
+        with _quiet_single_process():
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist())
 
     def load_state(self, directory: Path) -> None:
         """Load what save_state wrote, resharding to this run's layout (collective)."""
@@ -155,7 +156,8 @@ class SingleProcess:
 
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def close(self) -> None:
@@ -189,6 +191,16 @@ class Distributed(SingleProcess):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it 'assumes a single process' when there is no process group: we know."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _dist() -> bool:

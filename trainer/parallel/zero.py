@@ -20,6 +20,7 @@ from torch import nn
 
 from trainer.config import Config, ConfigError
 from trainer.model import param_group
+from trainer.model.checkpointing import unwrapped_name
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.base import Distributed, all_reduce_groups, group_sumsq
 
@@ -216,7 +217,7 @@ class DeepSpeedZero(Distributed):
         for name, p in self.model.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # collective: assembles the partitions
             if self.rank == 0:
-                state[name] = full.detach().cpu().clone()
+                state[unwrapped_name(name)] = full.detach().cpu().clone()
         return state
 
     def save_state(self, directory: Path) -> None:

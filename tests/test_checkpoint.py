@@ -1,0 +1,245 @@
+"""Checkpoints: exact resume, a save killed half-way, elastic restarts, bad checkpoints.
+
+Exact means bitwise on CPU in fp32: a run stopped at step s and resumed logs the same losses
+and gradient norms, step for step, and ends with the same weights as the run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.__main__ import compose_config
+from trainer.checkpoint import Checkpointer, step_dir_name, verify
+from trainer.config import ConfigError
+from trainer.loop import TrainingError, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import QUICK, env, read_metrics, run_cli, torchrun  # noqa: E402
+
+STEPS, INTERVAL, STOP = 12, 4, 8  # checkpoints at 4, 8, 12; the interrupted run stops at 8
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "final" / "model.safetensors"))
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    assert losses(resumed) == losses(reference)  # bitwise: floats compared with ==
+    a, b = final_weights(resumed), final_weights(reference)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def stop_at(run_dir: Path, copy: Path, step: int) -> None:
+    """What a run killed right after its checkpoint at `step` leaves behind."""
+    shutil.copytree(run_dir, copy)
+    for later in (copy / "checkpoints").iterdir():
+        if later.name.startswith("step_") and later.name > step_dir_name(step) or later.name == "final":
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(step_dir_name(step) + "\n")
+
+
+def quick(*extra: str) -> list[str]:
+    return [
+        *QUICK, f"train.max_steps={STEPS}", "train.log_interval=1", "train.eval_interval=6",
+        f"checkpoint.interval={INTERVAL}", "checkpoint.keep=5", *extra,
+    ]
+
+
+def test_resume_in_one_process_is_exact(tmp_path: Path) -> None:
+    cfg, _ = compose_config([*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false"])
+    train(cfg, tmp_path / "full")
+    assert (tmp_path / "full" / "checkpoints" / "latest").read_text().strip() == step_dir_name(STEPS)
+    stop_at(tmp_path / "full", tmp_path / "resumed", STOP)
+    resumed_cfg, _ = compose_config(
+        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false", "train.resume=auto"]
+    )
+    train(resumed_cfg, tmp_path / "resumed")
+    assert_same_run(tmp_path / "resumed", tmp_path / "full")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
+    args = quick(f"parallel={strategy}", "train.micro_batch_size=4", f"data.cache_dir={tmp_path / 'cache'}")
+    result = torchrun("-m", "trainer", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stop_at(tmp_path / "full", tmp_path / "resumed", STOP)
+    result = torchrun(
+        "-m", "trainer", *args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'resumed' / 'checkpoints' / step_dir_name(STOP)}" in result.stdout
+    assert_same_run(tmp_path / "resumed", tmp_path / "full")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+@pytest.mark.heavy
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    # A bigger model so that writing a checkpoint takes long enough to be caught half-way.
+    args = [
+        *quick(f"data.cache_dir={tmp_path / 'cache'}"), "model.n_embd=384", "model.n_layer=4",
+        "train.micro_batch_size=2", "checkpoint.interval=2", "train.max_steps=6", "train.eval_interval=100",
+    ]
+    reference = run_cli(*args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    half_written = run_dir / "checkpoints" / (step_dir_name(4) + ".tmp")
+    wait_for(lambda: (half_written / "state").exists() or process.poll() is not None, 240, "the second save")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert half_written.exists(), "the save finished before the kill: the model is too small to catch it"
+    assert not (run_dir / "checkpoints" / step_dir_name(4)).exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == step_dir_name(2)
+    assert verify(run_dir / "checkpoints" / step_dir_name(2)) is None
+
+    resumed = run_cli(*args, "train.resume=auto", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / step_dir_name(2)}" in resumed.stdout
+    assert_same_run(run_dir, tmp_path / "full")
+    assert not half_written.exists()  # the next save at that step cleaned it up
+
+
+def rank_process(rank: int, parent: psutil.Process) -> psutil.Process | None:
+    for child in parent.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "trainer" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.heavy
+def test_elastic_restart_after_a_rank_is_killed(tmp_path: Path) -> None:
+    """torchrun --max-restarts=1: rank 1 SIGKILLed mid-run; the group restarts, resumes from the
+    newest checkpoint and ends with the weights of the run that was never interrupted."""
+    args = [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "parallel=ddp", "train.micro_batch_size=4",
+            "train.max_steps=16", "train.resume=auto"]
+    full = torchrun("-m", "trainer", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run_dir = tmp_path / "elastic"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+        "-m", "trainer", *args, f"hydra.run.dir={run_dir}",
+    ]
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    checkpoint_8 = run_dir / "checkpoints" / step_dir_name(8)
+    wait_for(lambda: checkpoint_8.exists() or launcher.poll() is not None, 300, "the checkpoint at step 8")
+    victim = rank_process(1, psutil.Process(launcher.pid))
+    assert victim is not None and launcher.poll() is None
+    victim.send_signal(signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, output[-4000:]
+    assert "resumed from" in output
+    assert losses(run_dir)[-1] == losses(tmp_path / "full")[-1]
+    a, b = final_weights(run_dir), final_weights(tmp_path / "full")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg, _ = compose_config([*quick(f"data.cache_dir={root / 'cache'}"), "logger.progress_bar=false"])
+    train(cfg, root / "run")
+    return root / "run"
+
+
+def test_a_missing_resume_path_is_one_line(small_run: Path, tmp_path: Path) -> None:
+    result = run_cli(*quick(), "train.resume=/no/such/checkpoint", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: train.resume=/no/such/checkpoint does not exist: give a checkpoint directory, auto or none"
+    ]
+
+
+def test_a_truncated_checkpoint_is_reported_and_the_previous_one_used(small_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    newest = run_dir / "checkpoints" / step_dir_name(STEPS)
+    shard = next((newest / "state").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # a file cut short
+    warnings: list[str] = []
+    strategy = type("S", (), {"rank": 0})()
+    found = Checkpointer(run_dir, 5, strategy).find("auto", warn=warnings.append)
+    assert found == run_dir / "checkpoints" / step_dir_name(8)
+    assert len(warnings) == 1 and "truncated" in warnings[0] and shard.name in warnings[0]
+    with pytest.raises(ConfigError, match="cannot be used: .*truncated"):
+        Checkpointer(run_dir, 5, strategy).find(str(newest))
+
+
+def test_a_checkpoint_of_another_shape_lists_the_mismatched_tensors(small_run: Path, tmp_path: Path) -> None:
+    cfg, _ = compose_config(
+        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "model.n_embd=32", "logger.progress_bar=false",
+         f"train.resume={small_run / 'checkpoints' / step_dir_name(STEPS)}"]
+    )
+    with pytest.raises(ConfigError) as info:
+        train(cfg, tmp_path / "other")
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {small_run / 'checkpoints' / step_dir_name(STEPS)} is from a different model shape")
+    assert "blocks.0.attn.c_attn.weight [192, 64] vs [96, 32]" in message and "... 7 more" in message
+    assert "\n" not in message
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+
+
+def test_an_existing_run_needs_resume(small_run: Path, tmp_path: Path) -> None:
+    before = (small_run / "metrics.jsonl").read_text()
+    result = run_cli(*quick(), f"hydra.run.dir={small_run}", cwd=tmp_path)
+    assert result.returncode == 2 and "continue it with train.resume=auto" in result.stderr
+    assert (small_run / "metrics.jsonl").read_text() == before
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
+    """fp16 with an absurd initial loss scale overflows step after step."""
+    cfg, _ = compose_config(
+        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false", "precision=fp16",
+         "precision.initial_scale=1e30", "train.max_consecutive_skips=3", "checkpoint.interval=0"]
+    )
+    with pytest.raises(TrainingError, match="stopping at step 3: 3 steps in a row had inf / NaN gradients"):
+        train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["skipped_steps"] for r in rows] == [1, 2]
+    assert [r["loss_scale"] for r in rows] == [5e29, 2.5e29]
+
+
+def test_checkpoints_hold_no_pickles(small_run: Path) -> None:
+    newest = small_run / "checkpoints" / step_dir_name(STEPS)
+    meta = json.loads((newest / "meta.json").read_text())
+    assert meta["step"] == STEPS and meta["strategy"] == "none" and meta["sampler"]["position"] > 0
+    names = {p.name for p in newest.rglob("*") if p.is_file()}
+    assert {"meta.json", "manifest.json", "rank0.json", "rank0.safetensors", ".metadata"} <= names
+    assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))]
+    assert len(list((small_run / "checkpoints").glob("step_*"))) == 3  # 4, 8, 12 with keep=5
