@@ -62,14 +62,17 @@ def quick(*extra: str) -> list[str]:
     ]
 
 
-def test_resume_in_one_process_is_exact(tmp_path: Path) -> None:
-    cfg, _ = compose_config([*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_in_one_process_is_exact(async_save: bool, tmp_path: Path) -> None:
+    args = [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false",
+            f"checkpoint.async_save={async_save}"]
+    cfg, _ = compose_config(args)
     train(cfg, tmp_path / "full")
     assert (tmp_path / "full" / "checkpoints" / "latest").read_text().strip() == step_dir_name(STEPS)
+    assert all(verify(p) is None for p in (tmp_path / "full" / "checkpoints").glob("step_*"))
+    assert not list((tmp_path / "full" / "checkpoints").glob("*.tmp"))
     stop_at(tmp_path / "full", tmp_path / "resumed", STOP)
-    resumed_cfg, _ = compose_config(
-        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false", "train.resume=auto"]
-    )
+    resumed_cfg, _ = compose_config([*args, "train.resume=auto"])
     train(resumed_cfg, tmp_path / "resumed")
     assert_same_run(tmp_path / "resumed", tmp_path / "full")
 

@@ -147,9 +147,16 @@ class Checkpointer:
         self.keep = keep
         self.strategy = strategy
         self.rank = strategy.rank
+        self.pending: tuple[Any, Path, Path] | None = None  # (future, tmp dir, final dir) of an async save
 
-    def save(self, step: int, meta: dict[str, Any]) -> Path:
-        """Write checkpoint `step` atomically; every rank calls it."""
+    def save(self, step: int, meta: dict[str, Any], async_save: bool = False) -> Path:
+        """Write checkpoint `step` atomically; every rank calls it.
+
+        With async_save the model / optimizer tensors are copied to CPU memory and written by a
+        background thread while training goes on; the checkpoint is committed (manifest, rename,
+        `latest`) by the next save or by `wait()`, so a half-written one is never visible.
+        """
+        self.wait()  # one checkpoint in flight at most
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -157,11 +164,28 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a save that was killed
             tmp.mkdir(parents=True)
         self.strategy.barrier()  # collective: the directory exists for every rank
-        self.strategy.save_state(tmp / "state")  # collective: each rank writes its shards
         save_rng(tmp / "rng", self.rank)
-        self.strategy.barrier()  # collective: every rank's files are written
         if self.rank == 0:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if async_save:
+            self.pending = (self.strategy.save_state_async(tmp / "state"), tmp, final)
+            return final
+        self.strategy.save_state(tmp / "state")  # collective: each rank writes its shards
+        self._commit(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish and commit the checkpoint being written in the background, if any (collective)."""
+        if self.pending is None:
+            return
+        future, tmp, final = self.pending
+        self.pending = None
+        future.result()  # this rank's shards are on disk
+        self._commit(tmp, final)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        self.strategy.barrier()  # collective: every rank's files are written
+        if self.rank == 0:
             write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -170,7 +194,6 @@ class Checkpointer:
             _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
             self._prune()
         self.strategy.barrier()  # collective: nobody runs ahead of a half-made checkpoint
-        return final
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints."""

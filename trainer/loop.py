@@ -172,7 +172,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             "wandb_id": loggers.run_id, "world_size": world, "strategy": strategy.name, "shapes": shapes,
             "model": dataclasses.asdict(model_cfg),  # the resolved shape, for python -m trainer.export
         }
-        return checkpointer.save(step, meta)  # collective
+        return checkpointer.save(step, meta, async_save=cfg.checkpoint.async_save)  # collective
 
     for step in range(start_step, tc.max_steps):
         # -- this rank's share of the global batch, split into micro-batches -------------------
@@ -228,6 +228,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     # -- the end: a checkpoint, consolidated weights, a sample, where everything is ---------------
     if not checkpointer.complete() or checkpointer.complete()[0].name != step_dir_name(tc.max_steps):
         save(tc.max_steps)
+    checkpointer.wait()  # collective: commit a checkpoint still being written in the background
     weights = strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0
     if rank == 0:
         save_weights(run_dir / "checkpoints" / "final", weights)

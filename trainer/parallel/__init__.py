@@ -45,6 +45,11 @@ def check_launch(cfg: Config, world_size: int) -> None:
     if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"parallel={strategy} needs DeepSpeed: pip install deepspeed (or choose parallel=fsdp)")
     cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
+    if cfg.checkpoint.async_save and strategy.startswith("zero"):
+        raise ConfigError(
+            "checkpoint.async_save=true is for none / ddp / fsdp (torch.distributed.checkpoint); for zero1-3 "
+            "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config"
+        )
     if strategy.startswith("zero"):
         from trainer.parallel.zero import check_deepspeed_precision, merged_deepspeed_config
 

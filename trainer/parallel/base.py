@@ -13,6 +13,7 @@ import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,6 +149,18 @@ class SingleProcess:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)  # keyed by parameter name
         with _quiet_single_process():
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist())
+
+    def save_state_async(self, directory: Path) -> Any:
+        """Like save_state, but returns once the tensors are staged in CPU memory; the write runs
+        in a background thread. Returns a future (collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        with _quiet_single_process():
+            return dcp.async_save(
+                {"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist()
+            )
 
     def load_state(self, directory: Path) -> None:
         """Load what save_state wrote, resharding to this run's layout (collective)."""

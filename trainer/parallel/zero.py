@@ -224,6 +224,12 @@ class DeepSpeedZero(Distributed):
         """DeepSpeed's own checkpoint: each rank writes its ZeRO partitions (collective)."""
         self.model.save_checkpoint(str(directory), tag="zero", save_latest=False)
 
+    def save_state_async(self, directory: Path) -> Any:
+        raise ConfigError(
+            "checkpoint.async_save=true is for none / ddp / fsdp (torch.distributed.checkpoint); for zero1-3 "
+            "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config"
+        )
+
     def load_state(self, directory: Path) -> None:
         load_path, _ = self.model.load_checkpoint(
             str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
