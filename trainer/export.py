@@ -1,0 +1,166 @@
+"""Export a checkpoint of any strategy as consolidated weights, on one CPU process.
+
+    python -m trainer.export SOURCE --out DIR [--hf | --no-hf] [--force]
+
+SOURCE is a run directory (the checkpoint `checkpoints/latest` names; if it fails verification,
+the newest one before it that passes) or one checkpoint directory (`checkpoints/step_XXXXXXXX`).
+The checkpoint is verified against its manifest, GPT is rebuilt from meta.json's `model` and
+the weights are read without a process group: torch.distributed.checkpoint reshards a none /
+ddp / fsdp checkpoint of any world size into this one process; DeepSpeed's zero_to_fp32
+assembles the fp32 master weights of a zero1-3 checkpoint. DIR gets model.safetensors plus,
+with --hf (the default) and a GPT-2 or Llama layout, a config.json for transformers'
+from_pretrained (tensors under Hugging Face names); otherwise the tensors keep GPT's names and
+trainer_config.json holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an
+existing non-empty DIR is refused unless --force. Errors: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint import CheckpointException
+
+from trainer.checkpoint import PREFIX, Checkpointer, verify
+from trainer.config import ModelConfig
+from trainer.model.gpt import GPT, WRAPPER_NAMES
+from trainer.model.hf_import import export_hf, hf_config_dict
+from trainer.parallel.base import SingleProcess
+
+DCP_STRATEGIES = ("none", "ddp", "fsdp")
+ZERO_STRATEGIES = ("zero1", "zero2", "zero3")
+
+
+class ExportError(Exception):
+    """Export cannot go on (its message is one line for the user)."""
+
+
+def find_checkpoint(source: Path, warn=lambda m: print(f"warning: {m}", file=sys.stderr)) -> Path:
+    """The verified checkpoint directory that SOURCE (a run or a checkpoint directory) names."""
+    if not source.exists():
+        raise ExportError(f"{source} does not exist: give a run directory or a checkpoint directory")
+    if (source / "meta.json").exists() or source.name.startswith(PREFIX):
+        problem = verify(source)
+        if problem:
+            raise ExportError(f"checkpoint {source} fails verification: {problem}")
+        return source
+    if not (source / "checkpoints").is_dir():
+        raise ExportError(f"{source} is neither a run directory (no checkpoints/) nor a checkpoint directory")
+    # Checkpointer needs a strategy only to save and load; finding checkpoints is plain file reading.
+    found = Checkpointer(source, keep=1, strategy=SingleProcess(torch.device("cpu"))).find("auto", warn=warn)
+    if found is None:
+        raise ExportError(f"{source / 'checkpoints'} holds no checkpoint that passes verification")
+    return found
+
+
+def load_model(checkpoint: Path) -> tuple[GPT, dict]:
+    """GPT as meta.json describes it, holding the checkpoint's weights (fp32, CPU); and the meta."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    strategy = meta.get("strategy")
+    if "model" not in meta:
+        raise ExportError(f"{checkpoint}/meta.json has no `model` (written by an older trainer)")
+    if strategy not in DCP_STRATEGIES + ZERO_STRATEGIES:
+        raise ExportError(f"{checkpoint} was written by unknown strategy {strategy!r}")
+    try:
+        cfg = ModelConfig(**meta["model"])
+    except (TypeError, ValueError) as error:  # a field this version lacks, or a value it rejects
+        raise ExportError(f"{checkpoint}/meta.json: `model` does not fit ModelConfig ({error})") from error
+    with torch.device("meta"):  # no random init: every parameter is overwritten below
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    state_dir = checkpoint / "state"
+    try:
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group
+            warnings.simplefilter("ignore")
+            state = _read_dcp(model, state_dir) if strategy in DCP_STRATEGIES else _read_zero(state_dir)
+        model.load_state_dict(state, strict=True)
+    except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ExportError(f"cannot load the weights in {state_dir}: {first}") from error
+    return model, meta
+
+
+def _read_dcp(model: GPT, state_dir: Path) -> dict[str, torch.Tensor]:
+    """dcp.save wrote {"model": {parameter name: tensor}, "optim": ...}; read the model part."""
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()  # same names as get_state_dict gave at save time
+    dcp.load({"model": state}, checkpoint_id=str(state_dir), no_dist=True)  # fills state in place
+    return state
+
+
+def _read_zero(state_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 master weights from every rank's ZeRO partitions, named as GPT's named_parameters."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(state_dir), tag="zero")
+    # named_parameters() under activation checkpointing says blocks.0._checkpoint_wrapped_module...
+    return {".".join(p for p in k.split(".") if p not in WRAPPER_NAMES): v for k, v in state.items()}
+
+
+def write_export(model: GPT, out: Path, hf: bool) -> str:
+    """Write out/ via out.tmp/ (then renamed); return what was written, in words."""
+    out = out.resolve()
+    cfg, state = model.cfg, {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        architecture = hf_config_dict(cfg)["architectures"][0] if hf else None
+    except ValueError:  # neither a GPT-2 nor a Llama layout
+        architecture = None
+    try:
+        if architecture:
+            export_hf(state, tmp, cfg)
+            what = f"model.safetensors + config.json ({architecture})"
+        else:
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "trainer_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+            what = "model.safetensors + trainer_config.json" + (" (no Hugging Face layout fits)" if hf else "")
+        if out.exists():  # empty, or --force
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return what
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m trainer.export`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory (step_...)")
+    parser.add_argument("--out", type=Path, required=True, help="directory to write")
+    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                        help="Hugging Face names + config.json for GPT-2 / Llama layouts (default: on)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    try:
+        occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
+        if occupied and not args.force:
+            raise ExportError(f"--out {args.out} exists and is not empty: choose another directory or pass --force")
+        checkpoint = find_checkpoint(args.source)
+        model, meta = load_model(checkpoint)
+        what = write_export(model, args.out, args.hf)
+    except (ExportError, OSError) as error:  # OSError: --out cannot be written
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {what}, {n_params / 1e6:.2f}M params from {checkpoint} "
+          f"(step {meta['step']}, parallel={meta['strategy']} on {meta['world_size']} rank(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
