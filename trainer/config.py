@@ -250,6 +250,38 @@ class CheckpointConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss / grad-norm spike detection against an EMA baseline."""
+
+    z: float = 6.0  # a value this many standard deviations above the baseline is a spike
+    warmup: int = 20  # observations before spikes are flagged (the baseline settles first)
+    action: str = "log"  # log (record only) | skip (drop the update) | rollback (last good checkpoint, skip the data)
+
+    def __post_init__(self) -> None:
+        _require(self.z > 0, f"monitor.spike.z must be positive, got {self.z}")
+        _require(self.warmup >= 0, f"monitor.spike.warmup must be >= 0, got {self.warmup}")
+        _require(
+            self.action in ("log", "skip", "rollback"),
+            f"monitor.spike.action={self.action!r}: use log, skip or rollback",
+        )
+
+
+@dataclass
+class MonitorConfig:
+    """Per-layer statistics and throughput, logged to metrics.jsonl and wandb."""
+
+    interval: int | None = None  # steps between per-layer statistics; None: every logged step
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    peak_flops: float | None = None  # FLOP/s for MFU; None: datasheet value of a known GPU, or a measured CPU matmul rate
+
+    def __post_init__(self) -> None:
+        _require(
+            self.interval is None or self.interval > 0,
+            f"monitor.interval must be positive (or null for every logged step), got {self.interval}",
+        )
+
+
+@dataclass
 class TrainConfig:
     """The step budget and batch shape. Global batch = micro_batch_size * grad_accum_steps * world size."""
 
@@ -307,9 +339,19 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.monitor.spike.action != "rollback" or self.checkpoint.interval > 0,
+            "monitor.spike.action=rollback needs checkpoints to roll back to: set checkpoint.interval=N",
+        )
+        _require(
+            self.monitor.spike.action == "log" or not self.parallel.strategy.startswith("zero"),
+            f"monitor.spike.action={self.monitor.spike.action} is available for none / ddp / fsdp: DeepSpeed "
+            "cannot drop one step's reduced gradients; use monitor.spike.action=log with zero1-3",
+        )
         _require(
             bool(self.model.pretrained) or self.train.seq_len <= self.model.block_size,
             f"train.seq_len={self.train.seq_len} exceeds the model's context model.block_size="

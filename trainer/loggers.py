@@ -103,9 +103,13 @@ class Loggers:
                 settings=wandb.Settings(console="off", silent=True, init_timeout=60),
             )
             self.run_id = self.wandb.id
-            # Optimizer step is the x-axis of every panel.
+            # Optimizer step is the x-axis of every panel; tokens seen is the other x-axis offered.
+            # Metric names carry their family (grad_norm/*, param_norm/*, update_ratio/*, spike/*,
+            # throughput/*, memory/*), which wandb's default workspace turns into one section each.
             self.wandb.define_metric("step")
+            self.wandb.define_metric("tokens")
             self.wandb.define_metric("*", step_metric="step")
+            self.wandb.define_metric("spike/count", step_metric="step", summary="max")
         except Exception as error:  # wandb must never fail a run
             warnings.warn(f"wandb disabled ({type(error).__name__}: {error}); metrics.jsonl still written", stacklevel=2)
             self.wandb = None
@@ -122,6 +126,15 @@ class Loggers:
             except Exception as error:
                 warnings.warn(f"wandb.log failed ({error}); wandb disabled for this run", stacklevel=2)
                 self.wandb = None
+
+    def alert(self, title: str, text: str) -> None:
+        """A wandb alert (and a summary count) for an event such as a loss spike."""
+        if self.wandb is None:
+            return
+        try:
+            self.wandb.alert(title=title, text=text)
+        except Exception:  # offline runs cannot alert; the event is in metrics.jsonl anyway
+            pass
 
     def advance(self, steps: int = 1, **postfix: Any) -> None:
         """Move the progress bar and show the latest figures beside it."""

@@ -31,6 +31,7 @@ from trainer.loggers import Loggers
 from trainer.model import GPT, check_attention_backend, load_hf_config, load_pretrained
 from trainer.model.checkpointing import apply_activation_checkpointing, unwrapped_name
 from trainer.model.loss import IGNORE_INDEX
+from trainer.monitor import SpikeWatch, group_norms, peak_flops, peak_memory_gb
 from trainer.parallel import build_strategy, global_norm
 from trainer.precision import DTYPES
 
@@ -140,90 +141,150 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     )
     # -- resume: model, optimizer, schedule, sampler, scaler, RNG from the newest valid checkpoint
     sampler = Sampler(len(data.train), tc.seed)
+    spikes = SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep, strategy)
     shapes = {unwrapped_name(name): list(p.shape) for name, p in strategy.unwrapped().named_parameters()}
-    start_step, tokens_seen, wandb_id = 0, 0, None
-    resume_from = checkpointer.find(tc.resume, warn=log.warning) if rank == 0 else None
-    resume_from = strategy.broadcast_path(resume_from)  # collective: every rank loads the same one
-    if resume_from is not None:
-        meta = checkpointer.load(resume_from, shapes)
-        start_step, tokens_seen, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
-        sampler.load_state_dict(meta["sampler"])
+    step, tokens_seen, wandb_id = 0, 0, None
+
+    def restore(path: Path, with_data: bool) -> dict[str, Any]:
+        """Load a checkpoint into every part of the run; with_data=False keeps the sampler where it
+        is (a rollback skips the data that caused the spike)."""
+        meta = checkpointer.load(path, shapes)  # collective
+        if with_data:
+            sampler.load_state_dict(meta["sampler"])
         strategy.scheduler.load_state_dict(meta["scheduler"])
         strategy.skipped_steps = meta["skipped_steps"]
         if strategy.scaler is not None and meta.get("loss_scaler"):
             strategy.scaler.load_state_dict(meta["loss_scaler"])
-        log.info(f"resumed from {resume_from} at step {start_step}")
+        if meta.get("spikes"):
+            spikes.load_state_dict(meta["spikes"])
         if rank == 0:
-            truncate_metrics(run_dir / "metrics.jsonl", start_step)
+            truncate_metrics(run_dir / "metrics.jsonl", meta["step"])
+        return meta
+
+    resume_from = checkpointer.find(tc.resume, warn=log.warning) if rank == 0 else None
+    resume_from = strategy.broadcast_path(resume_from)  # collective: every rank loads the same one
+    if resume_from is not None:
+        meta = restore(resume_from, with_data=True)
+        step, tokens_seen, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
+        log.info(f"resumed from {resume_from} at step {step}")
 
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, start_step, enabled=rank == 0, run_id=wandb_id)
-    model = strategy.model
-    metrics: dict[str, Any] = {}
-    consecutive_skips = 0
-    window_start, window_tokens = time.perf_counter(), 0
+    loggers = Loggers(cfg.logger, run_dir, run_config, tc.max_steps, step, enabled=rank == 0, run_id=wandb_id)
 
-    def save(step: int) -> Path:
+    def save(at_step: int) -> Path:
         meta = {
-            "step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
+            "step": at_step, "tokens": tokens_seen, "sampler": sampler.state_dict(),
             "scheduler": strategy.scheduler.state_dict(), "skipped_steps": strategy.skipped_steps,
             "loss_scaler": strategy.scaler.state_dict() if strategy.scaler is not None else None,
-            "wandb_id": loggers.run_id, "world_size": world, "strategy": strategy.name, "shapes": shapes,
+            "spikes": spikes.state_dict(), "wandb_id": loggers.run_id, "world_size": world,
+            "strategy": strategy.name, "shapes": shapes,
             "model": dataclasses.asdict(model_cfg),  # the resolved shape, for python -m trainer.export
         }
-        return checkpointer.save(step, meta, async_save=cfg.checkpoint.async_save)  # collective
+        return checkpointer.save(at_step, meta, async_save=cfg.checkpoint.async_save)  # collective
 
-    for step in range(start_step, tc.max_steps):
+    model = strategy.model
+    monitor_interval = cfg.monitor.interval or tc.log_interval
+    flops_per_token = strategy.unwrapped().flops_per_token(tc.seq_len)
+    peak = peak_flops(device, cfg.monitor.peak_flops) * world
+    metrics: dict[str, Any] = {}
+    consecutive_skips = 0
+    window = {"start": time.perf_counter(), "tokens": 0, "data": 0.0, "compute": 0.0, "optimizer": 0.0, "steps": 0}
+
+    while step < tc.max_steps:
         # -- this rank's share of the global batch, split into micro-batches -------------------
+        t0 = time.perf_counter()
         indices = sampler.next_global_batch(global_batch)
         x, y = data.train.get_batch(shard_for_rank(indices, rank, world))
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t1 = time.perf_counter()
         loss_sum, n_targets = forward_backward(strategy, model, x, y, accum)
 
-        # -- unscale, gradient statistics, clip, step (or skip on inf / NaN) -------------------
+        # -- unscale, gradient statistics, spike check --------------------------------------------
         strategy.unscale_gradients()
         grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
         grad_norm = global_norm(grad_sumsq)
+        step_loss = strategy.all_reduce_sum(loss_sum) / n_targets  # collective
+        loss_value, norm_value = torch.stack([step_loss, grad_norm.to(step_loss)]).tolist()  # host sync
+        t2 = time.perf_counter()
+        spiked, spike_metrics = spikes.check(loss_value, norm_value)
+        act = spiked and cfg.monitor.spike.action != "log"
+
+        # -- clip, step (or skip: a spike under skip / rollback, or inf / NaN gradients) ----------
+        monitored = (step + 1) % monitor_interval == 0
+        before = strategy.snapshot_params() if monitored and not act else None
         lr = strategy.scheduler.get_last_lr()[0]
-        stepped = strategy.clip_and_step(grad_norm, cfg.optim.clip_grad_norm)
-        consecutive_skips = 0 if stepped else consecutive_skips + 1
+        if act:
+            strategy.skip_step()
+            stepped = False
+        else:
+            stepped = strategy.clip_and_step(grad_norm, cfg.optim.clip_grad_norm)
+            consecutive_skips = 0 if stepped else consecutive_skips + 1
         if consecutive_skips >= tc.max_consecutive_skips:
             last_good = checkpointer.complete()[0] if checkpointer.complete() else "none"
             raise TrainingError(
                 f"stopping at step {step + 1}: {consecutive_skips} steps in a row had inf / NaN gradients "
                 f"(last good checkpoint: {last_good}); lower optim.lr or check the data"
             )
+        t3 = time.perf_counter()
+        step += 1
         tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
+        for key, value in (("tokens", tokens_per_step), ("data", t1 - t0), ("compute", t2 - t1),
+                           ("optimizer", t3 - t2), ("steps", 1)):
+            window[key] += value
 
         # -- log -------------------------------------------------------------------------------
-        last = step == tc.max_steps - 1
-        if (step + 1) % tc.log_interval == 0 or last:
-            loss = (strategy.all_reduce_sum(loss_sum) / n_targets).item()  # collective + host sync
-            elapsed = time.perf_counter() - window_start
+        last = step == tc.max_steps
+        if step % tc.log_interval == 0 or last or monitored or spiked:
+            elapsed = time.perf_counter() - window["start"]
+            clip = cfg.optim.clip_grad_norm
+            coef = min(1.0, clip / (norm_value + 1e-6)) if clip > 0 else 1.0
             metrics = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": window_tokens / elapsed,
-                "tokens": tokens_seen,
-                "global_batch": global_batch,
-                "skipped_steps": strategy.skipped_steps,
+                "step": step, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                "grad_norm_clipped": norm_value * coef, "clip_coef": coef,
+                "tokens_per_s": window["tokens"] / elapsed, "tokens": tokens_seen, "global_batch": global_batch,
+                "skipped_steps": strategy.skipped_steps, "spike/count": spikes.count,
+                "throughput/tokens_per_s": window["tokens"] / elapsed,
+                "throughput/mfu": flops_per_token * window["tokens"] / elapsed / peak if peak else 0.0,
+                "throughput/step_time_s": elapsed / window["steps"],
+                "throughput/data_time_s": window["data"] / window["steps"],
+                "throughput/compute_time_s": window["compute"] / window["steps"],
+                "throughput/optimizer_time_s": window["optimizer"] / window["steps"],
+                "memory/peak_gb": peak_memory_gb(device),
             }
             if strategy.loss_scale() is not None:
                 metrics["loss_scale"] = strategy.loss_scale()
-            if (step + 1) % tc.eval_interval == 0 or last:
+            if monitored:
+                metrics.update(group_norms("grad_norm", grad_sumsq))
+                params = group_norms("param_norm", strategy.param_sumsq_by_group())
+                metrics.update(params)
+                if before is not None and stepped:
+                    updates = group_norms("update_ratio", strategy.update_sumsq_by_group(before))
+                    for key, value in updates.items():
+                        metrics[key] = value / max(params["param_norm/" + key.split("/", 1)[1]], 1e-12)
+            if spiked:
+                metrics.update(spike_metrics, **{"spike/action": cfg.monitor.spike.action})
+                loggers.alert(f"spike at step {step}", json.dumps({k: v for k, v in spike_metrics.items()}))
+            if step % tc.eval_interval == 0 or last:
                 metrics["val_loss"] = evaluate(model, data.val, tc.micro_batch_size, tc.eval_batches, device)
             loggers.log(metrics)
-            loggers.write(
-                " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-            )
-            window_start, window_tokens = time.perf_counter(), 0
-        loggers.advance(1, loss=metrics.get("loss", float("nan")))
-        if cfg.checkpoint.interval and (step + 1) % cfg.checkpoint.interval == 0 and not last:
-            save(step + 1)
+            if step % tc.log_interval == 0 or last or spiked:
+                loggers.write(console_line(metrics))
+            window = {"start": time.perf_counter(), "tokens": 0, "data": 0.0, "compute": 0.0, "optimizer": 0.0,
+                      "steps": 0}
+        loggers.advance(1, loss=loss_value)
+
+        if spiked and cfg.monitor.spike.action == "rollback":
+            good = checkpointer.find("auto", warn=log.warning) if rank == 0 else None
+            good = strategy.broadcast_path(good)  # collective
+            if good is None:
+                raise TrainingError(f"spike at step {step} and no checkpoint to roll back to")
+            meta = restore(good, with_data=False)
+            log.warning(f"spike at step {step}: rolled back to {good.name}, skipping the data since then")
+            step, tokens_seen = meta["step"], meta["tokens"]
+            continue
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and not last:
+            save(step)
 
     # -- the end: a checkpoint, consolidated weights, a sample, where everything is ---------------
     if not checkpointer.complete() or checkpointer.complete()[0].name != step_dir_name(tc.max_steps):
@@ -239,6 +300,15 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     log.info(f"run dir: {run_dir.resolve()}")
     strategy.close()
     return metrics
+
+
+def console_line(metrics: dict[str, Any]) -> str:
+    """The headline figures of a logged step, for the console."""
+    keys = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "loss_scale")
+    parts = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics]
+    if metrics.get("spike/loss") or metrics.get("spike/grad_norm"):
+        parts.append(f"SPIKE ({metrics['spike/action']})")
+    return " | ".join(parts)
 
 
 class TrainingError(RuntimeError):

@@ -99,6 +99,32 @@ class SingleProcess:
         """
         return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
 
+    # -- parameter statistics for monitoring (each rank's own part, reduced like the gradients) --
+    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, the part of the fp32 weights this rank owns); every rank owns all on none / ddp."""
+        for name, p in self.model.named_parameters():
+            yield name, local(p.detach())
+
+    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum per-group values of owned parts over ranks (nothing to add when every rank owns all)."""
+        return sums
+
+    def param_sumsq_by_group(self) -> dict[str, torch.Tensor]:
+        return self.reduce_owned(group_sumsq(self.owned_params()))
+
+    def snapshot_params(self) -> list[torch.Tensor]:
+        """A copy of the owned weights, to measure the next update against (monitor steps only)."""
+        return [t.clone() for _, t in self.owned_params()]
+
+    def update_sumsq_by_group(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-group sums of squares of the update just applied (weights now minus `before`)."""
+        deltas = ((name, t - old) for (name, t), old in zip(self.owned_params(), before, strict=True))
+        return self.reduce_owned(group_sumsq(deltas))
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients: weights, optimizer state and schedule stay as they are."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
         """Scale gradients so their global norm is at most max_norm (0: no clipping), then step.
 

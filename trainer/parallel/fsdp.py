@@ -94,6 +94,9 @@ class FSDP(Distributed):
         sums = {k: v.to(device) for k, v in sums.items()}
         return all_reduce_groups(sums, group=self.shard_group)
 
+    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return all_reduce_groups(sums, group=self.shard_group)  # each rank owns a shard of every parameter
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

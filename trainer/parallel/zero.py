@@ -171,12 +171,27 @@ class DeepSpeedZero(Distributed):
             fragment = self._local_grad(p)
             if fragment is not None:
                 named.append((name, fragment))
-        sums = group_sumsq(named)
-        for name in self.names.values():  # every rank must send every group, even if it owns none
-            sums.setdefault(param_group(name), torch.zeros((), device=self.device))
-        sums = all_reduce_groups(sums)
+        sums = self.reduce_owned(group_sumsq(named))
         scale = self.loss_scale() or 1.0  # fp16: DeepSpeed unscales inside step(), so divide here
         return {k: v / scale**2 for k, v in sums.items()}
+
+    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name in self.names.values():  # every rank must send every group, even if it owns none
+            sums.setdefault(param_group(name), torch.zeros((), device=self.device))
+        return all_reduce_groups(sums)
+
+    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's partition of the fp32 master weights, parameter by parameter."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        for p, name in self.names.items():
+            if self.stage == 3:
+                yield name, safe_get_local_fp32_param(p)
+            elif getattr(p, "_hp_mapping", None) is not None:
+                yield name, p._hp_mapping.get_hp_fragment()
+
+    def skip_step(self) -> None:
+        raise NotImplementedError("zero1-3 cannot drop a step's gradients (checked at start)")
 
     def loss_scale(self) -> float | None:
         if self.precision.dtype != "fp16":

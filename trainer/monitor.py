@@ -1,0 +1,140 @@
+"""Monitoring: turns the per-group numbers a strategy hands over into metrics, and finds spikes.
+
+The monitor never touches gradients: strategies reduce per-group sums of squares across ranks
+(shard-aware) and pass plain tensors here. Groups (embed, block.i.attn|mlp|norm, head) partition
+the parameters, so sum over groups of grad_norm/<group>^2 equals grad_norm^2.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import torch
+
+PEAK_FLOPS = {  # dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets)
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+}
+
+
+class SpikeDetector:
+    """A running baseline (EMA mean and variance) of one series; flags values far above it.
+
+    z = (value - mean) / std. After `warmup` observations, z > threshold is a spike. Spikes do
+    not enter the baseline, so one bad step cannot raise the bar for the next.
+    """
+
+    def __init__(self, threshold: float, warmup: int, beta: float = 0.95) -> None:
+        self.threshold, self.warmup, self.beta = threshold, warmup, beta
+        self.mean, self.var, self.count = 0.0, 0.0, 0
+
+    def update(self, value: float) -> tuple[bool, float, float]:
+        """Returns (is_spike, z, the baseline mean this value was compared with)."""
+        baseline = self.mean
+        if not math.isfinite(value):
+            return self.count >= self.warmup, math.inf, baseline
+        if self.count == 0:
+            self.mean, self.count = value, 1
+            return False, 0.0, value
+        # A floor on the spread (1% of the mean): a very smooth curve must not make noise a spike.
+        std = max(math.sqrt(self.var), 0.01 * abs(self.mean), 1e-12)
+        z = (value - self.mean) / std
+        spike = self.count >= self.warmup and z > self.threshold
+        if not spike:
+            delta = value - self.mean
+            self.mean += (1 - self.beta) * delta
+            self.var = self.beta * (self.var + (1 - self.beta) * delta * delta)
+            self.count += 1
+        return spike, z, baseline
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+class SpikeWatch:
+    """One detector for the loss, one for the grad norm, and the count of spike steps."""
+
+    def __init__(self, z: float, warmup: int) -> None:
+        self.loss = SpikeDetector(z, warmup)
+        self.grad_norm = SpikeDetector(z, warmup)
+        self.count = 0
+
+    def check(self, loss: float, grad_norm: float) -> tuple[bool, dict[str, Any]]:
+        """Whether this step spiked, and its spike/* fields for the log."""
+        loss_spike = self.loss.update(loss)
+        norm_spike = self.grad_norm.update(grad_norm)
+        spiked = loss_spike[0] or norm_spike[0]
+        self.count += int(spiked)
+        fields = {**spike_fields("loss", *loss_spike), **spike_fields("grad_norm", *norm_spike)}
+        return spiked, {**fields, "spike/count": self.count}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grad_norm": self.grad_norm.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.grad_norm.load_state_dict(state["grad_norm"])
+        self.count = int(state["count"])
+
+
+def group_norms(prefix: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{'<prefix>/<group>': sqrt(sum of squares)} for each group (one host sync for all)."""
+    names = sorted(sums, key=group_order)
+    values = torch.stack([sums[n] for n in names]).sqrt().tolist()  # host sync
+    return {f"{prefix}/{name}": value for name, value in zip(names, values, strict=True)}
+
+
+def group_order(name: str) -> tuple[int, int, str]:
+    """embed, block.0.*, block.1.*, ..., head: the order of the layers in the model."""
+    if name == "embed":
+        return (0, 0, "")
+    if name == "head":
+        return (2, 0, "")
+    _, index, kind = name.split(".")
+    return (1, int(index), {"attn": "a", "mlp": "b", "norm": "c"}.get(kind, kind))
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float:
+    """Peak FLOP/s for MFU: configured, else a known GPU's datasheet value, else a measured
+    fp32 matmul rate on this CPU."""
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops
+        return 0.0
+    return measured_matmul_flops()
+
+
+def measured_matmul_flops(n: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` rate of an n x n fp32 matmul on the CPU (the CPU's practical peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: max allocated by torch; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+def spike_fields(name: str, spike: bool, z: float, baseline: float) -> dict[str, Any]:
+    return {f"spike/{name}": int(spike), f"spike/{name}_z": z, f"spike/{name}_baseline": baseline}
