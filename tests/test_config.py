@@ -52,7 +52,7 @@ def test_every_shipped_config_composes(group: str, option: str) -> None:
 def test_every_shipped_yaml_starts_with_its_command() -> None:
     for path in CONFIG_DIR.rglob("*.yaml"):
         lines = [line for line in path.read_text().splitlines() if not line.startswith("# @package")]
-        assert lines[0].startswith("# python -m trainer"), path
+        assert lines[0].startswith(("# python -m trainer", "# torchrun ")), path
 
 
 def test_overrides_reach_the_dataclasses() -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.config import ConfigError, ModelConfig
-from trainer.model.loss import cross_entropy_sum
+from trainer.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
 # into parameter names; `param_group` drops them.
@@ -317,6 +317,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, rope)  # (B, T, C)
         x = self.norm_f(x)
+        if targets is not None and self.cfg.loss_chunk_size > 0:
+            # Head and loss fused over chunks of tokens: no (B, T, vocab) logits. The weight is
+            # read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3 (external
+            # parameter, found by DeepSpeed's parameter getter) have gathered it.
+            weight = self.embed.wte.weight if self.head is None else self.head.weight  # (vocab, C)
+            return linear_cross_entropy_sum(x, weight, targets, self.cfg.loss_chunk_size)
         # The head runs inside forward even when only the loss is wanted, so sharding wrappers
         # (FSDP2, ZeRO-3) have gathered its weight.
         logits = F.linear(x, self.embed.wte.weight) if self.head is None else self.head(x)  # (B, T, vocab)
