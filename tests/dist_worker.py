@@ -81,9 +81,14 @@ def one_step(strategy_name: str) -> dict:
     strategy.unscale_gradients()
     sums = strategy.grad_sumsq_by_group()
     norm = global_norm(sums)
+    before = strategy.snapshot_params()
     strategy.clip_and_step(norm, CLIP)
+    params = strategy.param_sumsq_by_group()
+    updates = strategy.update_sumsq_by_group(before)
     weights = strategy.full_state_dict()
-    return {"sums": {k: v.item() for k, v in sums.items()}, "norm": norm.item(), "weights": weights}
+    as_floats = lambda d: {k: v.item() for k, v in d.items()}  # noqa: E731
+    return {"sums": as_floats(sums), "norm": norm.item(), "params": as_floats(params),
+            "updates": as_floats(updates), "weights": weights}
 
 
 if __name__ == "__main__":

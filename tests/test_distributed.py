@@ -53,8 +53,12 @@ def single_process_step() -> dict:
     strategy.unscale_gradients()
     sums = strategy.grad_sumsq_by_group()
     norm = global_norm(sums)
+    before = strategy.snapshot_params()
     strategy.clip_and_step(norm, dist_worker.CLIP)
-    return {"sums": {k: v.item() for k, v in sums.items()}, "norm": norm.item(), "weights": strategy.full_state_dict()}
+    params, updates = strategy.param_sumsq_by_group(), strategy.update_sumsq_by_group(before)
+    as_floats = lambda d: {k: v.item() for k, v in d.items()}  # noqa: E731
+    return {"sums": as_floats(sums), "norm": norm.item(), "params": as_floats(params),
+            "updates": as_floats(updates), "weights": strategy.full_state_dict()}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +79,11 @@ def test_unequal_token_counts_across_ranks_give_the_single_process_step(
     assert want["norm"] > dist_worker.CLIP  # the step really was clipped
     assert got["norm"] == pytest.approx(want["norm"], rel=1e-5)
     assert got["sums"].keys() == want["sums"].keys()
-    for group, value in want["sums"].items():
-        assert got["sums"][group] == pytest.approx(value, rel=1e-5), group
+    for kind in ("sums", "params", "updates"):  # per-layer grad norms, param norms, update sizes
+        assert got[kind].keys() == want[kind].keys(), kind
+        for group, value in want[kind].items():
+            assert got[kind][group] == pytest.approx(value, rel=1e-5), (kind, group)
+    assert sum(got["sums"].values()) == pytest.approx(got["norm"] ** 2, rel=1e-6)  # groups partition
     assert_weights_close(got["weights"], want["weights"])
 
 

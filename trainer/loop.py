@@ -147,8 +147,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     step, tokens_seen, wandb_id = 0, 0, None
 
     def restore(path: Path, with_data: bool) -> dict[str, Any]:
-        """Load a checkpoint into every part of the run; with_data=False keeps the sampler where it
-        is (a rollback skips the data that caused the spike)."""
+        """Load a checkpoint into every part of the run. with_data=False is a rollback: the sampler
+        stays where it is (the data that caused the spike is skipped) and the log keeps its
+        history (the steps after the checkpoint are run again and logged again)."""
         meta = checkpointer.load(path, shapes)  # collective
         if with_data:
             sampler.load_state_dict(meta["sampler"])
@@ -158,7 +159,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             strategy.scaler.load_state_dict(meta["loss_scaler"])
         if meta.get("spikes"):
             spikes.load_state_dict(meta["spikes"])
-        if rank == 0:
+        if rank == 0 and with_data:
             truncate_metrics(run_dir / "metrics.jsonl", meta["step"])
         return meta
 

@@ -1,0 +1,158 @@
+"""Monitoring: per-layer statistics that partition the global norm, spikes and their policies."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trainer.loop
+from trainer.__main__ import compose_config, preflight
+from trainer.config import ConfigError
+from trainer.loop import train
+from trainer.monitor import SpikeDetector, group_order
+
+sys.path.insert(0, str(Path(__file__).parent))
+from runs import QUICK, read_metrics  # noqa: E402
+
+
+def config(tmp_path: Path, *extra: str):
+    cfg, _ = compose_config(
+        [*QUICK, "logger.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}", "train.log_interval=5",
+         "train.eval_interval=1000", "optim.lr=3e-3", *extra]
+    )
+    return cfg
+
+
+def test_groups_partition_the_global_norm_and_clipping_is_logged(tmp_path: Path) -> None:
+    train(config(tmp_path, "train.max_steps=10", "optim.clip_grad_norm=0.5"), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [5, 10]
+    expected_groups = ["embed", "block.0.attn", "block.0.mlp", "block.0.norm", "block.1.attn", "block.1.mlp",
+                       "block.1.norm", "head"]
+    for row in rows:
+        groups = [k.split("/", 1)[1] for k in row if k.startswith("grad_norm/")]
+        assert sorted(groups, key=group_order) == expected_groups
+        assert sum(row[f"grad_norm/{g}"] ** 2 for g in groups) == pytest.approx(row["grad_norm"] ** 2, rel=1e-5)
+        assert row["clip_coef"] == pytest.approx(min(1.0, 0.5 / (row["grad_norm"] + 1e-6)))
+        assert row["grad_norm_clipped"] == pytest.approx(row["grad_norm"] * row["clip_coef"])
+        for g in groups:
+            assert row[f"param_norm/{g}"] > 0 and 0 < row[f"update_ratio/{g}"] < 1
+        assert row["throughput/tokens_per_s"] > 0 and 0 < row["throughput/mfu"] < 1
+        assert row["memory/peak_gb"] > 0 and row["spike/count"] == 0
+        parts = sum(row[f"throughput/{k}_time_s"] for k in ("data", "compute", "optimizer"))
+        assert parts <= row["throughput/step_time_s"] * 1.01
+
+
+def test_spike_detector_flags_a_jump_and_keeps_it_out_of_the_baseline() -> None:
+    rng = np.random.default_rng(0)
+    detector = SpikeDetector(threshold=6.0, warmup=20)
+    flags = [detector.update(3.0 + 0.05 * float(rng.standard_normal()))[0] for _ in range(300)]
+    assert not any(flags)  # noise is not a spike
+    mean, var = detector.mean, detector.var
+    spike, z, baseline = detector.update(5.0)
+    assert spike and z > 6 and baseline == pytest.approx(3.0, abs=0.05)
+    assert (detector.mean, detector.var) == (mean, var)  # the spike did not move the baseline
+    assert detector.update(math.inf)[0]
+    early = SpikeDetector(threshold=6.0, warmup=20)
+    assert not any(early.update(v)[0] for v in [1.0, 1.0, 50.0])  # still warming up
+
+
+CORRUPT_STEP = 24
+
+
+@pytest.fixture
+def corrupt_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch of step CORRUPT_STEP replaced by garbage (every target the corpus's rarest token):
+    the kind of batch that makes a loss spike."""
+    real_build = trainer.loop.build_data
+
+    def build(*args, **kwargs):
+        data = real_build(*args, **kwargs)
+        real_get, calls = data.train.get_batch, {"n": 0}
+        rarest = int(np.bincount(np.asarray(data.train.tokens), minlength=data.vocab_size).argmin())
+
+        def get_batch(indices):
+            calls["n"] += 1
+            x, y = real_get(indices)
+            if calls["n"] == CORRUPT_STEP:
+                g = torch.Generator().manual_seed(0)
+                x, y = torch.randint(0, data.vocab_size, x.shape, generator=g), torch.full_like(y, rarest)
+            return x, y
+
+        data.train.get_batch = get_batch
+        return data
+
+    monkeypatch.setattr(trainer.loop, "build_data", build)
+
+
+def spike_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("spike/loss") or r.get("spike/grad_norm")]
+
+
+@pytest.mark.usefixtures("corrupt_batch")
+def test_spike_policy_log_records_the_event(tmp_path: Path) -> None:
+    train(config(tmp_path, "train.max_steps=30", "optim.warmup_steps=5"), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    (event,) = spike_rows(rows)
+    assert event["step"] == CORRUPT_STEP and event["spike/action"] == "log"
+    assert event["spike/grad_norm"] == 1 and event["spike/grad_norm_z"] > 6
+    assert event["grad_norm"] > 5 * event["spike/grad_norm_baseline"]
+    assert event["loss"] > event["spike/loss_baseline"]
+    assert rows[-1]["spike/count"] == 1 and rows[-1]["skipped_steps"] == 0
+
+
+@pytest.mark.usefixtures("corrupt_batch")
+def test_spike_policy_skip_leaves_weights_and_optimizer_untouched(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "train.max_steps=26", "optim.warmup_steps=5", "monitor.spike.action=skip",
+                 "checkpoint.interval=1", "checkpoint.keep=10")
+    train(cfg, tmp_path / "run")
+    (event,) = spike_rows(read_metrics(tmp_path / "run"))
+    assert event["step"] == CORRUPT_STEP and event["spike/action"] == "skip"
+    ckpt = tmp_path / "run" / "checkpoints"
+    before, after, later = (ckpt / f"step_{s:08d}" / "state" for s in (CORRUPT_STEP - 1, CORRUPT_STEP, CORRUPT_STEP + 1))
+    shards = sorted(p.name for p in before.glob("*.distcp"))  # tensors (.metadata names the path)
+    assert shards
+    for name in shards:  # model and optimizer state, byte for byte
+        assert (after / name).read_bytes() == (before / name).read_bytes(), name
+    assert any((later / n).read_bytes() != (after / n).read_bytes() for n in shards)  # training went on
+
+
+@pytest.mark.usefixtures("corrupt_batch")
+def test_spike_policy_rollback_reloads_and_skips_the_data(tmp_path: Path) -> None:
+    cfg = config(tmp_path, "train.max_steps=30", "optim.warmup_steps=5", "monitor.spike.action=rollback",
+                 "checkpoint.interval=5", "checkpoint.keep=3", "train.log_interval=1")
+    train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    (event,) = spike_rows(rows)
+    assert event["step"] == CORRUPT_STEP and event["spike/action"] == "rollback"
+    steps = [r["step"] for r in rows]
+    after = steps[steps.index(CORRUPT_STEP) + 1 :]
+    assert after == list(range(21, 31))  # back to the checkpoint at step 20, then on to the end
+    first = {r["step"]: r["loss"] for r in rows[: steps.index(CORRUPT_STEP)]}
+    again = {r["step"]: r["loss"] for r in rows[steps.index(CORRUPT_STEP) + 1 :]}
+    assert all(first[s] != again[s] for s in (21, 22, 23))  # other data: the window was skipped
+
+
+def test_a_clean_run_raises_no_false_spike(tmp_path: Path) -> None:
+    train(config(tmp_path, "train.max_steps=150", "train.log_interval=25"), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 150 and rows[-1]["spike/count"] == 0
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["monitor.interval=0"], "monitor.interval must be positive"),
+        (["monitor.spike.z=0"], "monitor.spike.z must be positive"),
+        (["monitor.spike.action=rollback"], "monitor.spike.action=rollback needs checkpoints"),
+        (["monitor.spike.action=skip", "parallel=zero2"], "monitor.spike.action=skip is available for none"),
+    ],
+)
+def test_bad_monitor_input_is_one_line(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        preflight(overrides)
