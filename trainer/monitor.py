@@ -30,8 +30,8 @@ class SpikeDetector:
     not enter the baseline, so one bad step cannot raise the bar for the next.
     """
 
-    def __init__(self, threshold: float, warmup: int, beta: float = 0.95) -> None:
-        self.threshold, self.warmup, self.beta = threshold, warmup, beta
+    def __init__(self, threshold: float, warmup: int, beta: float = 0.95, min_std: float = 1e-12) -> None:
+        self.threshold, self.warmup, self.beta, self.min_std = threshold, warmup, beta, min_std
         self.mean, self.var, self.count = 0.0, 0.0, 0
 
     def update(self, value: float) -> tuple[bool, float, float]:
@@ -43,7 +43,7 @@ class SpikeDetector:
             self.mean, self.count = value, 1
             return False, 0.0, value
         # A floor on the spread (1% of the mean): a very smooth curve must not make noise a spike.
-        std = max(math.sqrt(self.var), 0.01 * abs(self.mean), 1e-12)
+        std = max(math.sqrt(self.var), 0.01 * abs(self.mean), self.min_std)
         z = (value - self.mean) / std
         spike = self.count >= self.warmup and z > self.threshold
         if not spike:
@@ -61,17 +61,24 @@ class SpikeDetector:
 
 
 class SpikeWatch:
-    """One detector for the loss, one for the grad norm, and the count of spike steps."""
+    """One detector for the loss, one for the grad norm, and the count of spike steps.
+
+    The grad norm is watched in log space: its step-to-step noise is multiplicative and heavy
+    tailed (a clean run's norm can double for a step), so z counts standard deviations of
+    log(norm), and a spike means a jump by a large factor, not by a large amount.
+    """
 
     def __init__(self, z: float, warmup: int) -> None:
         self.loss = SpikeDetector(z, warmup)
-        self.grad_norm = SpikeDetector(z, warmup)
+        self.grad_norm = SpikeDetector(z, warmup, min_std=0.05)  # at least a 5% factor
         self.count = 0
 
     def check(self, loss: float, grad_norm: float) -> tuple[bool, dict[str, Any]]:
         """Whether this step spiked, and its spike/* fields for the log."""
         loss_spike = self.loss.update(loss)
-        norm_spike = self.grad_norm.update(grad_norm)
+        log_norm = math.log(grad_norm) if grad_norm > 0 else -math.inf
+        spiked_norm, z_norm, log_baseline = self.grad_norm.update(log_norm if math.isfinite(grad_norm) else math.inf)
+        norm_spike = (spiked_norm, z_norm, math.exp(log_baseline))
         spiked = loss_spike[0] or norm_spike[0]
         self.count += int(spiked)
         fields = {**spike_fields("loss", *loss_spike), **spike_fields("grad_norm", *norm_spike)}
