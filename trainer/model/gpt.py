@@ -49,7 +49,18 @@ def param_group(name: str) -> str:
 
 @cache
 def _flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return any(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn"))
+
+
+def _flash_attn_func():
+    """Dao's kernel: FA3 (flash_attn_interface, Hopper) when installed and on a Hopper GPU, else FA2."""
+    if importlib.util.find_spec("flash_attn_interface") is not None and torch.cuda.get_device_capability()[0] >= 9:
+        from flash_attn_interface import flash_attn_func
+
+        return flash_attn_func
+    from flash_attn import flash_attn_func
+
+    return flash_attn_func
 
 
 def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
@@ -91,12 +102,15 @@ def causal_attention(
     if backend != "auto":
         check_attention_backend(backend, q.device, q.dtype)
     if backend == "flash_attn":
-        from flash_attn import flash_attn_func  # optional dependency, checked above
-
-        # Dao's kernel takes (B, T, nh, hd) and handles nkv < nh itself.
-        y = flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, causal=True
-        )
+        flash_attn_func = _flash_attn_func()  # optional dependency, checked above
+        # Dao's kernel takes (B, T, nh, hd) and handles nkv < nh itself. FA3 has no dropout
+        # argument and some of its versions also return the log-sum-exp.
+        fa2 = flash_attn_func.__module__.startswith("flash_attn.")
+        if not fa2 and dropout_p > 0:
+            raise ConfigError("model.attention_backend=flash_attn runs FA3 here, which has no dropout: set model.dropout=0")
+        extra = {"dropout_p": dropout_p} if fa2 else {}
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **extra)
+        y = y[0] if isinstance(y, tuple) else y
         return y.transpose(1, 2)
     gqa = k.size(1) != q.size(1)
     # SDPA's enable_gqa runs on the flash and math kernels only; elsewhere expand k, v to nh heads.
