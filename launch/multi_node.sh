@@ -17,16 +17,25 @@
 #                 same address (default: $SLURM_JOB_ID, else "trainer").
 #   NPROC         processes per node; default: visible GPUs, or 1 on a CPU-only node.
 #   MAX_RESTARTS  how many times the agents restart all workers after a failure or a node
-#                 leaving / joining (default 3). The trainer starts from scratch on a restart
-#                 until checkpoint resume lands; 0 disables restarts.
+#                 leaving / joining (default 3); a restart continues from the run dir's newest
+#                 checkpoint (train.resume=auto, below). 0 disables restarts.
 #   NODE_RANK     rank of this node; only read by the static backend (RDZV_BACKEND=static).
 #                 c10d assigns node ranks itself in the order agents join.
 #   RDZV_BACKEND  c10d (default) or static.
 #   PYTHON        the interpreter that runs torchrun and the trainer (default: python).
 #   OMP_NUM_THREADS  threads per rank; default: CPU cores / NPROC (at least 1).
 #
-# All nodes must write one run dir: pass hydra.run.dir=<shared path> (the default run dir
-# holds a timestamp, which two nodes need not agree on).
+# All nodes must write one run dir on storage they share: pass hydra.run.dir=<shared path>.
+# (Without it, rank 0 picks outputs/torchrun-$RDZV_ID when MAX_RESTARTS > 0, else a timestamped
+# outputs/DATE/TIME, relative to each node's working directory.)
+#
+# Resume: train.resume=auto is added unless an argument sets train.resume, so a restarted group
+# (or the same command run again with the same run dir) continues from the newest valid
+# checkpoint; a fresh run dir starts from step 0. Checkpoints are written every
+# checkpoint.interval steps (default 0: only at the end), so pass e.g. checkpoint.interval=500
+# and a failure costs at most that many steps (twice that with checkpoint.async_save=true).
+# A new job needs a new run dir (hydra.run.dir, or a new RDZV_ID when relying on the default),
+# else it continues the old one.
 set -euo pipefail
 
 : "${NNODES:?set NNODES, the number of nodes (or MIN:MAX for an elastic job)}"
@@ -52,6 +61,16 @@ if [[ "${RDZV_BACKEND}" == "static" ]]; then
     node_args=(--node-rank "${NODE_RANK:?the static backend needs NODE_RANK (0 on MASTER_ADDR)}")
 fi
 
+# train.resume=auto unless the caller chose (train.resume=none, or a checkpoint directory).
+overrides=("$@")
+has_resume=0
+for arg in "${overrides[@]}"; do
+    [[ "${arg#++}" == train.resume=* ]] && has_resume=1  # also ++train.resume=...
+done
+if [[ "${has_resume}" -eq 0 ]]; then
+    overrides+=("train.resume=auto")
+fi
+
 echo "multi_node: $(hostname -s) joins ${RDZV_ID} at ${MASTER_ADDR}:${MASTER_PORT}" \
     "(${NNODES} nodes x ${NPROC} processes, backend ${RDZV_BACKEND}, max restarts ${MAX_RESTARTS})" >&2
 
@@ -64,4 +83,4 @@ exec "${PYTHON}" -m torch.distributed.run \
     --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}" \
     --rdzv-id "${RDZV_ID}" \
     --max-restarts "${MAX_RESTARTS}" \
-    -m trainer "$@"
+    -m trainer "${overrides[@]}"

@@ -4,6 +4,8 @@
 #
 #   bash launch/single_node.sh parallel=ddp train.max_steps=1000
 #   NPROC=4 bash launch/single_node.sh parallel=fsdp model=gpt2
+#   bash launch/single_node.sh hydra.run.dir=runs/a checkpoint.interval=200 train.resume=auto
+#       # the same command again continues runs/a from its newest checkpoint
 #
 # Variables (all optional):
 #   NPROC            processes (ranks) on this machine. Default: the number of visible GPUs

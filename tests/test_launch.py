@@ -148,6 +148,7 @@ def test_single_node_counts_gpus_else_two_cpu_ranks(tmp_path: Path, visible: str
     assert "--standalone" in args
     assert flag(args, "--nproc_per_node") == str(nproc)
     assert args[-4:] == ["-m", "trainer", "parallel=ddp", "a.b=1"]
+    assert "--max-restarts" not in args  # no restarts, so no train.resume=auto added either
     assert env["OMP_NUM_THREADS"] == str(max(os.cpu_count() // nproc, 1))
 
 
@@ -184,7 +185,23 @@ def test_multi_node_uses_c10d_rendezvous(tmp_path: Path):
     assert flag(args, "--rdzv-id") == "job7"
     assert flag(args, "--max-restarts") == "3"
     assert "--node-rank" not in args  # c10d assigns node ranks; torchrun would ignore it
-    assert args[-4:] == ["-m", "trainer", "parallel=fsdp", "hydra.run.dir=/shared/r"]
+    # train.resume=auto added: a restarted group continues from the newest checkpoint.
+    expected = ["parallel=fsdp", "hydra.run.dir=/shared/r", "train.resume=auto"]
+    assert args[-5:] == ["-m", "trainer", *expected]
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["train.resume=none", "train.resume=/r/checkpoints/step_00000100", "++train.resume=none"],
+)
+def test_multi_node_keeps_callers_resume(tmp_path: Path, given: str):
+    python = make_stub(tmp_path, "python")
+    env = {"PYTHON": str(python), "NNODES": "2", "NPROC": "1", "MASTER_ADDR": "node0"}
+    result = run_script("launch/multi_node.sh", [given, "parallel=ddp"], env)
+    assert result.returncode == 0, result.stderr
+    args, _ = recorded(tmp_path, "python")
+    assert args[-4:] == ["-m", "trainer", given, "parallel=ddp"]
+    assert not any("resume=auto" in a for a in args)
 
 
 def test_multi_node_static_backend_takes_node_rank(tmp_path: Path):
@@ -291,7 +308,10 @@ def test_sbatch_one_torchrun_per_node_with_rendezvous_on_first_node(tmp_path: Pa
     assert flag(args, "--rdzv-endpoint") == f"gpu-a17:{20000 + 123456 % 20000}"
     assert flag(args, "--rdzv-id") == "123456"
     assert flag(args, "--max-restarts") == "3"
-    assert args[-4:] == ["-m", "trainer", "parallel=fsdp", "hydra.run.dir=runs/trainer-123456"]
+    # A requeued job keeps its id, so the same run dir, and train.resume=auto continues it.
+    assert args[-5:] == [
+        "-m", "trainer", "parallel=fsdp", "hydra.run.dir=runs/trainer-123456", "train.resume=auto"
+    ]  # fmt: skip
     assert srun_env["OMP_NUM_THREADS"] == "4"  # 32 CPUs / 8 processes
     assert srun_env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
 
@@ -304,8 +324,22 @@ def test_sbatch_cpu_node_and_callers_run_dir(tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     args, srun_env = recorded(tmp_path / "bin", "srun")
     assert flag(args, "--nproc_per_node") == "2"
-    assert args[-4:] == ["-m", "trainer", "parallel=ddp", "hydra.run.dir=/x/y"]  # no second run dir
+    # the caller's run dir (no second one), then train.resume=auto
+    assert args[-5:] == ["-m", "trainer", "parallel=ddp", "hydra.run.dir=/x/y", "train.resume=auto"]
     assert srun_env["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize(
+    "given",
+    ["train.resume=none", "train.resume=/x/y/checkpoints/step_00000100", "++train.resume=none"],
+)
+def test_sbatch_keeps_callers_resume(tmp_path: Path, given: str):
+    env = sbatch_env(tmp_path, SLURM_GPUS_PER_NODE="0")
+    result = run_script("slurm/train.sbatch", [given, "hydra.run.dir=/x/y"], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    args, _ = recorded(tmp_path / "bin", "srun")
+    assert args[-4:] == ["-m", "trainer", given, "hydra.run.dir=/x/y"]
+    assert not any("resume=auto" in a for a in args)
 
 
 def test_sbatch_reads_typed_gpu_count(tmp_path: Path):

@@ -2,7 +2,8 @@
 
 Two Slurm tasks on one node are two torchrun agents (--nnodes 2 --nproc_per_node 1) that meet
 through the c10d rendezvous exactly as two nodes would; DDP then trains over the two ranks on
-gloo. Skipped only when Slurm cannot be installed (no root, or apt-get fails); a cluster that is
+gloo. Submitting the same job again (what a requeue does: same run dir, same arguments) resumes
+from its last checkpoint. Skipped only when Slurm cannot be installed (no root, or apt-get fails); a cluster that is
 installed but does not start, or a job that fails, is a failure.
 """
 
@@ -25,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 STATE_DIR = Path(os.environ.get("TRAINER_SLURM_DIR", "/tmp/trainer-slurm"))
 CANNOT_INSTALL = 3  # local_cluster.sh's exit code when slurm-wlm / munge cannot be installed
-JOB_TIMEOUT_S = 600  # the job takes ~40 s on 2 idle cores; generous for a loaded machine
+JOB_TIMEOUT_S = 600  # a job runs ~20 s on 2 idle cores; generous for a loaded machine
 
 
 def cluster(action: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -72,52 +73,81 @@ def slurm_env():
         assert stopped.returncode == 0, stopped.stderr
 
 
-def test_sbatch_two_torchruns_meet_by_rendezvous_and_train_ddp(slurm_env, tmp_path: Path):
-    run_dir = tmp_path / "run"
+# Job states after which a job runs no more (a requeued job passes through PENDING again).
+FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+    "DEADLINE",
+}  # fmt: skip
+
+
+def job_state(slurm_env: dict[str, str], job_id: str) -> tuple[str, str]:
+    """(JobState, ExitCode) of a job from `scontrol show job` (kept MinJobAge = 300 s after it ends)."""
+    line = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id],
+        env=slurm_env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+    return fields["JobState"], fields["ExitCode"]
+
+
+def submit(slurm_env: dict[str, str], tmp_path: Path, overrides: list[str]) -> tuple[str, str]:
+    """Submit train.sbatch with overrides on one node, two tasks, and wait for it to end;
+    (job id, job output). Polled every 0.5 s: `sbatch --wait` polls at growing intervals and
+    returned ~42 s after submission for jobs that ran 20-23 s here."""
     out_file = tmp_path / "job-%j.out"
-    overrides = [
-        "parallel=ddp",
-        "experiment=synthetic",
-        "train.max_steps=20",
-        "train.log_interval=5",
-        "model.n_layer=1",
-        "logger.wandb=false",
-        "train.sample_tokens=0",
-        "train.micro_batch_size=4",
-        "train.grad_accum_steps=2",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={run_dir}",
-    ]
     command = [
-        "sbatch", "--wait", "--parsable", "--job-name=trainer-test",
+        "sbatch", "--parsable", "--job-name=trainer-test",
         # One node, two tasks: two torchrun agents on this host, no GPUs, one CPU each.
         "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
         f"--chdir={tmp_path}", f"--output={out_file}", "--export=ALL",
         str(REPO / "slurm" / "train.sbatch"), *overrides,
     ]  # fmt: skip
     started = time.monotonic()
-    try:
-        result = subprocess.run(
-            command, env=slurm_env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired as error:
-        partial = error.stdout or b""  # bytes even with text=True
-        job_id = (partial.decode() if isinstance(partial, bytes) else partial).strip().split(";")[0]
-        if job_id:
+    submitted = subprocess.run(command, env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, f"sbatch exited {submitted.returncode}: {submitted.stderr}"
+    job_id = submitted.stdout.strip().split(";")[0]
+    state, exit_code = job_state(slurm_env, job_id)
+    while state not in FINAL_STATES:
+        if time.monotonic() - started > JOB_TIMEOUT_S:
             subprocess.run(["scancel", job_id], env=slurm_env, timeout=30)
-        pytest.fail(
-            f"job {job_id or '?'} did not finish in {JOB_TIMEOUT_S} s{job_output(tmp_path)}"
-        )
-    elapsed = time.monotonic() - started
-    job_id = result.stdout.strip().split(";")[0]
-    print(f"slurm job {job_id} finished in {elapsed:.1f} s")
-    assert result.returncode == 0, (
-        f"sbatch --wait exited {result.returncode}: {result.stderr}{job_output(tmp_path)}"
+            pytest.fail(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s{job_output(tmp_path)}")
+        time.sleep(0.5)
+        state, exit_code = job_state(slurm_env, job_id)
+    print(f"slurm job {job_id} finished in {time.monotonic() - started:.1f} s")
+    assert (state, exit_code) == ("COMPLETED", "0:0"), (
+        f"job {job_id} ended {state}, exit code {exit_code}{job_output(tmp_path)}"
     )
+    return job_id, (tmp_path / f"job-{job_id}.out").read_text()
 
-    output = (tmp_path / f"job-{job_id}.out").read_text()
+
+@pytest.fixture(scope="module")
+def first_job(slurm_env, tmp_path_factory) -> tuple[Path, list[str], str]:
+    """One 20-step DDP job with a checkpoint every 5 steps: (its directory, overrides, output)."""
+    tmp_path = tmp_path_factory.mktemp("slurm")
+    overrides = [
+        "parallel=ddp",
+        "experiment=synthetic",
+        "train.max_steps=20",
+        "train.log_interval=5",
+        "checkpoint.interval=5",
+        "model.n_layer=1",
+        "logger.wandb=false",
+        "train.sample_tokens=0",
+        "train.micro_batch_size=4",
+        "train.grad_accum_steps=2",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    _, output = submit(slurm_env, tmp_path, overrides)
+    return tmp_path, overrides, output
+
+
+def test_sbatch_two_torchruns_meet_by_rendezvous_and_train_ddp(first_job):
+    tmp_path, _, output = first_job
+    run_dir = tmp_path / "run"
     # train.sbatch's header: two torchrun agents of one process each, rendezvous on this host.
     assert "2 torchrun x 1 processes" in output, output[-2000:]
+    assert "resumed from" not in output  # train.resume=auto on a fresh run dir: from step 0
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [5, 10, 15, 20]
@@ -139,9 +169,29 @@ def test_sbatch_two_torchruns_meet_by_rendezvous_and_train_ddp(slurm_env, tmp_pa
         assert log.is_file() and log.stat().st_size > 0, f"missing or empty {log}"
     assert not (run_dir / "logs" / "rank2.log").exists()
 
+    # Every 5 steps, the newest checkpoint.keep = 2 kept, `latest` at the last.
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000015", "step_00000020"]
+    assert (checkpoints / "latest").read_text().strip() == "step_00000020"
+
+
+def test_sbatch_resubmitted_job_resumes_from_last_checkpoint(slurm_env, first_job):
+    """What a requeued job does: the same run dir and arguments again. train.sbatch adds
+    train.resume=auto, so the job continues from step 20 (the end) instead of refusing the run
+    dir or training again."""
+    tmp_path, overrides, _ = first_job
+    run_dir = tmp_path / "run"
+    rows_before = (run_dir / "metrics.jsonl").read_text()
+    _, output = submit(slurm_env, tmp_path, overrides)
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000020'} at step 20" in output, output[
+        -3000:
+    ]
+    assert (run_dir / "metrics.jsonl").read_text() == rows_before  # no step was trained again
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+
 
 def job_output(tmp_path: Path) -> str:
-    """The job's output file and rank logs, for failure messages."""
+    """The jobs' output files and rank logs, for failure messages."""
     parts = []
     for path in sorted(tmp_path.glob("job-*.out")) + sorted(tmp_path.glob("run/logs/*.log")):
         parts.append(f"\n--- {path.name}\n{path.read_text()[-3000:]}")
