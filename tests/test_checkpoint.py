@@ -142,11 +142,12 @@ def rank_process(rank: int, parent: psutil.Process) -> psutil.Process | None:
 
 
 @pytest.mark.heavy
+@pytest.mark.elastic
 def test_elastic_restart_after_a_rank_is_killed(tmp_path: Path) -> None:
     """torchrun --max-restarts=1: rank 1 SIGKILLed mid-run; the group restarts, resumes from the
     newest checkpoint and ends with the weights of the run that was never interrupted."""
     args = [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "parallel=ddp", "train.micro_batch_size=4",
-            "train.max_steps=16", "train.resume=auto"]
+            "train.max_steps=16", "train.resume=auto", "parallel.timeout_s=120"]
     full = torchrun("-m", "trainer", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
 
