@@ -74,6 +74,12 @@ fi
 echo "multi_node: $(hostname -s) joins ${RDZV_ID} at ${MASTER_ADDR}:${MASTER_PORT}" \
     "(${NNODES} nodes x ${NPROC} processes, backend ${RDZV_BACKEND}, max restarts ${MAX_RESTARTS})" >&2
 
+# Elastic restarts on several nodes: a fresh store for each rendezvous round (hosted by rank 0 on
+# a new port) rather than the agent's store for the whole job. Each agent counts its own restarts,
+# so the restart-scoped keys the trainer uses with the agent's store could differ between nodes
+# (pytorch/pytorch#135712); set it to 0 to share the agent's store anyway.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
 # `python -m torch.distributed.run` is torchrun, run by the chosen interpreter.
 exec "${PYTHON}" -m torch.distributed.run \
     --nnodes "${NNODES}" \

@@ -41,10 +41,38 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         backend = "cuda:nccl,cpu:gloo"  # NCCL for GPU tensors, gloo for CPU ones (run dir, counts)
     else:
         backend = "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _restart_scoped_store(timeout)
+    rendezvous = {} if store is None else {"store": store, "rank": env_rank(), "world_size": env_world_size()}
     dist.init_process_group(
-        backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+        backend=backend, timeout=timeout, **rendezvous,
         device_id=torch.device("cuda", env_local_rank()) if torch.cuda.is_available() else None,
     )
+
+
+def _restart_scoped_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun's elastic agent, the agent's store, with keys scoped to this restart.
+
+    torchrun (c10d rendezvous, torch >= 2.5) hands every worker group the same TCPStore, the one its
+    agent serves at MASTER_ADDR:MASTER_PORT, for the whole job, and env:// puts no prefix on the
+    keys. A group restarted after a failure then reads the previous group's keys (gloo's peer
+    addresses, NCCL's unique id), connects to ranks that are gone and hangs in
+    init_process_group (pytorch/pytorch#135712). Scoping the keys by TORCHELASTIC_RESTART_COUNT gives
+    each restart a clean namespace. None (env:// as usual) outside torchrun's agent store.
+
+    Each agent counts its own restarts, so on several nodes the counts can differ (an agent whose
+    workers were still healthy restarts them without counting). The multi-node launchers therefore
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each rendezvous round then gives the workers a
+    fresh store on a new port, hosted by rank 0, and this function is not used.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(), is_master=False,
+        timeout=timeout,
+    )
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"trainer/restart_{restart}/", store)
 
 
 def broadcast_string(value: str) -> str:
