@@ -14,21 +14,19 @@ alternate order between rounds, so both see the same drift in the machine's load
 save it records, in the order the loop meets them:
 
   save()      the call itself. Sync: RNG + meta, the whole DCP write (fsynced), then the commit
-              (sha256 manifest of every file, fsync, rename, `latest`). Async: RNG + meta and
-              DCP's staging copy of model + optimizer into new CPU memory, then a background
-              thread starts writing.
+              (sha256 of every file, each rank its share; manifest, fsync, rename, `latest`).
+              Async: RNG + meta and DCP's staging copy of model + optimizer into CPU memory,
+              then a background thread writes, checksums and commits.
   wait()      async only: at the next save (or the end of training), `Checkpointer.wait()`
-              blocks until the background write is done, then commits (manifest, rename,
-              `latest`) in the training thread. Split into `blocked` and `commit`.
-  extra       the steps that start while the background write is in flight run slower, the
-              writer thread competing with them: sum over them of (step time - median of the
-              no-save steps just before this save). 0 for sync (nothing is in flight after
-              save() returns); the step times of both modes are in the JSON.
+              blocks until the background thread has committed the checkpoint (0 when it
+              finished during the steps in between).
+  extra       the steps that start while the background thread works run slower, competing
+              with it: sum over them of (step time - median of the no-save steps just before
+              this save). 0 for sync (nothing is in flight after save() returns); the step
+              times of both modes are in the JSON.
 
 stall per save = save() + wait() + extra: the training time a save costs. The write time is
-from the start of save() until the checkpoint is committed, leaving out the idle time between
-the end of the background write and the commit at the next save; MB/s is checkpoint size over
-it. Sizes are the committed directory's files (model + AdamW state in fp32, RNG, meta,
+from the start of save() until the checkpoint is committed; MB/s is checkpoint size over it. Sizes are the committed directory's files (model + AdamW state in fp32, RNG, meta,
 manifest), MB = 10^6 bytes.
 
 Step times on a shared CPU are noisy; the table gives the no-save step time's spread. The
@@ -73,22 +71,21 @@ def directory_bytes(directory: Path) -> int:
 def summarize(
     mode: str, saves: list[dict[str, float]], baseline: list[float], size_bytes: int
 ) -> dict[str, Any]:
-    """Per-save means of one mode's records (keys of `saves`: save_s, blocked_s, commit_s,
-    extra_s, overlapped, write_s)."""
+    """Per-save means of one mode's records (keys of `saves`: save_s, wait_s, extra_s,
+    overlapped, write_s)."""
     n = len(saves)
 
     def mean(key: str) -> float:
         return sum(s[key] for s in saves) / n
 
-    stall = [s["save_s"] + s["blocked_s"] + s["commit_s"] + s["extra_s"] for s in saves]
+    stall = [s["save_s"] + s["wait_s"] + s["extra_s"] for s in saves]
     write_s = mean("write_s")
     return {
         "mode": mode,
         "saves": n,
         "checkpoint_mb": size_bytes / MB,
         "save_call_s": mean("save_s"),
-        "wait_blocked_s": mean("blocked_s"),
-        "wait_commit_s": mean("commit_s"),
+        "wait_s": mean("wait_s"),
         "overlapped_steps": mean("overlapped"),
         "extra_step_s": mean("extra_s"),
         "stall_per_save_s": sum(stall) / n,
@@ -103,14 +100,14 @@ def summarize(
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The summary table: one row per mode."""
     header = (
-        "| mode | saves | checkpoint MB | save() s | wait() blocked s | wait() commit s | overlapped steps "
+        "| mode | saves | checkpoint MB | save() s | wait() s | overlapped steps "
         "| extra step time s | stall per save s | write s | write MB/s | step s, no save (min-max) |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['saves']} | {r['checkpoint_mb']:.1f} | {r['save_call_s']:.2f} | "
-            f"{r['wait_blocked_s']:.2f} | {r['wait_commit_s']:.2f} | {r['overlapped_steps']:.1f} | "
+            f"{r['wait_s']:.2f} | {r['overlapped_steps']:.1f} | "
             f"{r['extra_step_s']:+.2f} | {r['stall_per_save_s']:.2f} | {r['write_s']:.2f} | "
             f"{r['write_mb_per_s']:.0f} | {r['step_s']:.3f} ({r['step_s_min']:.3f}-{r['step_s_max']:.3f}) |"
         )
@@ -196,32 +193,23 @@ def one_save(
     checkpointer.save(trainer.step_count, trainer.meta(), async_save=async_save)
     saved = time.perf_counter()
     done_at: list[float] = []
-    if checkpointer.pending is not None:  # async: note when the background write ends
-        checkpointer.pending[0].add_done_callback(lambda _: done_at.append(time.perf_counter()))
+    pending = checkpointer.pending  # async: done once the background thread has committed
+    if pending is not None:
+        pending.add_done_callback(lambda _: done_at.append(time.perf_counter()))
     times, flying = [], []
     for _ in range(args.interval):
-        flying.append(checkpointer.pending is not None and not checkpointer.pending[0].done())
+        flying.append(pending is not None and not pending.done())
         times.append(trainer.step())
     overlapped, extra = overlap_extra(times, flying, statistics.median(baseline))
-    blocked, commit = finish(checkpointer)
-    # write time: sync, the save() call; async, until the background write ended, plus the commit
-    write = done_at[0] - start + commit if done_at else saved - start
+    waited = time.perf_counter()
+    checkpointer.wait()  # what the loop's next save (or the end of training) does first
+    wait = time.perf_counter() - waited if pending is not None else 0.0
+    # write time: sync, the save() call; async, until the background thread committed
+    write = done_at[0] - start if done_at else saved - start
     return {
-        "save_s": saved - start, "blocked_s": blocked, "commit_s": commit, "overlapped": overlapped,
-        "extra_s": extra, "write_s": write, "baseline_step_times": baseline, "step_times": times,
+        "save_s": saved - start, "wait_s": wait, "overlapped": overlapped, "extra_s": extra,
+        "write_s": write, "baseline_step_times": baseline, "step_times": times,
     }  # fmt: skip
-
-
-def finish(checkpointer: Any) -> tuple[float, float]:
-    """Checkpointer.wait() on a pending async save, timed in two parts: (blocked on the
-    background write, the commit). (0, 0) when nothing is pending (sync)."""
-    if checkpointer.pending is None:
-        return 0.0, 0.0
-    start = time.perf_counter()
-    checkpointer.pending[0].result()  # what wait() does first: block until the write is done
-    blocked = time.perf_counter() - start
-    checkpointer.wait()  # the commit: manifest (sha256 of every file), fsync, rename, `latest`
-    return blocked, time.perf_counter() - start - blocked
 
 
 def checkpoint_size(checkpointer: Any) -> int:

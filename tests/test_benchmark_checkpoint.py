@@ -23,16 +23,14 @@ def test_summarize_adds_save_wait_and_extra_per_save() -> None:
     saves = [
         {
             "save_s": 0.5,
-            "blocked_s": 0.25,
-            "commit_s": 1.0,
+            "wait_s": 1.25,
             "extra_s": 0.25,
             "overlapped": 2,
             "write_s": 4.0,
         },
         {
             "save_s": 0.5,
-            "blocked_s": 0.0,
-            "commit_s": 1.0,
+            "wait_s": 1.0,
             "extra_s": 0.75,
             "overlapped": 1,
             "write_s": 6.0,
@@ -72,6 +70,6 @@ def test_tiny_run_writes_verified_checkpoints_of_the_expected_size(tmp_path: Pat
         assert row["saves"] == 2
         assert weights_and_adam < row["checkpoint_mb"] < 1.5 * weights_and_adam + 0.5
         assert math.isfinite(row["stall_per_save_s"]) and row["write_s"] > 0
-    assert rows["sync"]["wait_commit_s"] == 0.0  # sync commits inside save()
+    assert rows["sync"]["wait_s"] == 0.0  # sync commits inside save()
     assert rows["sync"]["overlapped_steps"] == 0.0
     assert not any((tmp_path / "runs").glob("*/checkpoints"))  # run dirs removed afterwards

@@ -77,12 +77,76 @@ def test_resume_in_one_process_is_exact(async_save: bool, tmp_path: Path) -> Non
     assert_same_run(tmp_path / "resumed", tmp_path / "full")
 
 
+def _stepper(device: str):
+    """A small GPT under parallel=none on `device` and a function taking one optimizer step."""
+    from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
+    from trainer.loop import forward_backward
+    from trainer.model import GPT
+    from trainer.parallel import build_strategy, global_norm
+
+    model_cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=32)
+    cfg = Config(model=model_cfg, parallel=ParallelConfig(strategy="none"),
+                 train=TrainConfig(micro_batch_size=4, seq_len=32, max_steps=100, device=device))
+    strategy = build_strategy(cfg)
+    torch.manual_seed(0)
+    strategy.setup(GPT(model_cfg), cfg.optim, 100, 1)
+    tokens = torch.randint(256, (4, 33)).to(strategy.device)
+
+    def step() -> None:
+        forward_backward(strategy, strategy.model, tokens[:, :-1], tokens[:, 1:], 1)
+        strategy.clip_and_step(global_norm(strategy.grad_sumsq_by_group()), 1.0)
+
+    return strategy, step
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_async_save_holds_the_state_of_its_step(device: str, tmp_path: Path) -> None:
+    """Training goes on while the background thread writes: the checkpoint must hold the weights
+    and AdamW moments of the step it was taken at, not later ones (on a GPU: the copies to CPU
+    memory are complete before save() returns)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    strategy, step = _stepper(device)
+    for _ in range(2):
+        step()
+    at_save = {k: v.detach().cpu().clone() for k, v in strategy.model.state_dict().items()}
+    moments = [s["exp_avg"].detach().cpu().clone() for s in strategy.optimizer.state.values()]
+    checkpointer = Checkpointer(tmp_path, keep=2, strategy=strategy)
+    path = checkpointer.save(2, {"step": 2}, async_save=True)
+    for _ in range(3):
+        step()  # changes every tensor in place while the write may still be in flight
+    checkpointer.wait()
+    assert verify(path) is None
+    now = strategy.model.state_dict()
+    assert all(not torch.equal(now[k].cpu(), at_save[k]) for k in at_save if k.endswith("weight"))
+
+    fresh, fresh_step = _stepper(device)
+    fresh_step()  # AdamW state exists, with other values
+    fresh.load_state(path / "state")
+    loaded = fresh.model.state_dict()
+    assert loaded.keys() == at_save.keys()
+    assert all(torch.equal(loaded[k].cpu(), at_save[k]) for k in at_save)
+    loaded_moments = [s["exp_avg"].cpu() for s in fresh.optimizer.state.values()]
+    assert len(loaded_moments) == len(moments)
+    assert all(torch.equal(a, b) for a, b in zip(loaded_moments, moments, strict=True))
+
+
 @pytest.mark.heavy
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "fsdp+async"])
 def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
-    args = quick(f"parallel={strategy}", "train.micro_batch_size=4", f"data.cache_dir={tmp_path / 'cache'}")
+    """fsdp+async: checkpoints written, checksummed and committed by a background thread on each
+    rank, over the checkpoint group, while the training thread runs its own collectives."""
+    strategy, _, mode = strategy.partition("+")
+    args = quick(f"parallel={strategy}", "train.micro_batch_size=4", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"checkpoint.async_save={mode == 'async'}")
     result = torchrun("-m", "trainer", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    saved = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))
+    assert [p.name for p in saved] == [step_dir_name(s) for s in range(INTERVAL, STEPS + 1, INTERVAL)]
+    assert all(verify(p) is None for p in saved)
+    listed = set(json.loads((saved[-1] / "manifest.json").read_text())["files"])  # both ranks' checksums
+    on_disk = {str(p.relative_to(saved[-1])) for p in saved[-1].rglob("*") if p.is_file()} - {"manifest.json"}
+    assert listed == on_disk and {"rng/rank0.json", "rng/rank1.json"} <= listed
     stop_at(tmp_path / "full", tmp_path / "resumed", STOP)
     result = torchrun(
         "-m", "trainer", *args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'resumed'}", cwd=tmp_path
@@ -226,6 +290,15 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_used(small_run:
     assert len(warnings) == 1 and "truncated" in warnings[0] and shard.name in warnings[0]
     with pytest.raises(ConfigError, match="cannot be used: .*truncated"):
         Checkpointer(run_dir, 5, strategy).find(str(newest))
+
+
+def test_a_file_missing_from_the_manifest_fails_verification(small_run: Path, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "step"
+    shutil.copytree(small_run / "checkpoints" / step_dir_name(STEPS), checkpoint)
+    assert verify(checkpoint) is None
+    (checkpoint / "state" / "__9_0.distcp").write_bytes(b"written after the commit")
+    assert verify(checkpoint) == f"{checkpoint / 'state' / '__9_0.distcp'} is not in the manifest " \
+        "(written after the commit, or a rank's checksums lost)"
 
 
 def test_a_checkpoint_of_another_shape_lists_the_mismatched_tensors(small_run: Path, tmp_path: Path) -> None:

@@ -276,6 +276,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         loggers.advance(1, loss=loss_value)
 
         if spiked and cfg.monitor.spike.action == "rollback":
+            checkpointer.wait()  # collective: a checkpoint still being written is committed first
             good = checkpointer.find("auto", warn=log.warning) if rank == 0 else None
             good = strategy.broadcast_path(good)  # collective
             if good is None:

@@ -185,8 +185,13 @@ class SingleProcess:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         with _quiet_single_process():
             return dcp.async_save(
-                {"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist()
+                {"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist(),
+                process_group=self.checkpoint_group(),
             )
+
+    def checkpoint_group(self) -> Any:
+        """The process group of checkpoint I/O (None: no collectives, one process)."""
+        return None
 
     def load_state(self, directory: Path) -> None:
         """Load what save_state wrote, resharding to this run's layout (collective)."""
@@ -224,6 +229,20 @@ class Distributed(SingleProcess):
         box = [str(path) if path is not None else None]
         dist.broadcast_object_list(box, src=0)  # collective
         return Path(box[0]) if box[0] is not None else None
+
+    def checkpoint_group(self) -> Any:
+        """A gloo group of all ranks for checkpoint I/O, made at the first save (collective).
+
+        An async save's background thread runs collectives (DCP's plan and metadata exchange, the
+        commit's barrier and checksum gather) while the training thread runs its own on the
+        default group; two threads on one group could interleave them differently on different
+        ranks. A group of its own keeps the two streams apart (DCP's advice for async_save).
+        """
+        import torch.distributed as dist
+
+        if getattr(self, "_checkpoint_group", None) is None:
+            self._checkpoint_group = dist.new_group(backend="gloo")
+        return self._checkpoint_group
 
     def close(self) -> None:
         import torch.distributed as dist
