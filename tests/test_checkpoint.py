@@ -156,6 +156,40 @@ def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
     assert_same_run(tmp_path / "resumed", tmp_path / "full")
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [("zero2", 2, 1), ("zero1", 1, 2)])
+def test_a_zero_checkpoint_resumes_at_another_world_size(
+    stage: str, saved_on: int, resumed_on: int, tmp_path: Path
+) -> None:
+    """DeepSpeed's partitions are converted to a universal checkpoint and repartitioned. With the
+    global batch fixed, the resumed run replays the same batches, so it logs the losses of the run
+    that never stopped (to fp32 rounding: reductions are ordered differently)."""
+    args = quick(f"parallel={stage}", "train.micro_batch_size=4", "train.global_batch_size=8",
+                 f"data.cache_dir={tmp_path / 'cache'}")
+
+    def launch(world: int, *extra: str) -> subprocess.CompletedProcess:
+        if world == 1:  # a plain process: the strategy starts a group of one for DeepSpeed
+            return run_cli(*args, *extra, cwd=tmp_path)
+        return torchrun("-m", "trainer", *args, *extra, cwd=tmp_path, nproc=world)
+
+    full = launch(saved_on, f"hydra.run.dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    stop_at(tmp_path / "full", tmp_path / "resumed", STOP)
+    resumed = launch(resumed_on, "train.resume=auto", f"hydra.run.dir={tmp_path / 'resumed'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'resumed' / 'checkpoints' / step_dir_name(STOP)}" in resumed.stdout
+    after = [r for r in losses(tmp_path / "resumed") if r[0] > STOP]
+    reference = [r for r in losses(tmp_path / "full") if r[0] > STOP]
+    assert [r[0] for r in after] == [r[0] for r in reference] == list(range(STOP + 1, STEPS + 1))
+    assert [r[1] for r in after] == pytest.approx([r[1] for r in reference], rel=1e-5)
+    assert [r[2] for r in after] == pytest.approx([r[2] for r in reference], rel=1e-4)
+    a, b = final_weights(tmp_path / "resumed"), final_weights(tmp_path / "full")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert verify(checkpoints / step_dir_name(STOP)) is None  # only read
+    assert not list(checkpoints.glob(".universal-*"))  # the converted copy is gone
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -322,6 +356,16 @@ def test_an_existing_run_needs_resume(small_run: Path, tmp_path: Path) -> None:
     assert (small_run / "metrics.jsonl").read_text() == before
 
 
+def test_zero3_at_another_world_size_is_one_line(small_run: Path) -> None:
+    from trainer.checkpoint import check_compatible
+
+    strategy = type("S", (), {"name": "zero3", "world_size": 4})()
+    meta = {"shapes": {}, "strategy": "zero3", "world_size": 2}
+    with pytest.raises(ConfigError, match=r"holds ZeRO-3 partitions for 2 ranks, this run has 4: resume ZeRO-3 at"):
+        check_compatible(meta, {}, strategy, small_run)
+    check_compatible({**meta, "strategy": "zero2"}, {}, type("S", (), {"name": "zero2", "world_size": 4})(), small_run)
+
+
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
     """fp16 with an absurd initial loss scale overflows step after step."""
     cfg, _ = compose_config(
@@ -343,3 +387,15 @@ def test_checkpoints_hold_no_pickles(small_run: Path) -> None:
     assert {"meta.json", "manifest.json", "rank0.json", "rank0.safetensors", ".metadata"} <= names
     assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))]
     assert len(list((small_run / "checkpoints").glob("step_*"))) == 3  # 4, 8, 12 with keep=5
+
+
+def test_checksums_read_in_blocks_match_hashlib(tmp_path: Path) -> None:
+    import hashlib
+
+    from trainer.checkpoint import _sha256
+
+    data = torch.randint(0, 256, (10_007,), dtype=torch.uint8).numpy().tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert _sha256(tmp_path / "f", block=1000) == hashlib.sha256(data).hexdigest()  # 11 blocks, the last short
+    (tmp_path / "empty").write_bytes(b"")
+    assert _sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()

@@ -291,13 +291,15 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG from path; return its meta (collective)."""
         meta = json.loads((path / "meta.json").read_text())
         check_compatible(meta, expected_shapes, self.strategy, path)
-        self.strategy.load_state(path / "state")
+        self.strategy.load_state(path / "state", saved_world_size=meta["world_size"])
         load_rng(path / "rng", self.rank if (path / "rng" / f"rank{self.rank}.json").exists() else 0)
         return meta
 
 
 def check_compatible(meta: dict[str, Any], shapes: dict[str, list[int]], strategy: Any, path: Path) -> None:
-    """A checkpoint of another model shape or an unreshardable world size: one line, before loading."""
+    """A checkpoint of another model shape, or of a strategy whose format this one cannot read:
+    one line, before loading. (World sizes may differ: DCP reshards, and a ZeRO-1/2 checkpoint is
+    converted to a universal one.)"""
     saved = meta["shapes"]
     mismatched = sorted(
         f"{name} {saved.get(name)} vs {shape}" for name, shape in shapes.items() if saved.get(name) != shape
@@ -310,11 +312,11 @@ def check_compatible(meta: dict[str, Any], shapes: dict[str, list[int]], strateg
             f"checkpoint {path} was written by parallel={meta['strategy']}; DeepSpeed and torch checkpoints "
             f"do not load into each other: resume with parallel={meta['strategy']} (or export it with python -m trainer.export)"
         )
-    if strategy.name.startswith("zero") and meta["world_size"] != strategy.world_size:
+    if strategy.name == "zero3" and meta["world_size"] != strategy.world_size:
         raise ConfigError(
-            f"checkpoint {path} holds DeepSpeed ZeRO partitions for {meta['world_size']} ranks, this run has "
-            f"{strategy.world_size}: resume at world size {meta['world_size']}, or convert it with DeepSpeed's "
-            "ds_to_universal.py and load it as a universal checkpoint"
+            f"checkpoint {path} holds ZeRO-3 partitions for {meta['world_size']} ranks, this run has "
+            f"{strategy.world_size}: resume ZeRO-3 at world size {meta['world_size']} (DeepSpeed's universal "
+            "checkpoint restores ZeRO-3's optimizer state inexactly), or save with zero1 / zero2, which resume at any"
         )
 
 

@@ -61,7 +61,7 @@ def build_strategy(cfg: Config) -> SingleProcess:
     """The strategy `parallel.strategy` names, bound to this process's rank and device."""
     world_size = env_world_size()
     check_launch(cfg, world_size)
-    init_distributed(cfg.parallel.timeout_s)
+    init_distributed(cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none")
     device = pick_device(cfg.train.device)
     rank = env_rank()
     strategy = cfg.parallel.strategy

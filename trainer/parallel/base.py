@@ -193,8 +193,9 @@ class SingleProcess:
         """The process group of checkpoint I/O (None: no collectives, one process)."""
         return None
 
-    def load_state(self, directory: Path) -> None:
-        """Load what save_state wrote, resharding to this run's layout (collective)."""
+    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
+        """Load what save_state wrote, resharding to this run's layout, whatever the world size
+        it was saved at (collective)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -27,14 +27,24 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Start the default process group from torchrun's environment (no-op on one process).
+def init_distributed(timeout_s: float = 600.0, single: bool = False) -> None:
+    """Start the default process group from torchrun's environment (no-op on one process,
+    unless `single`: then a group of one, for ddp / fsdp / zero1-3 run without torchrun).
 
     The timeout bounds every collective: a rank that dies leaves the others waiting at most
     this long before they fail with an error instead of hanging (torchrun usually ends them
     sooner, when it sees the dead rank).
     """
-    if env_world_size() <= 1 or dist.is_initialized():
+    if dist.is_initialized():
+        return
+    if env_world_size() <= 1:
+        if single:  # `python -m trainer parallel=zero2`: DeepSpeed, DDP and FSDP need a group
+            for name in ("RANK", "LOCAL_RANK"):  # what torchrun would set; DeepSpeed reads them
+                os.environ.setdefault(name, "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+            backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())

@@ -236,8 +236,18 @@ class DeepSpeedZero(Distributed):
         return state
 
     def save_state(self, directory: Path) -> None:
-        """DeepSpeed's own checkpoint: each rank writes its ZeRO partitions (collective)."""
-        self.model.save_checkpoint(str(directory), tag="zero", save_latest=False)
+        """DeepSpeed's own checkpoint: each rank writes its ZeRO partitions (collective).
+
+        The client state marks it convertible to a universal checkpoint (DeepSpeed's
+        ds_to_universal asks for it), which is how it loads at another world size."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.model.save_checkpoint(str(directory), tag="zero", save_latest=False, client_state=info)
 
     def save_state_async(self, directory: Path) -> Any:
         raise ConfigError(
@@ -245,9 +255,50 @@ class DeepSpeedZero(Distributed):
             "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config"
         )
 
-    def load_state(self, directory: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(
-            str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
+        """Load DeepSpeed's checkpoint (collective). Written at another world size, its ZeRO
+        partitions do not fit this run's: rank 0 converts it to a universal checkpoint (one file
+        per parameter, DeepSpeed's ds_to_universal) in a scratch directory beside the checkpoints,
+        every rank loads its new partitions from that, and the scratch directory is removed. The
+        checkpoint itself is only read."""
+        if saved_world_size is None or saved_world_size == self.world_size:
+            load_path, _ = self.model.load_checkpoint(
+                str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if load_path is None:
+                raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
+            return
+        import shutil
+        import tempfile
+
+        import torch.distributed as dist
+
+        scratch = None
+        if self.rank == 0:
+            scratch = Path(tempfile.mkdtemp(prefix=".universal-", dir=directory.parent.parent))
+            _to_universal(directory / "zero", scratch / "zero")
+        scratch = self.broadcast_path(scratch)  # collective: rank 0 has converted it
+        self.model._config.load_universal_checkpoint = True  # read by load_checkpoint at each step of loading
+        try:
+            load_path, _ = self.model.load_checkpoint(
+                str(scratch), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        finally:
+            self.model._config.load_universal_checkpoint = False
+            dist.barrier()  # collective: every rank has read its partitions
+            if self.rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
         if load_path is None:
-            raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
+            raise ConfigError(f"DeepSpeed found no universal checkpoint converted from {directory}")
+
+
+def _to_universal(zero_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ds_to_universal, in this process: zero_dir (one tag's partitions) to out_dir."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(zero_dir), output_folder=str(out_dir), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,  # checkpoints saved before the marker
+    ))  # fmt: skip
