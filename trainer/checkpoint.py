@@ -106,9 +106,9 @@ def verify(directory: Path) -> str | None:
         entries = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as error:
         return f"{manifest} is unreadable ({error})"
-    unlisted = sorted(str(p.relative_to(directory)) for p in _files(directory) if str(p.relative_to(directory)) not in entries)
+    unlisted = [path for path in _files(directory) if str(path.relative_to(directory)) not in entries]
     if unlisted:
-        return f"{directory / unlisted[0]} is not in the manifest (written after the commit, or a rank's checksums lost)"
+        return f"{unlisted[0]} is not in the manifest (written after the commit, or a rank's checksums lost)"
     for name, expected in entries.items():
         path = directory / name
         if not path.is_file():
@@ -180,7 +180,6 @@ def _gather(value: Any, group: Any, rank: int) -> list[Any]:
     gathered: list[Any] | None = [None] * dist.get_world_size(group) if rank == 0 else None
     dist.gather_object(value, gathered, dst=0, group=group)
     return gathered or []
-
 
 
 class Checkpointer:

@@ -35,25 +35,22 @@ def init_distributed(timeout_s: float = 600.0, single: bool = False) -> None:
     this long before they fail with an error instead of hanging (torchrun usually ends them
     sooner, when it sees the dead rank).
     """
-    if dist.is_initialized():
+    single = single and env_world_size() <= 1
+    if dist.is_initialized() or (env_world_size() <= 1 and not single):
         return
-    if env_world_size() <= 1:
-        if single:  # `python -m trainer parallel=zero2`: DeepSpeed, DDP and FSDP need a group
-            for name in ("RANK", "LOCAL_RANK"):  # what torchrun would set; DeepSpeed reads them
-                os.environ.setdefault(name, "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
-        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if single:  # `python -m trainer parallel=zero2`: DeepSpeed, DDP and FSDP need a group
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # what torchrun would set; DeepSpeed reads them
+        rendezvous = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    else:
+        store = _restart_scoped_store(timeout)
+        rendezvous = {} if store is None else {"store": store, "rank": env_rank(), "world_size": env_world_size()}
     if torch.cuda.is_available():
         torch.cuda.set_device(env_local_rank())
         backend = "cuda:nccl,cpu:gloo"  # NCCL for GPU tensors, gloo for CPU ones (run dir, counts)
     else:
         backend = "gloo"
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = _restart_scoped_store(timeout)
-    rendezvous = {} if store is None else {"store": store, "rank": env_rank(), "world_size": env_world_size()}
     dist.init_process_group(
         backend=backend, timeout=timeout, **rendezvous,
         device_id=torch.device("cuda", env_local_rank()) if torch.cuda.is_available() else None,
