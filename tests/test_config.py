@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import HF_CONTEXT
 
 from trainer.__main__ import CONFIG_DIR, compose_config, preflight
-from trainer.config import Config, ConfigError
+from trainer.config import (
+    PRETRAINED_OVERRIDABLE,
+    Config,
+    ConfigError,
+    ModelConfig,
+    MonitorConfig,
+    SpikeConfig,
+    TrainConfig,
+    check_run,
+    resolve_model_config,
+)
 
 GROUPS = ["model", "data", "optim", "parallel", "precision", "lora", "logger", "experiment"]
 
@@ -76,6 +90,10 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["model.norm=batchnorm"], "model.norm='batchnorm'"),
         (["optim.clip_grad_norm=-1"], "optim.clip_grad_norm must be >= 0"),
         (["model.pretrained=/no/such/checkpoint"], "model.pretrained=/no/such/checkpoint is not a directory"),
+        (["data=synthetic", "data.synthetic_tokens=0"], "data.synthetic_tokens=0 must be positive"),
+        (["data=synthetic", "data.synthetic_concentration=0"], "data.synthetic_concentration=0.0 must be positive"),
+        (["lora.r=16"], "lora.r=16: LoRA fine-tuning is not implemented yet"),
+        (["monitor.spike.action=rollback"], "monitor.spike.action=rollback needs checkpoints to roll back to"),
     ],
 )
 def test_bad_input_is_one_line(overrides: list[str], expected: str) -> None:
@@ -150,3 +168,215 @@ def test_cli_tokenizer_larger_than_model_vocabulary(tmp_path: Path) -> None:
         "or larger (or null), or use a smaller data.tokenizer"
     ]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# -- rules that span sections: check_run --------------------------------------------------------
+
+
+def refusal(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> str:
+    """check_run's one-line message for cfg (fails the test if it passes or spans lines)."""
+    with pytest.raises(ConfigError) as info:
+        check_run(cfg, world_size, has_gpu)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def deepspeed_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """zero1-3 configs pass the installation check whether or not DeepSpeed is installed here."""
+    real = importlib.util.find_spec
+    present = real("json")  # any spec: only its existence is asked
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: present if name == "deepspeed" else real(name, *a))
+
+
+def test_cross_section_rules_wait_for_check_run() -> None:
+    cfg = Config(monitor=MonitorConfig(spike=SpikeConfig(action="rollback")))  # builds: no __post_init__ veto
+    assert refusal(cfg).startswith("monitor.spike.action=rollback needs checkpoints")
+
+
+def test_lora_settings_are_refused_until_lora_exists() -> None:
+    cfg, _ = compose_config(["lora.enabled=true"])
+    assert refusal(cfg) == (
+        "lora.enabled=true: LoRA fine-tuning is not implemented yet; remove the lora.* settings "
+        "(a full fine-tune is what runs without them)"
+    )
+    cfg, _ = compose_config(["lora.target_modules=[q_proj]"])
+    assert refusal(cfg).startswith("lora.target_modules=[q_proj]: LoRA fine-tuning is not implemented yet")
+    check_run(compose_config(["lora=none"])[0])
+
+
+def test_parallel_none_with_several_processes_is_refused() -> None:
+    cfg, _ = compose_config([])
+    assert refusal(cfg, world_size=2).startswith("parallel=none with 2 processes would train 2 independent copies")
+    check_run(compose_config(["parallel=ddp"])[0], world_size=2)
+
+
+def test_zero_without_deepspeed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    cfg, _ = compose_config(["parallel=zero3"])
+    assert refusal(cfg, world_size=2) == (
+        'parallel=zero3 needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)'
+    )
+
+
+def test_world_size_must_divide_the_global_batch() -> None:
+    cfg, _ = compose_config(["parallel=ddp", "train.micro_batch_size=4", "train.global_batch_size=12"])
+    assert "train.global_batch_size=12 is not a multiple of" in refusal(cfg, world_size=2)
+    check_run(cfg, world_size=3)  # 12 = 4 x 1 x 3
+
+
+def test_fsdp_rules(deepspeed_installed: None) -> None:
+    offload, _ = compose_config(["parallel=fsdp", "parallel.fsdp_cpu_offload=true"])
+    assert refusal(offload, world_size=2).startswith("parallel.fsdp_cpu_offload=true needs a GPU")
+    check_run(offload, world_size=2, has_gpu=True)
+    hybrid, _ = compose_config(["parallel=fsdp", "parallel.fsdp_shard_size=3"])
+    assert refusal(hybrid, world_size=4).startswith("parallel.fsdp_shard_size=3 does not divide the world size 4")
+    check_run(hybrid, world_size=6)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["checkpoint.async_save=true"], "checkpoint.async_save=true is for none / ddp / fsdp"),
+        (["precision=bf16", "precision.loss_scaling=true"], "precision.loss_scaling=true with bf16 is not available"),
+        (["precision=fp16", "precision.growth_factor=3"], "DeepSpeed's loss scaler grows by 2"),
+        (["precision=fp16", "precision.initial_scale=1000"], "precision.initial_scale=1000.0 must be a power of two"),
+        (["monitor.spike.action=skip"], "monitor.spike.action=skip is available for none / ddp / fsdp"),
+    ],
+)
+def test_what_deepspeed_cannot_do_is_refused(overrides: list[str], expected: str, deepspeed_installed: None) -> None:
+    cfg, _ = compose_config(["parallel=zero2", *overrides])
+    assert refusal(cfg, world_size=2, has_gpu=True).startswith(expected)
+
+
+def test_deepspeed_fp16_needs_a_gpu(deepspeed_installed: None) -> None:
+    cfg, _ = compose_config(["parallel=zero1", "precision=fp16"])
+    assert refusal(cfg, world_size=2).startswith("precision=fp16 with parallel=zero1 needs a GPU")
+    check_run(cfg, world_size=2, has_gpu=True)
+
+
+def test_contradicting_deepspeed_json_is_refused(tmp_path: Path, deepspeed_installed: None) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg, _ = compose_config(["parallel=zero2", f"parallel.deepspeed_config={path}"])
+    assert refusal(cfg, world_size=2).startswith("parallel.deepspeed_config sets zero_optimization.stage=3")
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "train_batch_size": "auto"}))
+    check_run(cfg, world_size=2)
+    from trainer.parallel.zero import merged_deepspeed_config
+
+    merged = merged_deepspeed_config(cfg, world_size=2)  # agreeing keys are honoured
+    assert merged["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert merged["train_batch_size"] == 16 * 2  # the harness's value replaces "auto"
+
+
+def test_spike_skip_and_rollback_run_where_a_step_can_be_dropped() -> None:
+    for strategy in ("none", "ddp", "fsdp"):
+        cfg, _ = compose_config([f"parallel={strategy}", "monitor.spike.action=rollback", "checkpoint.interval=5"])
+        check_run(cfg, world_size=1 if strategy == "none" else 2)
+
+
+def test_synthetic_splits_must_hold_a_sample() -> None:
+    cfg, _ = compose_config(["data=synthetic", "data.synthetic_tokens=1000", "train.seq_len=100"])
+    assert refusal(cfg) == (  # 1000 tokens: 980 train, 20 validation
+        "validation split holds 20 tokens, fewer than train.seq_len+1=101: lower train.seq_len or raise "
+        "data.val_fraction"
+    )
+    cfg, _ = compose_config(["data=synthetic", "data.synthetic_tokens=100", "data.val_fraction=0.45", "train.seq_len=60"])
+    assert refusal(cfg) == (
+        "train split holds 55 tokens, fewer than train.seq_len+1=61: lower train.seq_len or raise "
+        "data.synthetic_tokens"
+    )
+    check_run(compose_config(["data=synthetic", "data.synthetic_tokens=1000", "train.seq_len=19"])[0])
+
+
+# -- model.pretrained: the checkpoint fixes the architecture -------------------------------------
+
+# One non-default value for each ModelConfig field but `pretrained` (the checkpoint itself).
+NON_DEFAULT = {
+    "name": "custom", "vocab_size": 1000, "block_size": 32, "n_layer": 3, "n_head": 8, "n_kv_head": 2,
+    "n_embd": 256, "intermediate_size": 100, "norm": "rmsnorm", "norm_eps": 1e-3, "mlp": "swiglu",
+    "position": "rope", "rope_theta": 5e5, "tie_embeddings": False, "bias": False, "dropout": 0.1,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 16},
+    "attention_backend": "math", "init_std": 0.01, "activation_checkpointing": "full",
+    "activation_checkpointing_every": 2, "loss_chunk_size": 32,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(ModelConfig)])
+def test_every_model_field_with_pretrained_takes_effect_or_is_refused(
+    hf_checkpoints: dict[str, str], arch: str, key: str
+) -> None:
+    from trainer.model.hf_import import load_hf_config
+
+    path = hf_checkpoints[arch]
+    assert key == "pretrained" or key in NON_DEFAULT, f"add a non-default value of model.{key} to NON_DEFAULT"
+    value = path if key == "pretrained" else NON_DEFAULT[key]
+    assert value != getattr(ModelConfig(), key)
+    model = dataclasses.replace(ModelConfig(pretrained=path), **{key: value})
+    cfg = Config(model=model, train=TrainConfig(seq_len=16))
+    if key in PRETRAINED_OVERRIDABLE or value == getattr(load_hf_config(path), key):
+        check_run(cfg)
+        assert getattr(resolve_model_config(model, tokenizer_vocab=50), key) == value
+    else:  # the checkpoint's architecture: refused, by check_run and by the resolution itself
+        message = refusal(cfg)
+        assert message.startswith(f"model.{key}=") and f"drop model.{key} (the checkpoint fixes" in message
+        with pytest.raises(ConfigError):
+            resolve_model_config(model, tokenizer_vocab=50)
+
+
+def test_a_conflicting_architecture_field_is_refused_in_one_line(hf_checkpoints: dict[str, str]) -> None:
+    path = hf_checkpoints["gpt2"]
+    cfg, _ = compose_config(["model.n_layer=3", f"model.pretrained={path}", "train.seq_len=16"])
+    assert refusal(cfg) == (
+        f"model.n_layer=3 conflicts with model.pretrained={path}, whose checkpoint has n_layer=2: "
+        "drop model.n_layer (the checkpoint fixes the architecture)"
+    )
+
+
+def test_a_preset_that_agrees_with_its_checkpoint_passes(tmp_path: Path) -> None:
+    import transformers
+
+    transformers.GPT2Config().save_pretrained(tmp_path)  # GPT-2 small's config.json; weights are not read
+    cfg, _ = compose_config(["model=gpt2", f"model.pretrained={tmp_path}"])
+    check_run(cfg)
+    resolved = resolve_model_config(cfg.model, tokenizer_vocab=50257)
+    assert (resolved.name, resolved.n_layer, resolved.n_embd, resolved.block_size) == ("gpt2", 12, 768, 1024)
+    assert resolved.vocab_size == 50257 and resolved.pretrained == str(tmp_path)
+
+
+@pytest.mark.parametrize("arch,positions", [("gpt2", "n_positions"), ("llama", "max_position_embeddings")])
+def test_pretrained_context(hf_checkpoints: dict[str, str], arch: str, positions: str) -> None:
+    path = hf_checkpoints[arch]
+    cfg, _ = compose_config([f"model.pretrained={path}", f"train.seq_len={HF_CONTEXT}"])
+    check_run(cfg)  # model=tiny's default block_size (256) does not stretch the checkpoint's 64
+    assert resolve_model_config(cfg.model, tokenizer_vocab=50).block_size == HF_CONTEXT
+    cfg, _ = compose_config([f"model.pretrained={path}", "train.seq_len=65"])
+    assert refusal(cfg) == (
+        f"train.seq_len=65 exceeds the model's context model.block_size=64 (model.pretrained={path} "
+        "holds 64 positions): lower train.seq_len"
+    )
+    cfg, _ = compose_config([f"model.pretrained={path}", "model.block_size=32", "train.seq_len=48"])
+    assert refusal(cfg).endswith("lower train.seq_len or raise model.block_size up to 64")
+    cfg, _ = compose_config([f"model.pretrained={path}", "model.block_size=128", "train.seq_len=16"])
+    assert refusal(cfg) == (
+        f"model.block_size=128 exceeds model.pretrained={path}'s context ({positions}=64): "
+        "use model.block_size=64 or less"
+    )
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    cfg, _ = compose_config([f"model.pretrained={tmp_path}"])
+    assert refusal(cfg).startswith(f"model.pretrained={tmp_path}: ")
+    assert "model_type 'bert' unsupported" in refusal(cfg)
+
+
+def test_the_tokenizer_must_fit_the_checkpoint_vocabulary(hf_checkpoints: dict[str, str]) -> None:
+    model = ModelConfig(pretrained=hf_checkpoints["gpt2"])
+    assert resolve_model_config(model, tokenizer_vocab=96).vocab_size == 96
+    with pytest.raises(ConfigError, match=r"the tokenizer's vocabulary \(97\) exceeds model.vocab_size=96"):
+        resolve_model_config(model, tokenizer_vocab=97)

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trainer.config import Config, ConfigError, register_configs
+from trainer.config import Config, ConfigError, check_run, register_configs
 from trainer.loggers import console_only_on_rank0
-from trainer.parallel import check_launch
 from trainer.parallel.dist import (
     barrier,
     broadcast_string,
@@ -104,7 +104,7 @@ def preflight(argv: list[str]) -> list[str]:
     except Exception as error:  # Hydra and OmegaConf raise many types; all end here as one line
         raise ConfigError(_one_line(error)) from error
     check_paths(cfg)
-    check_launch(cfg, env_world_size())
+    check_run(cfg, env_world_size(), will_use_gpu(cfg))
     if multirun:
         return argv
     run_dir = OmegaConf.select(composed, "hydra.run.dir")
@@ -134,6 +134,11 @@ def check_paths(cfg: Config) -> None:
             f"model.pretrained={cfg.model.pretrained} is not a directory: point it at a local "
             "Hugging Face checkpoint (config.json + safetensors)"
         )
+
+
+def will_use_gpu(cfg: Config) -> bool:
+    """Whether this run computes on a GPU (the `has_gpu` of check_run)."""
+    return torch.cuda.is_available() and cfg.train.device != "cpu"
 
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")

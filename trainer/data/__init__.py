@@ -100,14 +100,8 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0) -> Da
 
 
 def _synthetic_data(cfg: DataConfig, seq_len: int, seed: int) -> Data:
-    if cfg.synthetic_concentration <= 0:
-        raise ConfigError(
-            f"data.synthetic_concentration={cfg.synthetic_concentration} must be positive"
-        )
-    if cfg.synthetic_tokens <= 0:
-        raise ConfigError(f"data.synthetic_tokens={cfg.synthetic_tokens} must be positive")
+    # config.check_run has checked that both splits hold a sample (DataConfig: sizes are positive).
     split = split_point(cfg.synthetic_tokens, cfg.val_fraction)
-    _check_split_sizes(split, cfg.synthetic_tokens - split, seq_len, synthetic=True)
     tokens, rate = synthetic_stream(
         cfg.synthetic_vocab, cfg.synthetic_tokens, cfg.synthetic_concentration, seed
     )
@@ -124,12 +118,10 @@ def _synthetic_data(cfg: DataConfig, seq_len: int, seed: int) -> Data:
     )
 
 
-def _check_split_sizes(
-    train_tokens: int, val_tokens: int, seq_len: int, synthetic: bool = False
-) -> None:
+def _check_split_sizes(train_tokens: int, val_tokens: int, seq_len: int) -> None:
     """Each split must hold at least one sample: seq_len + 1 tokens."""
     need = seq_len + 1
-    more_data = "raise data.synthetic_tokens" if synthetic else "use a larger corpus"
+    more_data = "use a larger corpus"
     if train_tokens < need:
         raise ConfigError(
             f"train split holds {train_tokens} tokens, fewer than train.seq_len+1={need}: "

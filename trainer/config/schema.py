@@ -1,9 +1,7 @@
-"""Typed configuration: the dataclasses Hydra validates every YAML and override against.
+"""The schemas: typed dataclasses that Hydra validates every YAML and override against.
 
-Each dataclass field is a config key (`train.max_steps`, `model.n_head`, ...). Hydra merges
-the YAML files of configs/ onto these schemas in struct mode, so a misspelled or mistyped key
-fails at start. `__post_init__` checks one section at a time; `check_run` checks what spans
-sections. Neither mutates the config: derived values are computed where they are used.
+Each field is a config key (`train.max_steps`, `model.n_head`, ...). `__post_init__` checks one
+section at a time; rules that span sections are in trainer/config/checks.py.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ class ModelConfig:
     dropout: float = 0.0
     attention_backend: str = "auto"  # auto | flash | efficient | math | flash_attn (Dao's package)
     init_std: float = 0.02
-    pretrained: str | None = None  # local Hugging Face checkpoint directory to import weights from
+    pretrained: str | None = None  # local Hugging Face checkpoint directory (see PRETRAINED_OVERRIDABLE)
     activation_checkpointing: str = "none"  # none | full (whole blocks) | attention | mlp (selective)
     activation_checkpointing_every: int = 1  # checkpoint every k-th block (blocks 0, k, 2k, ...)
     loss_chunk_size: int = 0  # >0: head + cross-entropy fused over chunks of this many tokens (no full logits)
@@ -85,8 +83,8 @@ class ModelConfig:
             self.activation_checkpointing in ("none", "full", "attention", "mlp"),
             f"model.activation_checkpointing={self.activation_checkpointing!r}: use none, full, attention or mlp",
         )
-        _require(
-            1 <= self.activation_checkpointing_every <= self.n_layer,
+        _require(  # with model.pretrained, against the checkpoint's depth (when the config is resolved)
+            1 <= self.activation_checkpointing_every and (bool(self.pretrained) or self.activation_checkpointing_every <= self.n_layer),
             f"model.activation_checkpointing_every={self.activation_checkpointing_every} must be between 1 and "
             f"the depth model.n_layer={self.n_layer}",
         )
@@ -125,6 +123,11 @@ class DataConfig:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
         _require(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 260")
         _require(self.synthetic_vocab >= 2, "data.synthetic_vocab must be at least 2")
+        _require(
+            self.synthetic_concentration > 0,
+            f"data.synthetic_concentration={self.synthetic_concentration} must be positive",
+        )
+        _require(self.synthetic_tokens > 0, f"data.synthetic_tokens={self.synthetic_tokens} must be positive")
 
 
 @dataclass
@@ -341,22 +344,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        _require(
-            self.monitor.spike.action != "rollback" or self.checkpoint.interval > 0,
-            "monitor.spike.action=rollback needs checkpoints to roll back to: set checkpoint.interval=N",
-        )
-        _require(
-            self.monitor.spike.action == "log" or not self.parallel.strategy.startswith("zero"),
-            f"monitor.spike.action={self.monitor.spike.action} is available for none / ddp / fsdp: DeepSpeed "
-            "cannot drop one step's reduced gradients; use monitor.spike.action=log with zero1-3",
-        )
-        _require(
-            bool(self.model.pretrained) or self.train.seq_len <= self.model.block_size,
-            f"train.seq_len={self.train.seq_len} exceeds the model's context model.block_size="
-            f"{self.model.block_size}: lower train.seq_len or raise model.block_size",
-        )
 
 
 def register_configs() -> None:

@@ -1,0 +1,251 @@
+"""Rules that span config sections, checked once before anything is built (`check_run`), and
+the model a run builds from model.* and a pretrained checkpoint (`resolve_model_config`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import fields, replace
+from typing import Any
+
+from trainer.config.schema import (
+    Config,
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    ParallelConfig,
+    _require,
+)
+
+
+def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
+    """Every rule that spans config sections; raises ConfigError (one line) on the first broken one.
+
+    has_gpu: whether this run will compute on a GPU (torch.cuda.is_available() and
+    train.device != cpu). Reads model.pretrained's config.json; builds nothing.
+    """
+    _check_lora(cfg.lora)
+    _check_launch(cfg, world_size, has_gpu)
+    _check_spike(cfg)
+    _check_synthetic_splits(cfg)
+    _check_model(cfg)
+
+
+def _show(value: Any) -> str:
+    """A value as the command line writes it (true, null, [a,b])."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _check_lora(cfg: LoraConfig) -> None:
+    # Until LoRA exists, any lora.* setting would silently train a full fine-tune instead.
+    default = LoraConfig()
+    for f in fields(LoraConfig):
+        value = getattr(cfg, f.name)
+        _require(
+            value == getattr(default, f.name),
+            f"lora.{f.name}={_show(value)}: LoRA fine-tuning is not implemented yet; remove the lora.* "
+            "settings (a full fine-tune is what runs without them)",
+        )
+
+
+def _check_launch(cfg: Config, world_size: int, has_gpu: bool) -> None:
+    """What the strategy needs from the launch: process count, packages, batch split, devices."""
+    strategy = cfg.parallel.strategy
+    _require(
+        strategy != "none" or world_size == 1,
+        f"parallel=none with {world_size} processes would train {world_size} independent copies: "
+        "choose parallel=ddp, fsdp, zero1, zero2 or zero3",
+    )
+    _require(
+        not strategy.startswith("zero") or importlib.util.find_spec("deepspeed") is not None,
+        f'parallel={strategy} needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)',
+    )
+    cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
+    if strategy == "fsdp":
+        _check_fsdp(cfg.parallel, world_size, has_gpu)
+    if strategy.startswith("zero"):
+        _check_deepspeed(cfg, world_size, has_gpu)
+
+
+def _check_fsdp(cfg: ParallelConfig, world_size: int, has_gpu: bool) -> None:
+    _require(
+        not cfg.fsdp_cpu_offload or has_gpu,
+        "parallel.fsdp_cpu_offload=true needs a GPU (FSDP2 offloads GPU shards to the CPU; "
+        "on the CPU they are there already): drop it or run on GPUs",
+    )
+    shard = cfg.fsdp_shard_size or world_size
+    _require(
+        world_size % shard == 0,
+        f"parallel.fsdp_shard_size={shard} does not divide the world size {world_size}: "
+        "use a divisor (e.g. the GPUs per node) or 0 to shard over all ranks",
+    )
+
+
+def _check_deepspeed(cfg: Config, world_size: int, has_gpu: bool) -> None:
+    """What DeepSpeed's checkpoint and precision sections cannot express, and the user's JSON."""
+    _require(
+        not cfg.checkpoint.async_save,
+        "checkpoint.async_save=true is for none / ddp / fsdp (torch.distributed.checkpoint); for zero1-3 "
+        "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config",
+    )
+    precision = cfg.precision
+    fp16 = precision.dtype == "fp16"
+    _require(
+        not fp16 or has_gpu,
+        f"precision=fp16 with parallel={cfg.parallel.strategy} needs a GPU (DeepSpeed's CPU backend has no "
+        "fp16): use precision=bf16, or parallel=ddp / fsdp for fp16 on the CPU",
+    )
+    _require(
+        not (precision.dtype == "bf16" and precision.loss_scaling),
+        "precision.loss_scaling=true with bf16 is not available under DeepSpeed: drop it, or use parallel=ddp / fsdp",
+    )
+    _require(
+        not fp16 or (precision.growth_factor == 2.0 and precision.backoff_factor == 0.5),
+        "DeepSpeed's loss scaler grows by 2 and backs off by 0.5: leave precision.growth_factor / "
+        "backoff_factor at their defaults with parallel=zero1/2/3",
+    )
+    _require(
+        not fp16 or 2 ** int(math.log2(precision.initial_scale)) == precision.initial_scale,
+        f"precision.initial_scale={precision.initial_scale} must be a power of two under DeepSpeed",
+    )
+    # Imported here: trainer.parallel imports this module.
+    from trainer.parallel.zero import merged_deepspeed_config
+
+    merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
+
+
+def _check_spike(cfg: Config) -> None:
+    # Imported here: trainer.parallel imports this module.
+    from trainer.parallel import strategy_class
+
+    action = cfg.monitor.spike.action
+    _require(
+        action != "rollback" or cfg.checkpoint.interval > 0,
+        "monitor.spike.action=rollback needs checkpoints to roll back to: set checkpoint.interval=N",
+    )
+    _require(
+        action == "log" or strategy_class(cfg.parallel.strategy).can_skip_step,
+        f"monitor.spike.action={action} is available for none / ddp / fsdp: DeepSpeed "
+        "cannot drop one step's reduced gradients; use monitor.spike.action=log with zero1-3",
+    )
+
+
+def _check_synthetic_splits(cfg: Config) -> None:
+    """Each synthetic split must hold one sample (seq_len + 1 tokens); other sources are counted
+    only once tokenized."""
+    if cfg.data.source != "synthetic":
+        return
+    from trainer.data.cache import split_point
+
+    total, need = cfg.data.synthetic_tokens, cfg.train.seq_len + 1
+    train_tokens = split_point(total, cfg.data.val_fraction)
+    _require(
+        train_tokens >= need,
+        f"train split holds {train_tokens} tokens, fewer than train.seq_len+1={need}: "
+        "lower train.seq_len or raise data.synthetic_tokens",
+    )
+    _require(
+        total - train_tokens >= need,
+        f"validation split holds {total - train_tokens} tokens, fewer than train.seq_len+1={need}: "
+        "lower train.seq_len or raise data.val_fraction",
+    )
+
+
+def _check_model(cfg: Config) -> None:
+    """train.seq_len fits the model's context; with model.pretrained, the model.* settings fit the checkpoint."""
+    seq_len, model = cfg.train.seq_len, cfg.model
+    if not model.pretrained:
+        _require(
+            seq_len <= model.block_size,
+            f"train.seq_len={seq_len} exceeds the model's context model.block_size="
+            f"{model.block_size}: lower train.seq_len or raise model.block_size",
+        )
+        return
+    checkpoint = _checkpoint_config(model)
+    context = _over_checkpoint(model, checkpoint).block_size
+    raise_it = f" or raise model.block_size up to {checkpoint.block_size}" if context < checkpoint.block_size else ""
+    _require(
+        seq_len <= context,
+        f"train.seq_len={seq_len} exceeds the model's context model.block_size={context} "
+        f"(model.pretrained={model.pretrained} holds {checkpoint.block_size} positions): lower train.seq_len{raise_it}",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The model a run builds: the config as given, or a checkpoint's architecture with a few overrides.
+
+# ModelConfig fields that may be set together with model.pretrained; every other field is the
+# checkpoint's architecture (setting it is refused unless it agrees with the checkpoint).
+PRETRAINED_OVERRIDABLE = (
+    "name",
+    "pretrained",
+    "block_size",  # a smaller context (learned positions are cropped); never a larger one
+    "dropout",
+    "attention_backend",
+    "activation_checkpointing",
+    "activation_checkpointing_every",
+    "loss_chunk_size",
+)
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model's shape with its vocabulary fixed: a derived copy, the run config is untouched.
+
+    With model.pretrained, the checkpoint's config.json with cfg's PRETRAINED_OVERRIDABLE fields
+    applied; a conflicting architecture field raises ConfigError.
+    """
+    if cfg.pretrained:
+        cfg = _over_checkpoint(cfg, _checkpoint_config(cfg))
+    if cfg.vocab_size is None:
+        return replace(cfg, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
+    _require(
+        tokenizer_vocab <= cfg.vocab_size,
+        f"the tokenizer's vocabulary ({tokenizer_vocab}) exceeds model.vocab_size={cfg.vocab_size}: "
+        f"set model.vocab_size={tokenizer_vocab} or larger (or null), or use a smaller data.tokenizer",
+    )
+    return cfg
+
+
+def _checkpoint_config(cfg: ModelConfig) -> ModelConfig:
+    """model.pretrained's config.json as a ModelConfig (its reading errors as one ConfigError line)."""
+    # Imported here: the model package imports this module.
+    from trainer.model.hf_import import load_hf_config
+
+    try:
+        return load_hf_config(cfg.pretrained)
+    except KeyError as error:
+        raise ConfigError(f"model.pretrained={cfg.pretrained}: its config.json lacks the key {error}") from error
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.pretrained={cfg.pretrained}: {error}") from error
+
+
+def _over_checkpoint(cfg: ModelConfig, checkpoint: ModelConfig) -> ModelConfig:
+    """checkpoint with cfg's overridable fields applied; refuses an architecture field it contradicts.
+
+    A field left at ModelConfig's default counts as unset (the default model=tiny must not crop a
+    checkpoint's context to its 256 positions), so it keeps the checkpoint's value.
+    """
+    default = ModelConfig()
+    for f in fields(ModelConfig):
+        ours, theirs = getattr(cfg, f.name), getattr(checkpoint, f.name)
+        _require(
+            f.name in PRETRAINED_OVERRIDABLE or ours in (getattr(default, f.name), theirs),
+            f"model.{f.name}={_show(ours)} conflicts with model.pretrained={cfg.pretrained}, whose checkpoint "
+            f"has {f.name}={_show(theirs)}: drop model.{f.name} (the checkpoint fixes the architecture)",
+        )
+    overrides = {k: getattr(cfg, k) for k in PRETRAINED_OVERRIDABLE if getattr(cfg, k) != getattr(default, k)}
+    positions = "n_positions" if checkpoint.position == "learned" else "max_position_embeddings"
+    _require(
+        overrides.get("block_size", 0) <= checkpoint.block_size,
+        f"model.block_size={cfg.block_size} exceeds model.pretrained={cfg.pretrained}'s context "
+        f"({positions}={checkpoint.block_size}): use model.block_size={checkpoint.block_size} or less",
+    )
+    return replace(checkpoint, **overrides)
+
+
