@@ -4,53 +4,21 @@ logits and the same gradient for every parameter; export_hf round-trips through 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import hf_gpt2, hf_llama  # noqa: E402
+
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
-from trainer.model.hf_import import hf_to_trainer  # noqa: E402
+from trainer.model.hf_import import hf_to_trainer, pretrained_weights, read_hf_tensors  # noqa: E402
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
 
 VOCAB, T = 101, 12
-SPECIAL = dict(bos_token_id=0, eos_token_id=0)  # token ids inside the tiny vocabulary
-
-
-def gpt2_model(**kwargs):
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **SPECIAL,
-        **kwargs,
-    )
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def llama_model(tie: bool = False, cls=None, **kwargs):
-    cfg_cls, model_cls = cls or (transformers.LlamaConfig, transformers.LlamaForCausalLM)
-    cfg = cfg_cls(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        **SPECIAL,
-        **kwargs,
-    )
-    return model_cls(cfg)
 
 
 LLAMA3_SCALING = {
@@ -62,15 +30,15 @@ LLAMA3_SCALING = {
 }
 
 CASES = {
-    "gpt2": lambda: gpt2_model(),
-    "gpt2-n_inner": lambda: gpt2_model(n_inner=80),
-    "llama-gqa-untied": lambda: llama_model(tie=False),
-    "llama-gqa-tied": lambda: llama_model(tie=True),
-    "llama3-rope-scaling": lambda: llama_model(
+    "gpt2": lambda: hf_gpt2(),
+    "gpt2-n_inner": lambda: hf_gpt2(n_inner=80),
+    "llama-gqa-untied": lambda: hf_llama(tie=False),
+    "llama-gqa-tied": lambda: hf_llama(tie=True),
+    "llama3-rope-scaling": lambda: hf_llama(
         rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
     ),
-    "llama-bias": lambda: llama_model(attention_bias=True, mlp_bias=True),
-    "mistral": lambda: llama_model(
+    "llama-bias": lambda: hf_llama(attention_bias=True, mlp_bias=True),
+    "mistral": lambda: hf_llama(
         cls=(transformers.MistralConfig, transformers.MistralForCausalLM), sliding_window=None
     ),
 }
@@ -128,7 +96,7 @@ def test_logits_and_gradients_match_transformers(case, tmp_path):
 
 
 def test_config_fields(tmp_path):
-    llama = llama_model(tie=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
+    llama = hf_llama(tie=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING))
     save_random(llama, tmp_path / "llama")
     expected = ModelConfig(
         name="llama",
@@ -159,7 +127,7 @@ def test_config_fields(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps(hf))
     assert load_hf_config(tmp_path / "llama") == expected
 
-    save_random(gpt2_model(layer_norm_epsilon=1e-6), tmp_path / "gpt2")
+    save_random(hf_gpt2(layer_norm_epsilon=1e-6), tmp_path / "gpt2")
     assert load_hf_config(tmp_path / "gpt2") == ModelConfig(
         name="gpt2",
         vocab_size=VOCAB,
@@ -174,7 +142,7 @@ def test_config_fields(tmp_path):
 
 
 def test_sharded_safetensors_and_pytorch_bin(tmp_path):
-    reference = save_random(llama_model(), tmp_path / "full")
+    reference = save_random(hf_llama(), tmp_path / "full")
     expected = load_pretrained(tmp_path / "full").state_dict()
     reference.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
@@ -189,8 +157,93 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
             assert torch.equal(state[name], tensor), (variant, name)
 
 
+def save_sharded(model, path, max_shard_size: str) -> dict[str, str]:
+    """save_random in >= 3 safetensors shards; returns the index's weight_map (HF name -> file)."""
+    save_random(model, path, max_shard_size=max_shard_size)
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) >= 3
+    return weight_map
+
+
+def to_pytorch_bin(path) -> None:
+    """Rewrite a sharded safetensors checkpoint as pytorch_model-*.bin shards and their index."""
+    from safetensors.torch import load_file
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for shard in set(index["weight_map"].values()):
+        renamed[shard] = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(load_file(path / shard), path / renamed[shard])
+        (path / shard).unlink()
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (path / "model.safetensors.index.json").unlink()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied"])
+def test_pretrained_weights_stream_what_hf_to_trainer_builds(case, fmt, tmp_path):
+    weight_map = save_sharded(CASES[case](), tmp_path, "30KB")
+    if fmt == "bin":
+        to_pytorch_bin(tmp_path)
+    cfg = load_hf_config(tmp_path)
+    if case.startswith("llama"):  # 30KB puts q, k of a layer in one shard and v in the next
+        shards_of_qkv = [
+            {weight_map[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"}
+            for i in range(cfg.n_layer)
+        ]
+        assert any(len(shards) > 1 for shards in shards_of_qkv)
+    else:  # GPT-2 keys carry transformer., the tied head is not stored
+        assert all(k.startswith("transformer.") for k in weight_map)
+    expected = hf_to_trainer(read_hf_tensors(tmp_path), cfg)
+    streamed = list(pretrained_weights(tmp_path, cfg))
+    assert sorted(name for name, _ in streamed) == sorted(expected)  # each name exactly once
+    for name, tensor in streamed:
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_pretrained_weights_check_names_before_reading_any_tensor(tmp_path):
+    weight_map = save_sharded(hf_llama(), tmp_path, "30KB")
+    cfg = load_hf_config(tmp_path)
+    for shard in set(weight_map.values()):  # the check must need the index alone
+        (tmp_path / shard).unlink()
+    index = tmp_path / "model.safetensors.index.json"
+    v_proj = "model.layers.1.self_attn.v_proj.weight"
+    lacking = {k: v for k, v in weight_map.items() if k != v_proj}
+    index.write_text(json.dumps({"weight_map": lacking}))
+    with pytest.raises(ValueError, match=rf"lacks 1 tensors GPT needs, e.g. \['{v_proj}'\]"):
+        pretrained_weights(tmp_path, cfg)
+    extra = "model.layers.0.self_attn.extra.weight"
+    index.write_text(json.dumps({"weight_map": weight_map | {extra: weight_map[v_proj]}}))
+    with pytest.raises(ValueError, match=rf"has 1 tensors GPT would drop, e.g. \['{extra}'\]"):
+        pretrained_weights(tmp_path, cfg)
+    # complete again: the names pass, and the stream fails only once it reads
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    stream = pretrained_weights(tmp_path, cfg)
+    with pytest.raises(FileNotFoundError):
+        next(stream)
+
+
+def test_pretrained_weights_read_shards_as_the_stream_goes(tmp_path):
+    weight_map = save_sharded(hf_llama().to(torch.bfloat16), tmp_path, "15KB")
+    cfg = load_hf_config(tmp_path)
+    last = tmp_path / max(weight_map.values())
+    assert [k for k, v in weight_map.items() if v == last.name] == ["lm_head.weight"]
+    expected = hf_to_trainer(read_hf_tensors(tmp_path), cfg)
+    stream = pretrained_weights(tmp_path, cfg)
+    streamed = [next(stream)]
+    last.rename(tmp_path / "moved-away")
+    with pytest.raises(FileNotFoundError, match=re.escape(last.name)):
+        for item in stream:
+            streamed.append(item)
+    # everything but the head (the last shard's only tensor) came, in the stored dtype
+    assert sorted(name for name, _ in streamed) == sorted(set(expected) - {"head.weight"})
+    for name, tensor in streamed:
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, expected[name]), name
+
+
 def test_overrides_and_dtype(tmp_path):
-    save_random(gpt2_model(), tmp_path)
+    save_random(hf_gpt2(), tmp_path)
     full = load_pretrained(tmp_path).eval()
     cropped = load_pretrained(tmp_path, block_size=16, dropout=0.1, dtype=torch.bfloat16)
     assert cropped.cfg.block_size == 16 and cropped.cfg.dropout == 0.1
@@ -214,46 +267,22 @@ def test_errors_name_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="model_type 'bert' unsupported; expected gpt2, llama"):
         load_hf_config(tmp_path)
-    llama_model().config.to_json_file(tmp_path / "config.json")
+    hf_llama().config.to_json_file(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no weights; expected model.safetensors"):
         load_pretrained(tmp_path)
 
 
+GPT2_EXPORT = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64)
+LLAMA_EXPORT = dict(
+    GPT2_EXPORT, intermediate_size=96, norm="rmsnorm", mlp="swiglu", position="rope", bias=False
+)
 EXPORT_CASES = {
-    "gpt2": dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64),
-    "gpt2-untied": dict(
-        vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False
-    ),
+    "gpt2": GPT2_EXPORT,
+    "gpt2-untied": dict(GPT2_EXPORT, tie_embeddings=False),
     "llama3-tied": dict(
-        vocab_size=VOCAB,
-        block_size=32,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=64,
-        intermediate_size=96,
-        norm="rmsnorm",
-        mlp="swiglu",
-        position="rope",
-        bias=False,
-        tie_embeddings=True,
-        rope_theta=500000.0,
-        rope_scaling=dict(LLAMA3_SCALING),
+        LLAMA_EXPORT, n_kv_head=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
     ),
-    "llama-untied": dict(
-        vocab_size=VOCAB,
-        block_size=32,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=1,
-        n_embd=64,
-        intermediate_size=96,
-        norm="rmsnorm",
-        mlp="swiglu",
-        position="rope",
-        bias=False,
-        tie_embeddings=False,
-    ),
+    "llama-untied": dict(LLAMA_EXPORT, n_kv_head=1, tie_embeddings=False),
 }
 
 

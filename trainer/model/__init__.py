@@ -1,7 +1,7 @@
 """The model: GPT (GPT-2 / Llama layouts), parameter groups, HF import / export, and the loss."""
 
 from trainer.model.gpt import GPT, check_attention_backend, param_group
-from trainer.model.hf_import import export_hf, load_hf_config, load_pretrained
+from trainer.model.hf_import import export_hf, load_hf_config, load_pretrained, pretrained_weights
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "load_hf_config",
     "load_pretrained",
     "param_group",
+    "pretrained_weights",
 ]

@@ -14,7 +14,7 @@ Recompute is torch.utils.checkpoint in its non-reentrant form, the one PyTorch r
 the one its own `checkpoint_wrapper` (torch.distributed.algorithms._checkpoint) and torchtitan
 use ahead of FSDP2. `CheckpointWrapper` below is that wrapper's essentials, kept here so the
 model package never imports torch.distributed. Apply it before the strategy wraps the model
-(trainer/loop.py does): DDP and FSDP2 (fully_shard on each, possibly wrapped, block) then see
+(trainer.parallel.parallelize does): DDP and FSDP2 (fully_shard on each, possibly wrapped, block) then see
 ordinary modules whose backward happens to recompute; FSDP2's pre-backward all-gather runs
 before the recompute needs the parameters. DeepSpeed ZeRO-1/2/3 use the same wrapper:
 ZeRO-3's per-module hooks gather the parameters again when the recompute calls the inner
@@ -31,7 +31,7 @@ State-dict keys are unchanged: the wrapped module sits at `_checkpoint_wrapped_m
 PyTorch's own attribute name, and state-dict hooks drop it from `state_dict()` and add it
 back in `load_state_dict()`, so checkpoints of a wrapped and an unwrapped model are
 interchangeable. `named_parameters()` does show it (as with torch's wrapper); `param_group`,
-torch.distributed.checkpoint and `unwrapped_name` drop it, and code that turns parameter
+torch.distributed.checkpoint and `gpt.bare_name` drop it, and code that turns parameter
 names into checkpoint keys must do the same.
 """
 
@@ -85,12 +85,6 @@ def _add_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) ->
     new = f"{prefix}{WRAPPED}."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(new)]:
         state_dict[new + key[len(prefix) :]] = state_dict.pop(key)
-
-
-def unwrapped_name(name: str) -> str:
-    """A parameter name as the unwrapped model has it: `named_parameters()` of a wrapped model
-    says blocks.0._checkpoint_wrapped_module.attn.c_attn.weight, state_dict() does not."""
-    return name.replace(f"{WRAPPED}.", "")
 
 
 def checkpointed_blocks(cfg: ModelConfig) -> list[int]:

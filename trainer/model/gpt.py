@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
 from contextlib import nullcontext
 from functools import cache
 
@@ -29,9 +30,14 @@ WRAPPER_NAMES = frozenset(
 )
 
 
+def bare_name(name: str) -> str:
+    """A parameter name without wrapper components: the name the unwrapped GPT gives it."""
+    return ".".join(p for p in name.split(".") if p not in WRAPPER_NAMES)
+
+
 def param_group(name: str) -> str:
     """Map a parameter name to its group: embed, block.{i}.attn|mlp|norm, or head (incl. norm_f)."""
-    parts = [p for p in name.split(".") if p not in WRAPPER_NAMES]
+    parts = bare_name(name).split(".")
     if parts and parts[0] == "embed":
         return "embed"
     if parts and parts[0] in ("head", "norm_f"):
@@ -304,23 +310,45 @@ class GPT(nn.Module):
         self.head = None
         if not cfg.tie_embeddings:
             self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.init_weights()
+        if self.embed.wte.weight.device.type != "meta":  # on meta: shapes only, nothing to fill
+            self.init_weights()
 
     @torch.no_grad()
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None
+    ) -> None:
+        """Fill `tensor` in place with parameter `name`'s GPT-2 init: N(0, init_std) weights,
+        zero biases, norms at one, and residual output projections (c_proj) at
+        init_std / sqrt(2 n_layer) so the residual stream's variance does not grow with depth.
+        Wrapper components in `name` (activation checkpointing, DDP, ...) do not matter."""
+        name, std = bare_name(name), self.cfg.init_std
+        if name.endswith("c_proj.weight"):
+            nn.init.normal_(tensor, 0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=generator)
+        elif name.endswith("bias"):
+            nn.init.zeros_(tensor)
+        elif "norm" in name:
+            nn.init.ones_(tensor)
+        else:
+            nn.init.normal_(tensor, 0.0, std, generator=generator)
+
     def init_weights(self) -> None:
-        """GPT-2 init: N(0, init_std) weights, zero biases, norms at one, and residual output
-        projections at init_std / sqrt(2 n_layer) so the residual stream's variance does not
-        grow with depth. Callable again after building on the meta device and `to_empty`."""
-        std = self.cfg.init_std
+        """Initialise every parameter in place from the global torch RNG (see init_parameter).
+        Callable again after building on the meta device and `to_empty`."""
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_parameter(name, p)
+
+    def initial_weights(
+        self, seed: int, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, new full fp32 tensor on `device`) for each parameter, in named_parameters order,
+        drawn from one torch.Generator(device) seeded with `seed`. Reads only names and shapes,
+        so it serves a meta-built or sharded model: the values depend on seed and device type
+        alone, the same on every rank. Names are the unwrapped model's (see bare_name)."""
+        generator = torch.Generator(device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            tensor = torch.empty(p.shape, dtype=torch.float32, device=device)
+            self.init_parameter(name, tensor, generator)
+            yield bare_name(name), tensor
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         B, T = idx.shape

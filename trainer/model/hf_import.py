@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from trainer.config import ModelConfig
-from trainer.model.gpt import GPT, WRAPPER_NAMES
+from trainer.config import PRETRAINED_OVERRIDABLE, ModelConfig
+from trainer.model.gpt import GPT, bare_name
 
 LLAMA_TYPES = ("llama", "mistral")  # mistral is Llama's layout when sliding_window is off
 # Fields load_pretrained lets a caller change; everything else is the checkpoint's architecture.
-OVERRIDABLE = ("name", "block_size", "dropout", "attention_backend", "init_std")
 # HF tensors that are buffers or duplicates, not weights GPT needs.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -184,11 +183,13 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Tensor names: (our name, [HF names concatenated along dim 0], transposed Conv1D?)
 
+Rows = list[tuple[str, list[str], bool]]
 
-def _name_map(cfg: ModelConfig) -> list[tuple[str, list[str], bool]]:
+
+def _name_map(cfg: ModelConfig) -> Rows:
     arch, bias = _arch(cfg), cfg.bias
     kinds = ["weight", "bias"] if bias else ["weight"]
-    rows: list[tuple[str, list[str], bool]] = []
+    rows: Rows = []
     if arch == "gpt2":
         rows += [
             ("embed.wte.weight", ["wte.weight"], False),
@@ -226,37 +227,40 @@ def _name_map(cfg: ModelConfig) -> list[tuple[str, list[str], bool]]:
     return rows
 
 
+def _check_names(names: list[str], rows: Rows, cfg: ModelConfig) -> None:
+    """Raise (one line) when the HF names (prefix removed) lack a tensor GPT needs or hold one
+    GPT would drop."""
+    present = set(names)
+    missing = [h for _, hs, _ in rows for h in hs if h not in present]
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors GPT needs, e.g. {missing[:3]}")
+    used = {h for _, hs, _ in rows for h in hs} | (
+        {"lm_head.weight"} if cfg.tie_embeddings else set()
+    )
+    unused = [k for k in names if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if unused:
+        raise ValueError(f"checkpoint has {len(unused)} tensors GPT would drop, e.g. {unused[:3]}")
+
+
+def _assemble(pieces: list[torch.Tensor], transpose: bool) -> torch.Tensor:
+    """One GPT tensor from its HF pieces: q, k, v concatenated, Conv1D transposed."""
+    t = torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+    return (t.t() if transpose else t).contiguous()
+
+
 def hf_to_trainer(
     hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig
 ) -> dict[str, torch.Tensor]:
     """Rename (and fuse / transpose) HF tensors into GPT's state dict. Also maps gradients."""
     tensors = {k.removeprefix("transformer."): v for k, v in hf_tensors.items()}
     rows = _name_map(cfg)
-    missing = [h for _, hs, _ in rows for h in hs if h not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors GPT needs, e.g. {missing[:3]}")
-    used = {h for _, hs, _ in rows for h in hs} | (
-        {"lm_head.weight"} if cfg.tie_embeddings else set()
-    )
-    unused = [k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
-    if unused:
-        raise ValueError(f"checkpoint has {len(unused)} tensors GPT would drop, e.g. {unused[:3]}")
-    out = {}
-    for ours, theirs, transpose in rows:
-        t = (
-            torch.cat([tensors[h] for h in theirs], dim=0)
-            if len(theirs) > 1
-            else tensors[theirs[0]]
-        )
-        out[ours] = (t.t() if transpose else t).contiguous()
-    return out
+    _check_names(list(tensors), rows, cfg)
+    return {ours: _assemble([tensors[h] for h in hs], transpose) for ours, hs, transpose in rows}
 
 
 def trainer_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of hf_to_trainer: GPT's state dict in HF names (GPT-2 keys under transformer.)."""
-    state = {
-        ".".join(p for p in k.split(".") if p not in WRAPPER_NAMES): v for k, v in state.items()
-    }
+    state = {bare_name(k): v for k, v in state.items()}
     hd, nh, nkv = cfg.n_embd // cfg.n_head, cfg.n_head, cfg.n_kv_head or cfg.n_head
     prefix = "transformer." if _arch(cfg) == "gpt2" else ""
     out = {}
@@ -273,54 +277,104 @@ def trainer_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 # Files
 
 
-def read_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory under their HF names (on CPU, stored dtype)."""
-    from safetensors.torch import load_file
+def _weight_files(path: Path) -> list[tuple[Path, list[str]]]:
+    """The checkpoint's weight files in reading order, each with the tensor names it stores,
+    taken from the index or the file's header: no tensor is read."""
+    from safetensors import safe_open
 
-    path = Path(path).expanduser()
-    for index_name, loader in [
-        ("model.safetensors.index.json", load_file),
-        (
-            "pytorch_model.bin.index.json",
-            lambda f: torch.load(f, map_location="cpu", weights_only=True),
-        ),
-    ]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = path / index_name
         if index.is_file():
-            tensors = {}
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                tensors.update(loader(path / shard))
-            return tensors
+            by_file: dict[str, list[str]] = {}
+            for name, file in json.loads(index.read_text())["weight_map"].items():
+                by_file.setdefault(file, []).append(name)
+            return [(path / file, by_file[file]) for file in sorted(by_file)]
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        with safe_open(path / "model.safetensors", framework="pt") as f:
+            return [(path / "model.safetensors", list(f.keys()))]
+    if (path / "pytorch_model.bin").is_file():  # on meta: the names, no data
+        names = torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True)
+        return [(path / "pytorch_model.bin", list(names))]
     raise FileNotFoundError(
         f"{path}: no weights; expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
     )
 
 
+def _read_file(file: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for `names` of one weight file: one tensor at a time from safetensors, the
+    whole file at once from a pickled pytorch_model*.bin (which has no per-tensor reader)."""
+    from safetensors import safe_open
+
+    if file.suffix == ".safetensors":
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+    else:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+        for name in names:
+            yield name, tensors.pop(name)
+
+
+def read_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory under their HF names (on CPU, stored dtype)."""
+    files = _weight_files(Path(path).expanduser())
+    return {name: t for file, names in files for name, t in _read_file(file, names)}
+
+
+def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPT's tensors (our names; CPU; the checkpoint's dtype) streamed from a local HF checkpoint,
+    each yielded once its HF pieces are read, file by file, so the whole model is never held: only
+    pieces waiting for a partner in the next file (q, k, v of a layer split across shards).
+    GPT-2's learned positions are cropped to cfg.block_size. Missing or unused tensors are
+    reported (ValueError) on the call, from the files' name lists, before any tensor is read."""
+    path = Path(path).expanduser()
+    files = _weight_files(path)
+    rows = _name_map(cfg)
+    _check_names([n.removeprefix("transformer.") for _, names in files for n in names], rows, cfg)
+    return _stream(files, rows, cfg.block_size)
+
+
+def _stream(
+    files: list[tuple[Path, list[str]]], rows: Rows, block_size: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    row_of = {h: row for row in rows for h in row[1]}
+    waiting: dict[str, torch.Tensor] = {}  # pieces read whose row still lacks one
+    for file, stored in files:
+        # stored name -> HF name without GPT-2's prefix, for GPT's tensors only (no buffers, no
+        # tied head)
+        wanted = {n: n.removeprefix("transformer.") for n in stored}
+        wanted = {n: h for n, h in wanted.items() if h in row_of}
+        for name, tensor in _read_file(file, list(wanted)):
+            waiting[wanted[name]] = tensor
+            ours, theirs, transpose = row_of[wanted[name]]
+            if all(h in waiting for h in theirs):
+                tensor = _assemble([waiting.pop(h) for h in theirs], transpose)
+                if ours == "embed.wpe.weight":
+                    tensor = _crop_positions(tensor, block_size)
+                yield ours, tensor
+
+
+def _crop_positions(wpe: torch.Tensor, block_size: int) -> torch.Tensor:
+    if block_size > wpe.size(0):
+        raise ValueError(
+            f"block_size={block_size} exceeds the checkpoint's {wpe.size(0)} positions"
+        )
+    return wpe[:block_size].contiguous()
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **overrides) -> GPT:
-    """Build GPT from a local HF checkpoint. overrides: any of OVERRIDABLE (a smaller block_size
+    """Build GPT from a local HF checkpoint. overrides: any of config.PRETRAINED_OVERRIDABLE (a smaller block_size
     crops GPT-2's learned positions). Built on the meta device, so nothing is randomly initialised."""
-    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    bad = sorted(set(overrides) - set(PRETRAINED_OVERRIDABLE))
     if bad:
         raise ValueError(
-            f"load_pretrained: cannot override {bad}; the checkpoint fixes them (allowed: {OVERRIDABLE})"
+            f"load_pretrained: cannot override {bad}; the checkpoint fixes them (allowed: {PRETRAINED_OVERRIDABLE})"
         )
-    cfg = load_hf_config(path)
-    state = hf_to_trainer(read_hf_tensors(path), cfg)
-    cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.position == "learned":
-        wpe = state["embed.wpe.weight"]
-        if cfg.block_size > wpe.size(0):
-            raise ValueError(
-                f"block_size={cfg.block_size} exceeds the checkpoint's {wpe.size(0)} positions"
-            )
-        state["embed.wpe.weight"] = wpe[: cfg.block_size].contiguous()
+    cfg = dataclasses.replace(load_hf_config(path), **overrides)
     with torch.device("meta"):
         model = GPT(cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    state = {name: tensor.to(dtype) for name, tensor in pretrained_weights(path, cfg)}
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 

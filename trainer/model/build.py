@@ -1,0 +1,26 @@
+"""Build a model without memory: GPT on the meta device, and where its initial values come from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from trainer.config import ModelConfig
+from trainer.model.gpt import GPT
+from trainer.model.hf_import import pretrained_weights
+
+# A model's initial values as (parameter name, full tensor) pairs, one at a time, for a device.
+WeightSource = Callable[[torch.device], Iterable[tuple[str, torch.Tensor]]]
+
+
+def build_model(cfg: ModelConfig, seed: int) -> tuple[GPT, WeightSource]:
+    """GPT(cfg) on the meta device (no storage, no init), and its weight source: a function of
+    the device that yields (name, full tensor) pairs one at a time, from the pretrained
+    checkpoint cfg.pretrained names, or a random init drawn from `seed` (the same on every rank).
+    A strategy materialises the model from it (trainer.parallel.parallelize)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    if cfg.pretrained:
+        return model, lambda device: pretrained_weights(cfg.pretrained, cfg)
+    return model, lambda device: model.initial_weights(seed, device)
