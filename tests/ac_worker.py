@@ -15,13 +15,10 @@ import dataclasses
 import sys
 
 import torch
+from helpers import build, step_once
 
 from trainer.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
-from trainer.data import shard_for_rank
-from trainer.loop import forward_backward
-from trainer.model import GPT
-from trainer.model.checkpointing import apply_activation_checkpointing
-from trainer.parallel import build_strategy, global_norm
+from trainer.model.checkpointing import CheckpointWrapper
 
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=3, n_head=2, n_embd=32, dropout=0.1)
 MICRO, ACCUM = 2, 2
@@ -45,9 +42,7 @@ MODES = {  # every strategy against itself without checkpointing; whole blocks a
 
 def config(strategy: str, mode: str) -> Config:
     kind, every = SETTINGS[mode]
-    model = dataclasses.replace(
-        MODEL, activation_checkpointing=kind, activation_checkpointing_every=every
-    )
+    model = dataclasses.replace(MODEL, activation_checkpointing=kind, activation_checkpointing_every=every)
     return Config(
         model=model,
         parallel=ParallelConfig(strategy=strategy),
@@ -62,39 +57,23 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def one_step(strategy_name: str, mode: str) -> dict:
-    cfg = config(strategy_name, mode)
-    strategy = build_strategy(cfg)
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    # Pre-hooks, registered before wrapping, count forwards and recomputes alike (a recompute
-    # stops early, once it has rebuilt the last saved tensor, so post-hooks would miss it).
     forwards = {f"{i}.{part}": 0 for i in range(MODEL.n_layer) for part in ("attn", "mlp")}
-    for name in forwards:
-        i, part = name.split(".")
-        model.blocks[int(i)].get_submodule(part).register_forward_pre_hook(
-            lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1)
-        )
-    wrapped = apply_activation_checkpointing(model, cfg.model)
-    strategy.setup(model, cfg.optim, max_steps=1, accum_steps=ACCUM)
+
+    def count_forwards(model: torch.nn.Module) -> None:
+        # Pre-hooks, registered before wrapping, count forwards and recomputes alike (a recompute
+        # stops early, once it has rebuilt the last saved tensor, so post-hooks would miss it).
+        for name in forwards:
+            i, part = name.split(".")
+            model.blocks[int(i)].get_submodule(part).register_forward_pre_hook(
+                lambda *_, name=name: forwards.__setitem__(name, forwards[name] + 1)
+            )
+
+    strategy = build(config(strategy_name, mode), before_parallelize=count_forwards)
+    wrapped = sum(isinstance(m, CheckpointWrapper) for m in strategy.unwrapped().modules())
+    torch.manual_seed(1 + strategy.rank)  # dropout masks: per rank, the same with and without recompute
     x, y = global_batch()
-    rows = torch.from_numpy(
-        shard_for_rank(torch.arange(8).numpy(), strategy.rank, strategy.world_size)
-    )
-    torch.manual_seed(
-        1 + strategy.rank
-    )  # dropout masks: per rank, the same with and without recompute
-    forward_backward(strategy, strategy.model, x[rows], y[rows], ACCUM)
-    sums = strategy.grad_sumsq_by_group()
-    norm = global_norm(sums)
-    strategy.clip_and_step(norm, CLIP)
-    weights = strategy.full_state_dict()
-    return {
-        "sums": {k: v.item() for k, v in sums.items()},
-        "norm": norm.item(),
-        "weights": weights,
-        "wrapped": wrapped,
-        "forwards": forwards,
-    }
+    result = step_once(strategy, x, y, MICRO, CLIP, stats=False)
+    return {**result, "wrapped": wrapped, "forwards": forwards}
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ whose ranks hold very different numbers of target tokens, through the real strat
 
     torchrun --nproc_per_node 2 tests/dist_worker.py OUT.pt ddp fsdp zero1 zero2 zero3 fsdp-hybrid ...
 
-Rank 0 saves, per strategy: the per-group gradient sums of squares, the global norm and the
-whole model's weights after the (clipped) step.
+Rank 0 saves, per strategy: the per-group gradient, parameter and update sums of squares, the
+global norm and the whole model's weights after the (clipped) step.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from helpers import build, masked_global_batch, step_once
 
 from trainer.config import (
     Config,
@@ -21,10 +22,6 @@ from trainer.config import (
     PrecisionConfig,
     TrainConfig,
 )
-from trainer.data import shard_for_rank
-from trainer.loop import forward_backward
-from trainer.model import GPT
-from trainer.parallel import build_strategy, global_norm
 
 # No biases: the key projection's bias has an exactly zero true gradient (softmax ignores a
 # constant added to a whole row of scores), so Adam turns its rounding noise into full-size
@@ -32,17 +29,6 @@ from trainer.parallel import build_strategy, global_norm
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False)
 MICRO, ACCUM, WORLD = 2, 2, 2
 CLIP = 0.5  # below the initial norm, so the step is clipped
-
-
-def masked_global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """8 sequences; the first half (rank 0's) keeps few targets, the second half keeps most."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 64, (8, 16), generator=g)
-    y = torch.randint(0, 64, (8, 16), generator=g)
-    for row, keep in enumerate([1, 3, 2, 5, 16, 16, 12, 16]):
-        y[row, keep:] = -100
-    return x, y
-
 
 VARIANTS = {  # name -> ParallelConfig options
     "fsdp-hybrid": {"strategy": "fsdp", "fsdp_shard_size": 1},  # 2D mesh: replicate 2 x shard 1
@@ -71,24 +57,10 @@ def config(strategy: str) -> Config:
 
 
 def one_step(strategy_name: str) -> dict:
+    """The step on this rank's share; with parallel=none, the whole global batch in one process."""
     cfg = config(strategy_name)
-    strategy = build_strategy(cfg)
-    torch.manual_seed(0)
-    strategy.setup(GPT(MODEL), cfg.optim, max_steps=1, accum_steps=ACCUM)
     x, y = masked_global_batch()
-    rows = torch.from_numpy(shard_for_rank(torch.arange(8).numpy(), strategy.rank, strategy.world_size))
-    forward_backward(strategy, strategy.model, x[rows], y[rows], ACCUM)
-    strategy.unscale_gradients()
-    sums = strategy.grad_sumsq_by_group()
-    norm = global_norm(sums)
-    before = strategy.snapshot_params()
-    strategy.clip_and_step(norm, CLIP)
-    params = strategy.param_sumsq_by_group()
-    updates = strategy.update_sumsq_by_group(before)
-    weights = strategy.full_state_dict()
-    as_floats = lambda d: {k: v.item() for k, v in d.items()}  # noqa: E731
-    return {"sums": as_floats(sums), "norm": norm.item(), "params": as_floats(params),
-            "updates": as_floats(updates), "weights": weights}
+    return step_once(build(cfg), x, y, MICRO, CLIP)
 
 
 if __name__ == "__main__":

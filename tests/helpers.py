@@ -34,3 +34,84 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = ())
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- one optimizer step through the real strategy code (tests and their torchrun workers) ------------
+
+
+def masked_global_batch(keep: tuple[int, ...] = (1, 3, 2, 5, 16, 16, 12, 16), vocab: int = 64, seed: int = 0):
+    """8 sequences of 16 tokens; row i keeps its first keep[i] targets, the rest are masked, so
+    micro-batches and ranks hold very different numbers of target tokens (as prompt masking does)."""
+    import torch
+
+    from trainer.model.loss import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (len(keep), 16), generator=g)
+    y = torch.randint(0, vocab, (len(keep), 16), generator=g)
+    for row, kept in enumerate(keep):
+        y[row, kept:] = IGNORE_INDEX
+    return x, y
+
+
+def build(cfg, seed: int = 0, before_parallelize=None):
+    """The strategy cfg names, holding GPT(cfg.model) initialised from `seed` (the loop's path:
+    built on the meta device, materialised by the strategy). before_parallelize(model) may
+    register hooks on the model before it is wrapped."""
+    from trainer.model.build import build_model
+    from trainer.parallel import build_strategy, parallelize
+
+    strategy = build_strategy(cfg)
+    model, weights = build_model(cfg.model, seed)
+    if before_parallelize is not None:
+        before_parallelize(model)
+    parallelize(model, weights, cfg, strategy)
+    return strategy
+
+
+def step_once(strategy, x, y, micro_batch_size: int, clip: float, stats: bool = True) -> dict:
+    """One clipped train_step on this rank's share of the global batch (x, y); rank 0 gets the
+    per-group statistics as floats and the whole model's weights after the step."""
+    import torch
+
+    from trainer.data import shard_for_rank
+    from trainer.step import train_step
+
+    rows = torch.from_numpy(shard_for_rank(torch.arange(len(x)).numpy(), strategy.rank, strategy.world_size))
+    result = train_step(strategy, x[rows], y[rows], len(rows) // micro_batch_size, clip, stats=stats)
+    as_floats = lambda sums: {k: v.item() for k, v in sums.items()}  # noqa: E731
+    return {
+        "sums": as_floats(result.grad_sumsq), "norm": result.grad_norm, "params": as_floats(result.param_sumsq),
+        "updates": as_floats(result.update_sumsq), "weights": strategy.full_state_dict(),
+    }  # fmt: skip
+
+
+# -- tiny models: trainer ModelConfig fields, and random Hugging Face models built locally ---------
+
+GPT2_LIKE = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32)
+LLAMA_LIKE = dict(
+    GPT2_LIKE, n_kv_head=2, intermediate_size=48, norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
+    tie_embeddings=False,
+)  # fmt: skip
+HF_SPECIAL = dict(bos_token_id=0, eos_token_id=0)  # token ids inside the tiny vocabularies
+HF_CONTEXT = 64  # n_positions / max_position_embeddings of the checkpoints conftest's hf_checkpoints builds
+
+
+def hf_gpt2(**config):
+    """A random transformers GPT2LMHeadModel (no hub: built here); config overrides the tiny defaults."""
+    import transformers
+
+    defaults = dict(vocab_size=101, n_positions=32, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.0,
+                    embd_pdrop=0.0, attn_pdrop=0.0, **HF_SPECIAL)  # fmt: skip
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**defaults, **config}))
+
+
+def hf_llama(tie: bool = False, cls=None, **config):
+    """A random Llama-family transformers model with GQA (cls: (config class, model class), e.g.
+    Mistral's); config overrides the tiny defaults."""
+    import transformers
+
+    config_cls, model_cls = cls or (transformers.LlamaConfig, transformers.LlamaForCausalLM)
+    defaults = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, **HF_SPECIAL)  # fmt: skip
+    return model_cls(config_cls(**{**defaults, **config}, tie_word_embeddings=tie))

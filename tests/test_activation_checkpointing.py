@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ac_worker
 import pytest
 import torch
 
@@ -25,11 +26,8 @@ from trainer.model.checkpointing import (
     CheckpointWrapper,
     apply_activation_checkpointing,
     checkpointed_blocks,
-    unwrapped_name,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-import ac_worker  # noqa: E402
+from trainer.model.gpt import bare_name
 
 REPO = Path(__file__).resolve().parent.parent
 GPT2 = ModelConfig(vocab_size=64, block_size=32, n_layer=4, n_head=2, n_embd=32, dropout=0.1)
@@ -98,7 +96,7 @@ def loss_and_grads(cfg: ModelConfig) -> dict:
     torch.manual_seed(2)  # the dropout masks
     loss = model(x, targets=y)
     loss.backward()
-    grads = {unwrapped_name(n): p.grad for n, p in model.named_parameters()}
+    grads = {bare_name(n): p.grad for n, p in model.named_parameters()}
     return {
         "loss": loss.detach(),
         "grads": grads,
@@ -180,7 +178,7 @@ def test_names_and_state_dict_keys_are_unchanged_and_interchangeable(mode: str, 
     assert any(isinstance(m, CheckpointWrapper) for m in wrapped.modules())
     assert list(wrapped.state_dict()) == list(plain.state_dict())  # same keys, same order
     names = [n for n, _ in wrapped.named_parameters()]
-    assert [unwrapped_name(n) for n in names] == [n for n, _ in plain.named_parameters()]
+    assert [bare_name(n) for n in names] == [n for n, _ in plain.named_parameters()]
     assert [param_group(n) for n in names] == [param_group(n) for n, _ in plain.named_parameters()]
     # Checkpoints load across: plain -> wrapped, and wrapped -> plain, both strict.
     wrapped.load_state_dict(plain.state_dict())
@@ -215,21 +213,20 @@ def test_no_grad_runs_once_and_matches_the_plain_model() -> None:
     )
 
 
-def test_a_training_run_is_the_same_with_checkpointing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Through the loop's own call site: same losses, grad norms and final checkpoint."""
+def test_a_training_run_is_the_same_with_checkpointing(tmp_path: Path) -> None:
+    """Through the loop's own build: same losses, grad norms and final checkpoint."""
     from safetensors.torch import load_file
 
     from trainer import loop
     from trainer.__main__ import compose_config
 
     wrapped = []
-    monkeypatch.setattr(
-        loop,
-        "apply_activation_checkpointing",
-        lambda m, c: wrapped.append(apply_activation_checkpointing(m, c)),
-    )
+
+    class CountWrapped:  # a loop callback: what the run trains, after its first step
+        def on_step_end(self, run, result, metrics) -> None:
+            if run.state.step == 1:
+                wrapped.append(sum(isinstance(m, CheckpointWrapper) for m in run.strategy.unwrapped().modules()))
+
     runs = {}
     for mode in ("none", "full"):
         cfg, _ = compose_config([
@@ -239,7 +236,7 @@ def test_a_training_run_is_the_same_with_checkpointing(
             "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.seq_len=32", "train.max_steps=3",
             "train.log_interval=1", "train.sample_tokens=0",
         ])  # fmt: skip
-        loop.train(cfg, tmp_path / mode)
+        loop.train(cfg, tmp_path / mode, callbacks=(CountWrapped(),))
         metrics = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
         runs[mode] = [json.loads(line) for line in metrics]
     assert wrapped == [0, 2]  # blocks 0 and 2 of 3

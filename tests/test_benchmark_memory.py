@@ -103,6 +103,25 @@ def test_single_process_holds_params_grads_and_adam_state_exactly() -> None:
     assert row["total"] == 16 * psi + 4 * n_tensors
 
 
+def test_without_deepspeed_the_default_leaves_zero_out_and_asking_for_it_stops() -> None:
+    assert memory.choose_strategies(None, None) == ["none", "ddp", "fsdp"]
+    assert memory.choose_strategies(None, "0.19.8") == list(memory.STRATEGIES)
+    assert memory.choose_strategies(["ddp"], None) == ["ddp"]
+    assert memory.choose_strategies(["zero3"], "0.19.8") == ["zero3"]
+    with pytest.raises(SystemExit, match=r"zero2 needs DeepSpeed.*\.\[deepspeed\]"):
+        memory.choose_strategies(["ddp", "zero2"], None)
+
+
+def test_a_strategy_without_deepspeed_is_measured_when_it_cannot_be_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` now fails
+    assert memory.deepspeed_version() is None
+    model_cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    row = memory.measure("none", model_cfg, seq_len=8, micro_batch=2)
+    assert row["params"] == 4 * row["param_count"]
+
+
 def test_model_flags_override_a_shipped_config() -> None:
     args = memory.parse_args(["--model", "tiny", "--n-layer", "2"])
     cfg = memory.build_model_config(args)
@@ -113,6 +132,7 @@ def test_model_flags_override_a_shipped_config() -> None:
 
 
 @pytest.mark.heavy
+@pytest.mark.deepspeed
 def test_zero2_on_two_ranks_partitions_grads_and_adam_state(tmp_path: Path) -> None:
     shape = {"vocab_size": 256, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 64}
     out = tmp_path / "memory.json"

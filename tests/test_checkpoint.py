@@ -17,15 +17,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import QUICK, build, env, read_metrics, run_cli, torchrun
 from safetensors.torch import load_file
 
 from trainer.__main__ import compose_config
-from trainer.checkpoint import Checkpointer, step_dir_name, verify
+from trainer.checkpoint import Checkpointer, CheckpointStore, step_dir_name, verify
 from trainer.config import ConfigError
 from trainer.loop import TrainingError, train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from runs import QUICK, env, read_metrics, run_cli, torchrun  # noqa: E402
+from trainer.state import TrainState
 
 STEPS, INTERVAL, STOP = 12, 4, 8  # checkpoints at 4, 8, 12; the interrupted run stops at 8
 
@@ -80,21 +79,16 @@ def test_resume_in_one_process_is_exact(async_save: bool, tmp_path: Path) -> Non
 def _stepper(device: str):
     """A small GPT under parallel=none on `device` and a function taking one optimizer step."""
     from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
-    from trainer.loop import forward_backward
-    from trainer.model import GPT
-    from trainer.parallel import build_strategy, global_norm
+    from trainer.step import train_step
 
     model_cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=32)
     cfg = Config(model=model_cfg, parallel=ParallelConfig(strategy="none"),
                  train=TrainConfig(micro_batch_size=4, seq_len=32, max_steps=100, device=device))
-    strategy = build_strategy(cfg)
-    torch.manual_seed(0)
-    strategy.setup(GPT(model_cfg), cfg.optim, 100, 1)
+    strategy = build(cfg)
     tokens = torch.randint(256, (4, 33)).to(strategy.device)
 
     def step() -> None:
-        forward_backward(strategy, strategy.model, tokens[:, :-1], tokens[:, 1:], 1)
-        strategy.clip_and_step(global_norm(strategy.grad_sumsq_by_group()), 1.0)
+        train_step(strategy, tokens[:, :-1], tokens[:, 1:], 1, clip_grad_norm=1.0)
 
     return strategy, step
 
@@ -111,8 +105,8 @@ def test_an_async_save_holds_the_state_of_its_step(device: str, tmp_path: Path) 
         step()
     at_save = {k: v.detach().cpu().clone() for k, v in strategy.model.state_dict().items()}
     moments = [s["exp_avg"].detach().cpu().clone() for s in strategy.optimizer.state.values()]
-    checkpointer = Checkpointer(tmp_path, keep=2, strategy=strategy)
-    path = checkpointer.save(2, {"step": 2}, async_save=True)
+    checkpointer = Checkpointer(CheckpointStore(tmp_path, keep=2))
+    path = checkpointer.save(2, {**strategy.checkpoint_parts(), "train_state": TrainState(step=2)}, async_save=True)
     for _ in range(3):
         step()  # changes every tensor in place while the write may still be in flight
     checkpointer.wait()
@@ -122,7 +116,7 @@ def test_an_async_save_holds_the_state_of_its_step(device: str, tmp_path: Path) 
 
     fresh, fresh_step = _stepper(device)
     fresh_step()  # AdamW state exists, with other values
-    fresh.load_state(path / "state")
+    Checkpointer(CheckpointStore(tmp_path)).load(path, fresh.checkpoint_parts())
     loaded = fresh.model.state_dict()
     assert loaded.keys() == at_save.keys()
     assert all(torch.equal(loaded[k].cpu(), at_save[k]) for k in at_save)
@@ -214,7 +208,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path) -> 
         cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     half_written = run_dir / "checkpoints" / (step_dir_name(4) + ".tmp")
-    wait_for(lambda: (half_written / "state").exists() or process.poll() is not None, 240, "the second save")
+    wait_for(lambda: (half_written / "model").exists() or process.poll() is not None, 240, "the second save")
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert half_written.exists(), "the save finished before the kill: the model is too small to catch it"
@@ -315,23 +309,22 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_used(small_run:
     run_dir = tmp_path / "run"
     shutil.copytree(small_run, run_dir)
     newest = run_dir / "checkpoints" / step_dir_name(STEPS)
-    shard = next((newest / "state").glob("*.distcp"))
+    shard = next((newest / "model").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # a file cut short
     warnings: list[str] = []
-    strategy = type("S", (), {"rank": 0})()
-    found = Checkpointer(run_dir, 5, strategy).find("auto", warn=warnings.append)
+    found = CheckpointStore(run_dir).find("auto", warn=warnings.append)
     assert found == run_dir / "checkpoints" / step_dir_name(8)
     assert len(warnings) == 1 and "truncated" in warnings[0] and shard.name in warnings[0]
     with pytest.raises(ConfigError, match="cannot be used: .*truncated"):
-        Checkpointer(run_dir, 5, strategy).find(str(newest))
+        CheckpointStore(run_dir).find(str(newest))
 
 
 def test_a_file_missing_from_the_manifest_fails_verification(small_run: Path, tmp_path: Path) -> None:
     checkpoint = tmp_path / "step"
     shutil.copytree(small_run / "checkpoints" / step_dir_name(STEPS), checkpoint)
     assert verify(checkpoint) is None
-    (checkpoint / "state" / "__9_0.distcp").write_bytes(b"written after the commit")
-    assert verify(checkpoint) == f"{checkpoint / 'state' / '__9_0.distcp'} is not in the manifest " \
+    (checkpoint / "model" / "__9_0.distcp").write_bytes(b"written after the commit")
+    assert verify(checkpoint) == f"{checkpoint / 'model' / '__9_0.distcp'} is not in the manifest " \
         "(written after the commit, or a rank's checksums lost)"
 
 
@@ -357,13 +350,12 @@ def test_an_existing_run_needs_resume(small_run: Path, tmp_path: Path) -> None:
 
 
 def test_zero3_at_another_world_size_is_one_line(small_run: Path) -> None:
-    from trainer.checkpoint import check_compatible
+    from trainer.parallel.model_state import check_compatible
 
-    strategy = type("S", (), {"name": "zero3", "world_size": 4})()
-    meta = {"shapes": {}, "strategy": "zero3", "world_size": 2}
+    info = {"shapes": {}, "strategy": "zero3", "world_size": 2}
     with pytest.raises(ConfigError, match=r"holds ZeRO-3 partitions for 2 ranks, this run has 4: resume ZeRO-3 at"):
-        check_compatible(meta, {}, strategy, small_run)
-    check_compatible({**meta, "strategy": "zero2"}, {}, type("S", (), {"name": "zero2", "world_size": 4})(), small_run)
+        check_compatible(info, {}, "zero3", 4, small_run)
+    check_compatible({**info, "strategy": "zero2"}, {}, "zero2", 4, small_run)
 
 
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
@@ -382,9 +374,13 @@ def test_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
 def test_checkpoints_hold_no_pickles(small_run: Path) -> None:
     newest = small_run / "checkpoints" / step_dir_name(STEPS)
     meta = json.loads((newest / "meta.json").read_text())
-    assert meta["step"] == STEPS and meta["strategy"] == "none" and meta["sampler"]["position"] > 0
+    info = json.loads((newest / "model" / "info.json").read_text())
+    assert meta["step"] == STEPS and info["strategy"] == "none" and meta["parts"]["sampler"]["position"] > 0
+    assert meta["parts"]["train_state"]["step"] == STEPS and set(meta["parts"]) == {
+        "scheduler", "train_state", "spikes", "sampler"
+    }  # fmt: skip
     names = {p.name for p in newest.rglob("*") if p.is_file()}
-    assert {"meta.json", "manifest.json", "rank0.json", "rank0.safetensors", ".metadata"} <= names
+    assert {"meta.json", "manifest.json", "rank0.json", "rank0.safetensors", ".metadata", "info.json"} <= names
     assert not [n for n in names if n.endswith((".pt", ".pkl", ".bin"))]
     assert len(list((small_run / "checkpoints").glob("step_*"))) == 3  # 4, 8, 12 with keep=5
 

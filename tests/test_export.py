@@ -68,7 +68,7 @@ def step_dir(run: Path, step: int = 3) -> Path:
 
 
 def model_config(run: Path) -> ModelConfig:
-    return ModelConfig(**json.loads((step_dir(run) / "meta.json").read_text())["model"])
+    return ModelConfig(**json.loads((step_dir(run) / "model" / "info.json").read_text())["model_config"])
 
 
 def exported_weights(out: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -122,8 +122,8 @@ def test_no_hf_keeps_our_names_and_config(gpt2_run: Path, tmp_path: Path) -> Non
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "trainer_config.json"]
     final = load_file(gpt2_run / "checkpoints" / "final" / "model.safetensors")
     assert_equal_weights(load_file(out / "model.safetensors"), final)
-    meta = json.loads((step_dir(gpt2_run) / "meta.json").read_text())
-    assert json.loads((out / "trainer_config.json").read_text()) == meta["model"]
+    info = json.loads((step_dir(gpt2_run) / "model" / "info.json").read_text())
+    assert json.loads((out / "trainer_config.json").read_text()) == info["model_config"]
 
 
 def test_llama_layout_loads_as_llama_for_causal_lm(llama_run: Path, tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_llama_layout_loads_as_llama_for_causal_lm(llama_run: Path, tmp_path: Pa
 
 def test_run_dir_falls_back_past_a_failing_checkpoint(gpt2_run: Path, tmp_path: Path, capsys) -> None:
     run_copy = shutil.copytree(gpt2_run, tmp_path / "run_copy")
-    shard = next((step_dir(run_copy) / "state").glob("*.distcp"))
+    shard = next((step_dir(run_copy) / "model").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:-10])
     out = tmp_path / "export"
     assert main([str(run_copy), "--out", str(out), "--no-hf"]) == 0
@@ -197,8 +197,8 @@ def test_run_dir_without_checkpoints(tmp_path: Path, capsys) -> None:
 
 def test_unknown_strategy(gpt2_run: Path, tmp_path: Path, capsys) -> None:
     checkpoint = shutil.copytree(step_dir(gpt2_run), tmp_path / "step_00000003")
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    (checkpoint / "meta.json").write_text(json.dumps({**meta, "strategy": "pipeline"}))
+    info = json.loads((checkpoint / "model" / "info.json").read_text())
+    (checkpoint / "model" / "info.json").write_text(json.dumps({**info, "strategy": "pipeline"}))
     write_manifest(checkpoint)  # a checkpoint that verifies, from a strategy export does not know
     assert main([str(checkpoint), "--out", str(tmp_path / "export")]) == 2
     assert "unknown strategy 'pipeline'" in one_line(capsys.readouterr().err)

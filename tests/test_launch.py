@@ -401,6 +401,7 @@ def test_single_node_ddp_two_ranks(single_node_run):
 
 
 @pytest.mark.heavy
+@pytest.mark.deepspeed
 def test_deepspeed_launcher_zero2_matches_torchrun_ddp(tmp_path: Path, single_node_run):
     """deepspeed.sh starts 2 ranks on CPU; ZeRO-2 over them gives DDP's losses on the same batch."""
     run_dir, result = launch_run("launch/deepspeed.sh", tmp_path, "zero2")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import GPT2_LIKE, LLAMA_LIKE
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -189,17 +190,6 @@ def test_no_tensor_of_all_the_logits_is_allocated():
     assert unfused.largest == n * v  # so the check can fail: the plain path allocates them all
 
 
-GPT2_LIKE = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32)
-LLAMA_LIKE = dict(
-    GPT2_LIKE,
-    n_kv_head=2,
-    intermediate_size=48,
-    norm="rmsnorm",
-    mlp="swiglu",
-    position="rope",
-    bias=False,
-    tie_embeddings=False,
-)
 
 
 @pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["tied", "untied"])
@@ -271,38 +261,23 @@ def test_zero3_partitioned_untied_and_tied_heads_match_one_process(tmp_path):
 
 def one_step(strategy_name: str, tie: bool, ds_config: Path) -> dict:
     """One clipped step of tests/dist_worker.py's masked batch with the fused loss (chunks of 5)."""
-    sys.path.insert(0, str(REPO / "tests"))
     import dist_worker
+    from helpers import build, masked_global_batch, step_once
 
     from trainer.config import ParallelConfig
-    from trainer.data import shard_for_rank
-    from trainer.loop import forward_backward
-    from trainer.parallel import SingleProcess, build_strategy, global_norm
 
     model_cfg = dataclasses.replace(dist_worker.MODEL, tie_embeddings=tie, loss_chunk_size=5)
     cfg = dataclasses.replace(
         dist_worker.config("zero3"),
         model=model_cfg,
-        parallel=ParallelConfig(strategy="zero3", deepspeed_config=str(ds_config)),
+        parallel=ParallelConfig(strategy=strategy_name, deepspeed_config=str(ds_config) if strategy_name == "zero3" else None),
     )
-    x, y = dist_worker.masked_global_batch()
-    torch.manual_seed(0)
-    if strategy_name == "none":
-        strategy = SingleProcess(torch.device("cpu"))
-        strategy.setup(GPT(model_cfg), cfg.optim, max_steps=1)
-        forward_backward(strategy, strategy.model, x, y, dist_worker.ACCUM * dist_worker.WORLD)
-    else:
-        strategy = build_strategy(cfg)
-        strategy.setup(GPT(model_cfg), cfg.optim, max_steps=1, accum_steps=dist_worker.ACCUM)
-        rows = torch.from_numpy(
-            shard_for_rank(torch.arange(8).numpy(), strategy.rank, strategy.world_size)
-        )
-        forward_backward(strategy, strategy.model, x[rows], y[rows], dist_worker.ACCUM)
+    strategy = build(cfg)
     head = strategy.unwrapped().embed.wte if tie else strategy.unwrapped().head
     partitioned = strategy_name != "none" and head.weight.ds_tensor.numel() < head.weight.ds_numel
-    norm = global_norm(strategy.grad_sumsq_by_group())
-    strategy.clip_and_step(norm, dist_worker.CLIP)
-    return {"norm": norm.item(), "weights": strategy.full_state_dict(), "partitioned": partitioned}
+    x, y = masked_global_batch()
+    result = step_once(strategy, x, y, dist_worker.MICRO, dist_worker.CLIP, stats=False)
+    return {"norm": result["norm"], "weights": result["weights"], "partitioned": partitioned}
 
 
 if __name__ == "__main__":  # torchrun worker of the ZeRO-3 test: OUT.pt DS_CONFIG.json

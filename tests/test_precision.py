@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import build
 
 from trainer.__main__ import compose_config
-from trainer.config import ConfigError, ModelConfig, OptimConfig, PrecisionConfig
+from trainer.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    PrecisionConfig,
+    TrainConfig,
+)
 from trainer.loop import train
-from trainer.model import GPT
-from trainer.parallel import SingleProcess
 from trainer.precision import DynamicLossScaler
+from trainer.step import train_step
 
 MODEL = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
 TINY = 1e-7  # shrinks the loss so every gradient sits below fp16's smallest subnormal (~6e-8)
@@ -24,11 +32,15 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (4, 16), generator=g)
 
 
+def single_device(precision: PrecisionConfig | None = None, optim: OptimConfig | None = None, max_steps: int = 1):
+    """parallel=none on the CPU, built as the loop builds it."""
+    train_cfg = TrainConfig(max_steps=max_steps, device="cpu", seq_len=16)
+    return build(Config(model=MODEL, precision=precision or PrecisionConfig(), optim=optim or OptimConfig(), train=train_cfg))
+
+
 def gradients(precision: PrecisionConfig) -> dict[str, torch.Tensor]:
     """Gradients of TINY * mean token loss through the strategy's own precision path."""
-    torch.manual_seed(0)
-    strategy = SingleProcess(torch.device("cpu"), precision=precision)
-    strategy.setup(GPT(MODEL), OptimConfig(), max_steps=1)
+    strategy = single_device(precision)
     x, y = batch()
     with strategy.micro_step(is_last=True):
         loss = strategy.model(x, targets=y) / y.numel() * TINY
@@ -51,24 +63,27 @@ def test_fp16_without_scaling_loses_small_gradients_and_scaling_recovers_them() 
     assert zeros > 0.9  # nearly every gradient underflowed to exactly zero
     assert relative_error(unscaled, reference) > 0.5
 
+    # At the default scale 2**16 these gradients (~1e-10) land at ~6e-6, in fp16's subnormal range
+    # (below 6.1e-5), where rounding costs ~1% (1.0-1.1% over init seeds 0-5); at 2**24 they are
+    # normal fp16 numbers and only fp16's 11-bit mantissa remains (~0.05%).
     scaled = gradients(PrecisionConfig(dtype="fp16", initial_scale=2.0**16))
-    assert relative_error(scaled, reference) < 1e-2  # fp16 rounding, nothing lost
+    assert relative_error(scaled, reference) < 2e-2  # fp16 rounding, nothing lost
+    normal = gradients(PrecisionConfig(dtype="fp16", initial_scale=2.0**24))
+    assert relative_error(normal, reference) < 1e-3
 
 
 def test_an_inf_gradient_skips_the_step_and_halves_the_scale() -> None:
-    torch.manual_seed(0)
-    strategy = SingleProcess(torch.device("cpu"), precision=PrecisionConfig(dtype="fp16"))
-    strategy.setup(GPT(MODEL), OptimConfig(warmup_steps=0), max_steps=10)
+    strategy = single_device(PrecisionConfig(dtype="fp16"), OptimConfig(warmup_steps=0), max_steps=10)
     x, y = batch()
 
     def step(inject_inf: bool) -> bool:
-        with strategy.micro_step(is_last=True):
-            strategy.backward(strategy.model(x, targets=y) / y.numel())
-        if inject_inf:
-            strategy.model.embed.wte.weight.grad[3, 5] = float("inf")
-        strategy.unscale_gradients()
-        norm = torch.stack(list(strategy.grad_sumsq_by_group().values())).sum().sqrt()
-        return strategy.clip_and_step(norm, max_norm=1.0)
+        weight = strategy.model.embed.wte.weight
+        hook = weight.register_hook(poison((3, 5), float("inf"))) if inject_inf else None
+        result = train_step(strategy, x, y, accum_steps=1, clip_grad_norm=1.0)
+        if hook is not None:
+            hook.remove()
+        assert result.non_finite == inject_inf
+        return result.stepped
 
     assert step(inject_inf=False)  # one real step, so the optimizer has state to protect
     weights = copy.deepcopy(strategy.model.state_dict())
@@ -77,7 +92,6 @@ def test_an_inf_gradient_skips_the_step_and_halves_the_scale() -> None:
 
     assert not step(inject_inf=True)
     assert strategy.loss_scale() == scale / 2
-    assert strategy.skipped_steps == 1
     assert strategy.scheduler.get_last_lr() == lr
     assert all(p.grad is None for p in strategy.model.parameters())
     for name, tensor in strategy.model.state_dict().items():
@@ -92,16 +106,24 @@ def test_an_inf_gradient_skips_the_step_and_halves_the_scale() -> None:
 
 
 def test_fp32_nan_gradient_is_skipped_too() -> None:
-    torch.manual_seed(0)
-    strategy = SingleProcess(torch.device("cpu"))
-    strategy.setup(GPT(MODEL), OptimConfig(), max_steps=1)
+    strategy = single_device()
     x, y = batch()
-    strategy.backward(strategy.model(x, targets=y) / y.numel())
-    strategy.model.blocks[0].mlp.c_fc.weight.grad[0, 0] = float("nan")
+    strategy.model.blocks[0].mlp.c_fc.weight.register_hook(poison((0, 0), float("nan")))
     before = copy.deepcopy(strategy.model.state_dict())
-    norm = torch.stack(list(strategy.grad_sumsq_by_group().values())).sum().sqrt()
-    assert not strategy.clip_and_step(norm, max_norm=1.0)
+    result = train_step(strategy, x, y, accum_steps=1, clip_grad_norm=1.0)
+    assert not result.stepped and result.non_finite and math.isnan(result.grad_norm)
     assert all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items())
+
+
+def poison(index: tuple[int, int], value: float):
+    """A gradient hook that sets one entry of a parameter's gradient to value (inf / NaN)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[index] = value
+        return grad
+
+    return hook
 
 
 def test_scaler_grows_after_a_clean_interval_and_backs_off_on_overflow() -> None:

@@ -10,36 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUICK, build, env, masked_global_batch, read_metrics
 
 from trainer.__main__ import compose_config
-from trainer.config import ModelConfig, OptimConfig
-from trainer.loop import forward_backward, train
-from trainer.model import GPT, cross_entropy_sum
+from trainer.config import Config, ModelConfig, TrainConfig
+from trainer.loop import train
+from trainer.model import cross_entropy_sum
 from trainer.model.loss import IGNORE_INDEX
-from trainer.parallel import SingleProcess
+from trainer.state import TrainState
+from trainer.step import forward_backward
+
+MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
 
-def tiny_model(seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32))
-
-
-def masked_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """8 sequences whose number of target tokens differs wildly (as padding / prompt masking does)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 64, (8, 16), generator=g)
-    y = torch.randint(0, 64, (8, 16), generator=g)
-    for row, keep in enumerate([16, 1, 3, 16, 8, 2, 16, 5]):
-        y[row, keep:] = IGNORE_INDEX
-    return x, y
+    return masked_global_batch(keep=(16, 1, 3, 16, 8, 2, 16, 5))
 
 
 def grads_after(accum_steps: int, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-    model = tiny_model()
-    strategy = SingleProcess(torch.device("cpu"))
-    strategy.setup(model, OptimConfig(), max_steps=1)
-    forward_backward(strategy, strategy.model, x, y, accum_steps)
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
+    strategy = build(Config(model=MODEL, train=TrainConfig(max_steps=1, device="cpu", seq_len=16)))
+    forward_backward(strategy, x, y, accum_steps)
+    return {name: p.grad.clone() for name, p in strategy.model.named_parameters()}
 
 
 @pytest.mark.parametrize("accum_steps", [2, 4, 8])
@@ -55,7 +47,7 @@ def test_dividing_by_the_accumulation_count_would_be_wrong() -> None:
     """The common bug (mean per micro-batch, then / k) gives a different gradient on this batch."""
     x, y = masked_batch()
     reference = grads_after(1, x, y)
-    model = tiny_model()
+    model = build(Config(model=MODEL, train=TrainConfig(max_steps=1, device="cpu", seq_len=16))).model
     for xb, yb in zip(x.chunk(4), y.chunk(4), strict=True):
         per_micro_mean = cross_entropy_sum(model(xb), yb) / (yb != IGNORE_INDEX).sum()
         (per_micro_mean / 4).backward()
@@ -75,10 +67,6 @@ def short_config(tmp_path: Path, *overrides: str):
     return cfg
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_short_run_loss_falls_toward_the_entropy_floor(tmp_path: Path) -> None:
     from trainer.data import build_data
 
@@ -89,11 +77,13 @@ def test_short_run_loss_falls_toward_the_entropy_floor(tmp_path: Path) -> None:
     for row in rows:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens"} <= row.keys()
     assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
-    floor = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed).entropy_rate
-    uniform = torch.log(torch.tensor(float(cfg.data.synthetic_vocab))).item()
+    data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)
+    floor, unigram = data.entropy_rate, data.unigram_entropy  # 2.52 and 3.44 nats
     first, final = rows[0]["loss"], rows[-1]["val_loss"]
     assert final < first - 0.3
-    assert final < uniform - 0.5  # learned the chain, not just the alphabet
+    # Learned the chain, not just the alphabet: well below the best loss without context (the
+    # unigram entropy). Across init and data seeds, 60 steps end at 2.89-3.03.
+    assert final < unigram - 0.3
     assert final > floor - 0.05  # no model beats the source's entropy rate
     assert rows[-1]["tokens"] == 60 * 8 * 32
     assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").exists()
@@ -150,3 +140,41 @@ def test_multirun_sweep_runs_each_job(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lrs = [read_metrics(sweep / job)[-1]["lr"] for job in ("0", "1")]
     assert lrs == [1e-3, 3e-3]
+
+
+def test_the_train_state_counts_steps_tokens_and_skips() -> None:
+    """Only inf / NaN steps count as skipped; a step that stepped ends a run of them; a spike
+    dropped under monitor.spike.action=skip is neither (the loss scale was not at fault)."""
+    state = TrainState()
+    state.record(tokens=512, target_tokens=500, stepped=False, non_finite=True)
+    state.record(tokens=512, target_tokens=490, stepped=False, non_finite=True)
+    assert (state.step, state.skipped_steps, state.consecutive_skips) == (2, 2, 2)
+    state.record(tokens=512, target_tokens=512, stepped=False, non_finite=False)  # a dropped spike
+    assert (state.skipped_steps, state.consecutive_skips) == (2, 2)
+    state.record(tokens=512, target_tokens=512, stepped=True, non_finite=False)
+    assert (state.step, state.tokens, state.target_tokens, state.consecutive_skips) == (4, 2048, 2014, 0)
+    restored = TrainState()
+    restored.load_state_dict(json.loads(json.dumps(state.state_dict())))  # checkpoints hold it as JSON
+    assert restored == state
+
+
+@pytest.mark.heavy
+def test_without_deepspeed_everything_else_runs_and_zero_says_what_to_install(tmp_path: Path) -> None:
+    """DeepSpeed is an optional extra: with it unimportable, a ddp run trains and parallel=zero2
+    stops with one line naming the extra."""
+    hide = "import sys; sys.modules['deepspeed'] = None; from trainer.__main__ import main; main()"
+
+    def cli(*overrides: str) -> subprocess.CompletedProcess:
+        args = [*QUICK, "train.max_steps=2", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+        return subprocess.run([sys.executable, "-c", hide, *args], cwd=tmp_path, env=env(), capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+
+    ran = cli("parallel=ddp", f"hydra.run.dir={tmp_path / 'ddp'}")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert read_metrics(tmp_path / "ddp")[-1]["step"] == 2
+    refused = cli("parallel=zero2", f"hydra.run.dir={tmp_path / 'zero2'}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        'error: parallel=zero2 needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)'
+    ]
+    assert not (tmp_path / "zero2").exists()

@@ -4,7 +4,7 @@
 
 SOURCE is a run directory (the checkpoint `checkpoints/latest` names; if it fails verification,
 the newest one before it that passes) or one checkpoint directory (`checkpoints/step_XXXXXXXX`).
-The checkpoint is verified against its manifest, GPT is rebuilt from meta.json's `model` and
+The checkpoint is verified against its manifest, GPT is rebuilt from the model part's info.json and
 the weights are read without a process group: torch.distributed.checkpoint reshards a none /
 ddp / fsdp checkpoint of any world size into this one process; DeepSpeed's zero_to_fp32
 assembles the fp32 master weights of a zero1-3 checkpoint. DIR gets model.safetensors plus,
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -31,11 +32,10 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint import CheckpointException
 
-from trainer.checkpoint import PREFIX, Checkpointer, verify
+from trainer.checkpoint import PREFIX, CheckpointStore, verify
 from trainer.config import ModelConfig
 from trainer.model.gpt import GPT, WRAPPER_NAMES
 from trainer.model.hf_import import export_hf, hf_config_dict
-from trainer.parallel.base import SingleProcess
 
 DCP_STRATEGIES = ("none", "ddp", "fsdp")
 ZERO_STRATEGIES = ("zero1", "zero2", "zero3")
@@ -56,29 +56,33 @@ def find_checkpoint(source: Path, warn=lambda m: print(f"warning: {m}", file=sys
         return source
     if not (source / "checkpoints").is_dir():
         raise ExportError(f"{source} is neither a run directory (no checkpoints/) nor a checkpoint directory")
-    # Checkpointer needs a strategy only to save and load; finding checkpoints is plain file reading.
-    found = Checkpointer(source, keep=1, strategy=SingleProcess(torch.device("cpu"))).find("auto", warn=warn)
+    found = CheckpointStore(source).find("auto", warn=warn)
     if found is None:
         raise ExportError(f"{source / 'checkpoints'} holds no checkpoint that passes verification")
     return found
 
 
 def load_model(checkpoint: Path) -> tuple[GPT, dict]:
-    """GPT as meta.json describes it, holding the checkpoint's weights (fp32, CPU); and the meta."""
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    strategy = meta.get("strategy")
-    if "model" not in meta:
-        raise ExportError(f"{checkpoint}/meta.json has no `model` (written by an older trainer)")
+    """GPT as the checkpoint's model part describes it, holding its weights (fp32, CPU); and the
+    part's info (strategy, world size, model config) with the checkpoint's step."""
+    state_dir = checkpoint / "model"
+    info_path = state_dir / "info.json"
+    if not info_path.is_file():
+        raise ExportError(f"{info_path} is missing (a checkpoint written by an older trainer?)")
+    info = json.loads(info_path.read_text())
+    info["step"] = json.loads((checkpoint / "meta.json").read_text())["step"]
+    strategy = info.get("strategy")
     if strategy not in DCP_STRATEGIES + ZERO_STRATEGIES:
         raise ExportError(f"{checkpoint} was written by unknown strategy {strategy!r}")
+    if strategy in ZERO_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
+        raise ExportError(f'{checkpoint} was written by parallel={strategy}: reading it needs DeepSpeed: pip install -e ".[deepspeed]"')
     try:
-        cfg = ModelConfig(**meta["model"])
+        cfg = ModelConfig(**info["model_config"])
     except (TypeError, ValueError) as error:  # a field this version lacks, or a value it rejects
-        raise ExportError(f"{checkpoint}/meta.json: `model` does not fit ModelConfig ({error})") from error
+        raise ExportError(f"{info_path}: `model_config` does not fit ModelConfig ({error})") from error
     with torch.device("meta"):  # no random init: every parameter is overwritten below
         model = GPT(cfg)
     model.to_empty(device="cpu")
-    state_dir = checkpoint / "state"
     try:
         with warnings.catch_warnings():  # DCP warns that it runs without a process group
             warnings.simplefilter("ignore")
@@ -87,7 +91,7 @@ def load_model(checkpoint: Path) -> tuple[GPT, dict]:
     except (Exception, CheckpointException) as error:  # DCP's is a BaseException
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ExportError(f"cannot load the weights in {state_dir}: {first}") from error
-    return model, meta
+    return model, info
 
 
 def _read_dcp(model: GPT, state_dir: Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ class SpikeDetector:
     """A running baseline (EMA mean and variance) of one series; flags values far above it.
 
     z = (value - mean) / std. After `warmup` observations, z > threshold is a spike. Spikes do
-    not enter the baseline, so one bad step cannot raise the bar for the next.
+    not enter the baseline, so one bad step cannot raise the bar for the next; during warmup,
+    values beyond the threshold enter clipped to it.
     """
 
     def __init__(self, threshold: float, warmup: int, beta: float = 0.95, min_std: float = 1e-12) -> None:
@@ -47,7 +48,11 @@ class SpikeDetector:
         z = (value - self.mean) / std
         spike = self.count >= self.warmup and z > self.threshold
         if not spike:
-            delta = value - self.mean
+            # Winsorised at the threshold: a blow-up during warmup (never flagged) moves the
+            # baseline as if it sat at threshold x std, so it cannot inflate the spread for the rest
+            # of the run and hide the next spike. After warmup every value that enters is within it.
+            limit = self.threshold * std
+            delta = max(-limit, min(value - self.mean, limit))
             self.mean += (1 - self.beta) * delta
             self.var = self.beta * (self.var + (1 - self.beta) * delta * delta)
             self.count += 1
@@ -93,8 +98,63 @@ class SpikeWatch:
         self.count = int(state["count"])
 
 
+class Throughput:
+    """Tokens and host-clock seconds since the last logged step: tokens/s, MFU, and where the time
+    went (data, compute = forward / backward / gradient statistics, optimizer = the rest of the
+    step). The window closes when the log row is built: evaluation and writing the row fall
+    between windows and are not counted."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float) -> None:
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.tokens, self.steps = 0, 0
+        self.seconds = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
+
+    def add(self, tokens: int, data_s: float, timings: dict[str, float]) -> None:
+        """One step of `tokens` tokens; timings: a StepResult's pieces."""
+        self.tokens += tokens
+        self.steps += 1
+        self.seconds["data"] += data_s
+        compute = timings.get("forward_backward", 0.0) + timings.get("grad_stats", 0.0)
+        self.seconds["compute"] += compute
+        self.seconds["optimizer"] += sum(timings.values()) - compute
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed
+        return {
+            "tokens_per_s": rate, "throughput/tokens_per_s": rate,
+            "throughput/mfu": self.flops_per_token * rate / self.peak_flops if self.peak_flops else 0.0,
+            "throughput/step_time_s": elapsed / self.steps,
+            **{f"throughput/{k}_time_s": v / self.steps for k, v in self.seconds.items()},
+        }  # fmt: skip
+
+
+def step_metrics(result: Any, clip_grad_norm: float) -> dict[str, Any]:
+    """The headline figures of one StepResult: loss, lr, norm before and after clipping, and, on
+    monitor steps, per-layer gradient and parameter norms and update ratios (a host sync each)."""
+    norm = result.grad_norm
+    coef = min(1.0, clip_grad_norm / (norm + 1e-6)) if clip_grad_norm > 0 else 1.0
+    metrics = {
+        "loss": result.loss, "lr": result.lr, "grad_norm": norm, "grad_norm_clipped": norm * coef,
+        "clip_coef": coef,
+    }  # fmt: skip
+    if result.param_sumsq:  # a monitor step
+        metrics.update(group_norms("grad_norm", result.grad_sumsq))
+        params = group_norms("param_norm", result.param_sumsq)
+        metrics.update(params)
+        for key, value in group_norms("update_ratio", result.update_sumsq).items():
+            metrics[key] = value / max(params["param_norm/" + key.split("/", 1)[1]], 1e-12)
+    return metrics
+
+
 def group_norms(prefix: str, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     """{'<prefix>/<group>': sqrt(sum of squares)} for each group (one host sync for all)."""
+    if not sums:
+        return {}
     names = sorted(sums, key=group_order)
     values = torch.stack([sums[n] for n in names]).sqrt().tolist()  # host sync
     return {f"{prefix}/{name}": value for name, value in zip(names, values, strict=True)}

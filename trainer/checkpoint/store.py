@@ -1,13 +1,15 @@
-"""Checkpoints that a killed job can always resume from.
+"""The checkpoint directories on disk: atomic commit, checksums, finding the newest valid one.
 
-Layout of one checkpoint, `checkpoints/step_00001200/`:
+Layout of one checkpoint, `checkpoints/step_00001200/` (the Checkpointer writes one entry per
+named part of the run):
 
-    state/            model + optimizer: torch.distributed.checkpoint (none / ddp / fsdp; each rank
-                      writes its own shards, loadable at another world size) or DeepSpeed's own
-                      checkpoint (zero1-3)
+    model/            model + optimizer, written by the strategy: torch.distributed.checkpoint
+                      (none / ddp / fsdp; each rank its own shards, loadable at another world size)
+                      or DeepSpeed's own checkpoint (zero1-3); info.json: strategy, world size,
+                      parameter shapes, the model's config
     rng/rank{R}.json  Python / NumPy RNG state of rank R;  rng/rank{R}.safetensors: torch CPU / CUDA
-    meta.json         step, tokens, sampler, LR schedule, loss scaler, skip counters, wandb run id,
-                      world size, strategy, parameter shapes
+    meta.json         the step, and the state of every other part by name: train_state (step,
+                      tokens, skip counters, wandb run id), sampler, scheduler, loss_scaler, spikes
     manifest.json     size and sha256 of every file above (written last)
 
 A save goes into `step_N.tmp/`, every file is fsynced, the directory is renamed to `step_N/`, and
@@ -22,15 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from trainer.config import ConfigError
 
@@ -128,132 +127,16 @@ def _replace_file(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-# -- RNG state: JSON and tensors, never pickles ----------------------------------------------------
+class CheckpointStore:
+    """The checkpoint directories under run_dir/checkpoints: find, verify, begin, commit, prune.
 
+    Plain file work, no process group and no strategy: `python -m trainer.export` uses it as it
+    is. In a multi-rank run only rank 0 calls begin / commit (the Checkpointer arranges that).
+    """
 
-def save_rng(directory: Path, rank: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    (directory / f"rank{rank}.json").write_text(
-        json.dumps(
-            {
-                "python": [version, list(state), gauss],
-                "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            }
-        )
-    )
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(directory / f"rank{rank}.safetensors"))
-
-
-def load_rng(directory: Path, rank: int) -> None:
-    plain = json.loads((directory / f"rank{rank}.json").read_text())
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = load_file(str(directory / f"rank{rank}.safetensors"))
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
-
-
-# -- the checkpointer --------------------------------------------------------------------------------
-
-
-def _barrier(group: Any) -> None:
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.barrier(group=group)  # collective on the checkpoint group
-
-
-def _gather(value: Any, group: Any, rank: int) -> list[Any]:
-    """Every rank's value, on rank 0 (collective on the checkpoint group; [value] on one process)."""
-    if group is None:
-        return [value]
-    import torch.distributed as dist
-
-    gathered: list[Any] | None = [None] * dist.get_world_size(group) if rank == 0 else None
-    dist.gather_object(value, gathered, dst=0, group=group)
-    return gathered or []
-
-
-class Checkpointer:
-    """Saves and finds checkpoints under run_dir/checkpoints. save / load are collectives."""
-
-    def __init__(self, run_dir: Path, keep: int, strategy: Any) -> None:
+    def __init__(self, run_dir: Path, keep: int = 1) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
-        self.strategy = strategy
-        self.rank = strategy.rank
-        self.pending: Future | None = None  # an async save: done once its checkpoint is committed
-        self._committer: ThreadPoolExecutor | None = None
-
-    def save(self, step: int, meta: dict[str, Any], async_save: bool = False) -> Path:
-        """Write checkpoint `step` atomically; every rank calls it.
-
-        With async_save the model / optimizer tensors are copied to CPU memory and the call
-        returns; a background thread writes them, checksums the files (each rank its share) and
-        commits the checkpoint (manifest, rename, `latest`), so a half-written one is never
-        visible. The next save, or `wait()`, waits for it first: one checkpoint in flight at most.
-        """
-        self.wait()
-        final = self.root / step_dir_name(step)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a save that was killed
-            tmp.mkdir(parents=True)
-        self.strategy.barrier()  # collective: the directory exists for every rank
-        save_rng(tmp / "rng", self.rank)
-        if self.rank == 0:
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if async_save:
-            write = self.strategy.save_state_async(tmp / "state")  # collective; makes the group
-            group = self.strategy.checkpoint_group()
-            if self._committer is None:
-                self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-commit")
-            self.pending = self._committer.submit(self._write_then_commit, write, tmp, final, group)
-            return final
-        self.strategy.save_state(tmp / "state")  # collective: each rank writes its shards
-        self._commit(tmp, final, self.strategy.checkpoint_group())
-        return final
-
-    def wait(self) -> None:
-        """Block until the checkpoint being written in the background is committed (collective).
-        An error in the background write or commit is raised here."""
-        if self.pending is None:
-            return
-        pending, self.pending = self.pending, None
-        pending.result()
-
-    def _write_then_commit(self, write: Future, tmp: Path, final: Path, group: Any) -> None:
-        write.result()  # this rank's shards are on disk
-        self._commit(tmp, final, group)
-
-    def _commit(self, tmp: Path, final: Path, group: Any) -> None:
-        """Checksum, manifest, rename, `latest`, prune: on the checkpoint group, so that the
-        background thread of an async save can run it while training goes on."""
-        _barrier(group)  # every rank's files are written
-        shares = _gather(hash_share(tmp, self.rank, self.strategy.world_size), group, self.rank)
-        if self.rank == 0:
-            write_manifest(tmp, {name: entry for share in shares for name, entry in share.items()})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(self.root)
-            _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
-            self._prune()
-        _barrier(group)  # nobody runs ahead of a half-made checkpoint
-
-    def _prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints."""
-        for old in self.complete()[self.keep :]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def complete(self) -> list[Path]:
         """Checkpoint directories (not .tmp), newest first."""
@@ -261,6 +144,11 @@ class Checkpointer:
             return []
         dirs = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.suffix != ".tmp"]
         return sorted(dirs, key=lambda p: p.name, reverse=True)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint directory (unverified), or None."""
+        complete = self.complete()
+        return complete[0] if complete else None
 
     def find(self, resume: str, warn: Any = print) -> Path | None:
         """The checkpoint `train.resume` names: none, auto (newest valid) or a path."""
@@ -286,37 +174,29 @@ class Checkpointer:
             warn(f"checkpoint {candidate.name} fails verification ({problem}); trying the one before it")
         return None
 
-    def load(self, path: Path, expected_shapes: dict[str, list[int]]) -> dict[str, Any]:
-        """Restore model, optimizer and this rank's RNG from path; return its meta (collective)."""
-        meta = json.loads((path / "meta.json").read_text())
-        check_compatible(meta, expected_shapes, self.strategy, path)
-        self.strategy.load_state(path / "state", saved_world_size=meta["world_size"])
-        load_rng(path / "rng", self.rank if (path / "rng" / f"rank{self.rank}.json").exists() else 0)
-        return meta
+    def paths(self, step: int) -> tuple[Path, Path]:
+        """(step_N.tmp, step_N): where checkpoint `step` is written, and what it becomes at commit."""
+        final = self.root / step_dir_name(step)
+        return final.with_name(final.name + ".tmp"), final
 
+    def begin(self, step: int) -> tuple[Path, Path]:
+        """Like `paths`, with step_N.tmp made fresh (empty) to write into."""
+        tmp, final = self.paths(step)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+        return tmp, final
 
-def check_compatible(meta: dict[str, Any], shapes: dict[str, list[int]], strategy: Any, path: Path) -> None:
-    """A checkpoint of another model shape, or of a strategy whose format this one cannot read:
-    one line, before loading. (World sizes may differ: DCP reshards, and a ZeRO-1/2 checkpoint is
-    converted to a universal one.)"""
-    saved = meta["shapes"]
-    mismatched = sorted(
-        f"{name} {saved.get(name)} vs {shape}" for name, shape in shapes.items() if saved.get(name) != shape
-    ) + sorted(f"{name} {shape} vs absent" for name, shape in saved.items() if name not in shapes)
-    if mismatched:
-        listed = "; ".join(mismatched[:8]) + (f"; ... {len(mismatched) - 8} more" if len(mismatched) > 8 else "")
-        raise ConfigError(f"checkpoint {path} is from a different model shape (checkpoint vs model): {listed}")
-    if meta["strategy"] != strategy.name and (meta["strategy"].startswith("zero") or strategy.name.startswith("zero")):
-        raise ConfigError(
-            f"checkpoint {path} was written by parallel={meta['strategy']}; DeepSpeed and torch checkpoints "
-            f"do not load into each other: resume with parallel={meta['strategy']} (or export it with python -m trainer.export)"
-        )
-    if strategy.name == "zero3" and meta["world_size"] != strategy.world_size:
-        raise ConfigError(
-            f"checkpoint {path} holds ZeRO-3 partitions for {meta['world_size']} ranks, this run has "
-            f"{strategy.world_size}: resume ZeRO-3 at world size {meta['world_size']} (DeepSpeed's universal "
-            "checkpoint restores ZeRO-3's optimizer state inexactly), or save with zero1 / zero2, which resume at any"
-        )
+    def commit(self, tmp: Path, final: Path, entries: dict[str, dict[str, Any]]) -> None:
+        """Manifest (from every rank's `hash_share`), rename, then move `latest`; prune old ones."""
+        write_manifest(tmp, entries)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
+        for old in self.complete()[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(directory: Path, weights: dict[str, torch.Tensor]) -> Path:

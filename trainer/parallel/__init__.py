@@ -8,19 +8,43 @@
 | zero1     | whole model and grads, optim state shard   | DeepSpeed ZeRO-1                    |
 | zero2     | whole model, grad and optim state shards   | DeepSpeed ZeRO-2 (reduce-scatter)   |
 | zero3     | shards of all three                        | DeepSpeed ZeRO-3                    |
+
+`build_strategy(cfg)` starts the process group and returns the strategy; `parallelize` then
+turns a model built on the meta device into the one this rank trains, in one documented order.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
+from torch import nn
 
 from trainer.config import Config, ConfigError
-from trainer.parallel.base import SingleProcess, global_norm
+from trainer.model.checkpointing import apply_activation_checkpointing
+from trainer.parallel.base import SingleDevice, Strategy, WeightSource, global_norm
 from trainer.parallel.dist import env_local_rank, env_rank, env_world_size, init_distributed
 
-__all__ = ["SingleProcess", "build_strategy", "check_launch", "global_norm", "pick_device"]
+__all__ = [
+    "SingleDevice", "Strategy", "WeightSource", "build_strategy", "global_norm", "parallelize", "pick_device",
+    "strategy_class",
+]  # fmt: skip
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The class behind `parallel.strategy=name`, for its declared capabilities (`can_skip_step`),
+    without building it. Imports no distributed framework."""
+    if name == "none":
+        return SingleDevice
+    if name == "ddp":
+        from trainer.parallel.ddp import DDP
+
+        return DDP
+    if name == "fsdp":
+        from trainer.parallel.fsdp import FSDP
+
+        return FSDP
+    from trainer.parallel.zero import DeepSpeedZero
+
+    return DeepSpeedZero
 
 
 def pick_device(requested: str) -> torch.device:
@@ -34,47 +58,34 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def check_launch(cfg: Config, world_size: int) -> None:
-    """What the strategy needs from the launch, checked before any rank builds anything."""
-    strategy = cfg.parallel.strategy
-    if strategy == "none" and world_size > 1:
-        raise ConfigError(
-            f"parallel=none with {world_size} processes would train {world_size} independent copies: "
-            "choose parallel=ddp, fsdp, zero1, zero2 or zero3"
-        )
-    if strategy.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"parallel={strategy} needs DeepSpeed: pip install deepspeed (or choose parallel=fsdp)")
-    cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
-    if cfg.checkpoint.async_save and strategy.startswith("zero"):
-        raise ConfigError(
-            "checkpoint.async_save=true is for none / ddp / fsdp (torch.distributed.checkpoint); for zero1-3 "
-            "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config"
-        )
-    if strategy.startswith("zero"):
-        from trainer.parallel.zero import check_deepspeed_precision, merged_deepspeed_config
-
-        check_deepspeed_precision(cfg, has_gpu=torch.cuda.is_available() and cfg.train.device != "cpu")
-        merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
-
-
-def build_strategy(cfg: Config) -> SingleProcess:
-    """The strategy `parallel.strategy` names, bound to this process's rank and device."""
+def build_strategy(cfg: Config) -> Strategy:
+    """The strategy `parallel.strategy` names, bound to this process's rank and device (the
+    config has passed config.check_run)."""
     world_size = env_world_size()
-    check_launch(cfg, world_size)
     init_distributed(cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none")
     device = pick_device(cfg.train.device)
     rank = env_rank()
-    strategy = cfg.parallel.strategy
-    if strategy == "none":
-        return SingleProcess(device, precision=cfg.precision)
-    if strategy == "ddp":
-        from trainer.parallel.ddp import DDP
+    cls = strategy_class(cfg.parallel.strategy)
+    if cfg.parallel.strategy == "none":
+        return cls(device, precision=cfg.precision)
+    if cfg.parallel.strategy == "fsdp":
+        return cls(device, rank, world_size, cfg.parallel, cfg.precision)
+    if cfg.parallel.strategy == "ddp":
+        return cls(device, rank, world_size, cfg.precision)
+    return cls(device, rank, world_size, cfg)
 
-        return DDP(device, rank, world_size, cfg.precision)
-    if strategy == "fsdp":
-        from trainer.parallel.fsdp import FSDP
 
-        return FSDP(device, rank, world_size, cfg.parallel, cfg.precision)
-    from trainer.parallel.zero import DeepSpeedZero
+def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: Strategy) -> int:
+    """Make a model built on the meta device the one this rank trains, in torchtitan's order:
 
-    return DeepSpeedZero(device, rank, world_size, cfg)
+    1. activation checkpointing wraps the selected blocks (before sharding: FSDP2's units and
+       DeepSpeed's hooks then see the wrapped modules, and recompute stays inside each unit);
+    2. torch.compile would come next, per block (not used by the harness yet);
+    3. the strategy shards or wraps the model, gives it storage on this rank, fills it from
+       `weights` (a random init or a pretrained checkpoint, one full tensor at a time) and
+       builds the optimizer and its schedule.
+    Returns how many modules activation checkpointing wrapped.
+    """
+    wrapped = apply_activation_checkpointing(model, model.cfg)  # the resolved config (pretrained: its own)
+    strategy.setup(model, weights, cfg.optim, cfg.train.max_steps)
+    return wrapped

@@ -1,33 +1,47 @@
-"""The seam between the loop and distribution: one small interface every strategy fills in.
+"""The seam between the loop and distribution: `Strategy`, the interface every strategy fills in.
 
-The loop asks a strategy to wrap the model and build the optimizer, for a micro-step context
-(no gradient all-reduce before the accumulation boundary), to run backward, for per-group
-gradient sums of squares (reduced across ranks, shard-aware), to clip and step, and to
-reduce scalars across ranks. `SingleProcess` is the reference every other strategy is
-tested against; it is also the base the others override.
+What the loop (trainer/step.py, trainer/loop.py) asks of a strategy, and nothing more:
+
+| concern        | methods                                                                         |
+|----------------|---------------------------------------------------------------------------------|
+| build          | setup (shard / wrap the meta-device model, materialise it, build the optimizer) |
+| one step       | micro_step, backward, unscale_gradients, clip_and_step, skip_step, lr           |
+| statistics     | grad_sumsq_by_group, param_sumsq_by_group, snapshot_params, update_sumsq_by_group |
+| collectives    | all_reduce_sum, broadcast_path, barrier                                         |
+| state          | checkpoint_parts (model + optimizer, schedule, loss scaler), full_state_dict    |
+
+What a strategy cannot do is declared, not discovered mid-run: `can_skip_step` (dropping one
+step's gradients, for spike skip / rollback) is checked by config.check_run before anything
+is built. `TorchStrategy` is what none / ddp / fsdp share (a torch AdamW and its schedule, the
+harness's loss scaler, torch.distributed.checkpoint); `SingleDevice` (parallel=none) is the
+reference every other strategy is tested against.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from trainer.config import OptimConfig, PrecisionConfig
 from trainer.model import param_group
+from trainer.model.build import WeightSource
+from trainer.model.gpt import bare_name
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.precision import DynamicLossScaler, autocast
 
 
-class SingleProcess:
-    """One process, one device, no wrapper (`parallel=none`)."""
+class Strategy(abc.ABC):
+    """How one rank holds the model and optimizer, and how ranks combine their gradients."""
 
-    name = "none"
+    name: ClassVar[str] = ""
+    can_skip_step: ClassVar[bool] = True  # can drop one step's gradients (spike skip / rollback)
 
     def __init__(
         self, device: torch.device, rank: int = 0, world_size: int = 1, precision: PrecisionConfig | None = None
@@ -36,74 +50,57 @@ class SingleProcess:
         self.rank = rank
         self.world_size = world_size
         self.precision = precision or PrecisionConfig()
-        self.scaler = DynamicLossScaler(self.precision) if self.precision.scaled else None
-        self.skipped_steps = 0  # optimizer steps skipped for inf / NaN gradients
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.model: nn.Module | None = None  # after setup: the wrapped model the loop runs forward on
 
-    # -- setup -------------------------------------------------------------------------------
-    def setup(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, accum_steps: int = 1) -> None:
-        """Move the model to the device, then build AdamW and its schedule over its parameters."""
-        self.model = self.wrap(model)
-        fused = self.device.type == "cuda" and all(p.is_cuda for p in self.model.parameters())
-        self.optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Place the model on the device; distributed strategies also wrap or shard it here."""
-        return model.to(self.device)
+    # -- build -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def setup(self, model: nn.Module, weights: WeightSource, optim_cfg: OptimConfig, max_steps: int) -> None:
+        """Take a model built on the meta device: shard or wrap it, give it storage on this rank,
+        fill it from `weights`, then build the optimizer and its schedule."""
 
     def unwrapped(self) -> nn.Module:
-        """The plain GPT module (for generation and export)."""
+        """The plain GPT module (for generation, FLOPs and export)."""
         return self.model
 
-    # -- one optimizer step ------------------------------------------------------------------
-    @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
-        """Context for one micro-batch's forward and backward: gradient sync only when is_last,
-        forward under the precision policy's autocast."""
-        with self.sync_gradients(is_last), self.autocast():
-            yield
+    # -- one optimizer step ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward: gradient sync only when is_last."""
 
-    def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
-        """Distributed strategies skip the gradient reduction unless is_last."""
-        return contextlib.nullcontext()
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.precision, self.device)
-
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        # The loss is already divided by the *global* target count; DDP, FSDP and DeepSpeed
-        # average gradients over ranks, so multiply back by the world size to get the sum.
-        # Under loss scaling, also by the scale (undone by unscale_gradients).
-        scale = self.scaler.scale if self.scaler is not None else 1.0
-        (loss * (self.world_size * scale)).backward()
+        """Backward of a loss already normalised by the global target count."""
 
-    def unscale_gradients(self) -> None:
-        """Divide this rank's gradients (or shards) by the loss scale; a no-op without scaling."""
-        if self.scaler is None:
-            return
-        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+    def unscale_gradients(self) -> None:  # noqa: B027 (a no-op unless the strategy runs the harness's scaler)
+        """Divide this rank's gradients by the loss scale (a no-op without the harness's scaler)."""
+
+    @abc.abstractmethod
+    def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
+        """Clip to the global norm max_norm (0: none), then step; a non-finite norm skips the step
+        (weights, optimizer state and schedule unchanged). Returns whether it stepped."""
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (only for strategies that declare can_skip_step)."""
+        raise RuntimeError(f"parallel={self.name} cannot skip a step: config.check_run refuses this at start")
+
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate the next optimizer step uses."""
 
     def loss_scale(self) -> float | None:
         """The current loss scale (None when no scaler runs)."""
-        return self.scaler.scale if self.scaler is not None else None
+        return None
 
+    # -- per-group statistics (each rank its own part, reduced across ranks) -----------------------
+    @abc.abstractmethod
     def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
-        """Sum of squared gradient entries per parameter group (embed, block.i.attn, ..., head).
+        """Sum of squared gradient entries per parameter group (embed, block.i.attn, ..., head),
+        over the whole model. Groups partition the parameters, so the global norm is sqrt(sum of
+        the values). Values stay on the device: no host sync here."""
 
-        Groups partition the parameters, so the global norm is sqrt(sum of the values).
-        Values stay on the device: no host sync here.
-        """
-        return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
-
-    # -- parameter statistics for monitoring (each rank's own part, reduced like the gradients) --
+    @abc.abstractmethod
     def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, the part of the fp32 weights this rank owns); every rank owns all on none / ddp."""
-        for name, p in self.model.named_parameters():
-            yield name, local(p.detach())
+        """(name, the part of the fp32 weights this rank owns), parameter by parameter."""
 
     def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum per-group values of owned parts over ranks (nothing to add when every rank owns all)."""
@@ -121,24 +118,114 @@ class SingleProcess:
         deltas = ((name, t - old) for (name, t), old in zip(self.owned_params(), before, strict=True))
         return self.reduce_owned(group_sumsq(deltas))
 
-    def skip_step(self) -> None:
-        """Drop this step's gradients: weights, optimizer state and schedule stay as they are."""
-        self.optimizer.zero_grad(set_to_none=True)
+    # -- collectives over the default group (identities on one process) ------------------------------
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks."""
+        if not _dist():
+            return value
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)  # collective
+        return value
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if _dist():
+            import torch.distributed as dist
+
+            dist.barrier()  # collective
+
+    def broadcast_path(self, path: Path | None) -> Path | None:
+        """Rank 0's path on every rank."""
+        if not _dist():
+            return path
+        import torch.distributed as dist
+
+        box = [str(path) if path is not None else None]
+        dist.broadcast_object_list(box, src=0)  # collective
+        return Path(box[0]) if box[0] is not None else None
+
+    # -- state ---------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """The strategy's named checkpoint parts: "model" (model + optimizer, a FilePart),
+        "scheduler", and "loss_scaler" where the harness runs one (see trainer/checkpoint)."""
+
+    @abc.abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights on CPU, on rank 0 (collective: gathers shards)."""
+
+    def close(self) -> None:
+        """Release the process group."""
+        if _dist():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class TorchStrategy(Strategy):
+    """none / ddp / fsdp: a torch AdamW and its schedule, the harness's dynamic loss scaler under
+    fp16 (or bf16 on request), and torch.distributed.checkpoint for model + optimizer."""
+
+    def __init__(
+        self, device: torch.device, rank: int = 0, world_size: int = 1, precision: PrecisionConfig | None = None
+    ) -> None:
+        super().__init__(device, rank, world_size, precision)
+        self.scaler = DynamicLossScaler(self.precision) if self.precision.scaled else None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def setup(self, model: nn.Module, weights: WeightSource, optim_cfg: OptimConfig, max_steps: int) -> None:
+        self.model = self.parallelize(model, weights)
+        fused = self.device.type == "cuda" and all(p.is_cuda for p in self.model.parameters())
+        self.optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
+
+    @abc.abstractmethod
+    def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        """Shard or wrap the meta-device model and materialise it; return what the loop runs."""
+
+    @contextlib.contextmanager
+    def micro_step(self, is_last: bool) -> Iterator[None]:
+        with self.sync_gradients(is_last), self.autocast():
+            yield
+
+    def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
+        """Distributed strategies skip the gradient reduction unless is_last."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the *global* target count; DDP and FSDP average
+        # gradients over ranks, so multiply back by the world size to get the sum. Under loss
+        # scaling, also by the scale (undone by unscale_gradients).
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        (loss * (self.world_size * scale)).backward()
+
+    def unscale_gradients(self) -> None:
+        if self.scaler is None:
+            return
+        grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scaler.scale)
+
+    def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
+        return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
+
+    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self.model.named_parameters():  # every rank owns all on none / ddp
+            yield name, local(p.detach())
 
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
-        """Scale gradients so their global norm is at most max_norm (0: no clipping), then step.
-
-        grad_norm is the global pre-clip norm from grad_sumsq_by_group, so a sharded strategy
-        clips by the norm of the whole gradient, never by its own shard's. A non-finite norm
-        (overflow, NaN) skips the step: weights, optimizer state and schedule stay as they were,
-        the gradients are dropped and the loss scale backs off. Returns whether it stepped.
-        """
+        # grad_norm is the global pre-clip norm from grad_sumsq_by_group, so a sharded strategy
+        # clips by the norm of the whole gradient, never by its own shard's.
         finite = bool(torch.isfinite(grad_norm))  # host sync: once per step, to decide whether to step
         if self.scaler is not None:
             self.scaler.update(found_non_finite=not finite)
-        if not finite:
+        if not finite:  # drop the gradients; the loss scale has backed off
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
             return False
         if max_norm > 0:
             # Same coefficient as torch.nn.utils.clip_grad_norm_; stays on device (no sync).
@@ -150,116 +237,67 @@ class SingleProcess:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    # -- collectives ---------------------------------------------------------------------------
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks (identity on one process)."""
-        return value
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def barrier(self) -> None:
-        """Wait for every rank (no-op on one process)."""
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
-    def broadcast_path(self, path: Path | None) -> Path | None:
-        """Rank 0's path on every rank (identity on one process)."""
-        return path
+    def loss_scale(self) -> float | None:
+        return self.scaler.scale if self.scaler is not None else None
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        from trainer.parallel.model_state import DCPModelState
+
+        parts: dict[str, Any] = {"model": DCPModelState(self), "scheduler": self.scheduler}
+        if self.scaler is not None:
+            parts["loss_scaler"] = self.scaler
+        return parts
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU, on rank 0 (collective: every rank must call it)."""
         return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
 
-    def save_state(self, directory: Path) -> None:
-        """Model and optimizer state with torch.distributed.checkpoint (collective: each rank
-        writes its own shards; the result loads at any world size)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)  # keyed by parameter name
-        with _quiet_single_process():
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist())
+class SingleDevice(TorchStrategy):
+    """`parallel=none`: one process, one device, no wrapper."""
 
-    def save_state_async(self, directory: Path) -> Any:
-        """Like save_state, but returns once the tensors are staged in CPU memory; the write runs
-        in a background thread. Returns a future (collective)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    name = "none"
 
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        with _quiet_single_process():
-            return dcp.async_save(
-                {"model": model_state, "optim": optim_state}, checkpoint_id=str(directory), no_dist=not _dist(),
-                process_group=self.checkpoint_group(),
-            )
-
-    def checkpoint_group(self) -> Any:
-        """The process group of checkpoint I/O (None: no collectives, one process)."""
-        return None
-
-    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
-        """Load what save_state wrote, resharding to this run's layout, whatever the world size
-        it was saved at (collective)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-    def close(self) -> None:
-        """Release process groups and other resources."""
+    def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        materialize(model, weights, self.device)
+        return model
 
 
-class Distributed(SingleProcess):
-    """What every multi-rank strategy shares: collectives over the default process group."""
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        value = value.clone()
-        dist.all_reduce(value)  # collective
-        return value
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()  # collective
-
-    def broadcast_path(self, path: Path | None) -> Path | None:
-        import torch.distributed as dist
-
-        box = [str(path) if path is not None else None]
-        dist.broadcast_object_list(box, src=0)  # collective
-        return Path(box[0]) if box[0] is not None else None
-
-    def checkpoint_group(self) -> Any:
-        """A gloo group of all ranks for checkpoint I/O, made at the first save (collective).
-
-        An async save's background thread runs collectives (DCP's plan and metadata exchange, the
-        commit's barrier and checksum gather) while the training thread runs its own on the
-        default group; two threads on one group could interleave them differently on different
-        ranks. A group of its own keeps the two streams apart (DCP's advice for async_save).
-        """
-        import torch.distributed as dist
-
-        if getattr(self, "_checkpoint_group", None) is None:
-            self._checkpoint_group = dist.new_group(backend="gloo")
-        return self._checkpoint_group
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def materialize(model: nn.Module, weights: WeightSource, device: torch.device) -> None:
+    """Give a meta-device model (sharded or not) storage on `device`, then copy each full tensor
+    that `weights` yields into this rank's part of its parameter. One full tensor at a time: no
+    rank ever holds more of the model than its own shards plus one parameter."""
+    model.to_empty(device=device)
+    params = {bare_name(name): p for name, p in model.named_parameters()}
+    filled = set()
+    with torch.no_grad():
+        for name, full in weights(device):
+            name = bare_name(name)
+            if name not in params:
+                raise ValueError(f"initial weights name {name!r}, which the model does not have")
+            param = params[name]
+            local(param).copy_(shard_of(full, param))
+            filled.add(name)
+    missing = sorted(params.keys() - filled)
+    if missing:
+        raise ValueError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
 
 
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns that it 'assumes a single process' when there is no process group: we know."""
-    import warnings
+def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full tensor for `param`: all of it, or its DTensor shard."""
+    if not hasattr(param, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+    full = full.to(device=param.device, dtype=param.dtype)
+    # src_data_rank=None: every rank holds the same full tensor, so each slices its own part
+    # locally (no scatter).
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
 
 
 def _dist() -> bool:
@@ -283,7 +321,7 @@ def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, to
     return sums
 
 
-def all_reduce_groups(sums: dict[str, torch.Tensor], group=None) -> dict[str, torch.Tensor]:
+def all_reduce_groups(sums: dict[str, torch.Tensor], group: Any = None) -> dict[str, torch.Tensor]:
     """Sum per-group values over ranks in ONE collective (groups in sorted order on every rank)."""
     import torch.distributed as dist
 

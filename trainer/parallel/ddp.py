@@ -7,17 +7,18 @@ import contextlib
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.parallel.base import Distributed
+from trainer.parallel.base import TorchStrategy, WeightSource, materialize
 
 
-class DDP(Distributed):
+class DDP(TorchStrategy):
     """`parallel=ddp`. Gradients are whole and identical on every rank after backward."""
 
     name = "ddp"
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        materialize(model, weights, self.device)  # DDP wraps real tensors: it broadcasts rank 0's
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model.to(self.device), device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=device_ids)
 
     def unwrapped(self) -> nn.Module:
         return self.model.module

@@ -18,11 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, OptimConfig
 from trainer.model import param_group
-from trainer.model.checkpointing import unwrapped_name
+from trainer.model.gpt import bare_name
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.base import Distributed, all_reduce_groups, group_sumsq
+from trainer.parallel.base import (
+    Strategy,
+    WeightSource,
+    all_reduce_groups,
+    group_sumsq,
+    materialize,
+)
+from trainer.parallel.model_state import ModelState
 
 
 def harness_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -53,29 +60,6 @@ def harness_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "fp16": fp16,
         "bf16": {"enabled": precision.dtype == "bf16"},
     }
-
-
-def check_deepspeed_precision(cfg: Config, has_gpu: bool) -> None:
-    """What DeepSpeed's precision sections cannot express, as one line each."""
-    precision = cfg.precision
-    if precision.dtype == "fp16" and not has_gpu:
-        raise ConfigError(
-            f"precision=fp16 with parallel={cfg.parallel.strategy} needs a GPU (DeepSpeed's CPU backend has no "
-            "fp16): use precision=bf16, or parallel=ddp / fsdp for fp16 on the CPU"
-        )
-    if precision.dtype == "bf16" and precision.loss_scaling:
-        raise ConfigError(
-            "precision.loss_scaling=true with bf16 is not available under DeepSpeed: drop it, or use parallel=ddp / fsdp"
-        )
-    if precision.dtype == "fp16" and (precision.growth_factor != 2.0 or precision.backoff_factor != 0.5):
-        raise ConfigError(
-            "DeepSpeed's loss scaler grows by 2 and backs off by 0.5: leave precision.growth_factor / "
-            "backoff_factor at their defaults with parallel=zero1/2/3"
-        )
-    if precision.dtype == "fp16" and 2 ** int(math.log2(precision.initial_scale)) != precision.initial_scale:
-        raise ConfigError(
-            f"precision.initial_scale={precision.initial_scale} must be a power of two under DeepSpeed"
-        )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,12 +105,18 @@ def merged_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     return _merge(theirs, ours)
 
 
-class DeepSpeedZero(Distributed):
-    """`parallel=zero1|zero2|zero3` through deepspeed.initialize."""
+class DeepSpeedZero(Strategy):
+    """`parallel=zero1|zero2|zero3` through deepspeed.initialize.
+
+    The model arrives on the meta device and is materialised whole on each rank before
+    deepspeed.initialize partitions it (ZeRO-3 included): for a model that does not fit one
+    rank's memory whole, use parallel=fsdp, which shards before it allocates.
+    """
+
+    can_skip_step = False  # DeepSpeed reduces and steps inside engine.step(): a step cannot be dropped
 
     def __init__(self, device: torch.device, rank: int, world_size: int, cfg: Config) -> None:
         super().__init__(device, rank, world_size, cfg.precision)
-        self.scaler = None  # DeepSpeed runs its own loss scaler
         self.cfg = cfg
         self.name = cfg.parallel.strategy
         self.stage = int(self.name[-1])
@@ -134,19 +124,20 @@ class DeepSpeedZero(Distributed):
         self.ds_config.setdefault("steps_per_print", 10**9)  # DeepSpeed's own logging stays quiet
         self.ds_config.setdefault("zero_allow_untested_optimizer", True)  # our torch AdamW
         self.ds_config.setdefault("zero_force_ds_cpu_optimizer", False)  # ... also when offloading
+        self.optimizer: Any = None
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
 
-    def setup(self, model: nn.Module, optim_cfg, max_steps: int, accum_steps: int = 1) -> None:
+    def setup(self, model: nn.Module, weights: WeightSource, optim_cfg: OptimConfig, max_steps: int) -> None:
         import deepspeed
 
-        model = model.to(self.device)
+        materialize(model, weights, self.device)
         optimizer = build_optimizer(model, optim_cfg)
-        self.names = {p: n for n, p in model.named_parameters()}
+        self.names = {p: bare_name(n) for n, p in model.named_parameters()}
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
         # Our schedule steps the optimizer DeepSpeed wraps (it shares the param groups).
         self.scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
-        self.accum_steps = self.ds_config["gradient_accumulation_steps"]
 
     def unwrapped(self) -> nn.Module:
         return self.model.module
@@ -190,8 +181,8 @@ class DeepSpeedZero(Distributed):
             elif getattr(p, "_hp_mapping", None) is not None:
                 yield name, p._hp_mapping.get_hp_fragment()
 
-    def skip_step(self) -> None:
-        raise NotImplementedError("zero1-3 cannot drop a step's gradients (checked at start)")
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
 
     def loss_scale(self) -> float | None:
         if self.precision.dtype != "fp16":
@@ -219,10 +210,13 @@ class DeepSpeedZero(Distributed):
         # the scale) and zeroes the gradients.
         self.model.step()
         if not self.model.was_step_applied():
-            self.skipped_steps += 1
             return False
         self.scheduler.step()
         return True
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        # DeepSpeed's loss scaler is saved inside its own checkpoint, with the optimizer.
+        return {"model": DeepSpeedModelState(self), "scheduler": self.scheduler}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 master weights (not the bf16 / fp16 working copies), whole, on rank 0."""
@@ -232,13 +226,15 @@ class DeepSpeedZero(Distributed):
         for name, p in self.model.module.named_parameters():
             full = safe_get_full_fp32_param(p)  # collective: assembles the partitions
             if self.rank == 0:
-                state[unwrapped_name(name)] = full.detach().cpu().clone()
+                state[bare_name(name)] = full.detach().cpu().clone()
         return state
 
-    def save_state(self, directory: Path) -> None:
-        """DeepSpeed's own checkpoint: each rank writes its ZeRO partitions (collective).
 
-        The client state marks it convertible to a universal checkpoint (DeepSpeed's
+class DeepSpeedModelState(ModelState):
+    """DeepSpeed's own checkpoint (tag `zero`): each rank writes its ZeRO partitions."""
+
+    def save_tensors(self, directory: Path) -> None:
+        """The client state marks it convertible to a universal checkpoint (DeepSpeed's
         ds_to_universal asks for it), which is how it loads at another world size."""
         from deepspeed.checkpoint.constants import (
             UNIVERSAL_CHECKPOINT_INFO,
@@ -247,49 +243,42 @@ class DeepSpeedZero(Distributed):
         )
 
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.model.save_checkpoint(str(directory), tag="zero", save_latest=False, client_state=info)
+        self.strategy.model.save_checkpoint(str(directory), tag="zero", save_latest=False, client_state=info)
 
-    def save_state_async(self, directory: Path) -> Any:
-        raise ConfigError(
-            "checkpoint.async_save=true is for none / ddp / fsdp (torch.distributed.checkpoint); for zero1-3 "
-            "use DeepSpeed's own checkpoint engine through parallel.deepspeed_config"
-        )
-
-    def load_state(self, directory: Path, saved_world_size: int | None = None) -> None:
+    def load_tensors(self, directory: Path, saved_world_size: int) -> None:
         """Load DeepSpeed's checkpoint (collective). Written at another world size, its ZeRO
         partitions do not fit this run's: rank 0 converts it to a universal checkpoint (one file
         per parameter, DeepSpeed's ds_to_universal) in a scratch directory beside the checkpoints,
         every rank loads its new partitions from that, and the scratch directory is removed. The
         checkpoint itself is only read."""
-        if saved_world_size is None or saved_world_size == self.world_size:
-            load_path, _ = self.model.load_checkpoint(
-                str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-            if load_path is None:
-                raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
+        engine = self.strategy.model
+        if saved_world_size == self.strategy.world_size:
+            _load_deepspeed(engine, directory)
             return
         import shutil
         import tempfile
 
-        import torch.distributed as dist
-
         scratch = None
-        if self.rank == 0:
+        if self.strategy.rank == 0:
             scratch = Path(tempfile.mkdtemp(prefix=".universal-", dir=directory.parent.parent))
             _to_universal(directory / "zero", scratch / "zero")
-        scratch = self.broadcast_path(scratch)  # collective: rank 0 has converted it
-        self.model._config.load_universal_checkpoint = True  # read by load_checkpoint at each step of loading
+        scratch = self.strategy.broadcast_path(scratch)  # collective: rank 0 has converted it
+        engine._config.load_universal_checkpoint = True  # read by load_checkpoint at each step of loading
         try:
-            load_path, _ = self.model.load_checkpoint(
-                str(scratch), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            _load_deepspeed(engine, scratch)
         finally:
-            self.model._config.load_universal_checkpoint = False
-            dist.barrier()  # collective: every rank has read its partitions
-            if self.rank == 0:
+            engine._config.load_universal_checkpoint = False
+            self.strategy.barrier()  # collective: every rank has read its partitions
+            if self.strategy.rank == 0:
                 shutil.rmtree(scratch, ignore_errors=True)
-        if load_path is None:
-            raise ConfigError(f"DeepSpeed found no universal checkpoint converted from {directory}")
+
+
+def _load_deepspeed(engine: Any, directory: Path) -> None:
+    load_path, _ = engine.load_checkpoint(
+        str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
 
 
 def _to_universal(zero_dir: Path, out_dir: Path) -> None:
