@@ -4,11 +4,13 @@
     python -m benchmarks.checkpoint --n-layer 8 --saves 2  # 63M parameters, 757 MB checkpoints
     python -m benchmarks.checkpoint --device cuda          # the same on a GPU
 
-One process (parallel=none) trains a GPT with the harness's own code: `build_strategy`,
-`strategy.setup`, `trainer.loop.forward_backward`, `strategy.clip_and_step`, and saves with
-`trainer.checkpoint.Checkpointer`, with `async_save=False` (the default) and `async_save=True`
-(torch.distributed.checkpoint's async_save), each mode into its own run dir. It runs --saves
-rounds; in each, every mode takes --baseline-steps steps with nothing in flight, saves, and
+One process (parallel=none) trains a GPT with the harness's own code, built as the loop
+builds it (`build_strategy`, `build_model` on the meta device, `parallelize`) and stepped by
+`trainer.step.train_step`, and saves the parts the loop saves (`Run.parts()`: the strategy's
+model + optimizer and schedule, train state, spike baselines, RNG, sampler) with
+`Checkpointer(CheckpointStore(run_dir, keep))`, with `async_save=False` (the default) and
+`async_save=True` (torch.distributed.checkpoint's async_save), each mode into its own run
+dir. It runs --saves rounds; in each, every mode takes --baseline-steps steps with nothing in flight, saves, and
 takes --interval steps (checkpoint.interval) before the loop would save again; the modes
 alternate order between rounds, so both see the same drift in the machine's load. For each
 save it records, in the order the loop meets them:
@@ -36,7 +38,6 @@ figures go to --out (default benchmarks/results/checkpoint.json) as one JSON obj
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import shutil
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.harness import build_trainer
 
 MB = 1e6
 
@@ -118,68 +121,54 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 class Harness:
-    """The harness's strategy around a GPT, and one fixed random batch to step on."""
+    """The harness's strategy around a GPT, the run's other checkpointed parts, and one fixed
+    random batch to step on."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from trainer.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+        from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
         from trainer.data import Sampler
-        from trainer.model import GPT
-        from trainer.model.checkpointing import unwrapped_name
-        from trainer.parallel import build_strategy
+        from trainer.monitor import SpikeWatch
+        from trainer.state import TrainState
 
-        self.model_cfg = ModelConfig(
-            n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-            vocab_size=args.vocab_size, block_size=args.seq_len,
-        )  # fmt: skip
-        max_steps = 10_000  # the LR schedule's length; never reached
         self.cfg = Config(
-            model=self.model_cfg,
-            parallel=ParallelConfig(strategy="none"),
-            optim=OptimConfig(),
-            train=TrainConfig(
-                micro_batch_size=args.batch,
-                seq_len=args.seq_len,
-                max_steps=max_steps,
-                device=args.device,
+            model=ModelConfig(
+                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                vocab_size=args.vocab_size, block_size=args.seq_len,
             ),
-        )
-        self.strategy = build_strategy(self.cfg)
-        torch.manual_seed(0)
-        self.strategy.setup(GPT(self.model_cfg), self.cfg.optim, max_steps, 1)
-        self.n_params = sum(p.numel() for p in self.strategy.model.parameters())
-        self.shapes = {
-            unwrapped_name(n): list(p.shape)
-            for n, p in self.strategy.unwrapped().named_parameters()
-        }
+            parallel=ParallelConfig(strategy="none"),
+            train=TrainConfig(
+                micro_batch_size=args.batch, seq_len=args.seq_len, device=args.device,
+                max_steps=10_000,  # the LR schedule's length; never reached
+            ),
+        )  # fmt: skip
+        self.strategy, self.n_params = build_trainer(self.cfg, seed=0)
+        self.state = TrainState()
+        self.spikes = SpikeWatch(self.cfg.monitor.spike.z, self.cfg.monitor.spike.warmup)
         self.sampler = Sampler(1000, 0)
         tokens = torch.randint(args.vocab_size, (args.batch, args.seq_len + 1))
         self.x = tokens[:, :-1].to(self.strategy.device)  # (B, T)
         self.y = tokens[:, 1:].to(self.strategy.device)  # (B, T)
-        self.step_count = 0
 
     def step(self) -> float:
-        """One optimizer step on the fixed batch; its wall time in seconds."""
-        from trainer.loop import forward_backward
-        from trainer.parallel import global_norm
+        """One optimizer step on the fixed batch (trainer.step.train_step); its wall time in seconds."""
+        from trainer.step import train_step
 
         start = time.perf_counter()
-        forward_backward(self.strategy, self.strategy.model, self.x, self.y, 1)
-        grad_norm = global_norm(self.strategy.grad_sumsq_by_group())
-        self.strategy.clip_and_step(grad_norm, self.cfg.optim.clip_grad_norm)  # host sync
+        result = train_step(
+            self.strategy, self.x, self.y, 1, self.cfg.optim.clip_grad_norm, spikes=self.spikes
+        )
         if self.strategy.device.type == "cuda":
             torch.cuda.synchronize()  # the optimizer step's kernels, so the time is the step's
-        self.step_count += 1
+        self.state.record(self.x.numel(), result.target_tokens, result.stepped, result.non_finite)
         return time.perf_counter() - start
 
-    def meta(self) -> dict[str, Any]:
-        """What trainer.loop's save() writes to meta.json (resume and export read it)."""
-        s = self.strategy
+    def parts(self) -> dict[str, Any]:
+        """What trainer.loop checkpoints (Run.parts): the model first, then the run's state."""
+        from trainer.checkpoint import RNGState
+
         return {
-            "step": self.step_count, "tokens": self.step_count * self.x.numel(),
-            "sampler": self.sampler.state_dict(), "scheduler": s.scheduler.state_dict(),
-            "skipped_steps": s.skipped_steps, "loss_scaler": None, "wandb_id": None,
-            "world_size": s.world_size, "strategy": s.name, "shapes": self.shapes,
-            "model": dataclasses.asdict(self.model_cfg),
+            **self.strategy.checkpoint_parts(), "train_state": self.state, "spikes": self.spikes,
+            "rng": RNGState(self.strategy.rank), "sampler": self.sampler,
         }  # fmt: skip
 
 
@@ -190,7 +179,7 @@ def one_save(
     loop's next save (or final wait) does first: Checkpointer.wait(). The record of that save."""
     baseline = [trainer.step() for _ in range(args.baseline_steps)]
     start = time.perf_counter()
-    checkpointer.save(trainer.step_count, trainer.meta(), async_save=async_save)
+    checkpointer.save(trainer.state.step, trainer.parts(), async_save=async_save)
     saved = time.perf_counter()
     done_at: list[float] = []
     pending = checkpointer.pending  # async: done once the background thread has committed
@@ -216,7 +205,7 @@ def checkpoint_size(checkpointer: Any) -> int:
     """Bytes of the newest checkpoint, after checking it against its manifest."""
     from trainer.checkpoint import verify
 
-    latest = checkpointer.find("auto")
+    latest = checkpointer.store.find("auto")
     problem = verify(latest) if latest is not None else "no checkpoint found"
     if problem:
         raise RuntimeError(f"the last checkpoint does not verify: {problem}")
@@ -226,9 +215,11 @@ def checkpoint_size(checkpointer: Any) -> int:
 def run(trainer: Harness, root: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """--saves rounds; each saves once in every mode (order alternating between rounds), so both
     modes see the same drift in the machine's load."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpoint import Checkpointer, CheckpointStore
 
-    checkpointers = {mode: Checkpointer(root / mode, 2, trainer.strategy) for mode in args.modes}
+    checkpointers = {
+        mode: Checkpointer(CheckpointStore(root / mode, keep=2)) for mode in args.modes
+    }
     records: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     started = time.perf_counter()
     for round_index in range(args.saves):

@@ -4,9 +4,12 @@
     python -m benchmarks.memory --model gpt2 --strategies ddp zero3
 
 For each strategy this launches itself under torchrun (2 ranks; `none` runs on 1). Each rank
-builds the harness's strategy, runs one real forward / backward and one optimizer step, and
-counts the bytes it holds, each tensor storage once (storages are deduplicated by address, so
-views, tied weights and flat buffers count once, whole, padding included):
+builds the harness's strategy and model as the loop does (benchmarks/harness.py), runs one real
+optimizer step (`trainer.step.train_step`: forward / backward, gradient statistics, clip, AdamW
+step), and counts the bytes it holds, each tensor storage once (storages are deduplicated by
+address, so views, tied weights and flat buffers count once, whole, padding included). The
+gradients are counted where train_step's backward ends and before its optimizer step frees them
+(a thin view of the strategy looks first when train_step asks it to unscale the gradients):
 
   params   the model's parameters as this rank holds them: whole tensors (none, ddp, zero1,
            zero2), this rank's DTensor shards plus any gathered copy still allocated (fsdp), or
@@ -33,21 +36,26 @@ Psi parameters, N ranks and K bytes of optimizer state per parameter: baseline (
 P_os 4Psi + K Psi/N, P_os+g 2Psi + (2+K)Psi/N, P_os+g+p (4+K)Psi/N, with K=12 for mixed-
 precision Adam. This run is fp32 throughout, so the same formulas with 4-byte parameters and
 gradients and K=8 (exp_avg + exp_avg_sq) are the fair prediction; the table shows both.
+
+DeepSpeed is optional (`pip install -e ".[deepspeed]"`): without it the default run measures
+none / ddp / fsdp and says that it left zero1-3 out.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
-from importlib.metadata import version
+from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -210,6 +218,22 @@ def bucket_buffers(strategy) -> tuple[int, list[torch.Tensor]]:
 
 
 # -- one rank's measurement ---------------------------------------------------------------------
+class LooksAtGradients:
+    """The strategy as train_step sees it, but `look()` runs first when train_step asks to unscale
+    the gradients: right after forward / backward (and DeepSpeed's boundary reduction), before
+    the gradient statistics and the optimizer step (which frees the gradients)."""
+
+    def __init__(self, strategy: Any, look: Callable[[], None]) -> None:
+        self.strategy, self.look = strategy, look
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.strategy, name)
+
+    def unscale_gradients(self) -> None:
+        self.look()
+        self.strategy.unscale_gradients()
+
+
 def measure(
     strategy_name: str,
     model_cfg,
@@ -218,11 +242,10 @@ def measure(
     deepspeed_config: str | None = None,
     device: str = "cpu",
 ) -> dict:
-    """Build the strategy, run one forward / backward and step, and return this rank's bytes."""
+    """Build the strategy, run one optimizer step (train_step), and return this rank's bytes."""
+    from benchmarks.harness import build_trainer
     from trainer.config import Config, OptimConfig, ParallelConfig, TrainConfig
-    from trainer.loop import forward_backward
-    from trainer.model import GPT
-    from trainer.parallel import build_strategy, global_norm
+    from trainer.step import train_step
 
     cfg = Config(
         model=model_cfg,
@@ -232,11 +255,7 @@ def measure(
             micro_batch_size=micro_batch, seq_len=seq_len, max_steps=1, device=device
         ),
     )
-    strategy = build_strategy(cfg)
-    torch.manual_seed(0)
-    model = GPT(model_cfg)
-    psi = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-    strategy.setup(model, cfg.optim, max_steps=1, accum_steps=1)
+    strategy, psi = build_trainer(cfg, seed=0)
 
     pre_reduce: dict[str, int] = {}
     if strategy.name.startswith("zero"):
@@ -255,19 +274,26 @@ def measure(
 
         engine.allreduce_gradients = look_then_reduce
 
+    boundary: dict[str, int] = {}
+
+    def look_at_boundary() -> None:
+        # Buckets first, so a gradient that lives in a bucket counts as the bucket's.
+        seen: set = set()
+        hidden, buckets = bucket_buffers(strategy)
+        boundary["buffers"] = max(
+            hidden + storage_bytes(buckets, seen), pre_reduce.get("buffers", 0)
+        )
+        boundary["grads"] = storage_bytes(grad_tensors(strategy), seen)
+
     generator = torch.Generator().manual_seed(strategy.rank)
     x = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), generator=generator)
     y = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len), generator=generator)
-    forward_backward(strategy, strategy.model, x.to(strategy.device), y.to(strategy.device), 1)
-
-    # At the boundary, before the step frees the gradients: buckets first, so a gradient that
-    # lives in a bucket counts as the bucket's.
-    seen: set = set()
-    hidden, buckets = bucket_buffers(strategy)
-    buffers = max(hidden + storage_bytes(buckets, seen), pre_reduce.get("buffers", 0))
-    grads = storage_bytes(grad_tensors(strategy), seen)
-
-    strategy.clip_and_step(global_norm(strategy.grad_sumsq_by_group()), cfg.optim.clip_grad_norm)
+    train_step(
+        LooksAtGradients(strategy, look_at_boundary), x.to(strategy.device), y.to(strategy.device),
+        accum_steps=1, clip_grad_norm=cfg.optim.clip_grad_norm,
+    )  # fmt: skip
+    if "grads" not in boundary:
+        raise RuntimeError("train_step never asked to unscale the gradients: nothing was measured")
 
     seen = set()  # after the step: what stays allocated from one step to the next
     row = {
@@ -278,10 +304,10 @@ def measure(
         "param_count": psi,
         "params": storage_bytes(param_tensors(strategy), seen),
         "master": storage_bytes(master_tensors(strategy), seen),
-        "grads": grads,
+        "grads": boundary["grads"],
         "optim": storage_bytes(optimizer_state_tensors(strategy), seen),
-        "buffers": buffers,
-        "grads_pre_reduce": pre_reduce.get("grads", grads),
+        "buffers": boundary["buffers"],
+        "grads_pre_reduce": pre_reduce.get("grads", boundary["grads"]),
     }
     row["total"] = sum(row[c] for c in COLUMNS)
     strategy.barrier()
@@ -334,6 +360,30 @@ def run_strategy(
     return [
         json.loads((rows_dir / f"{strategy}.rank{rank}.json").read_text()) for rank in range(nproc)
     ]
+
+
+def deepspeed_version() -> str | None:
+    """DeepSpeed's installed version; None when it is not installed (it is an optional extra)."""
+    if importlib.util.find_spec("deepspeed") is None:  # as config.check_run tests it
+        return None
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:  # importable, but not an installed distribution
+        return "unknown"
+
+
+def choose_strategies(requested: list[str] | None, deepspeed: str | None) -> list[str]:
+    """The strategies to measure: those asked for, or by default every one this install can run
+    (zero1-3 need DeepSpeed). Asking for zero1-3 without DeepSpeed stops with the fix."""
+    if requested is None:
+        return [s for s in STRATEGIES if deepspeed is not None or not s.startswith("zero")]
+    missing = [s for s in requested if s.startswith("zero")] if deepspeed is None else []
+    if missing:
+        raise SystemExit(
+            f"--strategies {' '.join(missing)} needs DeepSpeed, which is not installed: "
+            'pip install -e ".[deepspeed]", or leave zero1-3 out'
+        )
+    return requested
 
 
 def predictions(strategy: str, psi: int, world_size: int) -> dict[str, float]:
@@ -399,7 +449,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--world-size", type=int, default=2, help="ranks for every strategy but none"
     )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=STRATEGIES,
+        help="default: all six (without DeepSpeed installed: none, ddp, fsdp)",
+    )
     parser.add_argument("--deepspeed-config", help="a DeepSpeed JSON of your own for zero1-3")
     parser.add_argument(
         "--reduce-bucket-size",
@@ -433,6 +488,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     if args.deepspeed_config:
         args.deepspeed_config = str(Path(args.deepspeed_config).resolve())
+    deepspeed = deepspeed_version()
+    strategies = choose_strategies(args.strategies, deepspeed)
+    if deepspeed is None and args.strategies is None:
+        print(
+            'DeepSpeed is not installed: zero1-3 left out (pip install -e ".[deepspeed]")',
+            flush=True,
+        )
     model_cfg = build_model_config(args)
     model_json = json.dumps(dataclasses.asdict(model_cfg))
     results = []
@@ -441,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
             ds_json = {"zero_optimization": {"reduce_bucket_size": args.reduce_bucket_size}}
             args.deepspeed_config = str(Path(rows_dir) / "deepspeed.json")
             Path(args.deepspeed_config).write_text(json.dumps(ds_json))
-        for strategy in args.strategies:
+        for strategy in strategies:
             start = time.perf_counter()
             rows = run_strategy(strategy, args, model_json, Path(rows_dir))
             spread = rank_spread(rows)
@@ -485,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         "reduce_bucket_size": args.reduce_bucket_size,
         "deepspeed_config": None if args.reduce_bucket_size else args.deepspeed_config,
         "torch": torch.__version__,
-        "deepspeed": version("deepspeed"),
+        "deepspeed": deepspeed,
         "bytes_per_MB": MB,
     }
     out.write_text(

@@ -5,41 +5,56 @@
     python -m benchmarks.monitor --repeats 2 --threads 0      # two runs per variant; torch's threads
     python -m benchmarks.monitor --out /tmp/monitor.json      # default: benchmarks/results/monitor.json
 
-Every step the loop computes per-group gradient sums of squares (for the global norm and
-clipping); every `monitor.interval` steps (default: every logged step, train.log_interval=10)
-it also copies the weights before the optimizer step (`strategy.snapshot_params`) and, in
-the log block, turns the gradient sums into per-layer norms and computes per-layer parameter
-norms and update ratios. This script runs the real loop, `trainer.loop.train` on a config
-composed like the command line's, per model with the same steps, data and seed:
+Every step, `trainer.step.train_step` computes per-group gradient sums of squares (for the
+global norm and clipping). Every `monitor.interval` steps (default: every logged step,
+train.log_interval=10) it also copies the weights before the optimizer step (`snapshot`) and,
+after it, computes per-group sums of squares of the weights and of the update (`param_stats`,
+on the device); the loop's log block then turns the sums into per-layer norms and update
+ratios on the host (`trainer.monitor.group_norms`, one host sync per family). This script runs
+the real loop, `trainer.loop.train`, on a config composed like the command line's, per model
+with the same steps, data and seed:
 
   monitored   monitor.interval=null (per-layer statistics at every logged step, the default)
   plain       monitor.interval=1000000 (never within the run; the global norm is still computed)
 
-It only observes the loop: `Loggers.advance` (called once per step, after the step's log
-block) stamps the time, so each step's wall time includes its monitoring; the strategy's
-methods, `forward_backward` and `group_norms` are wrapped in timers, which gives the cost of
-each monitoring piece inside the real steps. The run is stopped after --steps steps, before
-the final checkpoint and sample; max_steps is one more, so no measured step is the last one
-and evaluation never runs. The first logged window (log_interval steps) is warm-up and is
-left out. Data: ~2 MB of the standard library's source as one text file in a temporary
-directory, byte tokens (gpt2 keeps its 50257-entry vocabulary); seq 128; micro batch 16
-(tiny) or 1 (gpt2); fp32, parallel=none. One torch thread by default (train.num_threads=1):
-on a CPU shared with other jobs two threads ran several times slower and far noisier.
+It only observes the loop, through the loop's Callback protocol: `on_step_end` (called once per
+step, after the step's log block) stamps the time, so each step's wall time includes its
+monitoring, and keeps the step's `StepResult.timings` (train_step's own host-clock pieces:
+forward_backward, grad_stats, snapshot, clip_and_step and, on monitor steps, param_stats) and
+the logged rows. On a GPU the probe synchronises before it stamps, so a step's wall time holds
+its own kernels; train_step's pieces are host time without a sync, so there snapshot and
+param_stats are mostly launch time and their device work is waited for in the log block's host
+sync (which the `group_norms` figure below includes). The probe stops the run after --steps
+steps (by returning True: no final checkpoint or sample); max_steps is one more, so no
+measured step is the last one and evaluation never runs. The first logged window
+(log_interval steps; the first step also holds building the run) is warm-up and is left out.
+The loop's console lines go to stderr; stdout keeps the tables. Data: ~2 MB of the standard
+library's source as one text file in a temporary directory, byte tokens (gpt2 keeps its
+50257-entry vocabulary); seq 128; micro batch 16 (tiny) or 1 (gpt2); fp32, parallel=none. One
+torch thread by default (train.num_threads=1): on a CPU shared with other jobs two threads ran
+several times slower and far noisier.
 
 Figures (medians over the measured steps):
   step s             a step without monitoring: the unlogged steps of run `plain`
   monitored step s   the steps with per-layer statistics (every 10th) of run `monitored`
   extra              monitored step - the other steps of the same run (same drift, both
                      include the logging, which costs milliseconds: `log_extra_s` in the JSON)
-  pieces s           the timed pieces of a monitored step: snapshot + grad norms + param
-                     norms + update ratios
+  pieces s           the monitoring pieces of a monitored step: snapshot + param_stats
+                     (train_step's timings) + group_norms, the per-layer norms and update
+                     ratios of the log block: the time a monitored step spends outside
+                     train_step (data, counters, log block) minus the same for the logged
+                     steps of run `plain`, whose log block has no per-layer figures
   amortised %        extra / interval / step s: the monitoring's share at the default
                      interval; `(pieces)` uses the timed pieces instead of extra
   end-to-end %       mean step time of run `monitored` over run `plain`, minus 1
   noise %            the unmonitored steps of run `monitored` over those of run `plain`,
                      minus 1: the same work, so this is the machine's drift between runs
+  always s           train_step's pieces of every step (run `plain`): forward_backward,
+                     grad_stats (unscale, gradient sums of squares, global norm, the step's
+                     one host sync), clip_and_step
   missing from step_time_s   per logged window, its wall time minus the loop's own
-                     throughput/step_time_s x steps: the log block after that figure is taken
+                     throughput/step_time_s x steps: the part of the log block after that
+                     figure is taken (evaluation, writing the row, the console line)
 """
 
 from __future__ import annotations
@@ -54,12 +69,14 @@ import sysconfig
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-from unittest import mock
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from trainer.loop import Run
+    from trainer.step import StepResult
 
 MODELS = {  # model -> overrides on top of the shared ones (micro batch as the issue asks)
     "tiny": ["model=tiny", "train.micro_batch_size=16"],
@@ -67,93 +84,34 @@ MODELS = {  # model -> overrides on top of the shared ones (micro batch as the i
 }
 DEFAULT_STEPS = {"tiny": 100, "gpt2": 30}
 LOG_INTERVAL = 10
-PIECES = ("snapshot", "grad_norms", "param_norms", "update_ratios")  # monitored steps only
-ALWAYS = ("forward_backward", "grad_sumsq", "clip_and_step")  # every step
+PIECES = ("snapshot", "param_stats", "group_norms")  # monitored steps only
+ALWAYS = ("forward_backward", "grad_stats", "clip_and_step")  # every step: train_step's timings
 GOAL_PERCENT = 5.0
 
 
-class StopRun(Exception):
-    """Raised from the logger once the measured steps are done."""
-
-
 class Probe:
-    """Timestamps of each step's end and per-step timings of named pieces, from one train() run."""
+    """A trainer.loop Callback: the wall time at each step's end, each step's StepResult.timings
+    and the logged rows of one train() run. Stops the run once `steps` steps are done."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
-        self.stamps: list[float] = [time.perf_counter()]
-        self.pieces: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.rows: list[dict[str, Any]] = []
-        self.strategy: Any = None  # while the run lasts
+        self.stamps: list[float] = [time.perf_counter()]  # the start, then each step's end
+        self.timings: list[dict[str, float]] = []  # per step: train_step's pieces, seconds
+        self.rows: list[dict[str, Any]] = []  # what the loop logged
         self.n_params = 0
         self.device = "cpu"
 
-    def timed(self, name: str, fn: Callable) -> Callable:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # so the time is the piece's, not the next host sync's
-            step = len(self.stamps)  # stamps holds the start and each finished step's end
-            self.pieces[step][name] += time.perf_counter() - start
-            return out
-
-        return wrapper
-
-    def timed_group_norms(self, fn: Callable) -> Callable:
-        names = {
-            "grad_norm": "grad_norms",
-            "param_norm": "param_norms",
-            "update_ratio": "update_ratios",
-        }
-        return lambda prefix, sums: self.timed(names[prefix], fn)(prefix, sums)
-
-    def build_strategy(self, fn: Callable) -> Callable:
-        def build(cfg: Any) -> Any:
-            self.strategy = strategy = fn(cfg)
-            for method, name in (
-                ("grad_sumsq_by_group", "grad_sumsq"), ("clip_and_step", "clip_and_step"),
-                ("snapshot_params", "snapshot"), ("param_sumsq_by_group", "param_norms"),
-                ("update_sumsq_by_group", "update_ratios"),
-            ):  # fmt: skip
-                setattr(strategy, method, self.timed(name, getattr(strategy, method)))
-            return strategy
-
-        return build
-
-    def loggers(self, base: type) -> type:
-        probe = self
-
-        class TimedLoggers(base):
-            def log(self, metrics: dict[str, Any]) -> None:
-                super().log(metrics)
-                probe.rows.append(dict(metrics))
-
-            def write(self, text: str) -> None:
-                pass  # keep the benchmark's output to its table
-
-            def advance(self, steps: int = 1, **postfix: Any) -> None:
-                super().advance(steps, **postfix)
-                probe.stamps.append(time.perf_counter())
-                if len(probe.stamps) - 1 >= probe.steps:
-                    self.close()
-                    raise StopRun
-
-        return TimedLoggers
-
-    @contextlib.contextmanager
-    def patched(self) -> Iterator[None]:
-        import trainer.loop as loop
-
-        with (
-            mock.patch.object(loop, "Loggers", self.loggers(loop.Loggers)),
-            mock.patch.object(loop, "build_strategy", self.build_strategy(loop.build_strategy)),
-            mock.patch.object(
-                loop, "forward_backward", self.timed("forward_backward", loop.forward_backward)
-            ),
-            mock.patch.object(loop, "group_norms", self.timed_group_norms(loop.group_norms)),
-        ):
-            yield
+    def on_step_end(self, run: Run, result: StepResult, metrics: dict[str, Any] | None) -> bool:
+        if run.strategy.device.type == "cuda":
+            torch.cuda.synchronize()  # host sync: the step's kernels are done, its time is its own
+        self.stamps.append(time.perf_counter())
+        self.timings.append(dict(result.timings))
+        if metrics is not None:
+            self.rows.append(dict(metrics))
+        if not self.n_params:
+            self.n_params = sum(p.numel() for p in run.strategy.model.parameters())
+            self.device = str(run.strategy.device)
+        return len(self.timings) >= self.steps  # True stops the run here
 
     def step_times(self) -> list[float]:
         return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
@@ -191,15 +149,11 @@ def run_once(
     cfg, _ = compose_config(overrides)
     probe = Probe(steps)
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix=f"{model}-"))
-    with probe.patched(), contextlib.suppress(StopRun):
-        train(cfg, run_dir)
-    if len(probe.stamps) - 1 < steps:
-        raise RuntimeError(
-            f"{model}: train() returned after {len(probe.stamps) - 1} of {steps} steps"
-        )
-    probe.n_params = sum(p.numel() for p in probe.strategy.model.parameters())
-    probe.device = str(probe.strategy.device)
-    probe.strategy = None  # let the model and optimizer go before the next run
+    # The loop prints a console line per logged step: to stderr, so stdout keeps the tables.
+    with contextlib.redirect_stdout(sys.stderr):
+        train(cfg, run_dir, callbacks=(probe,))
+    if len(probe.timings) < steps:
+        raise RuntimeError(f"{model}: train() returned after {len(probe.timings)} of {steps} steps")
     return probe
 
 
@@ -208,18 +162,24 @@ def median(values: list[float]) -> float:
 
 
 def collect(probes: list[Probe]) -> dict[str, list[float]]:
-    """Step times after warm-up, split into logged and other steps; each timed piece per step
-    it ran in; and per logged window, the wall time the loop's throughput/step_time_s leaves
-    out (window wall time - step_time_s x steps: the log block after that figure is taken)."""
+    """Step times after warm-up, split into logged and other steps; the time each of those spent
+    outside train_step (data, counters, the log block); train_step's pieces per step they ran
+    in; and per logged window, the wall time the loop's throughput/step_time_s leaves out
+    (window wall time - step_time_s x steps)."""
     out: dict[str, list[float]] = defaultdict(list)
     for probe in probes:
         times = probe.step_times()
-        for step, seconds in enumerate(times, start=1):
+        for step, (seconds, timings) in enumerate(zip(times, probe.timings, strict=True), start=1):
             if step <= LOG_INTERVAL:
                 continue
-            out["logged" if step % LOG_INTERVAL == 0 else "other"].append(seconds)
-            for name, value in probe.pieces[step].items():
-                out[name].append(value)
+            kind = "logged" if step % LOG_INTERVAL == 0 else "other"
+            out[kind].append(seconds)
+            out[f"outside_{kind}"].append(seconds - sum(timings.values()))
+            for name in ALWAYS:
+                out[name].append(timings[name])
+            if "param_stats" in timings:  # a monitor step: train_step ran with stats=True
+                out["snapshot"].append(timings["snapshot"])
+                out["param_stats"].append(timings["param_stats"])
         for row in probe.rows:
             if row["step"] > LOG_INTERVAL and row["step"] % LOG_INTERVAL == 0:
                 window = times[row["step"] - LOG_INTERVAL : row["step"]]
@@ -232,7 +192,12 @@ def summarize(model: str, runs: dict[str, list[Probe]], interval: int) -> dict[s
     mon, plain = collect(runs["monitored"]), collect(runs["plain"])
     step_s = median(plain["other"])
     monitor_extra = median(mon["logged"]) - median(mon["other"])  # same run: the same drift
-    piece_s = {name: median(mon[name]) for name in PIECES}
+    piece_s = {
+        "snapshot": median(mon["snapshot"]),
+        "param_stats": median(mon["param_stats"]),
+        # both logged steps: the same data and log block but for the per-layer figures
+        "group_norms": median(mon["outside_logged"]) - median(plain["outside_logged"]),
+    }
     pieces_s = sum(piece_s.values())
     mean_mon = statistics.fmean(mon["logged"] + mon["other"])
     mean_plain = statistics.fmean(plain["logged"] + plain["other"])
@@ -255,6 +220,10 @@ def summarize(model: str, runs: dict[str, list[Probe]], interval: int) -> dict[s
         "pieces_s": piece_s,
         "pieces_total_s": pieces_s,
         "always_s": {name: median(plain[name]) for name in ALWAYS},
+        "outside_train_step_s": {
+            variant: {kind: median(c[f"outside_{kind}"]) for kind in ("logged", "other")}
+            for variant, c in (("monitored", mon), ("plain", plain))
+        },
         "amortised_percent": amortised,
         "amortised_pieces_percent": amortised_pieces,
         "mean_step_s_monitored": mean_mon,
@@ -286,9 +255,9 @@ def markdown_tables(results: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| model | snapshot s | grad norms s | param norms s | update ratios s | pieces / step "
-        "| always: forward+backward s | grad sumsq s | clip+step s | missing from step_time_s, s per window (monitored / plain) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | snapshot s | param + update sums s | per-layer norms, log block s | pieces / step "
+        "| always: forward+backward s | grad stats s | clip+step s | missing from step_time_s, s per window (monitored / plain) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         unlogged = r["unlogged_s_per_window"]
