@@ -58,9 +58,7 @@ MB = 1e6
 # -- pure helpers (tested in tests/test_benchmark_checkpoint.py) ----------------------------------
 
 
-def overlap_extra(
-    step_times: list[float], in_flight: list[bool], baseline: float
-) -> tuple[int, float]:
+def overlap_extra(step_times: list[float], in_flight: list[bool], baseline: float) -> tuple[int, float]:
     """(number of steps that overlapped a write, their summed time above the baseline step)."""
     overlapped = [t for t, flying in zip(step_times, in_flight, strict=True) if flying]
     return len(overlapped), sum(t - baseline for t in overlapped)
@@ -71,9 +69,7 @@ def directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
-def summarize(
-    mode: str, saves: list[dict[str, float]], baseline: list[float], size_bytes: int
-) -> dict[str, Any]:
+def summarize(mode: str, saves: list[dict[str, float]], baseline: list[float], size_bytes: int) -> dict[str, Any]:
     """Per-save means of one mode's records (keys of `saves`: save_s, wait_s, extra_s,
     overlapped, write_s)."""
     n = len(saves)
@@ -154,9 +150,7 @@ class Harness:
         from trainer.step import train_step
 
         start = time.perf_counter()
-        result = train_step(
-            self.strategy, self.x, self.y, 1, self.cfg.optim.clip_grad_norm, spikes=self.spikes
-        )
+        result = train_step(self.strategy, self.x, self.y, 1, self.cfg.optim.clip_grad_norm, spikes=self.spikes)
         if self.strategy.device.type == "cuda":
             torch.cuda.synchronize()  # the optimizer step's kernels, so the time is the step's
         self.state.record(self.x.numel(), result.target_tokens, result.stepped, result.non_finite)
@@ -172,9 +166,7 @@ class Harness:
         }  # fmt: skip
 
 
-def one_save(
-    trainer: Harness, checkpointer: Any, async_save: bool, args: argparse.Namespace
-) -> dict:
+def one_save(trainer: Harness, checkpointer: Any, async_save: bool, args: argparse.Namespace) -> dict:
     """--baseline-steps steps with nothing in flight, a save, --interval steps, then what the
     loop's next save (or final wait) does first: Checkpointer.wait(). The record of that save."""
     baseline = [trainer.step() for _ in range(args.baseline_steps)]
@@ -217,9 +209,7 @@ def run(trainer: Harness, root: Path, args: argparse.Namespace) -> list[dict[str
     modes see the same drift in the machine's load."""
     from trainer.checkpoint import Checkpointer, CheckpointStore
 
-    checkpointers = {
-        mode: Checkpointer(CheckpointStore(root / mode, keep=2)) for mode in args.modes
-    }
+    checkpointers = {mode: Checkpointer(CheckpointStore(root / mode, keep=2)) for mode in args.modes}
     records: dict[str, list[dict]] = {mode: [] for mode in args.modes}
     started = time.perf_counter()
     for round_index in range(args.saves):
@@ -231,9 +221,7 @@ def run(trainer: Harness, root: Path, args: argparse.Namespace) -> list[dict[str
     for mode in args.modes:
         baseline = [t for r in records[mode] for t in r["baseline_step_times"]]
         size = checkpoint_size(checkpointers[mode])
-        results.append(
-            {"summary": summarize(mode, records[mode], baseline, size), "saves": records[mode]}
-        )
+        results.append({"summary": summarize(mode, records[mode], baseline, size), "saves": records[mode]})
     return results
 
 
@@ -246,9 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1, help="sequences per step")
     parser.add_argument("--saves", type=int, default=3, help="saves per mode")
-    parser.add_argument(
-        "--interval", type=int, default=4, help="steps after each save (checkpoint.interval)"
-    )
+    parser.add_argument("--interval", type=int, default=4, help="steps after each save (checkpoint.interval)")
     parser.add_argument(
         "--baseline-steps",
         type=int,
@@ -257,13 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    parser.add_argument(
-        "--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)"
-    )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
     parser.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where run dirs go (default: a temporary directory)"
-    )
+    parser.add_argument("--dir", type=Path, default=None, help="where run dirs go (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/checkpoint.json"))
     return parser.parse_args(argv)
 

@@ -71,9 +71,7 @@ def build(base: ModelConfig, mode: str, k: int, device: torch.device) -> tuple[G
     if mode == "segment":
         model = GPT(base)
         blocks = list(model.blocks)
-        model.blocks = nn.ModuleList(
-            CheckpointWrapper(Segment(blocks[i : i + k])) for i in range(0, len(blocks), k)
-        )
+        model.blocks = nn.ModuleList(CheckpointWrapper(Segment(blocks[i : i + k])) for i in range(0, len(blocks), k))
         return model.to(device), list(range(base.n_layer))
     cfg = dataclasses.replace(base, activation_checkpointing=mode, activation_checkpointing_every=k)
     model = GPT(cfg)
@@ -135,9 +133,7 @@ def saved_bytes(module: nn.Module, *inputs: Any) -> int:
     return sum(storages.values())
 
 
-def block_sizes(
-    base: ModelConfig, batch: int, seq_len: int, device: torch.device
-) -> dict[str, int]:
+def block_sizes(base: ModelConfig, batch: int, seq_len: int, device: torch.device) -> dict[str, int]:
     """A = bytes one block saves, its attention and MLP parts, and I = one block's input."""
     from trainer.model.gpt import Block, rope_cos_sin
 
@@ -241,9 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "best": min(harness, key=lambda r: r["memory_x_time"]),
         # segment k = 1 is full k = 1
-        "best_segment": min([full_1, *segments], key=lambda r: r["memory_x_time"])
-        if segments
-        else None,
+        "best_segment": min([full_1, *segments], key=lambda r: r["memory_x_time"]) if segments else None,
         # ceil(L/k) I + k A is least at k = sqrt(L I / A): sqrt(L) when a layer saves only its input
         "model_best_segment_k": math.sqrt(L * sizes["input"] / sizes["block"]),
         "full_recompute_overhead_pct": full_1["overhead_pct"],
@@ -290,10 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     print(table(result))
     best, f1 = result["best"], result["full_recompute_overhead_pct"]
-    print(
-        f"lowest memory x time (harness modes): {best['mode']} k={best['k']} "
-        f"({best['memory_x_time']:.2f} of none)"
-    )
+    print(f"lowest memory x time (harness modes): {best['mode']} k={best['k']} ({best['memory_x_time']:.2f} of none)")
     if result["best_segment"]:
         s = result["best_segment"]
         rho = result["block_saved_bytes"]["input"] / result["block_saved_bytes"]["block"]

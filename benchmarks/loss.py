@@ -47,9 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=128256, help="V (Llama 3: 128256)")
     parser.add_argument("--dim", type=int, default=2048, help="C, the model width")
     parser.add_argument("--tokens", type=int, default=1024, help="N = micro-batch x sequence")
-    parser.add_argument(
-        "--chunks", type=int, nargs="+", default=[128, 1024], help="fused chunk sizes"
-    )
+    parser.add_argument("--chunks", type=int, nargs="+", default=[128, 1024], help="fused chunk sizes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="of hidden and W")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="forward + backward passes timed")
@@ -84,9 +82,7 @@ def measure(args: argparse.Namespace) -> dict:
         loss_fn = lambda h, w, y: linear_cross_entropy_sum(h, w, y, chunk)  # noqa: E731
     # Warm up on a tiny shape: the kernels' code pages and workspaces, which would otherwise
     # count in the resident set, are then in place before the baseline.
-    tiny = [
-        t[: min(64, n)].detach().requires_grad_(t.is_floating_point()) for t in (hidden, weight)
-    ]
+    tiny = [t[: min(64, n)].detach().requires_grad_(t.is_floating_point()) for t in (hidden, weight)]
     loss_fn(*tiny, targets[: min(64, n)] % 64).backward()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -148,17 +144,13 @@ def main(argv: list[str] | None = None) -> None:
     logits_bytes = n * v * 4  # the fp32 logits the plain path materialises
     grads_bytes = (v * c + n * c) * element  # W.grad and h.grad: returned by every variant
     print(f"N={n} tokens, V={v}, C={c}, {args.dtype} on {args.device}; torch {torch.__version__}")
-    print(
-        f"fp32 logits N x V x 4 = {logits_bytes / MB:,.0f} MB; grads (V + N) x C = {grads_bytes / MB:,.0f} MB"
-    )
+    print(f"fp32 logits N x V x 4 = {logits_bytes / MB:,.0f} MB; grads (V + N) x C = {grads_bytes / MB:,.0f} MB")
     results = [run_variant(name, args) for name in ["plain", *(f"fused-{k}" for k in args.chunks)]]
     print(table(results, grads_bytes))
     record = {
         "shape": {"tokens": n, "vocab": v, "dim": c, "dtype": args.dtype, "device": args.device},
         "torch": torch.__version__,
-        "method": "cuda max_memory_allocated"
-        if args.device.startswith("cuda")
-        else "ru_maxrss growth, fresh process",
+        "method": "cuda max_memory_allocated" if args.device.startswith("cuda") else "ru_maxrss growth, fresh process",
         "logits_fp32_bytes": logits_bytes,
         "grads_bytes": grads_bytes,
         "repeats": args.repeats,

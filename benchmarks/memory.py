@@ -160,11 +160,7 @@ def param_tensors(strategy) -> list[torch.Tensor]:
     if strategy.name == "fsdp":  # local shards, plus any all-gathered copy not yet freed
         gathered = []
         for module in strategy.model.modules():
-            group = (
-                module._get_fsdp_state()._fsdp_param_group
-                if hasattr(module, "_get_fsdp_state")
-                else None
-            )
+            group = module._get_fsdp_state()._fsdp_param_group if hasattr(module, "_get_fsdp_state") else None
             for fsdp_param in group.fsdp_params if group is not None else []:
                 gathered += list(fsdp_param.all_gather_outputs)
                 gathered.append(getattr(fsdp_param, "_unsharded_param", None))
@@ -251,9 +247,7 @@ def measure(
         model=model_cfg,
         parallel=ParallelConfig(strategy=strategy_name, deepspeed_config=deepspeed_config),
         optim=OptimConfig(),
-        train=TrainConfig(
-            micro_batch_size=micro_batch, seq_len=seq_len, max_steps=1, device=device
-        ),
+        train=TrainConfig(micro_batch_size=micro_batch, seq_len=seq_len, max_steps=1, device=device),
     )
     strategy, psi = build_trainer(cfg, seed=0)
 
@@ -267,9 +261,7 @@ def measure(
             _, buckets = bucket_buffers(strategy)
             pre_reduce["buffers"] = storage_bytes(buckets)
             params = strategy.unwrapped().parameters()
-            pre_reduce["grads"] = tensor_bytes(
-                t for p in params for t in (p.grad, getattr(p, "grad_accum", None))
-            )
+            pre_reduce["grads"] = tensor_bytes(t for p in params for t in (p.grad, getattr(p, "grad_accum", None)))
             return reduce(*args, **kwargs)
 
         engine.allreduce_gradients = look_then_reduce
@@ -280,9 +272,7 @@ def measure(
         # Buckets first, so a gradient that lives in a bucket counts as the bucket's.
         seen: set = set()
         hidden, buckets = bucket_buffers(strategy)
-        boundary["buffers"] = max(
-            hidden + storage_bytes(buckets, seen), pre_reduce.get("buffers", 0)
-        )
+        boundary["buffers"] = max(hidden + storage_bytes(buckets, seen), pre_reduce.get("buffers", 0))
         boundary["grads"] = storage_bytes(grad_tensors(strategy), seen)
 
     generator = torch.Generator().manual_seed(strategy.rank)
@@ -327,9 +317,7 @@ def build_model_config(args: argparse.Namespace):
         path = REPO / "configs" / "model" / f"{args.model}.yaml"
         if not path.is_file():
             shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            raise SystemExit(
-                f"--model {args.model}: no {path}; shipped models: {', '.join(shipped)}"
-            )
+            raise SystemExit(f"--model {args.model}: no {path}; shipped models: {', '.join(shipped)}")
         base = OmegaConf.to_container(OmegaConf.load(path))
         # A null vocabulary means "the tokenizer's"; there is no tokenizer here, so pick one.
         base["vocab_size"] = base.get("vocab_size") or 4096
@@ -339,9 +327,7 @@ def build_model_config(args: argparse.Namespace):
     return ModelConfig(**base)
 
 
-def run_strategy(
-    strategy: str, args: argparse.Namespace, model_json: str, rows_dir: Path
-) -> list[dict]:
+def run_strategy(strategy: str, args: argparse.Namespace, model_json: str, rows_dir: Path) -> list[dict]:
     """Launch one strategy's ranks under torchrun; return their rows (rank order)."""
     nproc = 1 if strategy == "none" else args.world_size
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -357,9 +343,7 @@ def run_strategy(
     if result.returncode != 0:
         tail = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
         raise SystemExit(f"{strategy}: torchrun exited {result.returncode}\n{tail}")
-    return [
-        json.loads((rows_dir / f"{strategy}.rank{rank}.json").read_text()) for rank in range(nproc)
-    ]
+    return [json.loads((rows_dir / f"{strategy}.rank{rank}.json").read_text()) for rank in range(nproc)]
 
 
 def deepspeed_version() -> str | None:
@@ -412,9 +396,7 @@ def markdown_table(results: list[dict]) -> str:
     for result in results:
         row = result["ranks"][0]
         cells = [result["strategy"], str(row["world_size"])]
-        cells += [
-            f"{row[key] / MB:.2f}" for key in (*COLUMNS, "total", "buffers", "grads_pre_reduce")
-        ]
+        cells += [f"{row[key] / MB:.2f}" for key in (*COLUMNS, "total", "buffers", "grads_pre_reduce")]
         cells += [f"{result['paper_mixed'] / MB:.2f}", f"{result['paper_fp32'] / MB:.2f}"]
         cells.append(f"{row['total'] / result['paper_fp32']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -432,12 +414,8 @@ def rank_spread(rows: list[dict]) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.memory", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument(
-        "--model", help="a configs/model/NAME.yaml (tiny, gpt2, ...); default: 4 x 256, vocab 4096"
-    )
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a configs/model/NAME.yaml (tiny, gpt2, ...); default: 4 x 256, vocab 4096")
     parser.add_argument("--n-layer", dest="n_layer", type=int)
     parser.add_argument("--n-head", dest="n_head", type=int)
     parser.add_argument("--n-embd", dest="n_embd", type=int)
@@ -445,9 +423,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", dest="block_size", type=int)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument(
-        "--world-size", type=int, default=2, help="ranks for every strategy but none"
-    )
+    parser.add_argument("--world-size", type=int, default=2, help="ranks for every strategy but none")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument(
         "--strategies",
@@ -472,9 +448,7 @@ def worker(args: argparse.Namespace) -> None:
     from trainer.config import ModelConfig
 
     model_cfg = ModelConfig(**json.loads(args.model_json))
-    row = measure(
-        args.worker, model_cfg, args.seq_len, args.micro_batch, args.deepspeed_config, args.device
-    )
+    row = measure(args.worker, model_cfg, args.seq_len, args.micro_batch, args.deepspeed_config, args.device)
     (Path(args.rows) / f"{args.worker}.rank{row['rank']}.json").write_text(json.dumps(row))
 
 
@@ -524,10 +498,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     psi = results[0]["ranks"][0]["param_count"]
-    shape = " ".join(
-        f"{key}={getattr(model_cfg, key)}"
-        for key in ("n_layer", "n_embd", "vocab_size", "block_size")
-    )
+    shape = " ".join(f"{key}={getattr(model_cfg, key)}" for key in ("n_layer", "n_embd", "vocab_size", "block_size"))
     print(
         f"\nPsi = {psi:,} parameters ({shape}); fp32 params, grads and AdamW state; "
         f"{args.world_size} ranks on {results[-1]['ranks'][0]['device']}; "
@@ -550,9 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         "deepspeed": deepspeed,
         "bytes_per_MB": MB,
     }
-    out.write_text(
-        json.dumps({"settings": settings, "param_count": psi, "rows": results}, indent=2) + "\n"
-    )
+    out.write_text(json.dumps({"settings": settings, "param_count": psi, "rows": results}, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

@@ -132,9 +132,7 @@ def write_corpus(directory: Path, max_bytes: int = 2_000_000) -> Path:
     return path
 
 
-def run_once(
-    model: str, monitored: bool, steps: int, threads: int, corpus: Path, work: Path
-) -> Probe:
+def run_once(model: str, monitored: bool, steps: int, threads: int, corpus: Path, work: Path) -> Probe:
     """One train() run of `steps` steps; per-layer monitoring at the default interval or never."""
     from trainer.__main__ import compose_config
     from trainer.loop import train
@@ -286,15 +284,11 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="torch CPU threads (train.num_threads; 0: torch's default)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=1, help="runs per variant, alternating order"
-    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating order")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/monitor.json"))
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 2 * LOG_INTERVAL:
-        parser.error(
-            f"--steps must be at least {2 * LOG_INTERVAL} (the first {LOG_INTERVAL} are warm-up)"
-        )
+        parser.error(f"--steps must be at least {2 * LOG_INTERVAL} (the first {LOG_INTERVAL} are warm-up)")
 
     started = time.perf_counter()
     results = []
@@ -308,9 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                 order = ("monitored", "plain") if repeat % 2 == 0 else ("plain", "monitored")
                 for variant in order:
                     t0 = time.perf_counter()
-                    runs[variant].append(
-                        run_once(model, variant == "monitored", steps, args.threads, corpus, work)
-                    )
+                    runs[variant].append(run_once(model, variant == "monitored", steps, args.threads, corpus, work))
                     print(
                         f"{model} {variant}: {steps} steps in {time.perf_counter() - t0:.1f}s",
                         file=sys.stderr,

@@ -9,8 +9,13 @@ import sys
 from pathlib import Path
 
 QUICK = [  # a synthetic run that takes seconds on 2 CPU cores
-    "experiment=synthetic", "logger.wandb=false", "train.sample_tokens=0", "model.n_layer=2",
-    "model.n_embd=64", "train.seq_len=32", "model.bias=false",
+    "experiment=synthetic",
+    "logger.wandb=false",
+    "train.sample_tokens=0",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "train.seq_len=32",
+    "model.bias=false",
 ]
 
 
@@ -27,7 +32,13 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node NPROC [EXTRA] ARGS` in a subprocess."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, *args
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        *args,
     ]
     return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
 

@@ -52,16 +52,12 @@ CASES = [
 
 
 def with_ac(cfg: ModelConfig, mode: str, every: int = 1) -> ModelConfig:
-    return dataclasses.replace(
-        cfg, activation_checkpointing=mode, activation_checkpointing_every=every
-    )
+    return dataclasses.replace(cfg, activation_checkpointing=mode, activation_checkpointing_every=every)
 
 
 def expected_forwards(cfg: ModelConfig, micro_batches: int) -> dict[str, int]:
     """Runs of each block's attention / MLP: once per micro-batch, twice where recomputed."""
-    parts = {"full": ("attn", "mlp"), "attention": ("attn",), "mlp": ("mlp",)}.get(
-        cfg.activation_checkpointing, ()
-    )
+    parts = {"full": ("attn", "mlp"), "attention": ("attn",), "mlp": ("mlp",)}.get(cfg.activation_checkpointing, ())
     recomputed = set(checkpointed_blocks(cfg))
     return {
         f"{i}.{part}": micro_batches * (2 if i in recomputed and part in parts else 1)
@@ -107,12 +103,8 @@ def loss_and_grads(cfg: ModelConfig) -> dict:
 
 
 @pytest.mark.parametrize("layout", [GPT2, LLAMA], ids=["gpt2", "llama"])
-@pytest.mark.parametrize(
-    ("mode", "every", "wrapped"), CASES, ids=[f"{m}-k{k}" for m, k, _ in CASES]
-)
-def test_same_loss_and_gradients_with_dropout(
-    layout: ModelConfig, mode: str, every: int, wrapped: int
-) -> None:
+@pytest.mark.parametrize(("mode", "every", "wrapped"), CASES, ids=[f"{m}-k{k}" for m, k, _ in CASES])
+def test_same_loss_and_gradients_with_dropout(layout: ModelConfig, mode: str, every: int, wrapped: int) -> None:
     want = loss_and_grads(layout)
     got = loss_and_grads(with_ac(layout, mode, every))
     assert want["wrapped"] == 0 and got["wrapped"] == wrapped
@@ -165,9 +157,7 @@ def test_checkpointing_keeps_fewer_tensors_for_backward() -> None:
     assert kept[("attention", 1)] < none and kept[("mlp", 1)] < none
 
 
-@pytest.mark.parametrize(
-    ("mode", "every"), [("full", 1), ("full", 3), ("attention", 2), ("mlp", 1)]
-)
+@pytest.mark.parametrize(("mode", "every"), [("full", 1), ("full", 3), ("attention", 2), ("mlp", 1)])
 def test_names_and_state_dict_keys_are_unchanged_and_interchangeable(mode: str, every: int) -> None:
     cfg = with_ac(GPT2, mode, every)
     torch.manual_seed(0)
@@ -208,9 +198,7 @@ def test_no_grad_runs_once_and_matches_the_plain_model() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(prompt), plain(prompt), rtol=0, atol=0)
     assert set(forwards.values()) == {1}
-    assert torch.equal(
-        model.generate(prompt, 5, temperature=0), plain.generate(prompt, 5, temperature=0)
-    )
+    assert torch.equal(model.generate(prompt, 5, temperature=0), plain.generate(prompt, 5, temperature=0))
 
 
 def test_a_training_run_is_the_same_with_checkpointing(tmp_path: Path) -> None:
@@ -244,10 +232,7 @@ def test_a_training_run_is_the_same_with_checkpointing(tmp_path: Path) -> None:
     for got, want in zip(runs["full"], runs["none"], strict=True):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-6)
-    weights = {
-        mode: load_file(str(tmp_path / mode / "checkpoints" / "final" / "model.safetensors"))
-        for mode in runs
-    }
+    weights = {mode: load_file(str(tmp_path / mode / "checkpoints" / "final" / "model.safetensors")) for mode in runs}
     assert list(weights["full"]) == list(weights["none"])
     for name, tensor in weights["none"].items():
         torch.testing.assert_close(weights["full"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
@@ -257,15 +242,11 @@ def test_a_training_run_is_the_same_with_checkpointing(tmp_path: Path) -> None:
 
 
 def test_interval_larger_than_the_depth_is_refused() -> None:
-    with pytest.raises(
-        ConfigError, match=r"model\.activation_checkpointing_every=5 .*model\.n_layer=4"
-    ):
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing_every=5 .*model\.n_layer=4"):
         with_ac(GPT2, "full", 5)
     with pytest.raises(ConfigError, match=r"model\.activation_checkpointing_every=0 "):
         with_ac(GPT2, "full", 0)
-    with pytest.raises(
-        ConfigError, match=r"model\.activation_checkpointing='sometimes': use none, full"
-    ):
+    with pytest.raises(ConfigError, match=r"model\.activation_checkpointing='sometimes': use none, full"):
         with_ac(GPT2, "sometimes")
 
 
@@ -273,13 +254,9 @@ def test_interval_larger_than_the_depth_is_refused_on_the_command_line() -> None
     from trainer.__main__ import preflight
 
     with pytest.raises(ConfigError) as info:
-        preflight(
-            ["model.activation_checkpointing=full", "model.activation_checkpointing_every=99"]
-        )
+        preflight(["model.activation_checkpointing=full", "model.activation_checkpointing_every=99"])
     message = str(info.value)
-    assert message.startswith(
-        "model.activation_checkpointing_every=99 must be between 1 and the depth"
-    )
+    assert message.startswith("model.activation_checkpointing_every=99 must be between 1 and the depth")
     assert "\n" not in message
 
 
@@ -304,27 +281,19 @@ RUNS = [f"{strategy}/{mode}" for strategy, modes in ac_worker.MODES.items() for 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("run", RUNS)
-def test_every_strategy_takes_the_same_step_with_checkpointing(
-    run: str, two_rank_steps: dict
-) -> None:
+def test_every_strategy_takes_the_same_step_with_checkpointing(run: str, two_rank_steps: dict) -> None:
     strategy, mode = run.split("/")
     got, want = two_rank_steps[run], two_rank_steps[f"{strategy}/none"]
     cfg = ac_worker.config(strategy, mode).model
     assert got["wrapped"] == len(checkpointed_blocks(cfg)) > 0
-    assert got["forwards"] == expected_forwards(
-        cfg, micro_batches=ac_worker.ACCUM
-    )  # recomputed here
-    assert want["forwards"] == expected_forwards(
-        ac_worker.config(strategy, "none").model, ac_worker.ACCUM
-    )
+    assert got["forwards"] == expected_forwards(cfg, micro_batches=ac_worker.ACCUM)  # recomputed here
+    assert want["forwards"] == expected_forwards(ac_worker.config(strategy, "none").model, ac_worker.ACCUM)
     assert want["norm"] > ac_worker.CLIP  # the step was clipped, so the norm steers the update
     assert got["norm"] == pytest.approx(want["norm"], rel=1e-6)
     assert got["sums"].keys() == want["sums"].keys()
     for group, value in want["sums"].items():
         assert got["sums"][group] == pytest.approx(value, rel=1e-6), group
-    assert list(got["weights"]) == list(
-        want["weights"]
-    )  # the strategy's full state dict: same keys
+    assert list(got["weights"]) == list(want["weights"])  # the strategy's full state dict: same keys
     for name, tensor in want["weights"].items():
         torch.testing.assert_close(got["weights"][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -344,8 +313,6 @@ def test_benchmark_writes_its_table_and_json(tmp_path: Path) -> None:
     assert set(rows) == {("none", 1), ("full", 1), ("full", 2), ("full", 3), ("attention", 1), ("mlp", 1),
                          ("segment", 2), ("segment", 3)}  # fmt: skip
     mb = {key: r["peak_activation_mb"] for key, r in rows.items()}
-    assert (
-        mb[("full", 1)] < mb[("full", 2)] < mb[("none", 1)]
-    )  # allocator-level peaks, deterministic
+    assert mb[("full", 1)] < mb[("full", 2)] < mb[("none", 1)]  # allocator-level peaks, deterministic
     assert rows[("full", 3)]["checkpointed_blocks"] == 1
     assert result["best"]["mode"] in ("none", "full", "attention", "mlp")

@@ -12,9 +12,7 @@ from benchmarks import checkpoint as bench
 
 
 def test_overlap_extra_counts_only_steps_with_a_write_in_flight() -> None:
-    count, extra = bench.overlap_extra(
-        [1.5, 1.2, 1.0, 0.9], [True, True, False, False], baseline=1.0
-    )
+    count, extra = bench.overlap_extra([1.5, 1.2, 1.0, 0.9], [True, True, False, False], baseline=1.0)
     assert count == 2
     assert extra == pytest.approx(0.5 + 0.2)
 

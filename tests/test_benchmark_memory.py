@@ -147,9 +147,7 @@ def test_zero2_on_two_ranks_partitions_grads_and_adam_state(tmp_path: Path) -> N
         str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        command + flags, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run(command + flags, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "| zero2 | 2 |" in result.stdout
 

@@ -30,9 +30,7 @@ def made_up_probe(monitored: bool, logged_s: float, log_block_s: float) -> Probe
         probe.timings.append(timings)
         if logged:  # the loop's own step time misses 0.001 s per window
             window_s = (LOG_INTERVAL - 1) * 1.0 + seconds
-            probe.rows.append(
-                {"step": step, "throughput/step_time_s": (window_s - 0.001) / LOG_INTERVAL}
-            )
+            probe.rows.append({"step": step, "throughput/step_time_s": (window_s - 0.001) / LOG_INTERVAL})
     probe.n_params = 1000
     return probe
 
@@ -49,9 +47,7 @@ def test_summarize_splits_a_monitored_step_into_its_pieces() -> None:
     assert r["monitored_step_s"] == pytest.approx(1.3)
     assert r["monitor_extra_s"] == pytest.approx(0.3)
     assert r["amortised_percent"] == pytest.approx(3.0)  # 0.3 s once per 10 steps of 1 s
-    assert r["pieces_s"] == pytest.approx(
-        {"snapshot": 0.05, "param_stats": 0.15, "group_norms": 0.01}
-    )
+    assert r["pieces_s"] == pytest.approx({"snapshot": 0.05, "param_stats": 0.15, "group_norms": 0.01})
     assert r["pieces_total_s"] == pytest.approx(0.21)
     assert r["always_s"]["forward_backward"] == pytest.approx(0.5)
     assert r["outside_train_step_s"]["plain"] == pytest.approx({"logged": 0.02, "other": 0.01})
@@ -80,12 +76,8 @@ def test_the_probe_sees_every_step_and_stops_the_run(tmp_path: Path) -> None:
     probe = Probe(STEPS)
     train(cfg, tmp_path / "run", callbacks=(probe,))
 
-    assert (
-        len(probe.timings) == len(probe.stamps) - 1 == STEPS
-    )  # stopped after STEPS, not max_steps
-    assert not (
-        tmp_path / "run" / "checkpoints"
-    ).exists()  # a stopped run writes no final checkpoint
+    assert len(probe.timings) == len(probe.stamps) - 1 == STEPS  # stopped after STEPS, not max_steps
+    assert not (tmp_path / "run" / "checkpoints").exists()  # a stopped run writes no final checkpoint
     for step, timings in enumerate(probe.timings, start=1):
         assert set(monitor.ALWAYS) <= set(timings)
         # monitor.interval=null: per-layer statistics on the logged steps only

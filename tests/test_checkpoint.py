@@ -56,15 +56,23 @@ def stop_at(run_dir: Path, copy: Path, step: int) -> None:
 
 def quick(*extra: str) -> list[str]:
     return [
-        *QUICK, f"train.max_steps={STEPS}", "train.log_interval=1", "train.eval_interval=6",
-        f"checkpoint.interval={INTERVAL}", "checkpoint.keep=5", *extra,
+        *QUICK,
+        f"train.max_steps={STEPS}",
+        "train.log_interval=1",
+        "train.eval_interval=6",
+        f"checkpoint.interval={INTERVAL}",
+        "checkpoint.keep=5",
+        *extra,
     ]
 
 
 @pytest.mark.parametrize("async_save", [False, True])
 def test_resume_in_one_process_is_exact(async_save: bool, tmp_path: Path) -> None:
-    args = [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false",
-            f"checkpoint.async_save={async_save}"]
+    args = [
+        *quick(f"data.cache_dir={tmp_path / 'cache'}"),
+        "logger.progress_bar=false",
+        f"checkpoint.async_save={async_save}",
+    ]
     cfg, _ = compose_config(args)
     train(cfg, tmp_path / "full")
     assert (tmp_path / "full" / "checkpoints" / "latest").read_text().strip() == step_dir_name(STEPS)
@@ -82,8 +90,11 @@ def _stepper(device: str):
     from trainer.step import train_step
 
     model_cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, block_size=32)
-    cfg = Config(model=model_cfg, parallel=ParallelConfig(strategy="none"),
-                 train=TrainConfig(micro_batch_size=4, seq_len=32, max_steps=100, device=device))
+    cfg = Config(
+        model=model_cfg,
+        parallel=ParallelConfig(strategy="none"),
+        train=TrainConfig(micro_batch_size=4, seq_len=32, max_steps=100, device=device),
+    )
     strategy = build(cfg)
     tokens = torch.randint(256, (4, 33)).to(strategy.device)
 
@@ -131,8 +142,12 @@ def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
     """fsdp+async: checkpoints written, checksummed and committed by a background thread on each
     rank, over the checkpoint group, while the training thread runs its own collectives."""
     strategy, _, mode = strategy.partition("+")
-    args = quick(f"parallel={strategy}", "train.micro_batch_size=4", f"data.cache_dir={tmp_path / 'cache'}",
-                 f"checkpoint.async_save={mode == 'async'}")
+    args = quick(
+        f"parallel={strategy}",
+        "train.micro_batch_size=4",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"checkpoint.async_save={mode == 'async'}",
+    )
     result = torchrun("-m", "trainer", *args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = sorted((tmp_path / "full" / "checkpoints").glob("step_*"))
@@ -158,8 +173,12 @@ def test_a_zero_checkpoint_resumes_at_another_world_size(
     """DeepSpeed's partitions are converted to a universal checkpoint and repartitioned. With the
     global batch fixed, the resumed run replays the same batches, so it logs the losses of the run
     that never stopped (to fp32 rounding: reductions are ordered differently)."""
-    args = quick(f"parallel={stage}", "train.micro_batch_size=4", "train.global_batch_size=8",
-                 f"data.cache_dir={tmp_path / 'cache'}")
+    args = quick(
+        f"parallel={stage}",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=8",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    )
 
     def launch(world: int, *extra: str) -> subprocess.CompletedProcess:
         if world == 1:  # a plain process: the strategy starts a group of one for DeepSpeed
@@ -196,8 +215,13 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     # A bigger model so that writing a checkpoint takes long enough to be caught half-way.
     args = [
-        *quick(f"data.cache_dir={tmp_path / 'cache'}"), "model.n_embd=384", "model.n_layer=4",
-        "train.micro_batch_size=2", "checkpoint.interval=2", "train.max_steps=6", "train.eval_interval=100",
+        *quick(f"data.cache_dir={tmp_path / 'cache'}"),
+        "model.n_embd=384",
+        "model.n_layer=4",
+        "train.micro_batch_size=2",
+        "checkpoint.interval=2",
+        "train.max_steps=6",
+        "train.eval_interval=100",
     ]
     reference = run_cli(*args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -205,7 +229,10 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path) -> 
     run_dir = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "trainer", *args, f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     half_written = run_dir / "checkpoints" / (step_dir_name(4) + ".tmp")
     wait_for(lambda: (half_written / "model").exists() or process.poll() is not None, 240, "the second save")
@@ -234,7 +261,11 @@ def rank_process(rank: int, parent: psutil.Process) -> psutil.Process | None:
 
 
 ELASTIC_ARGS = [
-    "parallel=ddp", "train.micro_batch_size=4", "train.max_steps=16", "train.resume=auto", "parallel.timeout_s=120",
+    "parallel=ddp",
+    "train.micro_batch_size=4",
+    "train.max_steps=16",
+    "train.resume=auto",
+    "parallel.timeout_s=120",
 ]
 
 
@@ -259,12 +290,24 @@ def test_elastic_restart_after_a_rank_is_killed(share_store: str, uninterrupted_
     args = [*quick(f"data.cache_dir={tmp_path / 'cache'}"), *ELASTIC_ARGS]
     run_dir = tmp_path / "elastic"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-        "-m", "trainer", *args, f"hydra.run.dir={run_dir}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "trainer",
+        *args,
+        f"hydra.run.dir={run_dir}",
     ]
     launcher = subprocess.Popen(
-        command, cwd=tmp_path, env={**env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if share_store == "1" else "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command,
+        cwd=tmp_path,
+        env={**env(), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if share_store == "1" else "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     checkpoint_8 = run_dir / "checkpoints" / step_dir_name(8)
     wait_for(lambda: checkpoint_8.exists() or launcher.poll() is not None, 300, "the checkpoint at step 8")
@@ -324,19 +367,27 @@ def test_a_file_missing_from_the_manifest_fails_verification(small_run: Path, tm
     shutil.copytree(small_run / "checkpoints" / step_dir_name(STEPS), checkpoint)
     assert verify(checkpoint) is None
     (checkpoint / "model" / "__9_0.distcp").write_bytes(b"written after the commit")
-    assert verify(checkpoint) == f"{checkpoint / 'model' / '__9_0.distcp'} is not in the manifest " \
+    assert (
+        verify(checkpoint) == f"{checkpoint / 'model' / '__9_0.distcp'} is not in the manifest "
         "(written after the commit, or a rank's checksums lost)"
+    )
 
 
 def test_a_checkpoint_of_another_shape_lists_the_mismatched_tensors(small_run: Path, tmp_path: Path) -> None:
     cfg, _ = compose_config(
-        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "model.n_embd=32", "logger.progress_bar=false",
-         f"train.resume={small_run / 'checkpoints' / step_dir_name(STEPS)}"]
+        [
+            *quick(f"data.cache_dir={tmp_path / 'cache'}"),
+            "model.n_embd=32",
+            "logger.progress_bar=false",
+            f"train.resume={small_run / 'checkpoints' / step_dir_name(STEPS)}",
+        ]
     )
     with pytest.raises(ConfigError) as info:
         train(cfg, tmp_path / "other")
     message = str(info.value)
-    assert message.startswith(f"checkpoint {small_run / 'checkpoints' / step_dir_name(STEPS)} is from a different model shape")
+    assert message.startswith(
+        f"checkpoint {small_run / 'checkpoints' / step_dir_name(STEPS)} is from a different model shape"
+    )
     assert "blocks.0.attn.c_attn.weight [192, 64] vs [96, 32]" in message and "... 7 more" in message
     assert "\n" not in message
     assert not (tmp_path / "other" / "metrics.jsonl").exists()
@@ -361,8 +412,14 @@ def test_zero3_at_another_world_size_is_one_line(small_run: Path) -> None:
 def test_consecutive_non_finite_steps_stop_the_run(tmp_path: Path) -> None:
     """fp16 with an absurd initial loss scale overflows step after step."""
     cfg, _ = compose_config(
-        [*quick(f"data.cache_dir={tmp_path / 'cache'}"), "logger.progress_bar=false", "precision=fp16",
-         "precision.initial_scale=1e30", "train.max_consecutive_skips=3", "checkpoint.interval=0"]
+        [
+            *quick(f"data.cache_dir={tmp_path / 'cache'}"),
+            "logger.progress_bar=false",
+            "precision=fp16",
+            "precision.initial_scale=1e30",
+            "train.max_consecutive_skips=3",
+            "checkpoint.interval=0",
+        ]
     )
     with pytest.raises(TrainingError, match="stopping at step 3: 3 steps in a row had inf / NaN gradients"):
         train(cfg, tmp_path / "run")

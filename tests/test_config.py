@@ -30,11 +30,7 @@ GROUPS = ["model", "data", "optim", "parallel", "precision", "lora", "logger", "
 
 
 def shipped_options() -> list[tuple[str, str]]:
-    return [
-        (group, path.stem)
-        for group in GROUPS
-        for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
-    ]
+    return [(group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))]
 
 
 def test_default_composes() -> None:
@@ -147,8 +143,12 @@ def test_cli_empty_corpus_stops_before_training(tmp_path: Path) -> None:
     corpus.mkdir()
     (corpus / "empty.txt").write_text("")
     result = run_cli(
-        "data=files", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}", "logger.wandb=false", cwd=tmp_path,
+        "data=files",
+        f"data.path={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "logger.wandb=false",
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -158,8 +158,13 @@ def test_cli_empty_corpus_stops_before_training(tmp_path: Path) -> None:
 
 def test_cli_tokenizer_larger_than_model_vocabulary(tmp_path: Path) -> None:
     result = run_cli(
-        "data=synthetic", "data.synthetic_vocab=300", "model.vocab_size=256",
-        f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", "logger.wandb=false", cwd=tmp_path,
+        "data=synthetic",
+        "data.synthetic_vocab=300",
+        "model.vocab_size=256",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "logger.wandb=false",
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -187,7 +192,9 @@ def deepspeed_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """zero1-3 configs pass the installation check whether or not DeepSpeed is installed here."""
     real = importlib.util.find_spec
     present = real("json")  # any spec: only its existence is asked
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: present if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: present if name == "deepspeed" else real(name, *a)
+    )
 
 
 def test_cross_section_rules_wait_for_check_run() -> None:
@@ -262,7 +269,9 @@ def test_contradicting_deepspeed_json_is_refused(tmp_path: Path, deepspeed_insta
     path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     cfg, _ = compose_config(["parallel=zero2", f"parallel.deepspeed_config={path}"])
     assert refusal(cfg, world_size=2).startswith("parallel.deepspeed_config sets zero_optimization.stage=3")
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "train_batch_size": "auto"}))
+    path.write_text(
+        json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}, "train_batch_size": "auto"})
+    )
     check_run(cfg, world_size=2)
     from trainer.parallel.zero import merged_deepspeed_config
 
@@ -283,10 +292,11 @@ def test_synthetic_splits_must_hold_a_sample() -> None:
         "validation split holds 20 tokens, fewer than train.seq_len+1=101: lower train.seq_len or raise "
         "data.val_fraction"
     )
-    cfg, _ = compose_config(["data=synthetic", "data.synthetic_tokens=100", "data.val_fraction=0.45", "train.seq_len=60"])
+    cfg, _ = compose_config(
+        ["data=synthetic", "data.synthetic_tokens=100", "data.val_fraction=0.45", "train.seq_len=60"]
+    )
     assert refusal(cfg) == (
-        "train split holds 55 tokens, fewer than train.seq_len+1=61: lower train.seq_len or raise "
-        "data.synthetic_tokens"
+        "train split holds 55 tokens, fewer than train.seq_len+1=61: lower train.seq_len or raise data.synthetic_tokens"
     )
     check_run(compose_config(["data=synthetic", "data.synthetic_tokens=1000", "train.seq_len=19"])[0])
 

@@ -47,23 +47,16 @@ def write_docs(directory: Path, texts: list[str], suffix: str = ".txt") -> list[
 
 
 def files_cfg(tmp_path: Path, path: Path, **overrides) -> DataConfig:
-    return DataConfig(
-        source="files", path=str(path), cache_dir=str(tmp_path / "cache"), **overrides
-    )
+    return DataConfig(source="files", path=str(path), cache_dir=str(tmp_path / "cache"), **overrides)
 
 
 def all_tokens(data) -> np.ndarray:
-    return np.concatenate([np.asarray(data.train.tokens), np.asarray(data.val.tokens)]).astype(
-        np.int64
-    )
+    return np.concatenate([np.asarray(data.train.tokens), np.asarray(data.val.tokens)]).astype(np.int64)
 
 
 def small_bpe_corpus() -> list[str]:
     words = ["return", "self", "def", "import", "value", "lambda", "print", "class"]
-    return [
-        f"{words[i % 8]} {words[(i * 3) % 8]}_{i % 5} = {i} + {words[(i * 5) % 8]}\n"
-        for i in range(400)
-    ]
+    return [f"{words[i % 8]} {words[(i * 3) % 8]}_{i % 5} = {i} + {words[(i * 5) % 8]}\n" for i in range(400)]
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -92,9 +85,7 @@ def test_bpe_round_trips_and_compresses():
 
 def test_bpe_is_trained_once_then_reused(tmp_path, monkeypatch):
     write_docs(tmp_path / "corpus", small_bpe_corpus())
-    cfg = files_cfg(
-        tmp_path, tmp_path / "corpus", tokenizer="bpe", bpe_vocab_size=300, val_fraction=0.1
-    )
+    cfg = files_cfg(tmp_path, tmp_path / "corpus", tokenizer="bpe", bpe_vocab_size=300, val_fraction=0.1)
     first = build_data(cfg, seq_len=16, seed=0)
     saved = list((tmp_path / "cache").glob("bpe-300-*/tokenizer.json"))
     assert len(saved) == 1
@@ -119,9 +110,7 @@ def _trained_backend():
 def test_local_hf_tokenizer_directory(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    reference = PreTrainedTokenizerFast(
-        tokenizer_object=_trained_backend(), eos_token="<|endoftext|>"
-    )
+    reference = PreTrainedTokenizerFast(tokenizer_object=_trained_backend(), eos_token="<|endoftext|>")
     reference.save_pretrained(tmp_path / "tok")
     tok = load_hf_tokenizer(str(tmp_path / "tok"))
     assert tok.eot_id == reference.eos_token_id
@@ -130,9 +119,7 @@ def test_local_hf_tokenizer_directory(tmp_path):
     assert tok.decode(tok.encode(UNICODE)) == UNICODE
 
     write_docs(tmp_path / "corpus", DOCS * 20)
-    data = build_data(
-        files_cfg(tmp_path, tmp_path / "corpus", tokenizer=str(tmp_path / "tok")), 8, 0
-    )
+    data = build_data(files_cfg(tmp_path, tmp_path / "corpus", tokenizer=str(tmp_path / "tok")), 8, 0)
     expected = np.concatenate([tok.encode(d) + [tok.eot_id] for d in DOCS * 20])
     np.testing.assert_array_equal(all_tokens(data), expected)
 
@@ -206,9 +193,7 @@ def test_packing_matches_the_raw_stream(tmp_path):
         assert x.shape == y.shape == (len(part), seq_len) and x.dtype == y.dtype == torch.int64
         for row, i in enumerate(range(len(part))[::-1]):
             np.testing.assert_array_equal(x[row].numpy(), tokens[i * seq_len : (i + 1) * seq_len])
-            np.testing.assert_array_equal(
-                y[row].numpy(), tokens[i * seq_len + 1 : (i + 1) * seq_len + 1]
-            )
+            np.testing.assert_array_equal(y[row].numpy(), tokens[i * seq_len + 1 : (i + 1) * seq_len + 1])
         assert (y[:, :-1] == x[:, 1:]).all()
     with pytest.raises(IndexError):
         data.train.get_batch(np.array([len(data.train)]))
@@ -222,14 +207,8 @@ def test_cache_hit_reads_no_document(tmp_path, monkeypatch):
     (meta_path,) = (tmp_path / "cache").glob("files-byte-*/meta.json")
     meta = json.loads(meta_path.read_text())
     stream = byte_stream(DOCS)
-    assert (
-        meta["tokens"] == len(stream)
-        and meta["dtype"] == "uint16"
-        and meta["documents"] == len(DOCS)
-    )
-    assert meta["train_unigram_entropy"] == pytest.approx(
-        unigram_entropy(stream[: meta["split"]], 257)
-    )
+    assert meta["tokens"] == len(stream) and meta["dtype"] == "uint16" and meta["documents"] == len(DOCS)
+    assert meta["train_unigram_entropy"] == pytest.approx(unigram_entropy(stream[: meta["split"]], 257))
     mtime = meta_path.stat().st_mtime_ns
 
     def no_reading(path):
@@ -275,9 +254,7 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     import datasets
 
     texts = DOCS * 5
-    datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(
-        tmp_path / "ds"
-    )
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(len(texts)))}).save_to_disk(tmp_path / "ds")
     data = build_data(hf_cfg(tmp_path, tmp_path / "ds"), seq_len=4, seed=0)
     np.testing.assert_array_equal(all_tokens(data), byte_stream(texts))
     capped = build_data(hf_cfg(tmp_path, tmp_path / "ds", max_documents=6), seq_len=4, seed=0)
@@ -302,9 +279,7 @@ def test_hf_local_jsonl_directory(tmp_path):
         (tmp_path / "jsonl" / f"part{part}.jsonl").write_text("\n".join(lines) + "\n")
     data = build_data(hf_cfg(tmp_path, tmp_path / "jsonl"), seq_len=4, seed=0)
     np.testing.assert_array_equal(all_tokens(data), byte_stream(texts))
-    streamed = build_data(
-        hf_cfg(tmp_path, tmp_path / "jsonl", streaming=True, max_documents=7), 4, 0
-    )
+    streamed = build_data(hf_cfg(tmp_path, tmp_path / "jsonl", streaming=True, max_documents=7), 4, 0)
     np.testing.assert_array_equal(all_tokens(streamed), byte_stream(texts[:7]))
 
 
@@ -346,17 +321,13 @@ def test_entropy_rate_matches_an_empirical_estimate():
     empirical = -(joint[mask] * np.log(conditional[mask])).sum()
     true_rate = entropy_rate(transitions)
     assert empirical == pytest.approx(true_rate, abs=0.01)
-    assert -np.log(transitions[states[:-1], states[1:]]).mean() == pytest.approx(
-        true_rate, abs=0.01
-    )
+    assert -np.log(transitions[states[:-1], states[1:]]).mean() == pytest.approx(true_rate, abs=0.01)
     visits = np.bincount(states, minlength=16) / len(states)
     np.testing.assert_allclose(visits, stationary_distribution(transitions), atol=0.01)
 
 
 def test_build_data_synthetic(tmp_path):
-    cfg = DataConfig(
-        source="synthetic", synthetic_vocab=32, synthetic_tokens=50_000, cache_dir=str(tmp_path)
-    )
+    cfg = DataConfig(source="synthetic", synthetic_vocab=32, synthetic_tokens=50_000, cache_dir=str(tmp_path))
     data = build_data(cfg, seq_len=16, seed=3)
     tokens = all_tokens(data)
     assert len(tokens) == 50_000 and tokens.min() >= 0 and tokens.max() < 32
@@ -393,9 +364,7 @@ def test_stdlib_source_finds_the_standard_library(tmp_path):
 
 def test_missing_path_is_reported_before_any_work(tmp_path):
     for source in ("files", "hf"):
-        cfg = DataConfig(
-            source=source, path=str(tmp_path / "nope"), cache_dir=str(tmp_path / "cache")
-        )
+        cfg = DataConfig(source=source, path=str(tmp_path / "nope"), cache_dir=str(tmp_path / "cache"))
         with pytest.raises(ConfigError, match=r"data.path=.*nope does not exist: point it at"):
             build_data(cfg, seq_len=4, seed=0)
     assert not (tmp_path / "cache").exists()
@@ -447,9 +416,7 @@ def test_jsonl_without_the_text_field(tmp_path):
 def test_unloadable_dataset_directory(tmp_path):
     (tmp_path / "notds").mkdir()
     (tmp_path / "notds" / "weights.bin").write_bytes(b"\0")
-    with pytest.raises(
-        ConfigError, match=r"data.path=.*notds could not be loaded .*: point data.path"
-    ):
+    with pytest.raises(ConfigError, match=r"data.path=.*notds could not be loaded .*: point data.path"):
         build_data(hf_cfg(tmp_path, tmp_path / "notds"), seq_len=4, seed=0)
 
 

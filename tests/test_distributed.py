@@ -96,8 +96,12 @@ def run_trainer(run_dir: Path, *overrides: str, nproc: int = 0) -> list[dict]:
     else:
         env = {**os.environ, "WANDB_MODE": "offline"}
         result = subprocess.run(
-            [sys.executable, "-m", "trainer", *common], cwd=run_dir.parent, env=env,
-            capture_output=True, text=True, timeout=300,
+            [sys.executable, "-m", "trainer", *common],
+            cwd=run_dir.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -141,9 +145,18 @@ def test_a_failing_rank_ends_the_job_with_its_message(tmp_path: Path) -> None:
         (tmp_path / str(rank)).mkdir()
         (tmp_path / str(rank) / "corpus.txt").write_text(text)
     result = torchrun(
-        "-m", "trainer", "parallel=ddp", "data=files", "data.tokenizer=byte", "logger.wandb=false",
-        f"data.path={tmp_path}/${{oc.env:RANK}}", "train.max_steps=2", "parallel.timeout_s=60",
-        f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+        "-m",
+        "trainer",
+        "parallel=ddp",
+        "data=files",
+        "data.tokenizer=byte",
+        "logger.wandb=false",
+        f"data.path={tmp_path}/${{oc.env:RANK}}",
+        "train.max_steps=2",
+        "parallel.timeout_s=60",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
     )
     assert result.returncode != 0
     assert f"error (rank 1): data.path={tmp_path}/1 is empty" in result.stderr
@@ -160,5 +173,7 @@ def test_fsdp_builds_a_model_without_holding_it_whole(tmp_path: Path) -> None:
     for row in json.loads(out.read_text()):
         assert row["size"] >= 1e9
         growth = row["after"] - row["before"]
-        assert growth < 0.75 * row["size"], f"rank {row['rank']}: {growth / 1e9:.2f} GB for a {row['size'] / 1e9:.2f} GB model"
+        assert growth < 0.75 * row["size"], (
+            f"rank {row['rank']}: {growth / 1e9:.2f} GB for a {row['size'] / 1e9:.2f} GB model"
+        )
         assert growth > 0.4 * row["size"]  # its own half really was allocated and filled

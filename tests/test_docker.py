@@ -55,9 +55,7 @@ def copies(steps: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
     out = []
     for args in args_of(steps, "COPY"):
         words = [w for w in shlex.split(args) if not w.startswith("--")]
-        assert not any(w.startswith("--from") for w in shlex.split(args)), (
-            "no multi-stage copies expected"
-        )
+        assert not any(w.startswith("--from") for w in shlex.split(args)), "no multi-stage copies expected"
         out.append((words[:-1], words[-1]))
     return out
 
@@ -89,9 +87,7 @@ def test_every_copy_source_exists(steps):
 
 def test_copies_package_and_configs_side_by_side(steps):
     """trainer/ finds configs/ as its sibling (trainer/__main__.py: CONFIG_DIR = package/../configs)."""
-    destinations = {
-        src.rstrip("/"): dest.rstrip("/") for srcs, dest in copies(steps) for src in srcs
-    }
+    destinations = {src.rstrip("/"): dest.rstrip("/") for srcs, dest in copies(steps) for src in srcs}
     assert destinations.get("trainer") == "trainer"
     assert destinations.get("configs") == "configs"
     assert {"pyproject.toml", "README.md"} <= destinations.keys()  # pip install -e reads both
@@ -104,9 +100,7 @@ def test_every_package_directory_is_copied(steps):
     packages = [
         d.name
         for d in REPO.iterdir()
-        if d.is_dir()
-        and any(fnmatch.fnmatch(d.name, p) for p in patterns)
-        and (d / "__init__.py").is_file()
+        if d.is_dir() and any(fnmatch.fnmatch(d.name, p) for p in patterns) and (d / "__init__.py").is_file()
     ]
     assert "trainer" in packages
     assert set(packages) <= copied, f"package directories not copied: {set(packages) - copied}"
@@ -118,16 +112,10 @@ def test_every_package_directory_is_copied(steps):
 
 def test_dockerignore_keeps_copy_sources(steps):
     ignore = REPO / ".dockerignore"
-    patterns = [
-        line.strip()
-        for line in ignore.read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert ".git" in patterns
     sources = [src.rstrip("/") for srcs, _ in copies(steps) for src in srcs]
-    hidden = [
-        src for src in sources for pattern in patterns if fnmatch.fnmatch(src, pattern.rstrip("/"))
-    ]
+    hidden = [src for src in sources for pattern in patterns if fnmatch.fnmatch(src, pattern.rstrip("/"))]
     assert not hidden, f".dockerignore hides COPY sources: {hidden}"
 
 
@@ -143,9 +131,7 @@ def test_installs_the_readmes_extras(steps):
     runs = " ".join(args_of(steps, "RUN"))
     docker_extras = extras_in(runs)
     readme_extras = extras_in((REPO / "README.md").read_text())
-    assert len(docker_extras) == 1, (
-        f"expected one editable install of the project, found {docker_extras}"
-    )
+    assert len(docker_extras) == 1, f"expected one editable install of the project, found {docker_extras}"
     assert readme_extras, "the README shows no `pip install -e .[...]`"
     assert docker_extras[0] == readme_extras[0]
     assert docker_extras[0] <= set(pyproject()["project"]["optional-dependencies"])
@@ -159,9 +145,7 @@ def test_flash_attn_is_an_off_by_default_build_arg(steps):
 
 
 def test_default_command_is_the_readmes(steps):
-    assert not args_of(steps, "ENTRYPOINT"), (
-        "an ENTRYPOINT would prefix `docker run IMAGE torchrun ...`"
-    )
+    assert not args_of(steps, "ENTRYPOINT"), "an ENTRYPOINT would prefix `docker run IMAGE torchrun ...`"
     (cmd,) = args_of(steps, "CMD")
     assert json.loads(cmd) == ["python", "-m", "trainer"]  # exec form: signals reach python
     assert "python -m trainer" in (REPO / "README.md").read_text()

@@ -26,12 +26,21 @@ from trainer.model import GPT
 from trainer.model.hf_import import hf_to_trainer, read_hf_tensors
 
 COMMON = [
-    "experiment=synthetic", "logger.wandb=false", "logger.progress_bar=false", "train.max_steps=3",
-    "train.sample_tokens=0", "model.n_layer=2", "model.n_embd=64", "train.seq_len=32",
+    "experiment=synthetic",
+    "logger.wandb=false",
+    "logger.progress_bar=false",
+    "train.max_steps=3",
+    "train.sample_tokens=0",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "train.seq_len=32",
     "train.micro_batch_size=4",
 ]
 LLAMA = [  # LlamaForCausalLM's layout
-    "model.norm=rmsnorm", "model.mlp=swiglu", "model.position=rope", "model.bias=false",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.position=rope",
+    "model.bias=false",
     "model.tie_embeddings=false",
 ]
 REPO = Path(__file__).resolve().parent.parent

@@ -39,9 +39,7 @@ def qkv(n_kv: int, seed: int = 0, T: int = 4):
 @pytest.mark.parametrize("n_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_attention_matches_reference_and_gradcheck(backend, n_kv):
     q, k, v = qkv(n_kv)
-    torch.testing.assert_close(
-        causal_attention(q, k, v, backend), reference_attention(q, k, v), rtol=1e-12, atol=1e-12
-    )
+    torch.testing.assert_close(causal_attention(q, k, v, backend), reference_attention(q, k, v), rtol=1e-12, atol=1e-12)
     assert gradcheck(lambda q, k, v: causal_attention(q, k, v, backend), (q, k, v))
 
 
@@ -93,9 +91,7 @@ def test_cross_entropy_sum_ignores_masked_targets():
     logits, targets = logits_and_targets()
     noisy = logits.clone()
     noisy[targets == IGNORE_INDEX] += 100.0  # huge logits at ignored positions change nothing
-    torch.testing.assert_close(
-        cross_entropy_sum(noisy, targets), cross_entropy_sum(logits, targets)
-    )
+    torch.testing.assert_close(cross_entropy_sum(noisy, targets), cross_entropy_sum(logits, targets))
 
 
 def test_cross_entropy_sum_gradcheck_float64():
@@ -114,9 +110,7 @@ def test_layernorm_value_and_gradcheck():
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     expected = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
-    assert gradcheck(
-        lambda x, w, b: nn.functional.layer_norm(x, (6,), w, b, 1e-5), (x, norm.weight, norm.bias)
-    )
+    assert gradcheck(lambda x, w, b: nn.functional.layer_norm(x, (6,), w, b, 1e-5), (x, norm.weight, norm.bias))
 
 
 def test_rmsnorm_value_and_gradcheck():
@@ -133,6 +127,4 @@ def test_rmsnorm_value_and_gradcheck():
     out = RMSNorm(6, eps=1e-6).to(torch.bfloat16)(xb)
     assert out.dtype == torch.bfloat16
     xf = xb.float()
-    torch.testing.assert_close(
-        out, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
-    )
+    torch.testing.assert_close(out, (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())

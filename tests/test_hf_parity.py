@@ -34,13 +34,9 @@ CASES = {
     "gpt2-n_inner": lambda: hf_gpt2(n_inner=80),
     "llama-gqa-untied": lambda: hf_llama(tie=False),
     "llama-gqa-tied": lambda: hf_llama(tie=True),
-    "llama3-rope-scaling": lambda: hf_llama(
-        rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
-    ),
+    "llama3-rope-scaling": lambda: hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)),
     "llama-bias": lambda: hf_llama(attention_bias=True, mlp_bias=True),
-    "mistral": lambda: hf_llama(
-        cls=(transformers.MistralConfig, transformers.MistralForCausalLM), sliding_window=None
-    ),
+    "mistral": lambda: hf_llama(cls=(transformers.MistralConfig, transformers.MistralForCausalLM), sliding_window=None),
 }
 
 
@@ -63,9 +59,7 @@ def batch():
 
 
 def load_reference(path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation="eager", dtype=torch.float32
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 
@@ -83,9 +77,7 @@ def assert_parity(ours: GPT, theirs, cfg: ModelConfig) -> None:
     for name, grad in ours_grads.items():
         scale = ref_grads[name].abs().max().item()
         assert scale > 0, name
-        torch.testing.assert_close(
-            grad, ref_grads[name], rtol=0, atol=1e-5 * max(1.0, scale), msg=name
-        )
+        torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-5 * max(1.0, scale), msg=name)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -189,8 +181,7 @@ def test_pretrained_weights_stream_what_hf_to_trainer_builds(case, fmt, tmp_path
     cfg = load_hf_config(tmp_path)
     if case.startswith("llama"):  # 30KB puts q, k of a layer in one shard and v in the next
         shards_of_qkv = [
-            {weight_map[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"}
-            for i in range(cfg.n_layer)
+            {weight_map[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"} for i in range(cfg.n_layer)
         ]
         assert any(len(shards) > 1 for shards in shards_of_qkv)
     else:  # GPT-2 keys carry transformer., the tied head is not stored
@@ -273,9 +264,7 @@ def test_errors_name_the_path(tmp_path):
 
 
 GPT2_EXPORT = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=64)
-LLAMA_EXPORT = dict(
-    GPT2_EXPORT, intermediate_size=96, norm="rmsnorm", mlp="swiglu", position="rope", bias=False
-)
+LLAMA_EXPORT = dict(GPT2_EXPORT, intermediate_size=96, norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
 EXPORT_CASES = {
     "gpt2": GPT2_EXPORT,
     "gpt2-untied": dict(GPT2_EXPORT, tie_embeddings=False),

@@ -19,9 +19,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(
-    [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")]
-)
+SCRIPTS = sorted([*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sh"), *REPO.glob("slurm/*.sbatch")])
 
 RUN_TIMEOUT_S = 600  # a real 2-rank run: ~20 s on 2 idle cores, much longer on a loaded machine
 
@@ -57,11 +55,7 @@ def make_stub(directory: Path, name: str) -> Path:
 def recorded(directory: Path, name: str) -> tuple[list[str], dict[str, str]]:
     """The arguments and environment a stub recorded."""
     args = (directory / f"{name}.args").read_text().splitlines()
-    env = dict(
-        line.split("=", 1)
-        for line in (directory / f"{name}.env").read_text().splitlines()
-        if "=" in line
-    )
+    env = dict(line.split("=", 1) for line in (directory / f"{name}.env").read_text().splitlines() if "=" in line)
     return args, env
 
 
@@ -76,11 +70,7 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     """Run a script with a clean launch environment plus env; on timeout, end its whole process
     group (launcher and ranks) and fail."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SLURM_", "NPROC", "OMP_", "CUDA_"))
-    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NPROC", "OMP_", "CUDA_"))}
     command = ["bash", str(REPO / script), *args]
     with subprocess.Popen(
         command, env={**base, **env}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -154,9 +144,7 @@ def test_single_node_counts_gpus_else_two_cpu_ranks(tmp_path: Path, visible: str
 
 def test_single_node_nproc_and_threads_from_environment(tmp_path: Path):
     python = make_stub(tmp_path, "python")
-    result = run_script(
-        "launch/single_node.sh", [], {"PYTHON": str(python), "NPROC": "5", "OMP_NUM_THREADS": "7"}
-    )
+    result = run_script("launch/single_node.sh", [], {"PYTHON": str(python), "NPROC": "5", "OMP_NUM_THREADS": "7"})
     assert result.returncode == 0, result.stderr
     args, env = recorded(tmp_path, "python")
     assert flag(args, "--nproc_per_node") == "5"
@@ -318,9 +306,7 @@ def test_sbatch_one_torchrun_per_node_with_rendezvous_on_first_node(tmp_path: Pa
 
 def test_sbatch_cpu_node_and_callers_run_dir(tmp_path: Path):
     env = sbatch_env(tmp_path, SLURM_GPUS_PER_NODE="0", NPROC_PER_NODE="2", SLURM_CPUS_PER_TASK="2")
-    result = run_script(
-        "slurm/train.sbatch", ["parallel=ddp", "hydra.run.dir=/x/y"], env, cwd=tmp_path
-    )
+    result = run_script("slurm/train.sbatch", ["parallel=ddp", "hydra.run.dir=/x/y"], env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     args, srun_env = recorded(tmp_path / "bin", "srun")
     assert flag(args, "--nproc_per_node") == "2"
@@ -365,9 +351,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def launch_run(
-    script: str, tmp_path: Path, parallel: str
-) -> tuple[Path, subprocess.CompletedProcess]:
+def launch_run(script: str, tmp_path: Path, parallel: str) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path / "run"
     env = {
         "NPROC": "2",

@@ -63,14 +63,8 @@ def plain(hidden, weight, targets):
 def test_fused_loss_and_gradients_equal_the_plain_path(dtype, chunk_size):
     hidden, weight, targets = inputs(dtype)
     want = loss_and_grads(plain, hidden, weight, targets)
-    got = loss_and_grads(
-        lambda h, w, y: linear_cross_entropy_sum(h, w, y, chunk_size), hidden, weight, targets
-    )
-    assert (
-        got[0].dtype
-        == want[0].dtype
-        == (torch.float64 if dtype == torch.float64 else torch.float32)
-    )
+    got = loss_and_grads(lambda h, w, y: linear_cross_entropy_sum(h, w, y, chunk_size), hidden, weight, targets)
+    assert got[0].dtype == want[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert got[1].shape == (B, T, C) and got[1].dtype == dtype and got[2].dtype == dtype
     assert want[0] > 100  # ~29 valid targets at ~log(97) + spread each: a real sum, not a mean
     for name, a, b in zip(("loss", "d hidden", "d weight"), got, want, strict=True):
@@ -149,9 +143,7 @@ def test_autocast_matches_the_plain_path_under_autocast():
     hidden, weight, targets = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = loss_and_grads(plain, hidden, weight, targets)
-        got = loss_and_grads(
-            lambda h, w, y: linear_cross_entropy_sum(h, w, y, 7), hidden, weight, targets
-        )
+        got = loss_and_grads(lambda h, w, y: linear_cross_entropy_sum(h, w, y, 7), hidden, weight, targets)
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32
     torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=0)  # same bf16 logits
     # Both round d logits to bf16 for the matmuls, the plain path after scaling by grad_output.
@@ -190,8 +182,6 @@ def test_no_tensor_of_all_the_logits_is_allocated():
     assert unfused.largest == n * v  # so the check can fail: the plain path allocates them all
 
 
-
-
 @pytest.mark.parametrize("kwargs", [GPT2_LIKE, LLAMA_LIKE], ids=["tied", "untied"])
 def test_gpt_with_loss_chunks_gives_the_same_loss_and_every_gradient(kwargs):
     g = torch.Generator().manual_seed(0)
@@ -214,9 +204,7 @@ def test_gpt_with_loss_chunks_gives_the_same_loss_and_every_gradient(kwargs):
     assert grads.keys() == want_grads.keys() and ("head.weight" in grads) == (kwargs is LLAMA_LIKE)
     for name, grad in want_grads.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(
-            grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 # -- ZeRO-3 with every parameter partitioned: the head weight read in GPT.forward is gathered ----
@@ -270,7 +258,9 @@ def one_step(strategy_name: str, tie: bool, ds_config: Path) -> dict:
     cfg = dataclasses.replace(
         dist_worker.config("zero3"),
         model=model_cfg,
-        parallel=ParallelConfig(strategy=strategy_name, deepspeed_config=str(ds_config) if strategy_name == "zero3" else None),
+        parallel=ParallelConfig(
+            strategy=strategy_name, deepspeed_config=str(ds_config) if strategy_name == "zero3" else None
+        ),
     )
     strategy = build(cfg)
     head = strategy.unwrapped().embed.wte if tie else strategy.unwrapped().head

@@ -18,7 +18,6 @@ from trainer.model.checkpointing import apply_activation_checkpointing
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
-
 def make(**kwargs) -> GPT:
     torch.manual_seed(0)
     return GPT(ModelConfig(**kwargs))
@@ -67,10 +66,7 @@ def test_param_group_names():
     assert param_group("head.weight") == "head"
     # wrapper prefixes from DDP, torch.compile, FSDP1, activation checkpointing, peft
     assert param_group("module._orig_mod.blocks.2.attn.c_proj.weight") == "block.2.attn"
-    assert (
-        param_group("_fsdp_wrapped_module.blocks.1._fsdp_wrapped_module.mlp.c_fc.bias")
-        == "block.1.mlp"
-    )
+    assert param_group("_fsdp_wrapped_module.blocks.1._fsdp_wrapped_module.mlp.c_fc.bias") == "block.1.mlp"
     assert param_group("blocks.5._checkpoint_wrapped_module.norm_1.weight") == "block.5.norm"
     assert param_group("base_model.model.blocks.0.attn.c_attn.lora_A.weight") == "block.0.attn"
     with pytest.raises(ValueError, match="not a GPT parameter"):

@@ -19,8 +19,15 @@ from trainer.monitor import SpikeDetector, group_order
 
 def config(tmp_path: Path, *extra: str):
     cfg, _ = compose_config(
-        [*QUICK, "logger.progress_bar=false", f"data.cache_dir={tmp_path / 'cache'}", "train.log_interval=5",
-         "train.eval_interval=1000", "optim.lr=3e-3", *extra]
+        [
+            *QUICK,
+            "logger.progress_bar=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "train.log_interval=5",
+            "train.eval_interval=1000",
+            "optim.lr=3e-3",
+            *extra,
+        ]
     )
     return cfg
 
@@ -29,8 +36,16 @@ def test_groups_partition_the_global_norm_and_clipping_is_logged(tmp_path: Path)
     train(config(tmp_path, "train.max_steps=10", "optim.clip_grad_norm=0.5"), tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [5, 10]
-    expected_groups = ["embed", "block.0.attn", "block.0.mlp", "block.0.norm", "block.1.attn", "block.1.mlp",
-                       "block.1.norm", "head"]
+    expected_groups = [
+        "embed",
+        "block.0.attn",
+        "block.0.mlp",
+        "block.0.norm",
+        "block.1.attn",
+        "block.1.mlp",
+        "block.1.norm",
+        "head",
+    ]
     for row in rows:
         groups = [k.split("/", 1)[1] for k in row if k.startswith("grad_norm/")]
         assert sorted(groups, key=group_order) == expected_groups
@@ -122,13 +137,21 @@ def test_spike_policy_log_records_the_event(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("corrupt_batch")
 def test_spike_policy_skip_leaves_weights_and_optimizer_untouched(tmp_path: Path) -> None:
-    cfg = config(tmp_path, "train.max_steps=26", *POLICY, "monitor.spike.action=skip",
-                 "checkpoint.interval=1", "checkpoint.keep=10")
+    cfg = config(
+        tmp_path,
+        "train.max_steps=26",
+        *POLICY,
+        "monitor.spike.action=skip",
+        "checkpoint.interval=1",
+        "checkpoint.keep=10",
+    )
     train(cfg, tmp_path / "run")
     (event,) = spike_rows(read_metrics(tmp_path / "run"))
     assert event["step"] == CORRUPT_STEP and event["spike/action"] == "skip"
     ckpt = tmp_path / "run" / "checkpoints"
-    before, after, later = (ckpt / f"step_{s:08d}" / "model" for s in (CORRUPT_STEP - 1, CORRUPT_STEP, CORRUPT_STEP + 1))
+    before, after, later = (
+        ckpt / f"step_{s:08d}" / "model" for s in (CORRUPT_STEP - 1, CORRUPT_STEP, CORRUPT_STEP + 1)
+    )
     shards = sorted(p.name for p in before.glob("*.distcp"))  # tensors (.metadata names the path)
     assert shards
     for name in shards:  # model and optimizer state, byte for byte
@@ -138,8 +161,15 @@ def test_spike_policy_skip_leaves_weights_and_optimizer_untouched(tmp_path: Path
 
 @pytest.mark.usefixtures("corrupt_batch")
 def test_spike_policy_rollback_reloads_and_skips_the_data(tmp_path: Path) -> None:
-    cfg = config(tmp_path, "train.max_steps=30", *POLICY, "monitor.spike.action=rollback",
-                 "checkpoint.interval=5", "checkpoint.keep=3", "train.log_interval=1")
+    cfg = config(
+        tmp_path,
+        "train.max_steps=30",
+        *POLICY,
+        "monitor.spike.action=rollback",
+        "checkpoint.interval=5",
+        "checkpoint.keep=3",
+        "train.log_interval=1",
+    )
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     (event,) = spike_rows(rows)

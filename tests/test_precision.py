@@ -35,7 +35,9 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def single_device(precision: PrecisionConfig | None = None, optim: OptimConfig | None = None, max_steps: int = 1):
     """parallel=none on the CPU, built as the loop builds it."""
     train_cfg = TrainConfig(max_steps=max_steps, device="cpu", seq_len=16)
-    return build(Config(model=MODEL, precision=precision or PrecisionConfig(), optim=optim or OptimConfig(), train=train_cfg))
+    return build(
+        Config(model=MODEL, precision=precision or PrecisionConfig(), optim=optim or OptimConfig(), train=train_cfg)
+    )
 
 
 def gradients(precision: PrecisionConfig) -> dict[str, torch.Tensor]:
@@ -145,10 +147,20 @@ def run_losses(tmp_path: Path, name: str, *overrides: str) -> list[float]:
 
     cfg, _ = compose_config(
         [
-            "experiment=synthetic", "logger.wandb=false", "logger.progress_bar=false", "model.n_layer=1",
-            "model.n_embd=64", "train.seq_len=32", "train.micro_batch_size=8", "train.max_steps=40",
-            "train.log_interval=10", "train.eval_interval=40", "train.sample_tokens=0", "optim.lr=3e-3",
-            f"data.cache_dir={tmp_path / 'cache'}", *overrides,
+            "experiment=synthetic",
+            "logger.wandb=false",
+            "logger.progress_bar=false",
+            "model.n_layer=1",
+            "model.n_embd=64",
+            "train.seq_len=32",
+            "train.micro_batch_size=8",
+            "train.max_steps=40",
+            "train.log_interval=10",
+            "train.eval_interval=40",
+            "train.sample_tokens=0",
+            "optim.lr=3e-3",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *overrides,
         ]
     )
     train(cfg, tmp_path / name)
@@ -173,8 +185,13 @@ def test_bad_precision_input_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="precision.loss_scaling=true needs precision=bf16 or fp16"):
         preflight(["precision.loss_scaling=true"])
     cfg, _ = compose_config(
-        ["experiment=synthetic", "logger.wandb=false", "model.attention_backend=flash", "train.max_steps=1",
-         f"data.cache_dir={tmp_path / 'cache'}"]
+        [
+            "experiment=synthetic",
+            "logger.wandb=false",
+            "model.attention_backend=flash",
+            "train.max_steps=1",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
     )
     with pytest.raises(ConfigError, match="model.attention_backend=flash needs a CUDA device"):
         train(cfg, tmp_path / "run")

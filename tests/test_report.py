@@ -30,20 +30,41 @@ def synthetic_row(step: int) -> dict:
     loss = 5.0 * math.exp(-step / 20) + 1.5 + (2.0 if spike else 0.0)
     grad_norm = 2.0 * math.exp(-step / 15) + 0.3 + (8.0 if spike else 0.0)
     row = {
-        "step": step, "loss": loss, "lr": 1e-3, "grad_norm": grad_norm, "grad_norm_clipped": min(grad_norm, 1.0),
-        "clip_coef": min(1.0, 1.0 / grad_norm), "tokens_per_s": 1000.0 + step, "tokens": step * 4096,
-        "throughput/tokens_per_s": 1000.0 + step, "throughput/mfu": 0.3, "throughput/step_time_s": 0.5,
-        "throughput/data_time_s": 0.05, "throughput/compute_time_s": 0.4, "throughput/optimizer_time_s": 0.05,
-        "memory/peak_gb": 1.5, "skipped_steps": int(step >= SPIKE_STEP), "spike/count": int(step >= SPIKE_STEP),
-        "spike/loss": int(spike), "spike/grad_norm": int(spike),
+        "step": step,
+        "loss": loss,
+        "lr": 1e-3,
+        "grad_norm": grad_norm,
+        "grad_norm_clipped": min(grad_norm, 1.0),
+        "clip_coef": min(1.0, 1.0 / grad_norm),
+        "tokens_per_s": 1000.0 + step,
+        "tokens": step * 4096,
+        "throughput/tokens_per_s": 1000.0 + step,
+        "throughput/mfu": 0.3,
+        "throughput/step_time_s": 0.5,
+        "throughput/data_time_s": 0.05,
+        "throughput/compute_time_s": 0.4,
+        "throughput/optimizer_time_s": 0.05,
+        "memory/peak_gb": 1.5,
+        "skipped_steps": int(step >= SPIKE_STEP),
+        "spike/count": int(step >= SPIKE_STEP),
+        "spike/loss": int(spike),
+        "spike/grad_norm": int(spike),
     }
     for i, group in enumerate(GROUPS):
         row[f"grad_norm/{group}"] = grad_norm * (i + 1) / 10
         row[f"param_norm/{group}"] = 10.0 + i
         row[f"update_ratio/{group}"] = 1e-3 / (i + 1) * math.exp(-step / 30)
     if spike:
-        row.update({"spike/loss_z": 9.5, "spike/loss_baseline": 2.1, "spike/grad_norm_z": 12.0,
-                    "spike/grad_norm_baseline": 0.6, "spike/action": "skip", "grad_norm/head": "inf"})
+        row.update(
+            {
+                "spike/loss_z": 9.5,
+                "spike/loss_baseline": 2.1,
+                "spike/grad_norm_z": 12.0,
+                "spike/grad_norm_baseline": 0.6,
+                "spike/action": "skip",
+                "grad_norm/head": "inf",
+            }
+        )
     if step % 10 == 0:
         row["val_loss"] = "nan" if spike else loss + 0.1
     return row
@@ -82,10 +103,18 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.loop import train
 
     tmp = tmp_path_factory.mktemp("real")
-    cfg, composed = compose_config([
-        "experiment=synthetic", "logger.wandb=false", "logger.progress_bar=false", "train.max_steps=20",
-        "train.log_interval=2", "model.n_layer=2", "train.sample_tokens=0", f"data.cache_dir={tmp}/cache",
-    ])
+    cfg, composed = compose_config(
+        [
+            "experiment=synthetic",
+            "logger.wandb=false",
+            "logger.progress_bar=false",
+            "train.max_steps=20",
+            "train.log_interval=2",
+            "model.n_layer=2",
+            "train.sample_tokens=0",
+            f"data.cache_dir={tmp}/cache",
+        ]
+    )
     train(cfg, tmp / "run")
     (tmp / "run" / ".hydra").mkdir()  # what Hydra writes for a run from the command line
     OmegaConf.save({k: v for k, v in composed.items() if k != "hydra"}, tmp / "run" / ".hydra" / "config.yaml")
@@ -126,8 +155,15 @@ def test_page_holds_every_chart_for_both_runs(report: tuple[Path, Path, list[dic
     page = Elements(page_path.read_text())
     charts = {a["id"]: a["data-chart"] for t, a in page.tags if t == "svg" and "data-chart" in a}
     real_has_groups = any(k.startswith("grad_norm/") for row in logged(real_run) for k in row)
-    expected = {"loss": "loss", "grad-norm": "grad-norm", "grad-heatmap-0": "grad-heatmap",
-                "update-heatmap-0": "update-heatmap", "throughput": "throughput", "mfu": "mfu", "step-time": "step-time"}
+    expected = {
+        "loss": "loss",
+        "grad-norm": "grad-norm",
+        "grad-heatmap-0": "grad-heatmap",
+        "update-heatmap-0": "update-heatmap",
+        "throughput": "throughput",
+        "mfu": "mfu",
+        "step-time": "step-time",
+    }
     if real_has_groups:  # the loop logs per-group norms (newer trainers)
         expected |= {"grad-heatmap-1": "grad-heatmap", "update-heatmap-1": "update-heatmap"}
     assert charts == expected
@@ -137,7 +173,8 @@ def test_page_holds_every_chart_for_both_runs(report: tuple[Path, Path, list[dic
     assert loss_lines == {"synthetic loss", "synthetic val loss", "run loss", "run val loss"}
     assert not page.find("p", **{"class": "nodata"})
     assert "<script src" not in page_path.read_text() and "http://" not in page_path.read_text().replace(
-        'xmlns="http://www.w3.org/2000/svg"', "")  # self-contained: nothing to fetch
+        'xmlns="http://www.w3.org/2000/svg"', ""
+    )  # self-contained: nothing to fetch
 
 
 def test_heatmap_has_one_row_per_group_in_model_order(report: tuple[Path, Path, list[dict]], real_run: Path) -> None:
@@ -159,7 +196,9 @@ def test_spike_markers_and_clip_line(report: tuple[Path, Path, list[dict]]) -> N
     page = Elements(report[0].read_text())
     spikes = page.find("g", **{"class": "spike"})
     assert {(a["data-kind"], a["data-step"], a["data-run"]) for a in spikes} == {
-        ("loss", "30", "synthetic"), ("grad_norm", "30", "synthetic")}
+        ("loss", "30", "synthetic"),
+        ("grad_norm", "30", "synthetic"),
+    }
     assert len(spikes) == 3  # loss and grad-norm spikes on the loss chart, grad-norm ones on the norm chart
     assert page.find("g", data_series="clip 1")  # both runs clip at 1.0: one line
 
@@ -258,23 +297,36 @@ def png_pixels(path: Path) -> tuple[int, int, list[bytes], int]:
 def test_page_renders_in_chromium(report: tuple[Path, Path, list[dict]], browser: str, tmp_path: Path) -> None:
     page_path = report[0]
     n_charts = page_path.read_text().count("data-chart=")
-    dom = subprocess.run(chromium_command(browser, tmp_path / "profile", "--enable-logging=stderr", "--v=0",
-                                          "--dump-dom", page_path.as_uri()), capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        chromium_command(
+            browser, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom", page_path.as_uri()
+        ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     body = Elements(dom.stdout).find("body")[0]
     assert "data-errors" not in body and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
     assert body["data-charts"] == str(n_charts) and body["data-rendered"] == str(n_charts)
 
     shot = tmp_path / "shot.png"
-    subprocess.run(chromium_command(browser, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,2400",
-                                    page_path.as_uri()), capture_output=True, timeout=120)
+    subprocess.run(
+        chromium_command(
+            browser, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1400,2400", page_path.as_uri()
+        ),
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.stat().st_size > 20_000
     width, height, rows, bpp = png_pixels(shot)
     assert (width, height) == (1400, 2400)
     sampled = {rows[y][x * bpp : x * bpp + 3] for y in range(0, 1200, 7) for x in range(0, 1400, 7)}
     assert len(sampled) > 50  # charts in many colours, not a blank page
     viridis_yellow = bytes.fromhex("fde725")
-    assert any(abs(p[0] - viridis_yellow[0]) + abs(p[1] - viridis_yellow[1]) + abs(p[2] - viridis_yellow[2]) < 40
-               for p in sampled)  # a heatmap was painted
+    assert any(
+        abs(p[0] - viridis_yellow[0]) + abs(p[1] - viridis_yellow[1]) + abs(p[2] - viridis_yellow[2]) < 40
+        for p in sampled
+    )  # a heatmap was painted
 
 
 @pytest.mark.heavy
@@ -282,7 +334,9 @@ def test_png_per_chart(report: tuple[Path, Path, list[dict]], browser: str, tmp_
     synthetic = report[1]
     assert main([str(synthetic), "--png", "--out", str(tmp_path / "one.html")]) == 0
     pngs = sorted(p.name for p in tmp_path.glob("one-*.png"))
-    assert pngs == sorted(f"one-{c}.png" for c in ("loss", "grad-norm", "grad-heatmap-0", "update-heatmap-0",
-                                                   "throughput", "mfu", "step-time"))
+    assert pngs == sorted(
+        f"one-{c}.png"
+        for c in ("loss", "grad-norm", "grad-heatmap-0", "update-heatmap-0", "throughput", "mfu", "step-time")
+    )
     width, height, _, _ = png_pixels(tmp_path / "one-loss.png")
     assert width == 640 and height > 200

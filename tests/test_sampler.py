@@ -41,9 +41,7 @@ def test_resume_continues_identically():
 def test_every_index_once_per_epoch():
     num_samples, batch = 37, 5  # batches straddle epoch boundaries
     sampler = Sampler(num_samples, seed=1)
-    stream = np.concatenate(
-        [sampler.next_global_batch(batch) for _ in range(num_samples * 3 // batch + 1)]
-    )
+    stream = np.concatenate([sampler.next_global_batch(batch) for _ in range(num_samples * 3 // batch + 1)])
     epochs = stream[: 3 * num_samples].reshape(3, num_samples)
     for order in epochs:
         np.testing.assert_array_equal(np.sort(order), np.arange(num_samples))

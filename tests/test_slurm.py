@@ -49,12 +49,8 @@ def slurm_env():
     result = cluster("start")
     if result.returncode == CANNOT_INSTALL:
         pytest.skip(f"slurm-wlm / munge could not be installed: {result.stderr.strip()[-500:]}")
-    assert result.returncode == 0, (
-        f"local Slurm cluster did not start:\n{result.stdout}\n{result.stderr}"
-    )
-    print(
-        f"local cluster up in {time.monotonic() - started:.1f} s (already running: {was_running})"
-    )
+    assert result.returncode == 0, f"local Slurm cluster did not start:\n{result.stdout}\n{result.stderr}"
+    print(f"local cluster up in {time.monotonic() - started:.1f} s (already running: {was_running})")
 
     again = cluster("start", timeout=30)  # idempotent: a second start finds it running
     assert again.returncode == 0 and "already running" in again.stderr, again.stderr
@@ -183,9 +179,7 @@ def test_sbatch_resubmitted_job_resumes_from_last_checkpoint(slurm_env, first_jo
     run_dir = tmp_path / "run"
     rows_before = (run_dir / "metrics.jsonl").read_text()
     _, output = submit(slurm_env, tmp_path, overrides)
-    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000020'} at step 20" in output, output[
-        -3000:
-    ]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000020'} at step 20" in output, output[-3000:]
     assert (run_dir / "metrics.jsonl").read_text() == rows_before  # no step was trained again
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
 

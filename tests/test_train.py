@@ -58,10 +58,18 @@ def test_dividing_by_the_accumulation_count_would_be_wrong() -> None:
 def short_config(tmp_path: Path, *overrides: str):
     cfg, _ = compose_config(
         [
-            "experiment=synthetic", "logger.wandb=false", "logger.progress_bar=false",
-            f"data.cache_dir={tmp_path / 'cache'}", "model.n_layer=2", "model.n_embd=64",
-            "train.micro_batch_size=8", "train.seq_len=32", "train.log_interval=10",
-            "train.eval_interval=30", "optim.warmup_steps=5", *overrides,
+            "experiment=synthetic",
+            "logger.wandb=false",
+            "logger.progress_bar=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.n_layer=2",
+            "model.n_embd=64",
+            "train.micro_batch_size=8",
+            "train.seq_len=32",
+            "train.log_interval=10",
+            "train.eval_interval=30",
+            "optim.warmup_steps=5",
+            *overrides,
         ]
     )
     return cfg
@@ -109,11 +117,22 @@ def test_cli_runs_and_writes_the_run_dir(tmp_path: Path) -> None:
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(
         [
-            sys.executable, "-m", "trainer", "experiment=synthetic", "train.max_steps=20",
-            "train.eval_interval=10", "model.n_layer=1", "train.sample_tokens=5",
-            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}",
+            sys.executable,
+            "-m",
+            "trainer",
+            "experiment=synthetic",
+            "train.max_steps=20",
+            "train.eval_interval=10",
+            "model.n_layer=1",
+            "train.sample_tokens=5",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run dir: {run_dir.resolve()}" in result.stdout
@@ -130,12 +149,26 @@ def test_multirun_sweep_runs_each_job(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [
-            sys.executable, "-m", "trainer", "-m", "optim.lr=1e-3,3e-3", "experiment=synthetic",
-            "train.max_steps=4", "train.log_interval=2", "model.n_layer=1", "train.sample_tokens=0",
-            "optim.warmup_steps=0", "optim.schedule=constant", "logger.wandb=false",
-            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}",
+            sys.executable,
+            "-m",
+            "trainer",
+            "-m",
+            "optim.lr=1e-3,3e-3",
+            "experiment=synthetic",
+            "train.max_steps=4",
+            "train.log_interval=2",
+            "model.n_layer=1",
+            "train.sample_tokens=0",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "logger.wandb=false",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}",
         ],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lrs = [read_metrics(sweep / job)[-1]["lr"] for job in ("0", "1")]

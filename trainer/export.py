@@ -75,7 +75,9 @@ def load_model(checkpoint: Path) -> tuple[GPT, dict]:
     if strategy not in DCP_STRATEGIES + ZERO_STRATEGIES:
         raise ExportError(f"{checkpoint} was written by unknown strategy {strategy!r}")
     if strategy in ZERO_STRATEGIES and importlib.util.find_spec("deepspeed") is None:
-        raise ExportError(f'{checkpoint} was written by parallel={strategy}: reading it needs DeepSpeed: pip install -e ".[deepspeed]"')
+        raise ExportError(
+            f'{checkpoint} was written by parallel={strategy}: reading it needs DeepSpeed: pip install -e ".[deepspeed]"'
+        )
     try:
         cfg = ModelConfig(**info["model_config"])
     except (TypeError, ValueError) as error:  # a field this version lacks, or a value it rejects
@@ -146,8 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory (step_...)")
     parser.add_argument("--out", type=Path, required=True, help="directory to write")
-    parser.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
-                        help="Hugging Face names + config.json for GPT-2 / Llama layouts (default: on)")
+    parser.add_argument(
+        "--hf",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Hugging Face names + config.json for GPT-2 / Llama layouts (default: on)",
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     try:
@@ -161,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {what}, {n_params / 1e6:.2f}M params from {checkpoint} "
-          f"(step {meta['step']}, parallel={meta['strategy']} on {meta['world_size']} rank(s))")
+    print(
+        f"wrote {args.out}: {what}, {n_params / 1e6:.2f}M params from {checkpoint} "
+        f"(step {meta['step']}, parallel={meta['strategy']} on {meta['world_size']} rank(s))"
+    )
     return 0
 
 

@@ -88,8 +88,13 @@ class Loggers:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stdout, disable=None,  # disable=None: off when stdout is not a terminal
+                total=max_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stdout,
+                disable=None,  # disable=None: off when stdout is not a terminal
             )
 
     def _start_wandb(self, cfg: LoggerConfig, run_dir: Path, run_config: dict[str, Any]) -> None:
@@ -98,8 +103,13 @@ class Loggers:
             import wandb
 
             self.wandb = wandb.init(
-                project=cfg.project, dir=str(run_dir), config=run_config, mode=mode, name=run_dir.name,
-                id=self.run_id, resume="allow" if self.run_id else None,
+                project=cfg.project,
+                dir=str(run_dir),
+                config=run_config,
+                mode=mode,
+                name=run_dir.name,
+                id=self.run_id,
+                resume="allow" if self.run_id else None,
                 settings=wandb.Settings(console="off", silent=True, init_timeout=60),
             )
             self.run_id = self.wandb.id
@@ -111,7 +121,9 @@ class Loggers:
             self.wandb.define_metric("*", step_metric="step")
             self.wandb.define_metric("spike/count", step_metric="step", summary="max")
         except Exception as error:  # wandb must never fail a run
-            warnings.warn(f"wandb disabled ({type(error).__name__}: {error}); metrics.jsonl still written", stacklevel=2)
+            warnings.warn(
+                f"wandb disabled ({type(error).__name__}: {error}); metrics.jsonl still written", stacklevel=2
+            )
             self.wandb = None
 
     def log(self, metrics: dict[str, Any]) -> None:

@@ -85,8 +85,10 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     resume(run)
     run.loggers = start_loggers(run)
     state = run.state
-    meter = Throughput(run.strategy.unwrapped().flops_per_token(tc.seq_len),
-                       peak_flops(run.strategy.device, cfg.monitor.peak_flops) * run.strategy.world_size)
+    meter = Throughput(
+        run.strategy.unwrapped().flops_per_token(tc.seq_len),
+        peak_flops(run.strategy.device, cfg.monitor.peak_flops) * run.strategy.world_size,
+    )
     metrics: dict[str, Any] = {}
     while state.step < tc.max_steps:
         started = time.perf_counter()
@@ -213,7 +215,9 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> dict[str, Any]:
         run.loggers.alert(f"spike at step {state.step}", json.dumps(result.spike))
     if due(state.step, cfg.train.eval_interval) or state.step == cfg.train.max_steps:
         tc = cfg.train
-        metrics["val_loss"] = evaluate(strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device)
+        metrics["val_loss"] = evaluate(
+            strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device
+        )
     run.loggers.log(metrics)
     if due(state.step, cfg.train.log_interval) or state.step == cfg.train.max_steps or result.spiked:
         run.loggers.write(console_line(metrics))
@@ -266,7 +270,9 @@ def close(run: Run) -> None:
 def console_line(metrics: dict[str, Any]) -> str:
     """The headline figures of a logged step, for the console."""
     keys = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "loss_scale")
-    parts = [f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics]
+    parts = [
+        f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics
+    ]
     if metrics.get("spike/loss") or metrics.get("spike/grad_norm"):
         parts.append(f"SPIKE ({metrics['spike/action']})")
     return " | ".join(parts)
@@ -291,7 +297,5 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int, s
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(
-        torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator
-    )
+    out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator)
     return tokenizer.decode(out[0].tolist())

@@ -114,8 +114,12 @@ def group_matrix(run: Run, prefix: str) -> tuple[list[str], list[float], list[li
     matrix = []
     for g in groups:
         values = [[v for row in b if (v := number(row.get(prefix + g))) is not None] for b in bins]
-        matrix.append([None if not vs else math.nan if any(not 0 < v < math.inf for v in vs)
-                       else math.log10(max(vs)) for vs in values])
+        matrix.append(
+            [
+                None if not vs else math.nan if any(not 0 < v < math.inf for v in vs) else math.log10(max(vs))
+                for vs in values
+            ]
+        )
     return groups, [b[0]["step"] for b in bins], matrix
 
 
@@ -130,8 +134,13 @@ def run_heatmap(chart_id: str, kind: str, title: str, run: Run, prefix: str, lo:
 
 
 def log_range(runs: list[Run], prefix: str) -> tuple[float, float]:
-    values = [math.log10(v) for run in runs for row in run.rows for k, raw in row.items()
-              if k.startswith(prefix) and (v := number(raw)) is not None and 0 < v < math.inf]
+    values = [
+        math.log10(v)
+        for run in runs
+        for row in run.rows
+        for k, raw in row.items()
+        if k.startswith(prefix) and (v := number(raw)) is not None and 0 < v < math.inf
+    ]
     return (min(values), max(values)) if values else (0.0, 1.0)
 
 
@@ -140,8 +149,11 @@ def spike_marks(runs: list[Run], kinds: tuple[str, ...]) -> list[Mark]:
     marks = []
     for i, run in enumerate(runs):
         for row, kind in ((row, k) for row in run.spikes for k in kinds if number(row.get(f"spike/{k}")) == 1):
-            details = [f"{name} {v:.3g}" for name in ("z", "baseline")
-                       if (v := number(row.get(f"spike/{kind}_{name}"))) is not None]
+            details = [
+                f"{name} {v:.3g}"
+                for name in ("z", "baseline")
+                if (v := number(row.get(f"spike/{kind}_{name}"))) is not None
+            ]
             details += [f"action {row['spike/action']}"] if "spike/action" in row else []
             title = f"{run.name}: {svg.SPIKES[kind][1]} at step {row['step']:g} ({', '.join(details)})"
             marks.append(Mark(kind, row["step"], run.name, svg.color(i), title))
@@ -154,26 +166,42 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
 
     def lines(keys: str, label: str, dash: str = "", dots: bool = False, color: str = "") -> list[Line]:
         """A line per run that logs KEYS ("a|b": the first it logs), in the run's colour."""
-        return [Line(f"{run.name} {label}" if several else label, color or svg.color(i), run.points(keys), dash, dots)
-                for i, run in enumerate(runs) if run.points(keys)]
+        return [
+            Line(f"{run.name} {label}" if several else label, color or svg.color(i), run.points(keys), dash, dots)
+            for i, run in enumerate(runs)
+            if run.points(keys)
+        ]
 
     clips = {run.clip for run in runs if run.clip}  # one line when all runs clip alike
     refs = [Line(f"clip {c:g}", "#777", [(0, c)], "6,4") for c in clips]
     if len(clips) > 1:
-        refs = [Line(f"{r.name} clip {r.clip:g}", svg.color(i), [(0, r.clip)], "6,4")
-                for i, r in enumerate(runs) if r.clip]
+        refs = [
+            Line(f"{r.name} clip {r.clip:g}", svg.color(i), [(0, r.clip)], "6,4") for i, r in enumerate(runs) if r.clip
+        ]
     losses = lines("loss", "loss") + lines("val_loss", "val loss", "5,3", dots=True)
     norms = lines("grad_norm", "grad norm") + lines("grad_norm_clipped", "clipped", "2,2")
     wanted = {
         "loss": [svg.line_chart("loss", "Loss", losses, "loss", marks=spike_marks(runs, ("loss", "grad_norm")))],
-        "grad_norm": [svg.line_chart("grad-norm", "Global gradient norm (before clipping)", norms, "norm", log=True,
-                                     refs=refs, marks=spike_marks(runs, ("grad_norm",)))],
+        "grad_norm": [
+            svg.line_chart(
+                "grad-norm",
+                "Global gradient norm (before clipping)",
+                norms,
+                "norm",
+                log=True,
+                refs=refs,
+                marks=spike_marks(runs, ("grad_norm",)),
+            )
+        ],
     }
-    for prefix, kind, title in (("grad_norm/", "grad-heatmap", "Gradient norm per group"),
-                                ("update_ratio/", "update-heatmap", "Update ratio per group")):
+    for prefix, kind, title in (
+        ("grad_norm/", "grad-heatmap", "Gradient norm per group"),
+        ("update_ratio/", "update-heatmap", "Update ratio per group"),
+    ):
         lo, hi = log_range(runs, prefix)  # one colour scale for all runs
-        wanted[prefix + "<group>"] = [run_heatmap(f"{kind}-{i}", kind, title, run, prefix, lo, hi)
-                                      for i, run in enumerate(runs)]
+        wanted[prefix + "<group>"] = [
+            run_heatmap(f"{kind}-{i}", kind, title, run, prefix, lo, hi) for i, run in enumerate(runs)
+        ]
     tokens = lines("throughput/tokens_per_s|tokens_per_s", "tokens/s")
     wanted["tokens_per_s"] = [svg.line_chart("throughput", "Throughput", tokens, "tokens / s")]
     mfu = lines("throughput/mfu", "MFU")
@@ -188,16 +216,36 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
 
 def summary(runs: list[Run]) -> str:
     """The table of runs; each cell holds its exact value in data-value."""
-    head = ["run", "status", "steps", "tokens", "last loss", "best val loss", "spikes", "skipped steps", "tokens/s",
-            "peak memory GB", "clip"]
+    head = [
+        "run",
+        "status",
+        "steps",
+        "tokens",
+        "last loss",
+        "best val loss",
+        "spikes",
+        "skipped steps",
+        "tokens/s",
+        "peak memory GB",
+        "clip",
+    ]
     rows = []
     for i, run in enumerate(runs):
         best = min(((y, x) for x, y in run.points("val_loss") if math.isfinite(y)), default=(None, None))
         spikes, loss = run.last("spike/count"), run.last("loss")
-        values = [run.name, "finished" if run.finished else "running", run.rows[-1]["step"] if run.rows else None,
-                  run.last("tokens"), loss, best[0], len(run.spikes) if spikes is None else spikes,
-                  run.last("skipped_steps"), run.last("throughput/tokens_per_s|tokens_per_s"),
-                  max((v for _, v in run.points("memory/peak_gb")), default=None), run.clip]
+        values = [
+            run.name,
+            "finished" if run.finished else "running",
+            run.rows[-1]["step"] if run.rows else None,
+            run.last("tokens"),
+            loss,
+            best[0],
+            len(run.spikes) if spikes is None else spikes,
+            run.last("skipped_steps"),
+            run.last("throughput/tokens_per_s|tokens_per_s"),
+            max((v for _, v in run.points("memory/peak_gb")), default=None),
+            run.clip,
+        ]
         texts = {
             "run": f'<span style="color:{svg.color(i)}">■</span> {html.escape(run.name)}',
             "status": "finished" if run.finished else f"not finished (written {time.time() - run.updated:.0f} s ago)",
@@ -205,8 +253,10 @@ def summary(runs: list[Run]) -> str:
             "best val loss": best[0] is not None and f"{best[0]:.4f} @ {best[1]:g}",
             "clip": run.clip == 0 and "off",
         }
-        cells = "".join(el("td", texts.get(key) or cell(value), data_key=key, data_value=value)
-                        for key, value in zip(head, values, strict=True))
+        cells = "".join(
+            el("td", texts.get(key) or cell(value), data_key=key, data_value=value)
+            for key, value in zip(head, values, strict=True)
+        )
         rows.append(el("tr", cells, data_run=run.name))
     header = el("thead", el("tr", "".join(el("th", h) for h in head)))
     return el("table", header + el("tbody", "".join(rows)), id="summary")
@@ -241,9 +291,20 @@ def chromium() -> str | None:
 
 def chromium_command(binary: str, profile: Path, *args: str) -> list[str]:
     """Headless Chromium kept off the network (no sync, updates or background requests)."""
-    return [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--hide-scrollbars", f"--user-data-dir={profile}", *args]
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
 
 
 def write_pngs(charts: list[Chart], page: Path) -> list[Path]:
@@ -255,8 +316,13 @@ def write_pngs(charts: list[Chart], page: Path) -> list[Path]:
         for chart in charts:
             single, png = Path(tmp) / f"{chart.id}.html", page.with_name(f"{page.stem}-{chart.id}.png")
             single.write_text(f'<!doctype html><meta charset="utf-8"><body style="margin:0">{chart.svg}</body>')
-            command = chromium_command(binary, Path(tmp) / "profile", f"--screenshot={png.resolve()}",
-                                       f"--window-size={svg.WIDTH},{chart.height}", single.as_uri())
+            command = chromium_command(
+                binary,
+                Path(tmp) / "profile",
+                f"--screenshot={png.resolve()}",
+                f"--window-size={svg.WIDTH},{chart.height}",
+                single.as_uri(),
+            )
             subprocess.run(command, capture_output=True, timeout=120, check=False)
     return [png for c in charts if (png := page.with_name(f"{page.stem}-{c.id}.png")).is_file()]
 
@@ -266,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, help="the page (default RUN_DIR/report.html; ./report.html for several)")
     parser.add_argument("--png", action="store_true", help="also write each chart as a PNG beside the page")
-    parser.add_argument("--refresh", type=float, default=0, metavar="N",
-                        help="rewrite the page every N s until the runs finish")
+    parser.add_argument(
+        "--refresh", type=float, default=0, metavar="N", help="rewrite the page every N s until the runs finish"
+    )
     args = parser.parse_args(argv)
     out = args.out or (args.run_dirs[0] / "report.html" if len(args.run_dirs) == 1 else Path("report.html"))
     charts, pngs = [], []

@@ -111,14 +111,20 @@ class Frame(NamedTuple):
 def axes_svg(f: Frame, y_label: str) -> str:
     bottom, parts = f.top + f.height, []
     for t in [t for t in linear_ticks(f.x0, f.x1, 6) if float(t).is_integer()]:  # steps are whole
-        parts += [el("line", x1=f.x(t), x2=f.x(t), y1=f.top, y2=bottom, stroke="#eee"),
-                  el("text", short(t), x=f.x(t), y=bottom + 14, text_anchor="middle")]
+        parts += [
+            el("line", x1=f.x(t), x2=f.x(t), y1=f.top, y2=bottom, stroke="#eee"),
+            el("text", short(t), x=f.x(t), y=bottom + 14, text_anchor="middle"),
+        ]
     for t in log_ticks(f.y0, f.y1) if f.log else linear_ticks(f.y0, f.y1):
-        parts += [el("line", x1=LEFT, x2=LEFT + f.width, y1=f.y(t), y2=f.y(t), stroke="#eee"),
-                  el("text", short(t), x=LEFT - 5, y=f.y(t) + 4, text_anchor="end")]
-    parts += [el("rect", x=LEFT, y=f.top, width=f.width, height=f.height, fill="none", stroke="#999"),
-              el("text", "step", x=LEFT + f.width / 2, y=bottom + 30, text_anchor="middle"),
-              el("text", y_label, transform=f"translate(14 {f.top + f.height / 2}) rotate(-90)", text_anchor="middle")]
+        parts += [
+            el("line", x1=LEFT, x2=LEFT + f.width, y1=f.y(t), y2=f.y(t), stroke="#eee"),
+            el("text", short(t), x=LEFT - 5, y=f.y(t) + 4, text_anchor="end"),
+        ]
+    parts += [
+        el("rect", x=LEFT, y=f.top, width=f.width, height=f.height, fill="none", stroke="#999"),
+        el("text", "step", x=LEFT + f.width / 2, y=bottom + 30, text_anchor="middle"),
+        el("text", y_label, transform=f"translate(14 {f.top + f.height / 2}) rotate(-90)", text_anchor="middle"),
+    ]
     return "".join(parts)
 
 
@@ -166,14 +172,32 @@ def svg_chart(chart_id: str, kind: str, title: str, parts: list[str], height: in
     """The <svg> of a chart: its id, data-chart=KIND, a white background, the title, PARTS."""
     heading = el("text", html.escape(title), x=WIDTH / 2, y=20, text_anchor="middle", font_size=14, font_weight=600)
     body = el("rect", width="100%", height="100%", fill="#fff") + el(
-        "g", heading + "".join(parts), font_family="system-ui, sans-serif", font_size=11, fill="#333")
-    svg = el("svg", body, id=chart_id, data_chart=kind, **attrs, width=WIDTH, height=height,
-             viewBox=f"0 0 {WIDTH} {height}", xmlns="http://www.w3.org/2000/svg")
+        "g", heading + "".join(parts), font_family="system-ui, sans-serif", font_size=11, fill="#333"
+    )
+    svg = el(
+        "svg",
+        body,
+        id=chart_id,
+        data_chart=kind,
+        **attrs,
+        width=WIDTH,
+        height=height,
+        viewBox=f"0 0 {WIDTH} {height}",
+        xmlns="http://www.w3.org/2000/svg",
+    )
     return Chart(chart_id, svg, height)
 
 
-def line_chart(kind: str, title: str, lines: list[Line], y_label: str, *, log: bool = False,
-               refs: list[Line] = (), marks: list[Mark] = ()) -> Chart | None:
+def line_chart(
+    kind: str,
+    title: str,
+    lines: list[Line],
+    y_label: str,
+    *,
+    log: bool = False,
+    refs: list[Line] = (),
+    marks: list[Mark] = (),
+) -> Chart | None:
     """Lines over step, horizontal reference lines and spike marks; None without lines."""
     if not lines:
         return None
@@ -189,24 +213,32 @@ def line_chart(kind: str, title: str, lines: list[Line], y_label: str, *, log: b
     across = [r._replace(points=[(f.x0, r.points[0][1]), (f.x1, r.points[0][1])]) for r in refs]
     for line in (*across, *[line._replace(dots=line.dots or len(line.points) < 3) for line in lines]):
         label = html.escape(line.label)
-        items = [el("path", el("title", label), d=path_d(f, thinned(line.points)), fill="none", stroke=line.color,
-                    stroke_width=1.6, stroke_dasharray=line.dash)]
+        items = [
+            el(
+                "path",
+                el("title", label),
+                d=path_d(f, thinned(line.points)),
+                fill="none",
+                stroke=line.color,
+                stroke_width=1.6,
+                stroke_dasharray=line.dash,
+            )
+        ]
         for x, y in line.points:
             tip = el("title", f"{label} step {x:g}: {y:.4g}")
             if line.dots and f.shows(y):  # a line of one or two points gets dots too
                 items.append(el("circle", tip, cx=f.x(x), cy=f.y(y), r=2.5, fill=line.color))
             elif not math.isfinite(y):  # NaN / inf logged: a red cross at the bottom
-                items.append(el("text", "×" + tip, x=f.x(x), y=f.top + f.height - 4, fill="#c00",
-                                text_anchor="middle"))
+                items.append(el("text", "×" + tip, x=f.x(x), y=f.top + f.height - 4, fill="#c00", text_anchor="middle"))
         parts.append(el("g", "".join(items), data_series=line.label))
     for m in marks:  # a loss spike's glyph above the plot, a grad-norm spike's just inside it
         x, y = f.x(m.step), f.top - 3 if m.kind == "loss" else f.top + 10
-        items = [el("line", x1=x, x2=x, y1=f.top, y2=f.top + f.height, stroke=m.color, stroke_dasharray="3,3",
-                    opacity=0.7),
-                 el("text", SPIKES[m.kind][0], x=x, y=y, fill=m.color, text_anchor="middle"),
-                 el("title", html.escape(m.title))]
-        parts.append(el("g", "".join(items), class_="spike", data_kind=m.kind, data_step=f"{m.step:g}",
-                        data_run=m.run))
+        items = [
+            el("line", x1=x, x2=x, y1=f.top, y2=f.top + f.height, stroke=m.color, stroke_dasharray="3,3", opacity=0.7),
+            el("text", SPIKES[m.kind][0], x=x, y=y, fill=m.color, text_anchor="middle"),
+            el("title", html.escape(m.title)),
+        ]
+        parts.append(el("g", "".join(items), class_="spike", data_kind=m.kind, data_step=f"{m.step:g}", data_run=m.run))
     return svg_chart(kind, kind, title, parts, f.top + f.height + 40)
 
 
@@ -225,8 +257,17 @@ def viridis(t: float) -> str:
     return "#" + "".join(f"{round(ca + (cb - ca) * (t - i)):02x}" for ca, cb in zip(a, b, strict=True))
 
 
-def heatmap(chart_id: str, kind: str, title: str, groups: list[str], steps: list[float],
-            matrix: list[list[float | None]], lo: float, hi: float, **attrs: object) -> Chart:
+def heatmap(
+    chart_id: str,
+    kind: str,
+    title: str,
+    groups: list[str],
+    steps: list[float],
+    matrix: list[list[float | None]],
+    lo: float,
+    hi: float,
+    **attrs: object,
+) -> Chart:
     """Groups x steps, colour = log10 value (matrix[group][column]; None: not logged, NaN: inf or NaN)
     on the scale [lo, hi]; a column per step, labelled by the step it starts at."""
     left, top, width, row_h = 100, 34, WIDTH - 100 - 70, max(3.0, min(16.0, 480 / len(groups)))
@@ -243,8 +284,17 @@ def heatmap(chart_id: str, kind: str, title: str, groups: list[str], steps: list
             fill = "#e8e8e8" if v is None else "#000" if math.isnan(v) else viridis((v - lo) / (hi - lo))
             value = "-" if v is None else f"{10**v:.3g}"
             tip = el("title", f"{html.escape(group)} step {steps[c]:g}: {value}") if tips else ""
-            row.append(el("rect", tip, x=round(left + c * cell_w, 2), y=y, width=round(cell_w + 0.3, 2),
-                          height=round(row_h + 0.3, 2), fill=fill))
+            row.append(
+                el(
+                    "rect",
+                    tip,
+                    x=round(left + c * cell_w, 2),
+                    y=y,
+                    width=round(cell_w + 0.3, 2),
+                    height=round(row_h + 0.3, 2),
+                    fill=fill,
+                )
+            )
         parts.append(el("g", "".join(row), class_="hm-row", data_group=group))
     bottom = top + len(groups) * row_h
     for t in linear_ticks(*padded(steps[0], steps[-1], 0), 5) if len(steps) > 1 else steps:
@@ -254,9 +304,13 @@ def heatmap(chart_id: str, kind: str, title: str, groups: list[str], steps: list
     parts.append(el("text", "step", x=left + width / 2, y=bottom + 30, text_anchor="middle"))
     bar_x, bar_h = left + width + 14, max(bottom - top, 60)  # the colour bar: hi at the top
     stops = "".join(el("stop", offset=i / (len(VIRIDIS) - 1), stop_color=c) for i, c in enumerate(reversed(VIRIDIS)))
-    parts.append(el("defs", el("linearGradient", stops, id=f"{chart_id}-bar", x1=0, x2=0, y1=0, y2=1))
-                 + el("rect", x=bar_x, y=top, width=12, height=bar_h, fill=f"url(#{chart_id}-bar)"))
-    parts += [el("text", short(t), x=bar_x + 16, y=round(top + (hi - math.log10(t)) / (hi - lo) * bar_h + 4, 1))
-              for t in log_ticks(lo, hi)]
+    parts.append(
+        el("defs", el("linearGradient", stops, id=f"{chart_id}-bar", x1=0, x2=0, y1=0, y2=1))
+        + el("rect", x=bar_x, y=top, width=12, height=bar_h, fill=f"url(#{chart_id}-bar)")
+    )
+    parts += [
+        el("text", short(t), x=bar_x + 16, y=round(top + (hi - math.log10(t)) / (hi - lo) * bar_h + 4, 1))
+        for t in log_ticks(lo, hi)
+    ]
     height = int(max(bottom, top + bar_h) + 40)
     return svg_chart(chart_id, kind, title, parts, height, data_rows=len(groups), **attrs)

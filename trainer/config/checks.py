@@ -247,5 +247,3 @@ def _over_checkpoint(cfg: ModelConfig, checkpoint: ModelConfig) -> ModelConfig:
         f"({positions}={checkpoint.block_size}): use model.block_size={checkpoint.block_size} or less",
     )
     return replace(checkpoint, **overrides)
-
-

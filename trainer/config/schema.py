@@ -84,7 +84,8 @@ class ModelConfig:
             f"model.activation_checkpointing={self.activation_checkpointing!r}: use none, full, attention or mlp",
         )
         _require(  # with model.pretrained, against the checkpoint's depth (when the config is resolved)
-            1 <= self.activation_checkpointing_every and (bool(self.pretrained) or self.activation_checkpointing_every <= self.n_layer),
+            1 <= self.activation_checkpointing_every
+            and (bool(self.pretrained) or self.activation_checkpointing_every <= self.n_layer),
             f"model.activation_checkpointing_every={self.activation_checkpointing_every} must be between 1 and "
             f"the depth model.n_layer={self.n_layer}",
         )
@@ -275,7 +276,9 @@ class MonitorConfig:
 
     interval: int | None = None  # steps between per-layer statistics; None: every logged step
     spike: SpikeConfig = field(default_factory=SpikeConfig)
-    peak_flops: float | None = None  # FLOP/s for MFU; None: datasheet value of a known GPU, or a measured CPU matmul rate
+    peak_flops: float | None = (
+        None  # FLOP/s for MFU; None: datasheet value of a known GPU, or a measured CPU matmul rate
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -311,7 +314,10 @@ class TrainConfig:
         _require(self.eval_batches > 0, f"train.eval_batches must be positive, got {self.eval_batches}")
         _require(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: use auto, cpu or cuda")
         _require(self.sample_tokens >= 0, f"train.sample_tokens must be >= 0, got {self.sample_tokens}")
-        _require(self.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}")
+        _require(
+            self.max_consecutive_skips >= 1,
+            f"train.max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}",
+        )
         _require(
             self.global_batch_size is None or self.global_batch_size > 0,
             f"train.global_batch_size must be positive or null, got {self.global_batch_size}",

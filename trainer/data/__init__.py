@@ -48,9 +48,7 @@ class Data:
         """One line: source, documents, tokens, vocabulary, cache."""
         documents = f"{self.documents:,} documents, " if self.documents is not None else ""
         tokens = self.train.num_tokens + self.val.num_tokens
-        floor = (
-            f", entropy rate {self.entropy_rate:.4f} nats" if self.entropy_rate is not None else ""
-        )
+        floor = f", entropy rate {self.entropy_rate:.4f} nats" if self.entropy_rate is not None else ""
         return (
             f"data: {self.source}: {documents}{tokens:,} tokens ({self.train.num_tokens:,} train / "
             f"{self.val.num_tokens:,} val), vocab {self.vocab_size} "
@@ -77,9 +75,7 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0) -> Da
         tokenizer = cached_bpe(source, cfg.bpe_vocab_size, cache_root, show_progress=show_progress)
     else:
         tokenizer = load_hf_tokenizer(cfg.tokenizer)
-    cache = open_or_build(
-        source, tokenizer, cache_root, cfg.val_fraction, show_progress=show_progress
-    )
+    cache = open_or_build(source, tokenizer, cache_root, cfg.val_fraction, show_progress=show_progress)
     split = split_point(len(cache.tokens), cfg.val_fraction)
     _check_split_sizes(split, len(cache.tokens) - split, seq_len)
     if cache.meta["split"] == split:
@@ -102,9 +98,7 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0) -> Da
 def _synthetic_data(cfg: DataConfig, seq_len: int, seed: int) -> Data:
     # config.check_run has checked that both splits hold a sample (DataConfig: sizes are positive).
     split = split_point(cfg.synthetic_tokens, cfg.val_fraction)
-    tokens, rate = synthetic_stream(
-        cfg.synthetic_vocab, cfg.synthetic_tokens, cfg.synthetic_concentration, seed
-    )
+    tokens, rate = synthetic_stream(cfg.synthetic_vocab, cfg.synthetic_tokens, cfg.synthetic_concentration, seed)
     tokens = tokens.astype(token_dtype(cfg.synthetic_vocab))
     return Data(
         tokenizer=IdentityTokenizer(cfg.synthetic_vocab),

@@ -64,9 +64,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def cached_bpe(
-    source: Source, vocab_size: int, cache_root: Path, *, show_progress: bool
-) -> HFTokenizer:
+def cached_bpe(source: Source, vocab_size: int, cache_root: Path, *, show_progress: bool) -> HFTokenizer:
     """The BPE trained on this source with this vocabulary size: loaded if saved, else trained."""
     key = digest({"source": source.identity(), "vocab": vocab_size, "chars": BPE_TRAIN_CHARACTERS})
     path = cache_root / f"bpe-{vocab_size}-{key}" / "tokenizer.json"
@@ -121,9 +119,7 @@ def open_or_build(
     hit = meta is not None
     if meta is None:
         meta = _build(directory, source, tokenizer, val_fraction, show_progress)
-    tokens = np.memmap(
-        directory / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],)
-    )
+    tokens = np.memmap(directory / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
     return TokenCache(directory, tokens, meta, hit)
 
 

@@ -30,9 +30,7 @@ class PackedSplit:
         """Samples `indices` as (x, y), both int64 of shape (B, T): y[:, t] is the token that
         follows x[:, t] in the stream, so y[:, :-1] == x[:, 1:]."""
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.ndim != 1 or (
-            len(indices) and (indices.min() < 0 or indices.max() >= len(self))
-        ):
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(self))):
             raise IndexError(f"sample indices must be a 1-D array in [0, {len(self)})")
         offsets = indices[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
         windows = torch.from_numpy(np.asarray(self.tokens[offsets], dtype=np.int64))

@@ -77,8 +77,6 @@ def shard_for_rank(indices: np.ndarray, rank: int, world_size: int) -> np.ndarra
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     if len(indices) % world_size:
-        raise ValueError(
-            f"a global batch of {len(indices)} does not split evenly over {world_size} ranks"
-        )
+        raise ValueError(f"a global batch of {len(indices)} does not split evenly over {world_size} ranks")
     size = len(indices) // world_size
     return indices[rank * size : (rank + 1) * size]

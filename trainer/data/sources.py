@@ -32,11 +32,7 @@ def list_files(root: Path, suffixes: set[str] | None, skip_dirs: frozenset[str])
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
-        found += [
-            Path(dirpath, f)
-            for f in filenames
-            if suffixes is None or Path(f).suffix.lower() in suffixes
-        ]
+        found += [Path(dirpath, f) for f in filenames if suffixes is None or Path(f).suffix.lower() in suffixes]
     return sorted(found)
 
 
@@ -54,9 +50,7 @@ def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"{where} is not valid JSON ({error}): fix or remove it from data.path"
-        ) from error
+        raise ConfigError(f"{where} is not valid JSON ({error}): fix or remove it from data.path") from error
 
 
 def _record_text(record: Any, field: str, where: str) -> str:
@@ -65,9 +59,7 @@ def _record_text(record: Any, field: str, where: str) -> str:
         return record
     if not isinstance(record, dict) or field not in record:
         keys = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
-        raise ConfigError(
-            f"{where} has no field data.text_field={field!r}: set data.text_field to one of {keys}"
-        )
+        raise ConfigError(f"{where} has no field data.text_field={field!r}: set data.text_field to one of {keys}")
     value = record[field]
     return value if isinstance(value, str) else ""
 
@@ -156,9 +148,7 @@ class HFSource:
         if self.local is not None:  # a local dataset can change in place: key on its files too
             root = self.local if self.local.is_dir() else self.local.parent
             files = [self.local] if self.local.is_file() else list_files(root, None, frozenset())
-            identity["files"] = [
-                [str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files
-            ]
+            identity["files"] = [[str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
         return identity
 
     def describe(self) -> str:
@@ -181,8 +171,7 @@ class HFSource:
                 if isinstance(dataset, datasets.DatasetDict):
                     if cfg.hf_split not in dataset:
                         raise ConfigError(
-                            f"data.hf_split={cfg.hf_split!r} is not in {self.label}: "
-                            f"its splits are {sorted(dataset)}"
+                            f"data.hf_split={cfg.hf_split!r} is not in {self.label}: its splits are {sorted(dataset)}"
                         )
                     dataset = dataset[cfg.hf_split]
             else:
@@ -208,8 +197,7 @@ class HFSource:
         columns = dataset.column_names
         if columns is not None and cfg.text_field not in columns:
             raise ConfigError(
-                f"data.text_field={cfg.text_field!r} is not a column of {self.label}: "
-                f"its columns are {columns}"
+                f"data.text_field={cfg.text_field!r} is not a column of {self.label}: its columns are {columns}"
             )
         dataset = dataset.select_columns([cfg.text_field])
         if cfg.max_documents is not None:
@@ -242,16 +230,11 @@ def open_source(cfg: DataConfig, cache_root: Path) -> FileSource | HFSource:
     """The source named by data.source. Checks data.path and lists files; reads no contents."""
     if cfg.source == "stdlib":
         root = stdlib_root()
-        return FileSource(
-            "stdlib", f"data.source=stdlib ({root})", root, stdlib_files(), cfg.text_field
-        )
+        return FileSource("stdlib", f"data.source=stdlib ({root})", root, stdlib_files(), cfg.text_field)
     path = Path(cfg.path).expanduser()
     looks_local = cfg.path.startswith(("/", ".", "~")) or cfg.source == "files"
     if not path.exists() and looks_local:
-        raise ConfigError(
-            f"data.path={cfg.path} does not exist: "
-            "point it at a text file, a directory or a dataset"
-        )
+        raise ConfigError(f"data.path={cfg.path} does not exist: point it at a text file, a directory or a dataset")
     if cfg.source == "hf":
         return HFSource(cfg, cache_root)
     label = f"data.path={cfg.path}"

@@ -52,9 +52,7 @@ def sample_chain(transitions: np.ndarray, length: int, rng: np.random.Generator)
     return np.asarray(states, dtype=np.int64)
 
 
-def synthetic_stream(
-    vocab_size: int, length: int, concentration: float, seed: int
-) -> tuple[np.ndarray, float]:
+def synthetic_stream(vocab_size: int, length: int, concentration: float, seed: int) -> tuple[np.ndarray, float]:
     """The synthetic source: (tokens (length,), entropy rate in nats), both fixed by `seed`."""
     rng = np.random.default_rng([seed % 2**64, 0x5EED])
     transitions = markov_chain(vocab_size, concentration, rng)

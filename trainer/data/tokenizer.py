@@ -154,8 +154,7 @@ def load_hf_tokenizer(directory: str) -> HFTokenizer:
         backend, eos_id = _load_with_transformers(path, directory)
     if eos_id is None:
         raise ConfigError(
-            f"data.tokenizer={directory} names no end-of-text token: set eos_token in "
-            "its tokenizer_config.json"
+            f"data.tokenizer={directory} names no end-of-text token: set eos_token in its tokenizer_config.json"
         )
     return HFTokenizer(backend, eos_id, "hf")
 

@@ -25,9 +25,7 @@ from trainer.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
 # into parameter names; `param_group` drops them.
-WRAPPER_NAMES = frozenset(
-    "module _orig_mod _fsdp_wrapped_module _checkpoint_wrapped_module base_model model".split()
-)
+WRAPPER_NAMES = frozenset("module _orig_mod _fsdp_wrapped_module _checkpoint_wrapped_module base_model model".split())
 
 
 def bare_name(name: str) -> str:
@@ -113,7 +111,9 @@ def causal_attention(
         # argument and some of its versions also return the log-sum-exp.
         fa2 = flash_attn_func.__module__.startswith("flash_attn.")
         if not fa2 and dropout_p > 0:
-            raise ConfigError("model.attention_backend=flash_attn runs FA3 here, which has no dropout: set model.dropout=0")
+            raise ConfigError(
+                "model.attention_backend=flash_attn runs FA3 here, which has no dropout: set model.dropout=0"
+            )
         extra = {"dropout_p": dropout_p} if fa2 else {}
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **extra)
         y = y[0] if isinstance(y, tuple) else y
@@ -129,9 +129,7 @@ def causal_attention(
         gqa = False
     kernel = nullcontext() if backend == "auto" else sdpa_kernel(_SDPA_BACKENDS[backend])
     with kernel:
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa
-        )
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,9 +312,7 @@ class GPT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_parameter(
-        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None
-    ) -> None:
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Fill `tensor` in place with parameter `name`'s GPT-2 init: N(0, init_std) weights,
         zero biases, norms at one, and residual output projections (c_proj) at
         init_std / sqrt(2 n_layer) so the residual stream's variance does not grow with depth.
@@ -337,9 +333,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
 
-    def initial_weights(
-        self, seed: int, device: torch.device | str = "cpu"
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def initial_weights(self, seed: int, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         """(name, new full fp32 tensor on `device`) for each parameter, in named_parameters order,
         drawn from one torch.Generator(device) seeded with `seed`. Reads only names and shapes,
         so it serves a meta-built or sharded model: the values depend on seed and device type

@@ -31,14 +31,10 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 def _read_config_json(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path}: not a directory; expected a local Hugging Face checkpoint directory"
-        )
+        raise FileNotFoundError(f"{path}: not a directory; expected a local Hugging Face checkpoint directory")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{config_file} not found; expected a Hugging Face checkpoint with config.json"
-        )
+        raise FileNotFoundError(f"{config_file} not found; expected a Hugging Face checkpoint with config.json")
     return json.loads(config_file.read_text())
 
 
@@ -64,9 +60,7 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(
-                f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new"
-            )
+            raise ValueError(f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new")
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
             raise ValueError(f"{path}: GPT-2 attention-scaling variants are not supported")
         return ModelConfig(
@@ -88,18 +82,14 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     if model_type in LLAMA_TYPES:
         n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
         if hf.get("head_dim") not in (None, n_embd // n_head):
-            raise ValueError(
-                f"{path}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads; unsupported"
-            )
+            raise ValueError(f"{path}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads; unsupported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected silu")
         if hf.get("sliding_window") is not None:
             raise ValueError(f"{path}: sliding-window attention is not supported")
         attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
         if attention_bias != mlp_bias:
-            raise ValueError(
-                f"{path}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported"
-            )
+            raise ValueError(f"{path}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported")
         theta, scaling = _rope_from_hf(hf)
         return ModelConfig(
             name=name,
@@ -120,9 +110,7 @@ def load_hf_config(path: str | Path) -> ModelConfig:
             bias=bool(attention_bias),
             pretrained=str(path),
         )
-    raise ValueError(
-        f"{path}/config.json: model_type {model_type!r} unsupported; expected gpt2, llama or mistral"
-    )
+    raise ValueError(f"{path}/config.json: model_type {model_type!r} unsupported; expected gpt2, llama or mistral")
 
 
 def _arch(cfg: ModelConfig) -> str:
@@ -198,9 +186,7 @@ def _name_map(cfg: ModelConfig) -> Rows:
         for i in range(cfg.n_layer):
             p, h = f"blocks.{i}.", f"h.{i}."
             for ours, theirs in [("norm_1", "ln_1"), ("norm_2", "ln_2")]:
-                rows += [
-                    (f"{p}{ours}.{k}", [f"{h}{theirs}.{k}"], False) for k in ("weight", "bias")
-                ]
+                rows += [(f"{p}{ours}.{k}", [f"{h}{theirs}.{k}"], False) for k in ("weight", "bias")]
             for mod in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
                 rows += [(f"{p}{mod}.{k}", [f"{h}{mod}.{k}"], k == "weight") for k in kinds]
         rows += [(f"norm_f.{k}", [f"ln_f.{k}"], False) for k in ("weight", "bias")]
@@ -234,9 +220,7 @@ def _check_names(names: list[str], rows: Rows, cfg: ModelConfig) -> None:
     missing = [h for _, hs, _ in rows for h in hs if h not in present]
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors GPT needs, e.g. {missing[:3]}")
-    used = {h for _, hs, _ in rows for h in hs} | (
-        {"lm_head.weight"} if cfg.tie_embeddings else set()
-    )
+    used = {h for _, hs, _ in rows for h in hs} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
     unused = [k for k in names if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if unused:
         raise ValueError(f"checkpoint has {len(unused)} tensors GPT would drop, e.g. {unused[:3]}")
@@ -248,9 +232,7 @@ def _assemble(pieces: list[torch.Tensor], transpose: bool) -> torch.Tensor:
     return (t.t() if transpose else t).contiguous()
 
 
-def hf_to_trainer(
-    hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig
-) -> dict[str, torch.Tensor]:
+def hf_to_trainer(hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Rename (and fuse / transpose) HF tensors into GPT's state dict. Also maps gradients."""
     tensors = {k.removeprefix("transformer."): v for k, v in hf_tensors.items()}
     rows = _name_map(cfg)
@@ -334,9 +316,7 @@ def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str
     return _stream(files, rows, cfg.block_size)
 
 
-def _stream(
-    files: list[tuple[Path, list[str]]], rows: Rows, block_size: int
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(files: list[tuple[Path, list[str]]], rows: Rows, block_size: int) -> Iterator[tuple[str, torch.Tensor]]:
     row_of = {h: row for row in rows for h in row[1]}
     waiting: dict[str, torch.Tensor] = {}  # pieces read whose row still lacks one
     for file, stored in files:
@@ -356,9 +336,7 @@ def _stream(
 
 def _crop_positions(wpe: torch.Tensor, block_size: int) -> torch.Tensor:
     if block_size > wpe.size(0):
-        raise ValueError(
-            f"block_size={block_size} exceeds the checkpoint's {wpe.size(0)} positions"
-        )
+        raise ValueError(f"block_size={block_size} exceeds the checkpoint's {wpe.size(0)} positions")
     return wpe[:block_size].contiguous()
 
 
@@ -378,9 +356,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, **over
     return model
 
 
-def export_hf(
-    model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path, cfg: ModelConfig | None = None
-) -> None:
+def export_hf(model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path, cfg: ModelConfig | None = None) -> None:
     """Write config.json + model.safetensors that transformers' from_pretrained loads.
     model: a GPT, or a full (unsharded) state dict with cfg given."""
     from safetensors.torch import save_file

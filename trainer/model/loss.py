@@ -49,9 +49,7 @@ def linear_cross_entropy_sum(
     if chunk_size <= 0:
         raise ValueError(f"linear_cross_entropy_sum: chunk_size must be > 0, got {chunk_size}")
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree"
-        )
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -59,9 +57,7 @@ def linear_cross_entropy_sum(
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype)
-    loss, _, _ = _chunked_loss_and_grads(
-        hidden, weight, targets, chunk_size, compute_dtype, False, False
-    )
+    loss, _, _ = _chunked_loss_and_grads(hidden, weight, targets, chunk_size, compute_dtype, False, False)
     return loss
 
 
@@ -85,9 +81,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # gradient is not copied, unless this graph is kept for another backward
         # (retain_graph=True, gradcheck), which must find the stored gradients unscaled. The
         # query is private (AOTAutograd uses it for the same purpose); without it, copy.
-        keep_graph = getattr(
-            torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
-        )()
+        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True)()
         scale = torch.mul if keep_graph else torch.Tensor.mul_
         if grad_hidden is not None:
             grad_hidden = scale(grad_hidden, grad_output).to(ctx.hidden_dtype)
@@ -119,9 +113,7 @@ def _chunked_loss_and_grads(
         for start in range(0, h.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
             h_c = h[rows].to(compute_dtype)  # (n, C)
-            loss_c, dlogits = _chunk_loss_and_dlogits(
-                h_c, w, t[rows], acc_dtype, need_hidden or need_weight
-            )
+            loss_c, dlogits = _chunk_loss_and_dlogits(h_c, w, t[rows], acc_dtype, need_hidden or need_weight)
             loss += loss_c
             if need_hidden:
                 grad_h[rows] = dlogits @ w  # (n, C)

@@ -52,7 +52,9 @@ def init_distributed(timeout_s: float = 600.0, single: bool = False) -> None:
     else:
         backend = "gloo"
     dist.init_process_group(
-        backend=backend, timeout=timeout, **rendezvous,
+        backend=backend,
+        timeout=timeout,
+        **rendezvous,
         device_id=torch.device("cuda", env_local_rank()) if torch.cuda.is_available() else None,
     )
 
@@ -75,7 +77,10 @@ def _restart_scoped_store(timeout: datetime.timedelta) -> dist.Store | None:
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(), is_master=False,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env_world_size(),
+        is_master=False,
         timeout=timeout,
     )
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

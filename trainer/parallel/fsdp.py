@@ -38,9 +38,7 @@ class FSDP(TorchStrategy):
 
     name = "fsdp"
 
-    def __init__(
-        self, device: torch.device, rank: int, world_size: int, cfg: ParallelConfig, precision=None
-    ) -> None:
+    def __init__(self, device: torch.device, rank: int, world_size: int, cfg: ParallelConfig, precision=None) -> None:
         super().__init__(device, rank, world_size, precision)
         self.cfg = cfg
         shard = cfg.fsdp_shard_size or world_size

@@ -81,9 +81,7 @@ class DCPModelState(ModelState):
 
         self.write_info(directory)
         with _quiet_single_process():
-            return dcp.async_save(
-                self._state(), checkpoint_id=str(directory), no_dist=not _dist(), process_group=group
-            )
+            return dcp.async_save(self._state(), checkpoint_id=str(directory), no_dist=not _dist(), process_group=group)
 
     def load_tensors(self, directory: Path, saved_world_size: int) -> None:
         """Load what save wrote, resharded to this run's layout (collective)."""
