@@ -10,15 +10,13 @@ every parameter partitioned. This file is also that ZeRO-3 case's torchrun worke
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GPT2_LIKE, LLAMA_LIKE
+from helpers import GPT2_LIKE, LLAMA_LIKE, torchrun
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -218,18 +216,7 @@ def test_zero3_partitioned_untied_and_tied_heads_match_one_process(tmp_path):
     pytest.importorskip("deepspeed")
     out, ds_config = tmp_path / "zero3.pt", tmp_path / "ds.json"
     ds_config.write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        __file__,
-        str(out),
-        str(ds_config),
-    ]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = torchrun(__file__, str(out), str(ds_config), cwd=REPO)  # OMP_NUM_THREADS=1
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(out, weights_only=True)
     threads = torch.get_num_threads()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_weights
+from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_weights, step_dir_name
 from trainer.config import Config, ModelConfig, check_run, resolve_model_config
 from trainer.data import Data, Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
@@ -247,7 +247,7 @@ def save(run: Run) -> Path:
 def finish(run: Run) -> None:
     """The end: a checkpoint of the last step, consolidated weights, a sample, where everything is."""
     latest = run.checkpointer.store.latest()
-    if latest is None or latest.name != run.checkpointer.store.paths(run.state.step)[1].name:
+    if latest is None or latest.name != step_dir_name(run.state.step):
         save(run)
     run.checkpointer.wait()  # collective: commit a checkpoint still being written in the background
     weights = run.strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0

@@ -118,9 +118,11 @@ def train_step(
         before = strategy.snapshot_params()
         clock.lap("snapshot")
     lr = strategy.lr()
-    stepped = False if drop else strategy.clip_and_step(grad_norm, clip_grad_norm)
-    if drop:
+    if drop:  # a spike under skip / rollback: weights, optimizer state and schedule stay
         strategy.skip_step()
+        stepped = False
+    else:
+        stepped = strategy.clip_and_step(grad_norm, clip_grad_norm)
     clock.lap("clip_and_step")
     result = StepResult(
         loss=loss, grad_norm=norm, target_tokens=int(targets), lr=lr, stepped=stepped,
