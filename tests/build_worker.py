@@ -17,6 +17,7 @@ import sys
 from helpers import build
 
 from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
+from trainer.model.build import build_model
 
 # 8 x 12 x 1600^2 + 8192 x 1600 (tied embedding) + positions: 259M parameters, 1.04 GB in fp32.
 BIG = ModelConfig(vocab_size=8192, block_size=128, n_layer=8, n_head=16, n_embd=1600, bias=False)
@@ -37,7 +38,7 @@ if __name__ == "__main__":
     before = peak_rss()
     strategy = build(config(strategy_name, BIG))
     after = peak_rss()
-    size = sum(p.numel() for p in strategy.unwrapped().parameters()) * 4  # global shapes, fp32
+    size = sum(p.numel() for p in build_model(BIG, seed=0)[0].parameters()) * 4  # fp32, on the meta device
     import torch.distributed as dist
 
     rows = [None] * strategy.world_size

@@ -22,7 +22,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -268,11 +268,21 @@ class SingleDevice(TorchStrategy):
         return model
 
 
-def materialize(model: nn.Module, weights: WeightSource, device: torch.device) -> None:
-    """Give a meta-device model (sharded or not) storage on `device`, then copy each full tensor
-    that `weights` yields into this rank's part of its parameter. One full tensor at a time: no
-    rank ever holds more of the model than its own shards plus one parameter."""
-    model.to_empty(device=device)
+def materialize(
+    model: nn.Module,
+    weights: WeightSource,
+    device: torch.device,
+    place: Callable[[nn.Parameter, torch.Tensor], None] | None = None,
+) -> None:
+    """Fill a meta-device model (sharded or not) from `weights`, one full tensor at a time: no
+    rank ever holds more of the model than its own part plus one parameter.
+
+    By default the model gets its (possibly sharded) storage on `device` first, and each full
+    tensor is copied into this rank's part of its parameter; `place(param, full)` replaces that
+    step (ZeRO-3 fills a parameter and partitions it at once)."""
+    if place is None:
+        model.to_empty(device=device)
+        place = _copy_into_local_part
     params = {bare_name(name): p for name, p in model.named_parameters()}
     filled = set()
     with torch.no_grad():
@@ -280,12 +290,15 @@ def materialize(model: nn.Module, weights: WeightSource, device: torch.device) -
             name = bare_name(name)
             if name not in params:
                 raise ValueError(f"initial weights name {name!r}, which the model does not have")
-            param = params[name]
-            local(param).copy_(shard_of(full, param))
+            place(params[name], full)
             filled.add(name)
     missing = sorted(params.keys() - filled)
     if missing:
         raise ValueError(f"initial weights lack {len(missing)} parameters, e.g. {missing[:3]}")
+
+
+def _copy_into_local_part(param: nn.Parameter, full: torch.Tensor) -> None:
+    local(param).copy_(shard_of(full, param))
 
 
 def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

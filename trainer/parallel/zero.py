@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +108,9 @@ def merged_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 class DeepSpeedZero(Strategy):
     """`parallel=zero1|zero2|zero3` through deepspeed.initialize.
 
-    The model arrives on the meta device and is materialised whole on each rank before
-    deepspeed.initialize partitions it (ZeRO-3 included): for a model that does not fit one
-    rank's memory whole, use parallel=fsdp, which shards before it allocates.
+    The model arrives on the meta device. zero1/2 keep whole parameters on every rank, so it is
+    materialised whole; under zero3 each parameter is partitioned as soon as it is filled, so no
+    rank ever holds the whole model.
     """
 
     can_skip_step = False  # DeepSpeed reduces and steps inside engine.step(): a step cannot be dropped
@@ -130,8 +130,15 @@ class DeepSpeedZero(Strategy):
     def setup(self, model: nn.Module, weights: WeightSource, optim_cfg: OptimConfig, max_steps: int) -> None:
         import deepspeed
 
-        materialize(model, weights, self.device)
-        optimizer = build_optimizer(model, optim_cfg)
+        if self.stage == 3:  # partitioned as it is filled: no rank holds the whole model
+            optimizer = build_optimizer(
+                model, optim_cfg
+            )  # grouped by the meta shapes; filling keeps each parameter object
+            deepspeed.init_distributed(dist_backend=None, dist_init_required=False)  # zero.Init reads the ranks from it
+            materialize(model, weights, self.device, place=fill_and_partition(self.ds_config, self.device))
+        else:
+            materialize(model, weights, self.device)
+            optimizer = build_optimizer(model, optim_cfg)
         self.names = {p: bare_name(n) for n, p in model.named_parameters()}
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
@@ -228,6 +235,22 @@ class DeepSpeedZero(Strategy):
             if self.rank == 0:
                 state[bare_name(name)] = full.detach().cpu().clone()
         return state
+
+
+def fill_and_partition(ds_config: dict[str, Any], device: torch.device) -> Callable[[nn.Parameter, torch.Tensor], None]:
+    """ZeRO-3's way to fill a parameter: the full tensor goes into the (meta) parameter object in
+    place, then DeepSpeed's zero.Init partitions that one parameter over the ranks (it keeps this
+    rank's slice and drops the rest), as it would for a model built inside its context."""
+    import deepspeed
+
+    def place(param: nn.Parameter, full: torch.Tensor) -> None:
+        filled = nn.Parameter(full.to(device=device, dtype=torch.float32), requires_grad=param.requires_grad)
+        torch.utils.swap_tensors(param, filled)  # the same object: the model and optimizer keep it
+        holder = nn.Module()
+        holder.register_parameter("param", param)
+        deepspeed.zero.Init(module=holder, config_dict_or_path=ds_config)  # collective: partitions it
+
+    return place
 
 
 class DeepSpeedModelState(ModelState):
