@@ -21,6 +21,7 @@ from trainer.config import (
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
+    resolve_model_config,
 )
 
 # No biases: the key projection's bias has an exactly zero true gradient (softmax ignores a
@@ -63,9 +64,19 @@ def one_step(strategy_name: str) -> dict:
     return step_once(build(cfg), x, y, MICRO, CLIP)
 
 
+def pretrained(strategy_name: str, path: str) -> dict:
+    """The whole model's weights after building it from a local Hugging Face checkpoint."""
+    cfg = config(strategy_name)
+    cfg.model = resolve_model_config(ModelConfig(pretrained=path), tokenizer_vocab=1)
+    return {"weights": build(cfg).full_state_dict()}
+
+
 if __name__ == "__main__":
     out, names = sys.argv[1], sys.argv[2:]
-    results = {name: one_step(name) for name in names}
+    if names[0] == "--pretrained":  # OUT.pt --pretrained DIR STRATEGY...
+        results = {name: pretrained(name, names[1]) for name in names[2:]}
+    else:
+        results = {name: one_step(name) for name in names}
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -177,3 +177,27 @@ def test_fsdp_builds_a_model_without_holding_it_whole(tmp_path: Path) -> None:
             f"rank {row['rank']}: {growth / 1e9:.2f} GB for a {row['size'] / 1e9:.2f} GB model"
         )
         assert growth > 0.4 * row["size"]  # its own half really was allocated and filled
+
+
+@pytest.mark.heavy
+def test_a_sharded_pretrained_checkpoint_loads_into_every_sharding(tmp_path: Path) -> None:
+    """A Llama checkpoint in >= 3 safetensors shards, streamed into the meta-built model that FSDP2
+    or ZeRO-3 has sharded (each rank keeps its part of every tensor): gathered whole again, the
+    weights are the checkpoint's, renamed and fused as hf_to_trainer does."""
+    from helpers import hf_llama
+
+    from trainer.model import load_hf_config
+    from trainer.model.hf_import import hf_to_trainer, read_hf_tensors
+
+    path = tmp_path / "llama"
+    hf_llama(vocab_size=96).save_pretrained(path, max_shard_size="40KB")
+    assert len(list(path.glob("*.safetensors"))) >= 3
+    out = tmp_path / "weights.pt"
+    names = ["fsdp", "zero3"] if importlib.util.find_spec("deepspeed") else ["fsdp"]
+    result = torchrun(str(REPO / "tests" / "dist_worker.py"), str(out), "--pretrained", str(path), *names, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    want = hf_to_trainer(read_hf_tensors(path), load_hf_config(path))
+    for name, got in torch.load(out, weights_only=True).items():
+        assert got["weights"].keys() == want.keys(), name
+        for key, tensor in want.items():
+            assert torch.equal(got["weights"][key], tensor.float()), (name, key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,3 +212,27 @@ def test_without_deepspeed_everything_else_runs_and_zero_says_what_to_install(tm
         'error: parallel=zero2 needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)'
     ]
     assert not (tmp_path / "zero2").exists()
+
+
+@pytest.mark.heavy
+def test_a_pretrained_run_builds_the_resolved_model(hf_checkpoints: dict[str, str], tmp_path: Path) -> None:
+    """`python -m trainer model.pretrained=DIR`: the checkpoint's architecture, with the overridable
+    keys applied (model.loss_chunk_size used to be dropped silently), is the model that trains."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        "experiment=synthetic", "logger.wandb=false", "train.sample_tokens=0", "train.seq_len=32", "train.max_steps=2",
+        f"model.pretrained={hf_checkpoints['llama']}", "model.loss_chunk_size=8", "model.block_size=48",
+        f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "trainer", *overrides], cwd=tmp_path, env=env(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads((run_dir / "checkpoints" / "step_00000002" / "model" / "info.json").read_text())["model_config"]
+    assert (model["loss_chunk_size"], model["block_size"]) == (8, 48)  # overrides taken
+    assert (model["n_layer"], model["n_embd"], model["n_kv_head"], model["vocab_size"]) == (
+        2,
+        32,
+        2,
+        96,
+    )  # the checkpoint's
+    assert all(math.isfinite(row["loss"]) for row in read_metrics(run_dir))
