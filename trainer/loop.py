@@ -58,6 +58,10 @@ class Run:
     def global_batch(self) -> int:
         return self.cfg.train.micro_batch_size * self.accum * self.strategy.world_size
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.cfg.train.seq_len
+
     def parts(self, with_data: bool = True) -> dict[str, Any]:
         """The named Stateful parts of a checkpoint, the model first (it checks the checkpoint fits
         before anything changes). A rollback leaves out the sampler: the data moves on."""
@@ -98,9 +102,9 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
         )  # fmt: skip
-        state.record(run.global_batch * tc.seq_len, result.target_tokens, result.stepped, result.non_finite)
+        state.record(run.tokens_per_step, result.target_tokens, result.stepped, result.non_finite)
         check_skips(run)
-        meter.add(run.global_batch * tc.seq_len, data_s, result.timings)
+        meter.add(run.tokens_per_step, data_s, result.timings)
         logged = log_step(run, result, meter) if should_log(run, result) else None
         metrics = logged or metrics
         run.loggers.advance(1, loss=result.loss)
@@ -142,7 +146,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         f"({unwrapped.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings) | parallel={strategy.name} "
         f"on {strategy.world_size} rank(s), device {strategy.device}, {cfg.precision.dtype} | global batch "
         f"{run.global_batch} sequences = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
-        f"ranks = {run.global_batch * tc.seq_len:,} tokens/step"
+        f"ranks = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
     )
     return run
@@ -208,8 +212,8 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> dict[str, Any]:
         "target_tokens": state.target_tokens, "global_batch": run.global_batch, "skipped_steps": state.skipped_steps,
         "spike/count": run.spikes.count, **meter.metrics(), "memory/peak_gb": peak_memory_gb(strategy.device),
     }  # fmt: skip
-    if strategy.loss_scale() is not None:
-        metrics["loss_scale"] = strategy.loss_scale()
+    if (scale := strategy.loss_scale()) is not None:
+        metrics["loss_scale"] = scale
     if result.spiked:
         metrics.update(result.spike, **{"spike/action": cfg.monitor.spike.action})
         run.loggers.alert(f"spike at step {state.step}", json.dumps(result.spike))
