@@ -1,8 +1,11 @@
-"""Parity with transformers: tiny random GPT-2 / Llama checkpoints imported into GPT give the same
-logits and the same gradient for every parameter; export_hf round-trips through transformers."""
+"""Parity with transformers: tiny random GPT-2 / Llama / Mistral / Qwen2 checkpoints imported into GPT
+give the same logits and the same gradient for every parameter (also for packed documents, each
+against transformers on that document alone); export_hf round-trips through transformers as the
+same architecture; a sliding window shorter than the context is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,10 +14,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import hf_gpt2, hf_llama  # noqa: E402
+from helpers import hf_gpt2, hf_llama, hf_mistral, hf_qwen2  # noqa: E402
 
-from trainer.config import ModelConfig  # noqa: E402
+from trainer.config import ConfigError, ModelConfig, resolve_model_config  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
+from trainer.model.gpt import rope_inv_freq  # noqa: E402
 from trainer.model.hf_import import hf_to_trainer, pretrained_weights, read_hf_tensors  # noqa: E402
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
 
@@ -26,7 +30,7 @@ LLAMA3_SCALING = {
     "factor": 8.0,
     "low_freq_factor": 1.0,
     "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,  # small, so all three frequency bands occur (hd 16)
+    "original_max_position_embeddings": 40,  # at head size 16 and theta 5e5: one band each of high, medium, low
 }
 
 CASES = {
@@ -36,7 +40,11 @@ CASES = {
     "llama-gqa-tied": lambda: hf_llama(tie=True),
     "llama3-rope-scaling": lambda: hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)),
     "llama-bias": lambda: hf_llama(attention_bias=True, mlp_bias=True),
-    "mistral": lambda: hf_llama(cls=(transformers.MistralConfig, transformers.MistralForCausalLM), sliding_window=None),
+    "mistral": lambda: hf_mistral(sliding_window=None),
+    "mistral-window-covers-context": lambda: hf_mistral(sliding_window=32),  # = max_position_embeddings
+    "qwen2": lambda: hf_qwen2(),
+    "qwen2-tied-llama3": lambda: hf_qwen2(tie=True, rope_scaling=dict(LLAMA3_SCALING)),
+    "qwen2-window-in-no-layer": lambda: hf_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=2),
 }
 
 
@@ -84,7 +92,73 @@ def assert_parity(ours: GPT, theirs, cfg: ModelConfig) -> None:
 def test_logits_and_gradients_match_transformers(case, tmp_path):
     save_random(CASES[case](), tmp_path)
     cfg = load_hf_config(tmp_path)
-    assert_parity(load_pretrained(tmp_path), load_reference(tmp_path), cfg)
+    reference = load_reference(tmp_path)
+    assert cfg.hf_model_type == reference.config.model_type
+    assert_parity(load_pretrained(tmp_path), reference, cfg)
+
+
+def test_llama3_scaling_changes_the_tiny_model():
+    """The llama3 cases test all of it: at head size 16 the scaling keeps the highest frequency,
+    blends the next and slows the rest by `factor`."""
+    plain = rope_inv_freq(16, 500000.0, None)
+    scaled = rope_inv_freq(16, 500000.0, LLAMA3_SCALING)
+    ratio = (plain / scaled).tolist()
+    assert ratio[0] == 1.0 and 1.5 < ratio[1] < 7.5 and ratio[2:] == pytest.approx([8.0] * 6)
+
+
+def test_llama3_scaling_changes_transformers_logits(tmp_path):
+    """Without it the reference's logits move far beyond the parity tolerance."""
+    save_random(hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)), tmp_path / "scaled")
+    save_random(hf_llama(rope_theta=500000.0), tmp_path / "plain")
+    idx, _ = batch()
+    with torch.no_grad():
+        gap = load_reference(tmp_path / "scaled")(idx).logits - load_reference(tmp_path / "plain")(idx).logits
+    assert gap.abs().max() > 1e-3
+
+
+PACKED_CASES = ["gpt2", "llama3-rope-scaling", "qwen2"]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES)
+def test_packed_documents_match_transformers_on_each_document(case, tmp_path):
+    """Three documents in one row with positions reset at each: logits equal transformers' on
+    each document alone, and the packed loss's gradients the sum of the documents'."""
+    save_random(CASES[case](), tmp_path)
+    cfg, ours, theirs = load_hf_config(tmp_path), load_pretrained(tmp_path).eval(), load_reference(tmp_path)
+    idx, targets = batch()
+    lengths = [5, 4, 3]  # = T
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].expand(3, T)  # (3, T)
+    packed = ours(idx, positions=positions)
+    cross_entropy_sum(packed, targets).backward()
+    for doc_idx, doc_targets, start in zip(idx.split(lengths, 1), targets.split(lengths, 1), (0, 5, 9), strict=True):
+        alone = theirs(doc_idx).logits
+        torch.testing.assert_close(packed[:, start : start + doc_idx.size(1)], alone, rtol=0, atol=1e-5)
+        cross_entropy_sum(alone, doc_targets).backward()  # accumulates over the documents
+    ref_grads = hf_to_trainer({n: p.grad for n, p in theirs.named_parameters()}, cfg)
+    for name, p in ours.named_parameters():
+        scale = max(1.0, ref_grads[name].abs().max().item())
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def test_sliding_window_shorter_than_the_context_is_refused(tmp_path):
+    """Mistral's window (and Qwen2's, where use_sliding_window turns it on in some layer) must
+    cover block_size; a lower model.block_size makes the checkpoint usable, with parity."""
+    save_random(hf_mistral(sliding_window=16), tmp_path / "mistral")
+    save_random(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1), tmp_path / "qwen2")
+    save_random(hf_qwen2(use_sliding_window=False, sliding_window=16), tmp_path / "qwen2-off")
+    assert load_hf_config(tmp_path / "qwen2-off").sliding_window is None
+    for name in ("mistral", "qwen2"):
+        path = tmp_path / name
+        assert load_hf_config(path).sliding_window == 16
+        fix = "set model.block_size=16 or less"
+        with pytest.raises(ConfigError, match=rf"model.block_size=32 exceeds the sliding window .*: {fix}$"):
+            load_pretrained(path)
+        with pytest.raises(ConfigError, match=fix):
+            resolve_model_config(ModelConfig(pretrained=str(path)), tokenizer_vocab=VOCAB)
+        resolved = resolve_model_config(ModelConfig(pretrained=str(path), block_size=16), tokenizer_vocab=VOCAB)
+        assert resolved.block_size == 16 and resolved.sliding_window == 16
+        cropped = load_pretrained(path, block_size=16)  # T = 12 tokens lie within the window
+        assert_parity(cropped, load_reference(path), resolved)
 
 
 def test_config_fields(tmp_path):
@@ -108,6 +182,7 @@ def test_config_fields(tmp_path):
         tie_embeddings=True,
         bias=False,
         pretrained=str(tmp_path / "llama"),
+        hf_model_type="llama",
     )
     assert load_hf_config(tmp_path / "llama") == expected
     # transformers<5 wrote rope_theta and rope_scaling (older: "type") at the top level
@@ -130,7 +205,20 @@ def test_config_fields(tmp_path):
         intermediate_size=256,
         norm_eps=1e-6,
         pretrained=str(tmp_path / "gpt2"),
+        hf_model_type="gpt2",
     )  # the defaults are GPT-2's layout: layernorm, gelu, learned positions, biases, tied
+
+    # Qwen2 and Mistral: Llama's fields (as `expected`), plus what sets them apart
+    save_random(hf_qwen2(tie=True, rope_theta=1e6), tmp_path / "qwen2")
+    assert load_hf_config(tmp_path / "qwen2") == dataclasses.replace(
+        expected, name="qwen2", pretrained=str(tmp_path / "qwen2"), hf_model_type="qwen2", rope_theta=1e6,
+        rope_scaling=None, qkv_bias=True,  # q / k / v biases, no other
+    )  # fmt: skip
+    save_random(hf_mistral(), tmp_path / "mistral")
+    assert load_hf_config(tmp_path / "mistral") == dataclasses.replace(
+        expected, name="mistral", pretrained=str(tmp_path / "mistral"), hf_model_type="mistral", rope_theta=10000.0,
+        rope_scaling=None, tie_embeddings=False, sliding_window=4096,  # MistralConfig's default window
+    )  # fmt: skip
 
 
 def test_sharded_safetensors_and_pytorch_bin(tmp_path):
@@ -173,15 +261,17 @@ def to_pytorch_bin(path) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied"])
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied", "qwen2"])
 def test_pretrained_weights_stream_what_hf_to_trainer_builds(case, fmt, tmp_path):
     weight_map = save_sharded(CASES[case](), tmp_path, "30KB")
     if fmt == "bin":
         to_pytorch_bin(tmp_path)
     cfg = load_hf_config(tmp_path)
-    if case.startswith("llama"):  # 30KB puts q, k of a layer in one shard and v in the next
+    if case != "gpt2":  # 30KB puts q, k of a layer in one shard and v in the next (Qwen2: their biases too)
+        kinds = ("weight", "bias") if case == "qwen2" else ("weight",)
         shards_of_qkv = [
-            {weight_map[f"model.layers.{i}.self_attn.{x}_proj.weight"] for x in "qkv"} for i in range(cfg.n_layer)
+            {weight_map[f"model.layers.{i}.self_attn.{x}_proj.{k}"] for x in "qkv" for k in kinds}
+            for i in range(cfg.n_layer)
         ]
         assert any(len(shards) > 1 for shards in shards_of_qkv)
     else:  # GPT-2 keys carry transformer., the tied head is not stored
@@ -272,6 +362,18 @@ EXPORT_CASES = {
         LLAMA_EXPORT, n_kv_head=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
     ),
     "llama-untied": dict(LLAMA_EXPORT, n_kv_head=1, tie_embeddings=False),
+    "qwen2": dict(LLAMA_EXPORT, n_kv_head=2, qkv_bias=True, hf_model_type="qwen2"),
+    "qwen2-inferred": dict(LLAMA_EXPORT, n_kv_head=2, qkv_bias=True, tie_embeddings=False),
+    "mistral": dict(LLAMA_EXPORT, n_kv_head=2, tie_embeddings=False, hf_model_type="mistral"),
+}
+EXPORT_CLASSES = {
+    "gpt2": "GPT2LMHeadModel",
+    "gpt2-untied": "GPT2LMHeadModel",
+    "llama3-tied": "LlamaForCausalLM",
+    "llama-untied": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2-inferred": "Qwen2ForCausalLM",  # no hf_model_type: the layout (q / k / v biases only) decides
+    "mistral": "MistralForCausalLM",
 }
 
 
@@ -284,13 +386,37 @@ def test_export_round_trip(case, tmp_path):
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     export_hf(model, tmp_path)
-    assert_parity(model, load_reference(tmp_path), cfg)  # transformers reads what we wrote
+    reference = load_reference(tmp_path)
+    assert type(reference).__name__ == EXPORT_CLASSES[case]
+    assert_parity(model, reference, cfg)  # transformers reads what we wrote
     back = load_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("case", ["qwen2-tied-llama3", "mistral-window-covers-context", "llama-gqa-tied"])
+def test_a_checkpoint_exports_back_to_its_own_architecture(case, tmp_path):
+    """transformers checkpoint -> GPT -> export_hf -> transformers: the same class, the same logits."""
+    original = save_random(CASES[case](), tmp_path / "in").eval()
+    export_hf(load_pretrained(tmp_path / "in"), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    back = load_reference(tmp_path / "out")
+    assert type(back) is type(original) and written["architectures"] == [type(original).__name__]
+    assert written.get("sliding_window") is None  # GPT attends to the whole (shorter) context
+    idx, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, original(idx).logits, rtol=0, atol=1e-5)
 
 
 def test_export_rejects_layouts_without_hf_equivalent(tmp_path):
     model = GPT(ModelConfig(vocab_size=VOCAB, position="rope", norm="layernorm"))
     with pytest.raises(ValueError, match="matches no Hugging Face layout"):
         export_hf(model, tmp_path)
+    for kwargs, model_type in [
+        (GPT2_EXPORT, "qwen2"),
+        (LLAMA_EXPORT, "gpt2"),
+        (dict(LLAMA_EXPORT, bias=True), "mistral"),
+    ]:
+        model = GPT(ModelConfig(**kwargs, hf_model_type=model_type))
+        with pytest.raises(ValueError, match=f"which hf_model_type={model_type} cannot hold"):
+            export_hf(model, tmp_path)

@@ -1,6 +1,7 @@
-"""The model: GPT (GPT-2 / Llama layouts), parameter groups, HF import / export, and the loss."""
+"""The model: GPT (GPT-2 / Llama / Mistral / Qwen2 layouts), attention, parameter groups, HF import / export, the loss."""
 
-from trainer.model.gpt import GPT, check_attention_backend, param_group
+from trainer.model.attention import check_attention_backend
+from trainer.model.gpt import GPT, param_group
 from trainer.model.hf_import import export_hf, load_hf_config, load_pretrained, pretrained_weights
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
 

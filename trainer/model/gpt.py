@@ -1,26 +1,24 @@
-"""GPT: one decoder-only transformer class covering the GPT-2 and Llama layouts.
+"""GPT: one decoder-only transformer class covering the GPT-2 and Llama (Mistral, Qwen2) layouts.
 
 Pre-norm blocks, `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))`. ModelConfig picks
 LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, multi-head or grouped-query
-attention, a tied or untied head. Parameter names group by layer (see `param_group`), and
-`GPT.blocks` is exposed so strategies can shard and checkpoint one block at a time.
-Nothing here knows about ranks, precision policy or logging.
+attention, q / k / v biases, a tied or untied head. forward takes optional per-token positions
+(packed documents attend only within themselves); generate keeps a KV cache. Parameter names
+group by layer (see `param_group`), and `GPT.blocks` is exposed so strategies can shard and
+checkpoint one block at a time. Nothing here knows about ranks, precision policy or logging.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from collections.abc import Iterator
-from contextlib import nullcontext
-from functools import cache
+from collections.abc import Collection, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.config import ConfigError, ModelConfig
+from trainer.config import ModelConfig
+from trainer.model.attention import KVCache, LayerCache, causal_attention, document_mask
 from trainer.model.loss import cross_entropy_sum, linear_cross_entropy_sum
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
@@ -48,94 +46,9 @@ def param_group(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention
-
-
-@cache
-def _flash_attn_available() -> bool:
-    return any(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn"))
-
-
-def _flash_attn_func():
-    """Dao's kernel: FA3 (flash_attn_interface, Hopper) when installed and on a Hopper GPU, else FA2."""
-    if importlib.util.find_spec("flash_attn_interface") is not None and torch.cuda.get_device_capability()[0] >= 9:
-        from flash_attn_interface import flash_attn_func
-
-        return flash_attn_func
-    from flash_attn import flash_attn_func
-
-    return flash_attn_func
-
-
-def check_attention_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise ConfigError (one line) when `model.attention_backend` cannot run on device/dtype."""
-    device = torch.device(device)
-    half = dtype in (torch.float16, torch.bfloat16)
-    if backend in ("flash", "efficient", "flash_attn") and device.type != "cuda":
-        raise ConfigError(
-            f"model.attention_backend={backend} needs a CUDA device, got {device.type}: "
-            "use model.attention_backend=auto or math"
-        )
-    if backend in ("flash", "flash_attn") and not half:
-        raise ConfigError(
-            f"model.attention_backend={backend} needs fp16 or bf16, got {dtype}: "
-            "use precision bf16/fp16 or model.attention_backend=auto / efficient / math"
-        )
-    if backend == "flash_attn" and not _flash_attn_available():
-        raise ConfigError(
-            "model.attention_backend=flash_attn needs the flash-attn package (pip install flash-attn): "
-            "or use model.attention_backend=flash"
-        )
-
-
-_SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto", dropout_p: float = 0.0
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd) + causal mask) v.
-
-    q: (B, nh, T, hd); k, v: (B, nkv, T, hd) with nkv dividing nh (query head h reads kv head
-    h // (nh / nkv), the Llama / repeat_interleave convention). Returns (B, nh, T, hd).
-    """
-    if backend != "auto":
-        check_attention_backend(backend, q.device, q.dtype)
-    if backend == "flash_attn":
-        flash_attn_func = _flash_attn_func()  # optional dependency, checked above
-        # Dao's kernel takes (B, T, nh, hd) and handles nkv < nh itself. FA3 has no dropout
-        # argument and some of its versions also return the log-sum-exp.
-        fa2 = flash_attn_func.__module__.startswith("flash_attn.")
-        if not fa2 and dropout_p > 0:
-            raise ConfigError(
-                "model.attention_backend=flash_attn runs FA3 here, which has no dropout: set model.dropout=0"
-            )
-        extra = {"dropout_p": dropout_p} if fa2 else {}
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **extra)
-        y = y[0] if isinstance(y, tuple) else y
-        return y.transpose(1, 2)
-    gqa = k.size(1) != q.size(1)
-    # SDPA's enable_gqa runs on the flash and math kernels only; elsewhere expand k, v to nh heads.
-    native_gqa = backend in ("flash", "math") or (
-        backend == "auto" and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16))
-    )
-    if gqa and not native_gqa:
-        repeat = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        gqa = False
-    kernel = nullcontext() if backend == "auto" else sdpa_kernel(_SDPA_BACKENDS[backend])
-    with kernel:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-
-
-# ---------------------------------------------------------------------------------------------
 # Rotary position embedding (HF Llama's rotate_half layout, so Llama weights import unpermuted)
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin tables, each (T, head_dim), fp32
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin tables, each (T, head_dim) or (B, 1, T, head_dim), fp32
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
@@ -160,17 +73,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> Rope:
-    """cos, sin tables (T, hd) in fp32. Recomputed per forward: a few tiny kernels, and no
-    buffers to lose when a model is built on the meta device."""
-    inv_freq = rope_inv_freq(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, device)
-    freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+def rope_at(cfg: ModelConfig, positions: torch.Tensor) -> Rope:
+    """cos, sin tables in fp32 for positions (T,) -> (T, hd), or per row (B, T) -> (B, 1, T, hd),
+    which broadcasts over heads. Recomputed per forward: a few tiny kernels, and no buffers to
+    lose when a model is built on the meta device."""
+    inv_freq = rope_inv_freq(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
+    if positions.dim() == 2:
+        emb = emb[:, None]  # (B, 1, T, hd)
     return emb.cos(), emb.sin()
 
 
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> Rope:
+    """cos, sin tables (T, hd) for positions 0 .. seq_len - 1."""
+    return rope_at(cfg, torch.arange(seq_len, device=device))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, h, T, hd) by the position tables (T, hd): x cos + rotate_half(x) sin."""
+    """Rotate x (B, h, T, hd) by the position tables (T, hd) or (B, 1, T, hd): x cos + rotate_half(x) sin."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -204,6 +125,11 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+def has_qkv_bias(cfg: ModelConfig) -> bool:
+    """Whether the q / k / v projection has biases: model.qkv_bias, or model.bias when that is null."""
+    return cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+
+
 class Attention(nn.Module):
     """Causal self-attention with a fused [q | k | v] projection and optional GQA / RoPE."""
 
@@ -215,11 +141,19 @@ class Attention(nn.Module):
         self.backend = cfg.attention_backend
         self.dropout = cfg.dropout
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
-        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias)
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=has_qkv_bias(cfg))
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). mask: (B, 1, T, T) packed documents (see document_mask);
+        cache: this layer's keys and values of earlier tokens, extended with these."""
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -228,8 +162,10 @@ class Attention(nn.Module):
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached tokens', then these
         dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.backend, dropout_p)  # (B, nh, T, hd)
+        y = causal_attention(q, k, v, self.backend, dropout_p, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -265,8 +201,14 @@ class Block(nn.Module):
         self.norm_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        mask: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), rope, mask, cache)
         x = x + self.mlp(self.norm_2(x))
         return x
 
@@ -280,11 +222,13 @@ class Embedding(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> (B, T, C); positions: (T,) or (B, T), default 0 .. T - 1."""
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            positions = torch.arange(idx.size(1), device=idx.device)  # (T,)
-            x = x + self.wpe(positions)  # (T, C), broadcast over B
+            if positions is None:
+                positions = torch.arange(idx.size(1), device=idx.device)  # (T,)
+            x = x + self.wpe(positions)  # (T, C) broadcast over B, or (B, T, C)
         return self.dropout(x)
 
 
@@ -300,6 +244,7 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("GPT needs model.vocab_size: resolve it from the tokenizer first")
+        cfg.check_context()  # a checkpoint's sliding window must cover the context
         self.cfg = cfg
         self.embed = Embedding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -344,14 +289,25 @@ class GPT(nn.Module):
             self.init_parameter(name, tensor, generator)
             yield bare_name(name), tensor
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        x = self.embed(idx)  # (B, T, C)
-        rope = rope_cos_sin(self.cfg, T, idx.device) if self.cfg.position == "rope" else None
-        for block in self.blocks:
-            x = block(x, rope)  # (B, T, C)
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab), or with targets (B, T) the summed token loss.
+
+        positions: optional int64 (B, T), each token's position in its own document, 0 where
+        one starts (packed rows): RoPE / learned positions read them, and attention stays causal
+        within each document. cache: generation's KVCache; idx continues the tokens it holds.
+        """
+        positions, mask = self._positions_and_mask(idx, positions, cache)
+        x = self.embed(idx, positions)  # (B, T, C)
+        rope = rope_at(self.cfg, positions) if self.cfg.position == "rope" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, None if cache is None else cache.layers[i])  # (B, T, C)
         x = self.norm_f(x)
         if targets is not None and self.cfg.loss_chunk_size > 0:
             # Head and loss fused over chunks of tokens: no (B, T, vocab) logits. The weight is
@@ -366,6 +322,22 @@ class GPT(nn.Module):
             return logits
         return cross_entropy_sum(logits, targets)
 
+    def _positions_and_mask(
+        self, idx: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positions the embeddings read, and the attention mask: (T,) after the cached tokens
+        and None (plain causal) without `positions`; else positions (B, T) and causal-within-each-
+        document (B, 1, T, T)."""
+        T = idx.size(1)
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds model.block_size={self.cfg.block_size}")
+        if positions is None:
+            return torch.arange(start, start + T, device=idx.device), None  # (T,), the same for every row
+        if positions.shape != idx.shape or cache is not None:
+            raise ValueError(f"positions {tuple(positions.shape)} must match idx {tuple(idx.shape)}, without a cache")
+        return positions, document_mask(positions)
+
     @torch.no_grad()
     def generate(
         self,
@@ -374,22 +346,39 @@ class GPT(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        eos_id: int | Collection[int] | None = None,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 means greedy.
-        No KV cache: each step reruns the (cropped) context, which is fine for samples."""
+        """Append up to max_new_tokens tokens to idx (B, T), each drawn from softmax(logits /
+        temperature) over the top_k likeliest (temperature 0: greedy).
+
+        eos_id: a token id (or ids) that ends a row; a finished row repeats its eos, and
+        generation stops once every row has one (one row: the ids end with its eos).
+        use_cache: keep every layer's keys and values (KVCache), so a step runs one token; once
+        the context fills block_size, each step reruns the cropped context, as without the cache.
+        Every step goes through forward, where sharding wrappers gather the weights.
+        """
+        stop = None  # (n_eos,) the ids that end a row
+        if eos_id is not None:
+            ids = sorted(eos_id) if isinstance(eos_id, set | frozenset) else eos_id  # int, sequence or tensor
+            stop = torch.as_tensor(ids, device=idx.device).flatten()
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,) rows that produced an eos
+        cache = KVCache(len(self.blocks), self.cfg.block_size) if use_cache else None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.block_size :]
-            logits = self(context)[:, -1, :].float()  # (B, vocab)
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
+            if cache is not None and idx.size(1) > self.cfg.block_size:
+                cache = None  # full: from here on, the cropped context
+            if cache is not None:  # the prompt first, then one new token a step
+                logits = self(idx[:, cache.length :], cache=cache)[:, -1]  # (B, vocab)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+                logits = self(idx[:, -self.cfg.block_size :])[:, -1]  # (B, vocab)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision sampled in fp32
+            next_token = sample_token(logits, temperature, top_k, generator)  # (B, 1)
+            if stop is not None:
+                next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # finished rows repeat their eos
+                done |= torch.isin(next_token[:, 0], stop)
             idx = torch.cat((idx, next_token), dim=1)
+            if stop is not None and bool(done.all()):  # host sync: once a step, only with eos_id
+                break
         return idx
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -408,3 +397,18 @@ class GPT(nn.Module):
         6 N (matmuls with the weights) + 12 n_layer n_embd seq_len (attention scores and mix)."""
         n = self.num_params(exclude_embeddings=True)
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token (B, 1) from logits (B, vocab): argmax at temperature 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k largest."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)

@@ -1,9 +1,12 @@
-"""Import and export local Hugging Face checkpoints (GPT-2 and Llama layouts) for GPT.
+"""Import and export local Hugging Face checkpoints (GPT-2, Llama, Mistral, Qwen2) for GPT.
 
 A checkpoint directory holds config.json plus model.safetensors, sharded safetensors with
 model.safetensors.index.json, or (fallback) pytorch_model.bin. Nothing is downloaded.
 GPT-2 stores its projections as Conv1D, (in, out), so they are transposed; Llama's separate
-q / k / v projections are concatenated into the fused c_attn, [q | k | v], and split on export.
+q / k / v projections (Mistral's and Qwen2's: the same layout, Qwen2's with q / k / v biases) are
+concatenated into the fused c_attn, [q | k | v], and split on export. Export writes the
+architecture the checkpoint came from (ModelConfig.hf_model_type), else the one the layout fits.
+A sliding window shorter than the context is refused (ModelConfig.check_context).
 """
 
 from __future__ import annotations
@@ -16,10 +19,16 @@ from pathlib import Path
 import torch
 
 from trainer.config import PRETRAINED_OVERRIDABLE, ModelConfig
-from trainer.model.gpt import GPT, bare_name
+from trainer.model.gpt import GPT, bare_name, has_qkv_bias
 
-LLAMA_TYPES = ("llama", "mistral")  # mistral is Llama's layout when sliding_window is off
-# Fields load_pretrained lets a caller change; everything else is the checkpoint's architecture.
+# HF model_type -> its tensor layout, and the class transformers builds for it.
+LAYOUTS = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+CLASSES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 # HF tensors that are buffers or duplicates, not weights GPT needs.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
@@ -53,87 +62,125 @@ def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
 
 
 def load_hf_config(path: str | Path) -> ModelConfig:
-    """Read a checkpoint's config.json into a ModelConfig (GPT-2 or Llama architecture)."""
+    """Read a checkpoint's config.json into a ModelConfig (GPT-2, Llama, Mistral or Qwen2)."""
     hf = _read_config_json(path)
     model_type = hf.get("model_type")
+    if model_type not in LAYOUTS:
+        raise ValueError(
+            f"{path}/config.json: model_type {model_type!r} unsupported; expected gpt2, llama, mistral or qwen2"
+        )
+    fields = _gpt2_fields(hf, path) if model_type == "gpt2" else _llama_fields(hf, path)
     name = Path(path).name or "pretrained"
-    if model_type == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new")
-        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-            raise ValueError(f"{path}: GPT-2 attention-scaling variants are not supported")
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_layer=hf["n_layer"],
-            n_head=hf["n_head"],
-            n_embd=hf["n_embd"],
-            intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
-            norm="layernorm",
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-            mlp="gelu",
-            position="learned",
-            tie_embeddings=hf.get("tie_word_embeddings", True),
-            bias=True,
-            pretrained=str(path),
-        )
-    if model_type in LLAMA_TYPES:
-        n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, n_embd // n_head):
-            raise ValueError(f"{path}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads; unsupported")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected silu")
-        if hf.get("sliding_window") is not None:
-            raise ValueError(f"{path}: sliding-window attention is not supported")
-        attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-        if attention_bias != mlp_bias:
-            raise ValueError(f"{path}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported")
-        theta, scaling = _rope_from_hf(hf)
-        return ModelConfig(
-            name=name,
-            vocab_size=hf["vocab_size"],
-            block_size=hf.get("max_position_embeddings", 2048),
-            n_layer=hf["num_hidden_layers"],
-            n_head=n_head,
-            n_kv_head=hf.get("num_key_value_heads") or n_head,
-            n_embd=n_embd,
-            intermediate_size=hf["intermediate_size"],
-            norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            mlp="swiglu",
-            position="rope",
-            rope_theta=theta,
-            rope_scaling=scaling,
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-            bias=bool(attention_bias),
-            pretrained=str(path),
-        )
-    raise ValueError(f"{path}/config.json: model_type {model_type!r} unsupported; expected gpt2, llama or mistral")
+    return ModelConfig(name=name, vocab_size=hf["vocab_size"], pretrained=str(path), hf_model_type=model_type, **fields)
 
 
-def _arch(cfg: ModelConfig) -> str:
-    """The Hugging Face architecture whose layout matches cfg: gpt2 or llama."""
-    gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
-    if gpt2_like and cfg.bias and (cfg.n_kv_head or cfg.n_head) == cfg.n_head:
-        return "gpt2"
-    if (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
-        return "llama"
-    raise ValueError(
-        f"model {cfg.name!r} matches no Hugging Face layout: gpt2 needs learned/layernorm/gelu/bias/no GQA, "
-        "llama needs rope/rmsnorm/swiglu"
+def _gpt2_fields(hf: dict, path: str | Path) -> dict:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise ValueError(f"{path}: GPT-2 attention-scaling variants are not supported")
+    return dict(
+        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp="gelu",
+        position="learned",
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        bias=True,
     )
 
 
+def _llama_fields(hf: dict, path: str | Path) -> dict:
+    """Llama, Mistral and Qwen2: one layout; Qwen2 adds q / k / v biases (and no other bias)."""
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        raise ValueError(f"{path}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads; unsupported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} unsupported; expected silu")
+    if hf["model_type"] == "qwen2":  # q / k / v biases are built in, no other projection has one
+        bias, qkv_bias = False, True
+    else:
+        bias, qkv_bias = hf.get("attention_bias", False), None
+        if bias != hf.get("mlp_bias", False):
+            raise ValueError(f"{path}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is unsupported")
+    theta, scaling = _rope_from_hf(hf)
+    return dict(
+        block_size=hf.get("max_position_embeddings", 2048),
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
+        intermediate_size=hf["intermediate_size"],
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        position="rope",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        bias=bool(bias),
+        qkv_bias=qkv_bias,
+        sliding_window=_sliding_window(hf),
+    )
+
+
+def _sliding_window(hf: dict) -> int | None:
+    """The attention span of a layer that slides, or None when every layer attends to the whole
+    context. Qwen2 slides only with use_sliding_window, in the layers layer_types marks (older
+    config.json: the layers from max_window_layers on)."""
+    window = hf.get("sliding_window")
+    if hf["model_type"] != "qwen2" or window is None:
+        return window
+    if not hf.get("use_sliding_window", False):
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if hf.get("max_window_layers", 0) < hf["num_hidden_layers"] else None
+
+
+def _arch(cfg: ModelConfig) -> str:
+    """The tensor layout of cfg: gpt2, llama, or qwen2 (llama's with biases on q / k / v only)."""
+    qkv_bias = has_qkv_bias(cfg)
+    gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
+    if gpt2_like and cfg.bias and qkv_bias and (cfg.n_kv_head or cfg.n_head) == cfg.n_head:
+        return "gpt2"
+    if (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
+        if qkv_bias == cfg.bias:
+            return "llama"
+        if qkv_bias:
+            return "qwen2"
+    raise ValueError(
+        f"model {cfg.name!r} matches no Hugging Face layout: gpt2 needs learned/layernorm/gelu/bias/no GQA, "
+        "llama needs rope/rmsnorm/swiglu, qwen2 adds qkv_bias without bias"
+    )
+
+
+def hf_model_type(cfg: ModelConfig) -> str:
+    """The HF model_type export writes: model.hf_model_type (the checkpoint's), else the layout's."""
+    layout = _arch(cfg)
+    model_type = cfg.hf_model_type or layout
+    if LAYOUTS[model_type] != layout or (model_type == "mistral" and cfg.bias):
+        raise ValueError(
+            f"model {cfg.name!r} has the {layout} layout{' with biases' if cfg.bias else ''}, "
+            f"which hf_model_type={model_type} cannot hold"
+        )
+    return model_type
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict:
-    """The config.json transformers needs to rebuild cfg (GPT2LMHeadModel or LlamaForCausalLM)."""
+    """The config.json transformers needs to rebuild cfg as the same architecture it came from:
+    GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM."""
+    model_type = hf_model_type(cfg)
+    head = {"architectures": [CLASSES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size}
     hidden = cfg.intermediate_size or 4 * cfg.n_embd
-    if _arch(cfg) == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
+    if model_type == "gpt2":
+        return head | {
             "n_positions": cfg.block_size,
             "n_embd": cfg.n_embd,
             "n_layer": cfg.n_layer,
@@ -146,10 +193,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
             "attn_pdrop": cfg.dropout,
             "tie_word_embeddings": cfg.tie_embeddings,
         }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
+    config = head | {
         "max_position_embeddings": cfg.block_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": hidden,
@@ -161,11 +205,14 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
-        "attention_bias": cfg.bias,
-        "mlp_bias": cfg.bias,
         "attention_dropout": cfg.dropout,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
+    if model_type == "llama":
+        return config | {"attention_bias": cfg.bias, "mlp_bias": cfg.bias}
+    if model_type == "mistral":  # GPT attends to the whole context (block_size): no window
+        return config | {"sliding_window": None}
+    return config | {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,42 +222,42 @@ Rows = list[tuple[str, list[str], bool]]
 
 
 def _name_map(cfg: ModelConfig) -> Rows:
-    arch, bias = _arch(cfg), cfg.bias
-    kinds = ["weight", "bias"] if bias else ["weight"]
-    rows: Rows = []
-    if arch == "gpt2":
-        rows += [
-            ("embed.wte.weight", ["wte.weight"], False),
-            ("embed.wpe.weight", ["wpe.weight"], False),
-        ]
-        for i in range(cfg.n_layer):
-            p, h = f"blocks.{i}.", f"h.{i}."
-            for ours, theirs in [("norm_1", "ln_1"), ("norm_2", "ln_2")]:
-                rows += [(f"{p}{ours}.{k}", [f"{h}{theirs}.{k}"], False) for k in ("weight", "bias")]
-            for mod in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-                rows += [(f"{p}{mod}.{k}", [f"{h}{mod}.{k}"], k == "weight") for k in kinds]
-        rows += [(f"norm_f.{k}", [f"ln_f.{k}"], False) for k in ("weight", "bias")]
-    else:
-        rows.append(("embed.wte.weight", ["model.embed_tokens.weight"], False))
-        for i in range(cfg.n_layer):
-            p, h = f"blocks.{i}.", f"model.layers.{i}."
-            rows += [
-                (f"{p}norm_1.weight", [f"{h}input_layernorm.weight"], False),
-                (f"{p}norm_2.weight", [f"{h}post_attention_layernorm.weight"], False),
-            ]
-            for k in kinds:
-                qkv = [f"{h}self_attn.{x}_proj.{k}" for x in "qkv"]
-                rows += [
-                    (f"{p}attn.c_attn.{k}", qkv, False),
-                    (f"{p}attn.c_proj.{k}", [f"{h}self_attn.o_proj.{k}"], False),
-                    (f"{p}mlp.w_gate.{k}", [f"{h}mlp.gate_proj.{k}"], False),
-                    (f"{p}mlp.w_up.{k}", [f"{h}mlp.up_proj.{k}"], False),
-                    (f"{p}mlp.c_proj.{k}", [f"{h}mlp.down_proj.{k}"], False),
-                ]
-        rows.append(("norm_f.weight", ["model.norm.weight"], False))
+    kinds = ["weight", "bias"] if cfg.bias else ["weight"]
+    qkv_kinds = ["weight", "bias"] if has_qkv_bias(cfg) else ["weight"]
+    rows = _gpt2_rows(cfg, kinds) if _arch(cfg) == "gpt2" else _llama_rows(cfg, kinds, qkv_kinds)
     if not cfg.tie_embeddings:
         rows.append(("head.weight", ["lm_head.weight"], False))
     return rows
+
+
+def _gpt2_rows(cfg: ModelConfig, kinds: list[str]) -> Rows:
+    rows: Rows = [("embed.wte.weight", ["wte.weight"], False), ("embed.wpe.weight", ["wpe.weight"], False)]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"h.{i}."
+        for ours, theirs in [("norm_1", "ln_1"), ("norm_2", "ln_2")]:
+            rows += [(f"{p}{ours}.{k}", [f"{h}{theirs}.{k}"], False) for k in ("weight", "bias")]
+        for mod in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            rows += [(f"{p}{mod}.{k}", [f"{h}{mod}.{k}"], k == "weight") for k in kinds]
+    return rows + [(f"norm_f.{k}", [f"ln_f.{k}"], False) for k in ("weight", "bias")]
+
+
+def _llama_rows(cfg: ModelConfig, kinds: list[str], qkv_kinds: list[str]) -> Rows:
+    rows: Rows = [("embed.wte.weight", ["model.embed_tokens.weight"], False)]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"model.layers.{i}."
+        rows += [
+            (f"{p}norm_1.weight", [f"{h}input_layernorm.weight"], False),
+            (f"{p}norm_2.weight", [f"{h}post_attention_layernorm.weight"], False),
+        ]
+        rows += [(f"{p}attn.c_attn.{k}", [f"{h}self_attn.{x}_proj.{k}" for x in "qkv"], False) for k in qkv_kinds]
+        for k in kinds:
+            rows += [
+                (f"{p}attn.c_proj.{k}", [f"{h}self_attn.o_proj.{k}"], False),
+                (f"{p}mlp.w_gate.{k}", [f"{h}mlp.gate_proj.{k}"], False),
+                (f"{p}mlp.w_up.{k}", [f"{h}mlp.up_proj.{k}"], False),
+                (f"{p}mlp.c_proj.{k}", [f"{h}mlp.down_proj.{k}"], False),
+            ]
+    return rows + [("norm_f.weight", ["model.norm.weight"], False)]
 
 
 def _check_names(names: list[str], rows: Rows, cfg: ModelConfig) -> None:
