@@ -126,3 +126,92 @@ def hf_llama(tie: bool = False, cls=None, **config):
     defaults = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, **HF_SPECIAL)  # fmt: skip
     return model_cls(config_cls(**{**defaults, **config}, tie_word_embeddings=tie))
+
+
+def hf_qwen2(tie: bool = False, **config):
+    """A random transformers Qwen2ForCausalLM (GQA, q / k / v biases); config overrides the tiny defaults."""
+    import transformers
+
+    return hf_llama(tie, (transformers.Qwen2Config, transformers.Qwen2ForCausalLM), **config)
+
+
+def hf_mistral(tie: bool = False, **config):
+    """A random transformers MistralForCausalLM (GQA; sliding_window 4096 unless overridden, which
+    covers the tiny context); config overrides the tiny defaults."""
+    import transformers
+
+    return hf_llama(tie, (transformers.MistralConfig, transformers.MistralForCausalLM), **config)
+
+
+# -- tiny Hugging Face tokenizers, built locally (no hub) --------------------------------------------
+
+TINY_TOKENIZER_TEXT = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+What is the capital of France? The capital of France is Paris. What is two plus two? Two plus two is four.
+You are a helpful assistant. Answer the question briefly and politely. Thank you for asking!
+Hello, how are you today? I am fine, thank you. Could you tell me a story about a dragon and a knight?
+Once upon a time there was a small village near the mountains, where people grew apples and wheat.
+def add(x, y):
+    return x + y
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024. Lists, tuples and dictionaries hold values in Python.
+The weather is sunny with a light breeze; tomorrow it may rain, so bring an umbrella.
+Please summarise the following text in one sentence. Translate this sentence into French.
+"""
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN2_TEMPLATE = (  # ChatML with Qwen2's default system turn
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def save_tiny_tokenizer(directory, style: str) -> int:
+    """A small fast byte-level BPE tokenizer with a chat template, saved with save_pretrained into
+    `directory`; returns len(tokenizer) (a model's vocab_size must be at least this). Styles:
+    gpt2   <|endoftext|> is bos = eos, no pad, a ChatML template (<|im_start|> / <|im_end|>)
+    llama3 <|begin_of_text|> added by the post-processor, eos <|eot_id|>, pad <|finetune_right_pad_id|>,
+           a Llama 3 template that starts with {{ bos_token }}
+    qwen2  ChatML with a default system turn, eos <|im_end|>, pad <|endoftext|>, no bos"""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "gpt2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>", "<|finetune_right_pad_id|>"],
+        "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    }[style]  # fmt: skip
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )  # fmt: skip
+    backend.train_from_iterator([TINY_TOKENIZER_TEXT], trainer=trainer)
+    if style == "gpt2":
+        tokens = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        template = CHATML_TEMPLATE
+    elif style == "llama3":
+        bos = "<|begin_of_text|>"
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+        )
+        tokens = dict(bos_token=bos, eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+        template = LLAMA3_TEMPLATE
+    else:
+        tokens = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        template = QWEN2_TEMPLATE
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **tokens)
+    tokenizer.save_pretrained(str(directory))
+    return len(tokenizer)

@@ -47,7 +47,7 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize("group,option", shipped_options())
 def test_every_shipped_config_composes(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
-    if group == "data" and option in ("files", "hf"):
+    if group == "data" and option in ("files", "hf", "instruct", "chat"):
         overrides.append("data.path=somewhere")
     if group == "model":  # big presets have long contexts; the default seq_len fits them all
         overrides.append("train.seq_len=64")
@@ -56,7 +56,9 @@ def test_every_shipped_config_composes(group: str, option: str) -> None:
     if group == "model":
         assert cfg.model.name == option
     if group == "data":
-        assert cfg.data.source == {"files": "files", "hf": "hf", "synthetic": "synthetic"}.get(option, "stdlib")
+        sources = {"files": "files", "hf": "hf", "synthetic": "synthetic", "instruct": "files", "chat": "files"}
+        assert cfg.data.source == sources.get(option, "stdlib")
+        assert cfg.data.format == {"instruct": "instruct", "chat": "chat"}.get(option, "text")
 
 
 def test_every_shipped_yaml_starts_with_its_command() -> None:
@@ -311,7 +313,8 @@ NON_DEFAULT = {
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 16},
     "attention_backend": "math", "init_std": 0.01, "activation_checkpointing": "full",
-    "activation_checkpointing_every": 2, "loss_chunk_size": 32,
+    "activation_checkpointing_every": 2, "loss_chunk_size": 32, "qkv_bias": True, "sliding_window": 8,
+    "hf_model_type": "mistral",
 }  # fmt: skip
 
 
@@ -388,5 +391,8 @@ def test_an_unreadable_checkpoint_is_one_line(tmp_path: Path) -> None:
 def test_the_tokenizer_must_fit_the_checkpoint_vocabulary(hf_checkpoints: dict[str, str]) -> None:
     model = ModelConfig(pretrained=hf_checkpoints["gpt2"])
     assert resolve_model_config(model, tokenizer_vocab=96).vocab_size == 96
-    with pytest.raises(ConfigError, match=r"the tokenizer's vocabulary \(97\) exceeds model.vocab_size=96"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the tokenizer's vocabulary \(97 tokens\) does not fit model.pretrained=.*'s embedding \(96 rows\)",
+    ):
         resolve_model_config(model, tokenizer_vocab=97)

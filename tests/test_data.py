@@ -18,7 +18,7 @@ from trainer.data import sources as sources_module
 from trainer.data.cache import token_dtype, unigram_entropy
 from trainer.data.sources import STDLIB_SKIP_DIRS, stdlib_files, stdlib_root
 from trainer.data.synthetic import entropy_rate, markov_chain, sample_chain, stationary_distribution
-from trainer.data.tokenizer import ByteTokenizer, load_hf_tokenizer, train_bpe
+from trainer.data.tokenizer import ByteTokenizer, load_pretrained_tokenizer, train_bpe
 
 UNICODE = "naïve café — 日本語, emoji 😀🚀 and a zero-width joiner 👩‍💻\n"
 DOCS = [
@@ -47,6 +47,7 @@ def write_docs(directory: Path, texts: list[str], suffix: str = ".txt") -> list[
 
 
 def files_cfg(tmp_path: Path, path: Path, **overrides) -> DataConfig:
+    overrides = {"tokenizer": "byte", **overrides}  # byte: exact streams to compare (auto would train a BPE)
     return DataConfig(source="files", path=str(path), cache_dir=str(tmp_path / "cache"), **overrides)
 
 
@@ -72,9 +73,13 @@ def test_byte_tokenizer_round_trips_unicode():
     assert [a.tolist() for a in tok.encode_batch(DOCS)] == [tok.encode(d) for d in DOCS]
 
 
-def test_bpe_round_trips_and_compresses():
+def test_bpe_round_trips_and_compresses(tmp_path):
     corpus = small_bpe_corpus()
     tok = train_bpe(corpus, vocab_size=300)
+    tok.save(tmp_path / "saved")  # as a Hugging Face tokenizer directory, for the run dir and export
+    saved = load_pretrained_tokenizer(str(tmp_path / "saved"))
+    assert saved.eos_id == tok.eot_id and saved.vocab_size == tok.vocab_size and saved.bos_id is None
+    assert saved.encode(UNICODE) == tok.encode(UNICODE)
     assert tok.eot_id == tok.backend.token_to_id("<|endoftext|>")
     assert 257 < tok.vocab_size <= 300
     for text in [corpus[7], UNICODE, "unseen words: zebra quokka\t\n"]:
@@ -112,7 +117,7 @@ def test_local_hf_tokenizer_directory(tmp_path):
 
     reference = PreTrainedTokenizerFast(tokenizer_object=_trained_backend(), eos_token="<|endoftext|>")
     reference.save_pretrained(tmp_path / "tok")
-    tok = load_hf_tokenizer(str(tmp_path / "tok"))
+    tok = load_pretrained_tokenizer(str(tmp_path / "tok"))
     assert tok.eot_id == reference.eos_token_id
     assert tok.vocab_size == len(reference)
     assert tok.encode(UNICODE) == reference.encode(UNICODE, add_special_tokens=False)
@@ -135,7 +140,7 @@ def test_hf_tokenizer_directory_without_tokenizer_json(tmp_path):
         "unk_token": "<|endoftext|>",
     }
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
-    tok = load_hf_tokenizer(str(tmp_path / "tok"))
+    tok = load_pretrained_tokenizer(str(tmp_path / "tok"))
     assert tok.eot_id == backend.token_to_id("<|endoftext|>")
     assert tok.encode(UNICODE) == backend.encode(UNICODE).ids
     assert tok.decode(tok.encode(UNICODE)) == UNICODE
@@ -247,6 +252,7 @@ def test_token_dtype():
 
 
 def hf_cfg(tmp_path: Path, path: Path, **overrides) -> DataConfig:
+    overrides = {"tokenizer": "byte", **overrides}
     return DataConfig(source="hf", path=str(path), cache_dir=str(tmp_path / "cache"), **overrides)
 
 
@@ -279,8 +285,13 @@ def test_hf_local_jsonl_directory(tmp_path):
         (tmp_path / "jsonl" / f"part{part}.jsonl").write_text("\n".join(lines) + "\n")
     data = build_data(hf_cfg(tmp_path, tmp_path / "jsonl"), seq_len=4, seed=0)
     np.testing.assert_array_equal(all_tokens(data), byte_stream(texts))
+    # streaming: document 0 is validation (every 50th at val_fraction 0.02), 1..6 train, read on the fly
     streamed = build_data(hf_cfg(tmp_path, tmp_path / "jsonl", streaming=True, max_documents=7), 4, 0)
-    np.testing.assert_array_equal(all_tokens(streamed), byte_stream(texts[:7]))
+    x, y = streamed.train.get_batch(np.array([0, 1]))
+    stream = byte_stream(texts[1:7])
+    np.testing.assert_array_equal(x.numpy(), [stream[0:4], stream[4:8]])
+    np.testing.assert_array_equal(y.numpy(), [stream[1:5], stream[5:9]])
+    np.testing.assert_array_equal(np.asarray(streamed.val.tokens), byte_stream(texts[:1])[: len(streamed.val.tokens)])
 
 
 def test_hf_missing_column_names_text_field(tmp_path):
@@ -420,14 +431,17 @@ def test_unloadable_dataset_directory(tmp_path):
         build_data(hf_cfg(tmp_path, tmp_path / "notds"), seq_len=4, seed=0)
 
 
-@pytest.mark.parametrize("name", ["stdlib", "files", "hf", "synthetic"])
+@pytest.mark.parametrize("name", ["stdlib", "files", "hf", "synthetic", "instruct", "chat"])
 def test_data_group_files_compose_into_data_config(name):
     from omegaconf import OmegaConf
 
     path = Path(__file__).parents[1] / "configs" / "data" / f"{name}.yaml"
     assert path.read_text().startswith(f"# python -m trainer data={name}")
     merged = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(path))
-    if name in ("files", "hf"):
+    if name not in ("stdlib", "synthetic"):
         merged.path = "/some/corpus"
     config = OmegaConf.to_object(merged)
-    assert isinstance(config, DataConfig) and config.source == name
+    assert isinstance(config, DataConfig) and config.tokenizer is None  # auto: the model's own when pretrained
+    assert (config.source, config.format) == {"instruct": ("files", "instruct"), "chat": ("files", "chat")}.get(
+        name, (name, "text")
+    )

@@ -202,6 +202,11 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     """
     if cfg.pretrained:
         cfg = _over_checkpoint(cfg, _checkpoint_config(cfg))
+        _require(
+            tokenizer_vocab <= cfg.vocab_size,
+            f"the tokenizer's vocabulary ({tokenizer_vocab} tokens) does not fit model.pretrained={cfg.pretrained}'s "
+            f"embedding ({cfg.vocab_size} rows): leave data.tokenizer unset to use the model's own tokenizer",
+        )
     if cfg.vocab_size is None:
         return replace(cfg, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
     _require(
@@ -246,4 +251,6 @@ def _over_checkpoint(cfg: ModelConfig, checkpoint: ModelConfig) -> ModelConfig:
         f"model.block_size={cfg.block_size} exceeds model.pretrained={cfg.pretrained}'s context "
         f"({positions}={checkpoint.block_size}): use model.block_size={checkpoint.block_size} or less",
     )
-    return replace(checkpoint, **overrides)
+    resolved = replace(checkpoint, **overrides)
+    resolved.check_context()  # a sliding window (Mistral, Qwen2) must cover the context used
+    return resolved

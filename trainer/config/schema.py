@@ -41,6 +41,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # Llama 3 'llama3' scaling, as in HF config.json
     tie_embeddings: bool = True
     bias: bool = True  # biases in linear layers and LayerNorm
+    qkv_bias: bool | None = None  # biases on the q / k / v projection (Qwen2: true with bias false); None follows bias
     dropout: float = 0.0
     attention_backend: str = "auto"  # auto | flash | efficient | math | flash_attn (Dao's package)
     init_std: float = 0.02
@@ -48,6 +49,8 @@ class ModelConfig:
     activation_checkpointing: str = "none"  # none | full (whole blocks) | attention | mlp (selective)
     activation_checkpointing_every: int = 1  # checkpoint every k-th block (blocks 0, k, 2k, ...)
     loss_chunk_size: int = 0  # >0: head + cross-entropy fused over chunks of this many tokens (no full logits)
+    sliding_window: int | None = None  # a checkpoint's attention span (Mistral, Qwen2): see check_context
+    hf_model_type: str | None = None  # gpt2 | llama | mistral | qwen2, the HF architecture; None: from the layout
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
@@ -90,24 +93,60 @@ class ModelConfig:
             f"the depth model.n_layer={self.n_layer}",
         )
         _require(self.loss_chunk_size >= 0, f"model.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
+        _require(
+            self.sliding_window is None or self.sliding_window > 0,
+            f"model.sliding_window must be positive or null, got {self.sliding_window}",
+        )
+        _require(
+            self.hf_model_type in (None, "gpt2", "llama", "mistral", "qwen2"),
+            f"model.hf_model_type={self.hf_model_type!r}: use gpt2, llama, mistral, qwen2 or null",
+        )
+
+    def check_context(self) -> None:
+        """Raise ConfigError when block_size needs attention GPT lacks: a sliding window shorter than
+        the context. Called on the resolved config (after model.block_size applies), not in
+        __post_init__, so a checkpoint's config can be read and then cropped."""
+        window = self.sliding_window
+        _require(
+            window is None or window >= self.block_size,
+            f"model.block_size={self.block_size} exceeds the sliding window ({window} tokens) of "
+            f"model.pretrained={self.pretrained}, and sliding-window attention is not implemented: "
+            f"set model.block_size={window} or less",
+        )
 
 
 @dataclass
 class DataConfig:
-    """Where text comes from and how it becomes token sequences."""
+    """Where text or records come from and how they become token sequences (and, for fine-tuning
+    records, which tokens count toward the loss)."""
 
     source: str = "stdlib"  # stdlib | files | hf | synthetic
-    path: str | None = None  # files: a file or directory; hf: a dataset name or local path
+    # files / hf: a .jsonl/.json/.parquet/.csv/.txt file, a glob (/data/part-*.jsonl), a directory or a
+    # Dataset.save_to_disk folder; hf also a dataset name
+    path: str | None = None
     hf_config: str | None = None  # hf: the dataset's configuration name
     hf_split: str = "train"
-    text_field: str = "text"  # hf and .jsonl: the field holding the text
-    streaming: bool = False  # hf: stream instead of downloading / loading the whole dataset
+    text_field: str = "text"  # text format, records with fields (.jsonl/.json/.parquet/.csv, hf): the text
+    streaming: bool = False  # text: tokenize as training reads (no cache, no pass ahead); hf: an IterableDataset
     max_documents: int | None = None  # cap on documents read (useful with streaming)
-    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".json"])
-    tokenizer: str = "byte"  # byte | bpe | a local Hugging Face tokenizer directory
+    # files: a directory's files with these suffixes are read (a single file or a glob: any suffix)
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".json", ".parquet"])
+    # null (auto): model.pretrained's own tokenizer when set, else byte (stdlib, instruct) or bpe (files, hf);
+    # byte | bpe | a local Hugging Face tokenizer directory
+    tokenizer: str | None = None
     bpe_vocab_size: int = 4096
-    cache_dir: str = "~/.cache/trainer"  # token caches live here, keyed by (source, tokenizer)
-    val_fraction: float = 0.02  # share of the token stream held out for validation
+    cache_dir: str = "~/.cache/trainer"  # token and example caches live here, keyed by (source, tokenizer, format)
+    val_fraction: float = 0.02  # share held out for validation: of the token stream (text) or of the examples
+    # text: documents joined by the tokenizer's eos | instruct: prompt -> response records | chat: conversations
+    format: str = "text"
+    prompt_field: str = "prompt"  # instruct: the record field holding the prompt
+    response_field: str = "response"  # instruct: the record field holding the response
+    messages_field: str = "messages"  # chat: the field holding [{role, content}, ...] (system/user/assistant/tool)
+    chat_template: bool = False  # instruct: render the prompt as a user turn of the tokenizer's chat template
+    train_on_prompt: bool = False  # instruct: the prompt's tokens count toward the loss too (else response + eos)
+    packing: bool = True  # instruct / chat: whole examples packed into rows of seq_len (else one per row, padded)
+    document_mask: bool = True  # instruct / chat: batches carry positions so attention stays within an example
+    on_bad_record: str = "fail"  # instruct / chat: fail (error naming file and line) | skip (counted, reported)
     synthetic_vocab: int = 32  # synthetic: Markov chain alphabet size
     synthetic_tokens: int = 200_000  # synthetic: stream length
     synthetic_concentration: float = 0.3  # synthetic: Dirichlet concentration of transition rows
@@ -119,9 +158,18 @@ class DataConfig:
         )
         _require(
             self.source not in ("files", "hf") or bool(self.path),
-            f"data.source={self.source} needs data.path=<file, directory or dataset>",
+            f"data.source={self.source} needs data.path=<file, glob, directory or dataset>",
         )
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
+        _require(
+            self.format in ("text", "instruct", "chat"), f"data.format={self.format!r}: use text, instruct or chat"
+        )
+        _require(
+            self.format == "text" or self.source in ("files", "hf"),
+            f"data.format={self.format} reads records from data.path: use data={self.format} "
+            f"(or data.source=files / hf with data.path=...), not data.source={self.source}",
+        )
+        _require(self.on_bad_record in ("fail", "skip"), f"data.on_bad_record={self.on_bad_record!r}: use fail or skip")
         _require(self.bpe_vocab_size >= 260, f"data.bpe_vocab_size={self.bpe_vocab_size} must be at least 260")
         _require(self.synthetic_vocab >= 2, "data.synthetic_vocab must be at least 2")
         _require(

@@ -1,8 +1,13 @@
 """Data: source -> tokenizer -> token cache (memmap) -> packed sequences -> resumable sampler.
 
-Use: `data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed)`, one
-`sampler = Sampler(len(data.train), cfg.train.seed)` per rank, and each step
-`x, y = data.train.get_batch(shard_for_rank(sampler.next_global_batch(B), rank, world_size))`.
+Use: `data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, pretrained=cfg.model.pretrained)`,
+one `sampler = Sampler(len(data.train), cfg.train.seed)` per rank, and each step
+`x, y, *positions = data.train.get_batch(shard_for_rank(sampler.next_global_batch(B), rank, world_size))`.
+
+data.format=text gives PackedSplit windows of one token stream, (x, y). data.format=instruct / chat
+gives ExampleSplit rows of whole examples whose non-target tokens have IGNORE_INDEX targets, (x, y,
+positions) with data.document_mask. `data.tokenizer` is the model's own tokenizer (a
+PretrainedTokenizer, which has `save(directory)`) when model.pretrained is set and data.tokenizer is null.
 """
 
 from __future__ import annotations
@@ -11,70 +16,141 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import ConfigError, DataConfig
-from trainer.data.cache import cached_bpe, open_or_build, split_point, token_dtype, unigram_entropy
+from trainer.data.cache import Source, cached_bpe, open_or_build, split_point, token_dtype, unigram_entropy
+from trainer.data.examples import ExampleSplit, open_or_build_examples, padding_id
 from trainer.data.packing import PackedSplit
 from trainer.data.sampler import Sampler, shard_for_rank
 from trainer.data.sources import open_source
+from trainer.data.streaming import StreamingSplit, streaming_splits, validation_period
 from trainer.data.synthetic import synthetic_stream
 from trainer.data.tokenizer import (
     ByteTokenizer,
     IdentityTokenizer,
+    PretrainedTokenizer,
     Tokenizer,
-    check_tokenizer_setting,
-    load_hf_tokenizer,
+    choose_tokenizer,
+    load_pretrained_tokenizer,
 )
 
-__all__ = ["Data", "PackedSplit", "Sampler", "Tokenizer", "build_data", "shard_for_rank"]
+__all__ = [
+    "Data",
+    "ExampleSplit",
+    "PackedSplit",
+    "PretrainedTokenizer",
+    "Sampler",
+    "Tokenizer",
+    "build_data",
+    "shard_for_rank",
+]
+
+Split = PackedSplit | ExampleSplit | StreamingSplit
+
+
+def target_tokens(split: Split) -> int:
+    """Tokens of a split that count toward the loss in one pass over its rows."""
+    return split.target_tokens if isinstance(split, ExampleSplit) else len(split) * split.seq_len
 
 
 @dataclass
 class Data:
-    """Everything the loop needs from the data: a tokenizer and the two packed splits."""
+    """Everything the loop needs from the data: a tokenizer, the two splits, and what to report."""
 
     tokenizer: Tokenizer
-    train: PackedSplit
-    val: PackedSplit
-    unigram_entropy: float  # nats/token of the train split's frequencies: a unigram model's loss
+    train: Split
+    val: Split
+    unigram_entropy: float  # nats/token of the train split's (instruct / chat: all targets') frequencies
     entropy_rate: float | None  # synthetic only: the loss floor, nats/token
     source: str  # e.g. "stdlib (/usr/lib/python3.11, 734 files)"
     documents: int | None
     cache: str  # "cache hit <dir>", "cache built in 1.2s: <dir>" or "not cached (generated)"
+    format: str = "text"  # text | instruct | chat
+    examples: int | None = None  # instruct / chat: examples in both splits
+    skipped: int = 0  # instruct / chat: bad records skipped (data.on_bad_record=skip)
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    @property
+    def truncated(self) -> int:
+        """Examples longer than train.seq_len, cut to it (instruct / chat)."""
+        return sum(getattr(split, "truncated", 0) for split in (self.train, self.val))
+
+    @property
+    def target_tokens(self) -> tuple[int, int]:
+        """(train, val) tokens that count toward the loss in one pass over each split."""
+        return target_tokens(self.train), target_tokens(self.val)
+
     def describe(self) -> str:
-        """One line: source, documents, tokens, vocabulary, cache."""
-        documents = f"{self.documents:,} documents, " if self.documents is not None else ""
-        tokens = self.train.num_tokens + self.val.num_tokens
-        floor = f", entropy rate {self.entropy_rate:.4f} nats" if self.entropy_rate is not None else ""
+        """One line: source, documents or examples, tokens, targets, vocabulary, cache."""
+        name = getattr(self.tokenizer, "name", "custom")
+        vocab = f"vocab {self.vocab_size} ({name})"
+        if isinstance(self.train, StreamingSplit):
+            return (
+                f"data: {self.source}: streamed, {self.val.num_tokens:,} validation tokens, {vocab}, unigram "
+                f"entropy {self.unigram_entropy:.3f} nats (validation); {self.cache}"
+            )
+        if self.format == "text":
+            documents = f"{self.documents:,} documents, " if self.documents is not None else ""
+            tokens = self.train.num_tokens + self.val.num_tokens
+            floor = f", entropy rate {self.entropy_rate:.4f} nats" if self.entropy_rate is not None else ""
+            return (
+                f"data: {self.source}: {documents}{tokens:,} tokens ({self.train.num_tokens:,} train / "
+                f"{self.val.num_tokens:,} val), {vocab}, unigram entropy {self.unigram_entropy:.3f} nats{floor}; "
+                f"{self.cache}"
+            )
+        train, val = self.train, self.val
+        skipped = f", {self.skipped:,} bad records skipped" if self.skipped else ""
+        empty = train.without_targets + val.without_targets
+        truncated = (
+            f", {self.truncated:,} truncated to seq_len {train.seq_len}"
+            + (f" ({empty:,} left with no target)" if empty else "")
+            if self.truncated or empty
+            else ""
+        )
         return (
-            f"data: {self.source}: {documents}{tokens:,} tokens ({self.train.num_tokens:,} train / "
-            f"{self.val.num_tokens:,} val), vocab {self.vocab_size} "
-            f"({getattr(self.tokenizer, 'name', 'custom')}), unigram entropy "
-            f"{self.unigram_entropy:.3f} nats{floor}; {self.cache}"
+            f"data: {self.source}: {self.format}, {self.examples:,} examples ({train.num_examples:,} train / "
+            f"{val.num_examples:,} val){skipped}{truncated}, {train.num_tokens + val.num_tokens:,} tokens, "
+            f"{sum(self.target_tokens):,} target tokens ({self.target_tokens[0]:,} train / "
+            f"{self.target_tokens[1]:,} val), {len(train) + len(val):,} rows {'packed' if train.packing else 'padded'}"
+            f" ({self.padding:.1%} padding), {vocab}; {self.cache}"
         )
 
+    @property
+    def padding(self) -> float:
+        """Share of the rows' positions that are padding (0 for text: windows are all tokens)."""
+        if self.format == "text":
+            return 0.0
+        rows = len(self.train) + len(self.val)
+        return (self.train.padding * len(self.train) + self.val.padding * len(self.val)) / rows
 
-def build_data(cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0) -> Data:
-    """Build (or open from the cache) the packed train and validation splits that `cfg` names.
 
-    Settings that cannot work raise ConfigError before any tokenizing. Only rank 0 shows progress.
-    (Every rank builds for now; the atomic renames keep concurrent builds of one entry safe.)
+def build_data(
+    cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0, pretrained: str | None = None, val_samples: int = 64
+) -> Data:
+    """Build (or open from the caches) the train and validation splits that `cfg` names.
+
+    pretrained: model.pretrained, whose own tokenizer is used when data.tokenizer is null. Settings
+    that cannot work raise ConfigError before any tokenizing. Only rank 0 shows progress.
+    data.streaming (text): nothing is tokenized ahead but the first `val_samples` validation windows.
     """
     show_progress = rank == 0
     if cfg.source == "synthetic":
         return _synthetic_data(cfg, seq_len, seed)
-    check_tokenizer_setting(cfg.tokenizer)
+    choice = choose_tokenizer(cfg, pretrained)
     cache_root = Path(cfg.cache_dir).expanduser()
     source = open_source(cfg, cache_root)
-    if cfg.tokenizer == "byte":
+    if choice == "byte":
         tokenizer: Tokenizer = ByteTokenizer()
-    elif cfg.tokenizer == "bpe":
+    elif choice == "bpe":
         tokenizer = cached_bpe(source, cfg.bpe_vocab_size, cache_root, show_progress=show_progress)
     else:
-        tokenizer = load_hf_tokenizer(cfg.tokenizer)
+        key = "data.tokenizer" if cfg.tokenizer else "model.pretrained"
+        tokenizer = load_pretrained_tokenizer(choice, key)
+    if cfg.format != "text":
+        return _example_data(cfg, source, tokenizer, seq_len, cache_root, show_progress)
+    if cfg.streaming:
+        return _streaming_data(source, tokenizer, seq_len, cfg.val_fraction, val_samples, seed)
     cache = open_or_build(source, tokenizer, cache_root, cfg.val_fraction, show_progress=show_progress)
     split = split_point(len(cache.tokens), cfg.val_fraction)
     _check_split_sizes(split, len(cache.tokens) - split, seq_len)
@@ -92,6 +168,57 @@ def build_data(cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0) -> Da
         source=source.describe(),
         documents=cache.meta["documents"],
         cache=f"{status} {cache.directory}",
+    )
+
+
+def _example_data(
+    cfg: DataConfig, source: Source, tokenizer: Tokenizer, seq_len: int, cache_root: Path, show_progress: bool
+) -> Data:
+    """Instruct / chat: the example cache, split by examples (validation: the last val_fraction)."""
+    cache = open_or_build_examples(source, tokenizer, cfg, cache_root, show_progress=show_progress)
+    examples = cache.meta["examples"]
+    held_out = int(examples * cfg.val_fraction)
+    if held_out == 0:
+        fix = (
+            f"raise data.val_fraction to {1 / examples:.3g} or more, or add records"
+            if 1 / examples < 0.5
+            else "add records"
+        )
+        raise ConfigError(f"the validation split holds none of the {examples} examples: {fix}")
+    layout = dict(packing=cfg.packing, document_mask=cfg.document_mask, pad_id=padding_id(tokenizer))
+    train = ExampleSplit(cache, 0, examples - held_out, seq_len, **layout)
+    val = ExampleSplit(cache, examples - held_out, examples, seq_len, **layout)
+    status = "cache hit" if cache.hit else f"cache built in {cache.meta['build_seconds']:.1f}s:"
+    return Data(
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        unigram_entropy=cache.meta["target_unigram_entropy"],
+        entropy_rate=None,
+        source=source.describe(),
+        documents=None,
+        cache=f"{status} {cache.directory}",
+        format=cfg.format,
+        examples=examples,
+        skipped=cache.meta["skipped"],
+    )
+
+
+def _streaming_data(
+    source: Source, tokenizer: Tokenizer, seq_len: int, val_fraction: float, val_samples: int, seed: int
+) -> Data:
+    """Text tokenized as training reads it (trainer/data/streaming.py): no cache, no pass ahead."""
+    train, val = streaming_splits(source, tokenizer, seq_len, val_fraction, val_samples, seed=seed)
+    return Data(
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        unigram_entropy=unigram_entropy(val.tokens, tokenizer.vocab_size),  # of the validation windows
+        entropy_rate=None,
+        source=source.describe(),
+        documents=None,
+        cache=f"streamed: tokenized as training reads it, validation = every "
+        f"{validation_period(val_fraction)}th document",
     )
 
 

@@ -58,7 +58,7 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
@@ -165,7 +165,7 @@ def _build(
         "train_unigram_entropy": entropy,
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    _write_json_atomic(directory / "meta.json", meta)
+    write_json_atomic(directory / "meta.json", meta)
     return meta
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainer.data.sampler import Sampler
+
 
 class PackedSplit:
     """One split (train or validation) of the token stream, addressed by sample index."""
@@ -25,6 +27,10 @@ class PackedSplit:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens)
+
+    def sampler(self, seed: int) -> Sampler:
+        """The order the loop draws this split's samples in: seeded epochs of shuffled indices."""
+        return Sampler(len(self), seed)
 
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples `indices` as (x, y), both int64 of shape (B, T): y[:, t] is the token that

@@ -1,7 +1,9 @@
 """A deterministic, resumable order over sample indices, and the slice of it each rank trains on.
 
-Every rank builds the same Sampler from the same seed and draws the same global batch, then
-keeps its own shard: no communication, and a checkpoint needs only `state_dict()` from one rank.
+Every rank builds the same sampler and draws the same global batch, then keeps its own shard: no
+communication, and a checkpoint needs only `state_dict()` from one rank. `Sampler` shuffles a
+split of known size (PackedSplit); `SequentialSampler` counts 0, 1, 2, ... for a streamed split
+(StreamingSplit), which cannot be shuffled globally. Each split's `sampler(seed)` gives its kind.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class Sampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the data must have the same number of samples as when saved."""
+        if "num_samples" not in state:
+            raise ValueError(
+                "the sampler state is a streamed run's (data.streaming=true) but this run reads a token "
+                "cache: data.streaming changed since the checkpoint"
+            )
         if int(state["num_samples"]) != self.num_samples:
             raise ValueError(
                 f"the sampler state is for {state['num_samples']} samples but the data now has "
@@ -69,6 +76,35 @@ class Sampler:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order_epoch = -1
+
+
+class SequentialSampler:
+    """Sample indices 0, 1, 2, ... without end, in order: a streamed split's windows are read as the
+    stream produces them (its documents may be shuffled in a bounded buffer, see StreamingSplit)."""
+
+    def __init__(self) -> None:
+        self.position = 0  # the next sample index
+
+    def next_global_batch(self, global_batch_size: int) -> np.ndarray:
+        """The next `global_batch_size` consecutive sample indices."""
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        indices = np.arange(self.position, self.position + global_batch_size, dtype=np.int64)
+        self.position += global_batch_size
+        return indices
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state: the next sample index."""
+        return {"kind": "sequential", "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`, which a SequentialSampler wrote."""
+        if state.get("kind") != "sequential":
+            raise ValueError(
+                "the sampler state is a shuffled sampler's (a token-cache run) but this run streams its "
+                "data: data.streaming changed since the checkpoint"
+            )
+        self.position = int(state["position"])
 
 
 def shard_for_rank(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:

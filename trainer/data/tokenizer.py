@@ -1,9 +1,13 @@
 """Text <-> token ids: UTF-8 bytes, a byte-level BPE trained on the corpus, a local Hugging Face
-tokenizer, or the identity map of the synthetic source.
+tokenizer (the pretrained model's own, or data.tokenizer=DIR), or the synthetic source's identity map.
 
 Every tokenizer offers the same small interface: `vocab_size`, `eot_id` (the id put after each
 document), `encode`, `decode`, `encode_batch` (numpy arrays, for building the token cache fast)
-and `fingerprint()` (a string that changes whenever the mapping does: it keys the token cache).
+and `fingerprint()` (a string that changes whenever the mapping does: it keys the caches).
+`encode(text)` adds what the model expects at the start of a text (a Llama 3 tokenizer's
+<|begin_of_text|>; nothing for GPT-2, bytes or the BPE); `add_special_tokens=False` adds nothing.
+A Hugging Face tokenizer (`PretrainedTokenizer`) also has bos / eos / pad ids, its chat template
+and `save(directory)`.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, DataConfig
 
 EOT_TOKEN = "<|endoftext|>"
 # Names tried, in order, for a tokenizer.json whose directory does not name its eos token.
@@ -29,7 +33,7 @@ class Tokenizer(Protocol):
     vocab_size: int
     eot_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def fingerprint(self) -> str: ...
@@ -42,7 +46,7 @@ class ByteTokenizer:
     eot_id = 256
     name = "byte"
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -69,7 +73,7 @@ class IdentityTokenizer:
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         words = text.split()
         if words and all(w.isdigit() and int(w) < self.vocab_size for w in words):
             return [int(w) for w in words]
@@ -86,17 +90,17 @@ class IdentityTokenizer:
 
 
 class HFTokenizer:
-    """A `tokenizers.Tokenizer` (trained here as BPE, or loaded from a tokenizer directory)."""
+    """A `tokenizers.Tokenizer` trained here as a BPE (no BOS; <|endoftext|> ends documents)."""
 
     def __init__(self, backend: tokenizers.Tokenizer, eot_id: int, name: str):
         self.backend = backend
         self.eot_id = eot_id
-        self.name = name  # "bpe" or "hf": names the cache directory
+        self.name = name  # "bpe": names the cache directory
         self.vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         serialized = backend.to_str() + f"\neot={eot_id}"
         self._fingerprint = f"{name}-" + hashlib.sha256(serialized.encode()).hexdigest()[:16]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # No BOS / template tokens: documents are joined by eot_id alone.
         return self.backend.encode(text, add_special_tokens=False).ids
 
@@ -109,6 +113,13 @@ class HFTokenizer:
 
     def fingerprint(self) -> str:
         return self._fingerprint
+
+    def save(self, directory: str | Path) -> None:
+        """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json) for export."""
+        from transformers import PreTrainedTokenizerFast
+
+        eot = self.backend.id_to_token(self.eot_id)
+        PreTrainedTokenizerFast(tokenizer_object=self.backend, eos_token=eot).save_pretrained(str(directory))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -132,66 +143,145 @@ def load_bpe(path: Path) -> HFTokenizer:
     return HFTokenizer(backend, backend.token_to_id(EOT_TOKEN), "bpe")
 
 
-def check_tokenizer_setting(tokenizer: str) -> None:
-    """Fail fast on data.tokenizer: byte, bpe, or an existing directory."""
-    if tokenizer in ("byte", "bpe"):
-        return
-    if not Path(tokenizer).expanduser().is_dir():
+class PretrainedTokenizer:
+    """A Hugging Face fast tokenizer loaded through transformers: the pretrained model's own, or
+    data.tokenizer=DIR. Documents are encoded with its own special tokens (a Llama 3 tokenizer adds
+    <|begin_of_text|>, GPT-2's adds nothing) and end with eos_id, the document separator."""
+
+    name = "hf"
+
+    def __init__(self, hf: Any, eos_id: int):
+        self.hf = hf  # a transformers TokenizersBackend (PreTrainedTokenizerFast)
+        self.backend: tokenizers.Tokenizer = hf.backend_tokenizer
+        self.eos_id = self.eot_id = eos_id
+        self.bos_id: int | None = hf.bos_token_id
+        self.pad_id: int | None = hf.pad_token_id
+        largest = max(self.backend.get_vocab(with_added_tokens=True).values())
+        self.vocab_size = max(len(hf), largest + 1)  # added tokens included
+        template = hf.chat_template  # a str, or a dict of named templates
+        self.chat_template: str | None = template.get("default") if isinstance(template, dict) else template
+        # A post-processor that appends eos itself (rare) must not get a second one after each document.
+        self._adds_eos = self.backend.encode("a").ids[-1:] == [eos_id] != self.backend.encode("a", False).ids[-1:]
+        specials = {"bos": self.bos_id, "eos": eos_id, "pad": self.pad_id, "chat_template": self.chat_template}
+        serialized = self.backend.to_str() + "\n" + json.dumps(specials, sort_keys=True)
+        self._fingerprint = "hf-" + hashlib.sha256(serialized.encode()).hexdigest()[:16]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` as it is (no special tokens added) and each token's character span in it."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Documents for the token cache (which puts eos_id after each)."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)  # fast: no offsets
+        encoded = [np.asarray(e.ids, dtype=np.int64) for e in encode(texts)]
+        return [ids[:-1] for ids in encoded] if self._adds_eos else encoded
+
+    def fingerprint(self) -> str:
+        """Changes with the vocabulary, merges, normalisation, special ids or chat template."""
+        return self._fingerprint
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """The conversation rendered as text by the tokenizer's chat template (not tokenized)."""
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def save(self, directory: str | Path) -> None:
+        """save_pretrained: tokenizer.json, tokenizer_config.json (special tokens) and the chat template."""
+        self.hf.save_pretrained(str(directory))
+
+
+# Files of which a Hugging Face tokenizer directory holds at least one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def choose_tokenizer(cfg: DataConfig, pretrained: str | None) -> str:
+    """What the run tokenizes with: byte, bpe or a tokenizer directory. data.tokenizer=null (auto)
+    is the pretrained model's own tokenizer with model.pretrained, else byte for stdlib and
+    instruct records, bpe for files / hf text. Settings that cannot work fail here, before any work."""
+    setting = cfg.tokenizer
+    if setting is None:
+        if pretrained:
+            return pretrained
+        if cfg.format == "chat":
+            raise ConfigError(
+                "data.format=chat renders conversations with a tokenizer's chat template: set "
+                "model.pretrained=DIR or data.tokenizer=DIR (a Hugging Face tokenizer with a chat template)"
+            )
+        return "byte" if cfg.source == "stdlib" or cfg.format == "instruct" else "bpe"
+    if setting in ("byte", "bpe"):
+        if pretrained:
+            own = 257 if setting == "byte" else cfg.bpe_vocab_size
+            raise ConfigError(
+                f"data.tokenizer={setting} (vocabulary {own}) is not the tokenizer of model.pretrained={pretrained} "
+                f"(vocab_size {checkpoint_vocab_size(pretrained)} in its config.json): drop data.tokenizer to use "
+                "the model's own, or set data.tokenizer=DIR"
+            )
+        if cfg.format != "text" and (setting == "bpe" or cfg.format == "chat"):
+            raise ConfigError(
+                f"data.tokenizer={setting} cannot serve data.format={cfg.format}: use "
+                + ("data.tokenizer=byte, " if cfg.format == "instruct" else "")
+                + "model.pretrained=DIR or data.tokenizer=DIR (a Hugging Face tokenizer)"
+            )
+        return setting
+    if not Path(setting).expanduser().is_dir():
         raise ConfigError(
-            f"data.tokenizer={tokenizer} is not byte, bpe or an existing directory: "
+            f"data.tokenizer={setting} is not byte, bpe or an existing directory: "
             "point it at a local Hugging Face tokenizer directory (with tokenizer.json)"
         )
+    return setting
 
 
-def load_hf_tokenizer(directory: str) -> HFTokenizer:
-    """A local Hugging Face tokenizer directory; its eos token separates documents."""
+def checkpoint_vocab_size(pretrained: str) -> int | str:
+    """vocab_size in a checkpoint's config.json (or its text_config), or '?' if it names none."""
+    path = Path(pretrained).expanduser() / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or "?"
+
+
+def load_pretrained_tokenizer(directory: str, key: str = "data.tokenizer") -> PretrainedTokenizer:
+    """The fast tokenizer in `directory` (through transformers.AutoTokenizer, local files only);
+    `key` names the setting that pointed there, for error messages."""
     path = Path(directory).expanduser()
-    check_tokenizer_setting(directory)
-    if (path / "tokenizer.json").exists():
-        backend = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-        eos_id = _eos_from_files(path, backend)
-    else:
-        backend, eos_id = _load_with_transformers(path, directory)
-    if eos_id is None:
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        fix = "pass data.tokenizer=DIR naming the model's tokenizer directory" if key == "model.pretrained" else ""
         raise ConfigError(
-            f"data.tokenizer={directory} names no end-of-text token: set eos_token in its tokenizer_config.json"
+            f"{key}={directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): "
+            + (fix or "point it at a local Hugging Face tokenizer directory")
         )
-    return HFTokenizer(backend, eos_id, "hf")
-
-
-def _load_with_transformers(path: Path, directory: str) -> tuple[tokenizers.Tokenizer, int | None]:
-    from transformers import AutoTokenizer  # slow import; only directories without tokenizer.json
+    from transformers import AutoTokenizer  # slow import: only runs that use such a tokenizer pay it
 
     try:
-        loaded = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"data.tokenizer={directory} is not a loadable tokenizer directory "
-            f"({type(error).__name__}): it needs tokenizer.json or files that "
-            "transformers.AutoTokenizer reads"
+            f"{key}={directory}: transformers.AutoTokenizer could not load its tokenizer "
+            f"({type(error).__name__}: {reason})"
         ) from error
-    backend = getattr(loaded, "backend_tokenizer", None)
-    if backend is None:
+    if not getattr(hf, "is_fast", False) or not hasattr(hf, "backend_tokenizer"):
         raise ConfigError(
-            f"data.tokenizer={directory} loads only as a slow tokenizer: save it "
-            "with a fast tokenizer so that the directory holds tokenizer.json"
+            f"{key}={directory} loads only as a slow tokenizer ({type(hf).__name__}): save a fast one "
+            "(tokenizer.json) with tokenizer.save_pretrained and point data.tokenizer at it"
         )
-    return backend, loaded.eos_token_id
+    eos = hf.eos_token_id if hf.eos_token_id is not None else _fallback_eos(path, hf.backend_tokenizer)
+    if eos is None:
+        raise ConfigError(f"{key}={directory} names no end-of-text token: set eos_token in its tokenizer_config.json")
+    if hf.eos_token_id is None:  # saved with the tokenizer, so export and generation find it
+        hf.eos_token = hf.backend_tokenizer.id_to_token(eos)
+    return PretrainedTokenizer(hf, eos)
 
 
-def _eos_from_files(path: Path, backend: tokenizers.Tokenizer) -> int | None:
-    """The eos id named by tokenizer_config.json / special_tokens_map.json / config.json."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (path / name).exists():
-            token = json.loads((path / name).read_text()).get("eos_token")
-            if isinstance(token, dict):  # serialized AddedToken
-                token = token.get("content")
-            if isinstance(token, str) and backend.token_to_id(token) is not None:
-                return backend.token_to_id(token)
+def _fallback_eos(path: Path, backend: tokenizers.Tokenizer) -> int | None:
+    """For a tokenizer that names no eos token: the checkpoint's config.json, else a familiar name."""
     if (path / "config.json").exists():
         eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
-        if isinstance(eos, list) and eos:
-            eos = eos[0]
+        eos = eos[0] if isinstance(eos, list) and eos else eos
         if isinstance(eos, int):
             return eos
     for token in EOS_CANDIDATES:
