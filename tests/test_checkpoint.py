@@ -434,7 +434,7 @@ def test_checkpoints_hold_no_pickles(small_run: Path) -> None:
     info = json.loads((newest / "model" / "info.json").read_text())
     assert meta["step"] == STEPS and info["strategy"] == "none" and meta["parts"]["sampler"]["position"] > 0
     assert meta["parts"]["train_state"]["step"] == STEPS and set(meta["parts"]) == {
-        "scheduler", "train_state", "spikes", "sampler"
+        "scheduler", "train_state", "spikes", "sampler", "tokenizer"
     }  # fmt: skip
     names = {p.name for p in newest.rglob("*") if p.is_file()}
     assert {"meta.json", "manifest.json", "rank0.json", "rank0.safetensors", ".metadata", "info.json"} <= names

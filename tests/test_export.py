@@ -118,8 +118,10 @@ def test_gpt2_layout_loads_in_transformers_with_our_logits(gpt2_run: Path, tmp_p
     assert main([str(gpt2_run), "--out", str(out)]) == 0
     line = one_line(capsys.readouterr().out)
     assert str(out) in line and "config.json (GPT2LMHeadModel)" in line and "step_00000003" in line
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    # synthetic data has no tokenizer: the special ids are null, not transformers' GPT-2 defaults (50256)
+    assert config["model_type"] == "gpt2" and config["bos_token_id"] is None and config["eos_token_id"] is None
     cfg, final = model_config(gpt2_run), load_file(gpt2_run / "checkpoints" / "final" / "model.safetensors")
     assert_equal_weights(exported_weights(out, cfg), final)
     assert_same_logits(GPT2LMHeadModel.from_pretrained(out), cfg, final)
@@ -194,7 +196,7 @@ def test_existing_out_is_refused_unless_force(gpt2_run: Path, tmp_path: Path, ca
     assert "is not empty: choose another directory or pass --force" in one_line(capsys.readouterr().err)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert main([str(gpt2_run), "--out", str(out), "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_run_dir_without_checkpoints(tmp_path: Path, capsys) -> None:

@@ -125,15 +125,38 @@ def preflight(argv: list[str]) -> list[str]:
 
 def check_paths(cfg: Config) -> None:
     """Local paths named in the config must exist before any work starts."""
-    if cfg.data.source == "files" and not Path(cfg.data.path).expanduser().exists():
+    from trainer.data.sources import local_paths  # a glob in data.path: checked by what it matches
+
+    if (
+        cfg.data.source == "files"
+        and local_paths(cfg.data.path) is None
+        and not Path(cfg.data.path).expanduser().exists()
+    ):
         raise ConfigError(
             f"data.path={cfg.data.path} does not exist: point it at a text file or a directory of text files"
         )
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).expanduser().is_dir():
-        raise ConfigError(
-            f"model.pretrained={cfg.model.pretrained} is not a directory: point it at a local "
-            "Hugging Face checkpoint (config.json + safetensors)"
-        )
+    if cfg.model.pretrained:
+        check_pretrained_dir(cfg.model.pretrained)
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def check_pretrained_dir(pretrained: str) -> None:
+    """model.pretrained must be a local Hugging Face checkpoint: config.json and weights."""
+    path = Path(pretrained).expanduser()
+    fix = "point it at a local Hugging Face checkpoint (a save_pretrained directory: config.json + safetensors)"
+    if not path.is_dir():
+        raise ConfigError(f"model.pretrained={pretrained} is not a directory: {fix}")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={pretrained} has no config.json: {fix}")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"model.pretrained={pretrained} holds no weights ({', '.join(WEIGHT_FILES)}): {fix}")
 
 
 def will_use_gpu(cfg: Config) -> bool:

@@ -8,9 +8,11 @@ The checkpoint is verified against its manifest, GPT is rebuilt from the model p
 the weights are read without a process group: torch.distributed.checkpoint reshards a none /
 ddp / fsdp checkpoint of any world size into this one process; DeepSpeed's zero_to_fp32
 assembles the fp32 master weights of a zero1-3 checkpoint. DIR gets model.safetensors plus,
-with --hf (the default) and a GPT-2 or Llama layout, a config.json for transformers'
-from_pretrained (tensors under Hugging Face names); otherwise the tensors keep GPT's names and
-trainer_config.json holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an
+with --hf (the default) and a Hugging Face layout (GPT-2, Llama, Mistral, Qwen2), a config.json
+for transformers' from_pretrained (tensors under Hugging Face names) with the tokenizer's real
+bos / eos / pad ids, the tokenizer files the run saved (the checkpoint's `tokenizer` part names
+them) and generation_config.json, so `transformers.pipeline("text-generation", model=DIR)` runs
+as it is; otherwise the tensors keep GPT's names and trainer_config.json holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an
 existing non-empty DIR is refused unless --force. Errors: one line, exit code 2.
 """
 
@@ -60,6 +62,49 @@ def find_checkpoint(source: Path, warn=lambda m: print(f"warning: {m}", file=sys
     if found is None:
         raise ExportError(f"{source / 'checkpoints'} holds no checkpoint that passes verification")
     return found
+
+
+def tokenizer_dir(checkpoint: Path) -> Path | None:
+    """The directory of the tokenizer the checkpoint's run saved (its `tokenizer` part), or None."""
+    ref = json.loads((checkpoint / "meta.json").read_text())["parts"].get("tokenizer") or {}
+    if not ref.get("directory"):
+        return None
+    directory = checkpoint.parent.parent / ref["directory"]  # run_dir/checkpoints/step_N -> run_dir
+    if not directory.is_dir():
+        raise ExportError(f"{directory} is missing: the tokenizer {checkpoint} was trained with is not in its run dir")
+    return directory
+
+
+def special_ids(tokenizer: Path | None, fingerprint: str | None) -> dict[str, int | None]:
+    """bos / eos / pad ids for config.json and generation_config.json, from the run's tokenizer.
+    Written even when unknown (null): transformers' GPT-2 defaults (50256) are wrong elsewhere."""
+    if tokenizer is None:
+        eos = 256 if fingerprint == "byte" else None  # the byte tokenizer ends documents with 256
+        return {"bos_token_id": None, "eos_token_id": eos, "pad_token_id": None}
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    return {
+        "bos_token_id": loaded.bos_token_id,
+        "eos_token_id": loaded.eos_token_id,
+        "pad_token_id": loaded.pad_token_id,
+    }
+
+
+def write_tokenizer(out: Path, tokenizer: Path | None, fingerprint: str | None) -> str:
+    """Tokenizer files, the special ids in config.json, and generation_config.json; returns what, in words."""
+    ids = special_ids(tokenizer, fingerprint)
+    if tokenizer is not None:
+        for file in tokenizer.iterdir():
+            if file.is_file() and file.name != "fingerprint.txt":
+                shutil.copy2(file, out / file.name)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | ids, indent=2) + "\n")
+    generation = {k: v for k, v in ids.items() if v is not None}
+    if generation.get("pad_token_id") is None and "eos_token_id" in generation:
+        generation["pad_token_id"] = generation["eos_token_id"]  # generation only: padding of finished rows
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return " + tokenizer" if tokenizer is not None else ""
 
 
 def load_model(checkpoint: Path) -> tuple[GPT, dict]:
@@ -115,8 +160,9 @@ def _read_zero(state_dir: Path) -> dict[str, torch.Tensor]:
     return {".".join(p for p in k.split(".") if p not in WRAPPER_NAMES): v for k, v in state.items()}
 
 
-def write_export(model: GPT, out: Path, hf: bool) -> str:
-    """Write out/ via out.tmp/ (then renamed); return what was written, in words."""
+def write_export(model: GPT, out: Path, hf: bool, checkpoint: Path | None = None) -> str:
+    """Write out/ via out.tmp/ (then renamed); return what was written, in words. checkpoint: where
+    the run's tokenizer is found (its `tokenizer` part), for a Hugging Face export."""
     out = out.resolve()
     cfg, state = model.cfg, {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_name(out.name + ".tmp")
@@ -130,6 +176,10 @@ def write_export(model: GPT, out: Path, hf: bool) -> str:
         if architecture:
             export_hf(state, tmp, cfg)
             what = f"model.safetensors + config.json ({architecture})"
+            if checkpoint is not None:
+                fingerprint = json.loads((checkpoint / "meta.json").read_text())["parts"].get("tokenizer", {})
+                what += write_tokenizer(tmp, tokenizer_dir(checkpoint), fingerprint.get("fingerprint"))
+                what += " + generation_config.json"
         else:
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             (tmp / "trainer_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -162,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--out {args.out} exists and is not empty: choose another directory or pass --force")
         checkpoint = find_checkpoint(args.source)
         model, meta = load_model(checkpoint)
-        what = write_export(model, args.out, args.hf)
+        what = write_export(model, args.out, args.hf, checkpoint)
     except (ExportError, OSError) as error:  # OSError: --out cannot be written
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -23,16 +23,16 @@ import torch
 from omegaconf import OmegaConf
 
 from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_weights, step_dir_name
-from trainer.config import Config, ModelConfig, check_run, resolve_model_config
+from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
 from trainer.data import Data, Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
 from trainer.model import check_attention_backend
 from trainer.model.build import build_model
 from trainer.monitor import SpikeWatch, Throughput, peak_flops, peak_memory_gb, step_metrics
 from trainer.parallel import Strategy, build_strategy, parallelize
-from trainer.parallel.dist import env_world_size
+from trainer.parallel.dist import env_local_rank, env_world_size
 from trainer.precision import DTYPES
-from trainer.state import TrainState
+from trainer.state import TokenizerRef, TrainState
 from trainer.step import StepResult, evaluate, train_step
 
 log = logging.getLogger("trainer")
@@ -52,6 +52,7 @@ class Run:
     spikes: SpikeWatch
     state: TrainState
     checkpointer: Checkpointer
+    tokenizer: TokenizerRef
     loggers: Loggers | None = None
 
     @property
@@ -67,7 +68,7 @@ class Run:
         before anything changes). A rollback leaves out the sampler: the data moves on."""
         parts = {
             **self.strategy.checkpoint_parts(), "train_state": self.state, "spikes": self.spikes,
-            "rng": RNGState(self.strategy.rank),
+            "rng": RNGState(self.strategy.rank), "tokenizer": self.tokenizer,
         }  # fmt: skip
         if with_data:
             parts["sampler"] = self.sampler
@@ -96,15 +97,16 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     metrics: dict[str, Any] = {}
     while state.step < tc.max_steps:
         started = time.perf_counter()
-        x, y = next_batch(run)
+        x, y, positions = next_batch(run)
         data_s = time.perf_counter() - started
         result = train_step(
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
+            positions=positions,
         )  # fmt: skip
         state.record(run.tokens_per_step, result.target_tokens, result.stepped, result.non_finite)
         check_skips(run)
-        meter.add(run.tokens_per_step, data_s, result.timings)
+        meter.add(run.tokens_per_step, result.target_tokens, data_s, result.timings)
         logged = log_step(run, result, meter) if should_log(run, result) else None
         metrics = logged or metrics
         run.loggers.advance(1, loss=result.loss)
@@ -128,16 +130,17 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     strategy = build_strategy(cfg)
-    data = build_data(cfg.data, tc.seq_len, tc.seed, rank=strategy.rank)
+    data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
+    tokenizer = save_tokenizer(data, run_dir, strategy.rank)
     check_attention_backend(model_cfg.attention_backend, strategy.device, DTYPES[cfg.precision.dtype])
     model, weights = build_model(model_cfg, tc.seed)  # on the meta device: no memory yet
     checkpointed = parallelize(model, weights, cfg, strategy)
     torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
     run = Run(
         cfg, run_dir, strategy, data, model_cfg, tc.accumulation_steps(strategy.world_size),
-        Sampler(len(data.train), tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
-        TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)),
+        data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
+        TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer,
     )  # fmt: skip
     unwrapped = strategy.unwrapped()
     log.info(data.describe())
@@ -150,6 +153,51 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
     )
     return run
+
+
+def build_data_once_per_node(cfg: Config, strategy: Strategy) -> Data:
+    """The data, tokenized (and a BPE trained) once per node: local rank 0 builds the cache while the
+    node's other ranks wait, then they open what it built. A ConfigError on any rank stops every
+    rank with the same line."""
+    build = lambda: build_data(  # noqa: E731
+        cfg.data, cfg.train.seq_len, cfg.train.seed, rank=strategy.rank, pretrained=cfg.model.pretrained,
+        val_samples=cfg.train.micro_batch_size * cfg.train.eval_batches,
+    )  # fmt: skip
+    data, error = None, None
+    if env_local_rank() == 0:
+        try:
+            data = build()
+        except ConfigError as failure:
+            error = str(failure)
+    error = strategy.first_error(error)  # collective: also the barrier the other ranks wait at
+    if error is not None:
+        raise ConfigError(error)
+    return data if data is not None else build()  # a cache hit on the other ranks
+
+
+TOKENIZER_DIR = "tokenizer"  # inside the run dir
+
+
+def save_tokenizer(data: Data, run_dir: Path, rank: int) -> TokenizerRef:
+    """Save a Hugging Face tokenizer into the run dir (rank 0; export and generate read it there)
+    and return the reference checkpoints keep. A run dir that already holds another tokenizer is
+    refused and left as it is."""
+    tokenizer = data.tokenizer
+    if not hasattr(tokenizer, "save"):  # byte / identity: nothing to save, the name says it all
+        return TokenizerRef(None, tokenizer.fingerprint())
+    directory = run_dir / TOKENIZER_DIR
+    stamp = directory / "fingerprint.txt"
+    if stamp.exists() and stamp.read_text().strip() != tokenizer.fingerprint():
+        raise ConfigError(
+            f"{directory} holds another tokenizer than this run's ({stamp.read_text().strip()}): keep the run's "
+            "data.tokenizer / model.pretrained, or choose another hydra.run.dir"
+        )
+    if rank == 0 and not stamp.exists():
+        tmp = run_dir / f"{TOKENIZER_DIR}.tmp"
+        tokenizer.save(tmp)
+        (tmp / "fingerprint.txt").write_text(tokenizer.fingerprint() + "\n")
+        os.replace(tmp, directory)
+    return TokenizerRef(TOKENIZER_DIR, tokenizer.fingerprint())
 
 
 def resume(run: Run) -> None:
@@ -175,12 +223,13 @@ def start_loggers(run: Run) -> Loggers:
     return loggers
 
 
-def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the next global batch, on its device."""
+def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's share of the next global batch, on its device: inputs, targets and, for packed
+    examples with document masking, each token's position in its example (else None)."""
     indices = run.sampler.next_global_batch(run.global_batch)
-    x, y = run.data.train.get_batch(shard_for_rank(indices, run.strategy.rank, run.strategy.world_size))
-    device = run.strategy.device
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    x, y, *positions = run.data.train.get_batch(shard_for_rank(indices, run.strategy.rank, run.strategy.world_size))
+    x, y, *positions = (t.to(run.strategy.device, non_blocking=True) for t in (x, y, *positions))
+    return x, y, positions[0] if positions else None
 
 
 def due(step: int, interval: int) -> bool:
@@ -301,5 +350,8 @@ def sample(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int, s
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator)
+    out = model.generate(
+        torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator,
+        eos_id=tokenizer.eot_id,
+    )  # fmt: skip
     return tokenizer.decode(out[0].tolist())

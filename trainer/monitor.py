@@ -99,7 +99,8 @@ class SpikeWatch:
 
 
 class Throughput:
-    """Tokens and host-clock seconds since the last logged step: tokens/s, MFU, and where the time
+    """Tokens and host-clock seconds since the last logged step: tokens/s (all tokens, and target tokens:
+    those that counted toward the loss), MFU, and where the time
     went (data, compute = forward / backward / gradient statistics, optimizer = the rest of the
     step). The window closes when the log row is built: evaluation and writing the row fall
     between windows and are not counted."""
@@ -110,12 +111,13 @@ class Throughput:
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.tokens, self.steps = 0, 0
+        self.tokens, self.target_tokens, self.steps = 0, 0, 0
         self.seconds = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
 
-    def add(self, tokens: int, data_s: float, timings: dict[str, float]) -> None:
-        """One step of `tokens` tokens; timings: a StepResult's pieces."""
+    def add(self, tokens: int, target_tokens: int, data_s: float, timings: dict[str, float]) -> None:
+        """One step of `tokens` tokens, `target_tokens` of them in the loss; timings: a StepResult's pieces."""
         self.tokens += tokens
+        self.target_tokens += target_tokens
         self.steps += 1
         self.seconds["data"] += data_s
         compute = timings.get("forward_backward", 0.0) + timings.get("grad_stats", 0.0)
@@ -127,6 +129,7 @@ class Throughput:
         rate = self.tokens / elapsed
         return {
             "tokens_per_s": rate, "throughput/tokens_per_s": rate,
+            "throughput/target_tokens_per_s": self.target_tokens / elapsed,
             "throughput/mfu": self.flops_per_token * rate / self.peak_flops if self.peak_flops else 0.0,
             "throughput/step_time_s": elapsed / self.steps,
             **{f"throughput/{k}_time_s": v / self.steps for k, v in self.seconds.items()},

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from trainer.config import ConfigError
+
 
 @dataclass
 class TrainState:
@@ -36,3 +38,23 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for field in dataclasses.fields(self):
             setattr(self, field.name, state[field.name])
+
+
+class TokenizerRef:
+    """A checkpoint's reference to the tokenizer its run trained with: the directory inside the run
+    dir where the run saved it (export and generate read it from there) and its fingerprint, so
+    resuming with another tokenizer is refused instead of training on ids that mean other text."""
+
+    def __init__(self, directory: str | None, fingerprint: str) -> None:
+        self.directory = directory  # relative to the run dir; None: not saved (byte / identity)
+        self.fingerprint = fingerprint
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"directory": self.directory, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fingerprint"] != self.fingerprint:
+            raise ConfigError(
+                f"the checkpoint was trained with another tokenizer ({state['fingerprint']}, this run has "
+                f"{self.fingerprint}): resume with the run's own data.tokenizer, or start a new run dir"
+            )

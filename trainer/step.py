@@ -64,9 +64,12 @@ class _Clock:
 
 
 def forward_backward(
-    strategy: Strategy, x: torch.Tensor, y: torch.Tensor, accum_steps: int
+    strategy: Strategy, x: torch.Tensor, y: torch.Tensor, accum_steps: int, positions: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's batch in accum_steps micro-batches.
+
+    positions (optional, (B, T) like x): each token's position in its own example, 0 where one
+    starts; the model then keeps attention inside each example of a packed row.
 
     Each micro-batch's summed token loss is divided by the number of target tokens in the
     whole global batch (every micro-batch, every rank), so the accumulated gradient equals
@@ -75,10 +78,12 @@ def forward_backward(
     """
     n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32))  # collective
     loss_sum = torch.zeros((), device=x.device)
-    micro_batches = list(zip(x.chunk(accum_steps), y.chunk(accum_steps), strict=True))
-    for i, (xb, yb) in enumerate(micro_batches):
+    pieces = [x.chunk(accum_steps), y.chunk(accum_steps)]
+    pieces.append(positions.chunk(accum_steps) if positions is not None else [None] * len(pieces[0]))
+    for i, (xb, yb, pb) in enumerate(zip(*pieces, strict=True)):
         with strategy.micro_step(is_last=i == accum_steps - 1):
-            token_loss = strategy.model(xb, targets=yb)  # summed over this micro-batch's targets
+            extra = {} if pb is None else {"positions": pb}
+            token_loss = strategy.model(xb, targets=yb, **extra)  # summed over this micro-batch's targets
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
     return loss_sum, n_targets
@@ -94,15 +99,17 @@ def train_step(
     spikes: SpikeWatch | None = None,
     spike_action: str = "log",
     stats: bool = False,
+    positions: torch.Tensor | None = None,
 ) -> StepResult:
     """One optimizer step on this rank's share (x, y) of the global batch (collective).
 
     spikes: checked with the step's loss and norm; under spike_action skip / rollback a spike
     drops the update. stats: also per-group parameter sums of squares after the step and of
-    the update it made (copies the owned weights first: monitor steps only).
+    the update it made (copies the owned weights first: monitor steps only). positions: see
+    forward_backward (packed examples with document masking).
     """
     clock = _Clock()
-    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps)
+    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions)
     clock.lap("forward_backward")
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
@@ -145,9 +152,8 @@ def evaluate(model: torch.nn.Module, split: Any, batch_size: int, batches: int, 
     count = 0
     n = min(len(split), batch_size * batches)
     for start in range(0, n, batch_size):
-        x, y = split.get_batch(np.arange(start, min(start + batch_size, n)))
-        x, y = x.to(device), y.to(device)
-        total += model(x, targets=y)
+        x, y, *positions = (t.to(device) for t in split.get_batch(np.arange(start, min(start + batch_size, n))))
+        total += model(x, targets=y, **({"positions": positions[0]} if positions else {}))
         count += int((y != IGNORE_INDEX).sum())
     model.train()
     return total.item() / max(count, 1)  # host sync: once per evaluation

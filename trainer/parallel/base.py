@@ -136,6 +136,16 @@ class Strategy(abc.ABC):
 
             dist.barrier()  # collective
 
+    def first_error(self, error: str | None) -> str | None:
+        """The first error message of any rank (in rank order), or None when none had one."""
+        if not _dist():
+            return error
+        import torch.distributed as dist
+
+        gathered: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, error)  # collective
+        return next((e for e in gathered if e), None)
+
     def broadcast_path(self, path: Path | None) -> Path | None:
         """Rank 0's path on every rank."""
         if not _dist():

@@ -1,0 +1,120 @@
+"""Generate text from a run or a checkpoint, on one process.
+
+    python -m trainer.generate SOURCE --prompt TEXT [--max-new-tokens 64] [--temperature 0]
+                               [--top-k K] [--raw] [--seed 0] [--device cpu]
+
+SOURCE is a run directory (its latest verified checkpoint) or one checkpoint directory, of any
+strategy (see trainer.export). The tokenizer is the one the run saved (the checkpoint's
+`tokenizer` part), or the byte tokenizer for byte-level runs. A tokenizer with a chat template
+(a chat or instruct model) gets the prompt as one user turn with the generation prompt, unless
+--raw. Generation stops at the tokenizer's end-of-sequence token or after --max-new-tokens.
+Temperature 0 is greedy. Errors: one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.export import ExportError, find_checkpoint, load_model, tokenizer_dir
+
+
+class _Byte:
+    """The byte tokenizer's encode / decode for runs that trained on it."""
+
+    eos_token_id = 256
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(checkpoint: Path) -> Any:
+    """The tokenizer the checkpoint's run trained with (transformers' fast tokenizer, or bytes)."""
+    directory = tokenizer_dir(checkpoint)
+    if directory is not None:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    ref = json.loads((checkpoint / "meta.json").read_text())["parts"].get("tokenizer") or {}
+    if ref.get("fingerprint") == "byte":
+        return _Byte()
+    raise ExportError(f"{checkpoint} names no saved tokenizer (a run from an older trainer, or synthetic data)")
+
+
+def prompt_ids(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
+    """The prompt's ids: one user turn through the chat template when the tokenizer has one, else
+    the text with the tokenizer's own special tokens (a Llama BOS), as transformers' pipeline does."""
+    if not raw and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    raw: bool = False,
+) -> str:
+    """The continuation of `prompt` (new text only), stopping at the tokenizer's eos."""
+    device = next(model.parameters()).device
+    ids = prompt_ids(tokenizer, prompt, raw)
+    if not ids:
+        raise ExportError("the prompt encodes to no tokens: give a non-empty --prompt")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(
+        torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k,
+        generator=generator, eos_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    new = out[0, len(ids) :].tolist()
+    if new and new[-1] == tokenizer.eos_token_id:
+        new = new[:-1]
+    return tokenizer.decode(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m trainer.generate`; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="a run directory or a checkpoint directory (step_...)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="no chat template, even when the tokenizer has one")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    try:
+        if args.max_new_tokens <= 0 or args.temperature < 0:
+            raise ExportError("--max-new-tokens must be positive and --temperature at least 0")
+        checkpoint = find_checkpoint(args.source)
+        tokenizer = load_tokenizer(checkpoint)
+        model, _ = load_model(checkpoint)
+        model.to(args.device).eval()
+        text = generate(
+            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.raw
+        )
+    except (ExportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
