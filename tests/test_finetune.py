@@ -230,3 +230,21 @@ def test_pretrained_refuses_a_foreign_tokenizer_and_a_bad_directory(finetune_dir
     done = run_cli(*COMMON, "data=instruct", f"data.path={root / 'instruct.jsonl'}", f"model.pretrained={tmp_path / 'empty'}",
                    f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2 and "has no config.json" in done.stderr, done.stderr
+
+
+@pytest.mark.heavy
+def test_two_ranks_tokenize_once_per_node_and_train_packed_chat(finetune_dir: Path, tmp_path: Path) -> None:
+    """torchrun, 2 ranks, ddp: local rank 0 renders and caches the examples while rank 1 waits, then
+    opens the cache; the packed, document-masked chat batches train under DDP."""
+    from tests.helpers import torchrun
+
+    run_dir = tmp_path / "run"
+    cache = f"data.cache_dir={tmp_path / 'cache'}"  # empty: this run builds it
+    args = [*overrides(finetune_dir, "llama", "chat"), cache, "parallel=ddp", "train.max_steps=2",
+            "train.micro_batch_size=1", f"hydra.run.dir={run_dir}"]  # fmt: skip
+    done = torchrun("-m", "trainer", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logs = [(run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)]
+    assert "cache built in" in logs[0] and "cache hit" not in logs[0]
+    assert "cache hit" in logs[1] and "cache built" not in logs[1]
+    assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
