@@ -59,9 +59,9 @@ class Segment(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
 
-    def forward(self, x: torch.Tensor, rope: Any = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, *args)  # rope, mask, cache: as GPT.forward passes them to each block
         return x
 
 

@@ -248,3 +248,37 @@ def test_two_ranks_tokenize_once_per_node_and_train_packed_chat(finetune_dir: Pa
     assert "cache built in" in logs[0] and "cache hit" not in logs[0]
     assert "cache hit" in logs[1] and "cache built" not in logs[1]
     assert [row["step"] for row in read_metrics(run_dir)] == [1, 2]
+
+
+def test_generate_applies_the_chat_template_unless_raw(finetune_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from trainer.generate import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(str(finetune_dir / "llama"))
+    turn = [{"role": "user", "content": "hello there"}]
+    expected = tok.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert prompt_ids(tok, "hello there", raw=False) == list(expected["input_ids"])
+    assert prompt_ids(tok, "hello there", raw=True) == tok("hello there")["input_ids"]  # with its BOS
+    assert prompt_ids(tok, "hello there", raw=True)[0] == tok.bos_token_id
+
+
+def test_generate_from_a_byte_level_run(tmp_path: Path) -> None:
+    from trainer.data.tokenizer import ByteTokenizer
+    from trainer.export import find_checkpoint, load_model
+    from trainer.generate import generate
+
+    run_dir = tmp_path / "run"
+    cfg, _ = compose_config([
+        "logger.wandb=false", "logger.progress_bar=false", "train.sample_tokens=0", "model.n_layer=1", "model.n_embd=32",
+        "train.seq_len=16", "train.max_steps=2", "train.eval_batches=1", f"data.cache_dir={tmp_path / 'cache'}",
+    ])  # fmt: skip
+    train(cfg, run_dir)
+    model, _ = load_model(find_checkpoint(run_dir))
+    expected = generate(model.eval(), ByteTokenizer(), "def ", 6)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "6"],
+        capture_output=True, text=True, env=env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout[:-1] == expected and len(expected.encode()) <= 6

@@ -21,20 +21,8 @@ from typing import Any
 
 import torch
 
+from trainer.data.tokenizer import ByteTokenizer
 from trainer.export import ExportError, find_checkpoint, load_model, tokenizer_dir
-
-
-class _Byte:
-    """The byte tokenizer's encode / decode for runs that trained on it."""
-
-    eos_token_id = 256
-    chat_template = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(checkpoint: Path) -> Any:
@@ -46,7 +34,7 @@ def load_tokenizer(checkpoint: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     ref = json.loads((checkpoint / "meta.json").read_text())["parts"].get("tokenizer") or {}
     if ref.get("fingerprint") == "byte":
-        return _Byte()
+        return ByteTokenizer()
     raise ExportError(f"{checkpoint} names no saved tokenizer (a run from an older trainer, or synthetic data)")
 
 
@@ -73,16 +61,17 @@ def generate(
 ) -> str:
     """The continuation of `prompt` (new text only), stopping at the tokenizer's eos."""
     device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eot_id  # HF or byte
     ids = prompt_ids(tokenizer, prompt, raw)
     if not ids:
         raise ExportError("the prompt encodes to no tokens: give a non-empty --prompt")
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
         torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k,
-        generator=generator, eos_id=tokenizer.eos_token_id,
+        generator=generator, eos_id=eos,
     )  # fmt: skip
     new = out[0, len(ids) :].tolist()
-    if new and new[-1] == tokenizer.eos_token_id:
+    if new and new[-1] == eos:
         new = new[:-1]
     return tokenizer.decode(new)
 
