@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.helpers import (
+from helpers import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
     QWEN2_TEMPLATE,
@@ -31,6 +30,7 @@ from tests.helpers import (
     run_cli,
     save_tiny_tokenizer,
 )
+
 from trainer.__main__ import compose_config
 from trainer.data import build_data
 from trainer.loop import train
@@ -236,7 +236,7 @@ def test_pretrained_refuses_a_foreign_tokenizer_and_a_bad_directory(finetune_dir
 def test_two_ranks_tokenize_once_per_node_and_train_packed_chat(finetune_dir: Path, tmp_path: Path) -> None:
     """torchrun, 2 ranks, ddp: local rank 0 renders and caches the examples while rank 1 waits, then
     opens the cache; the packed, document-masked chat batches train under DDP."""
-    from tests.helpers import torchrun
+    from helpers import torchrun
 
     run_dir = tmp_path / "run"
     cache = f"data.cache_dir={tmp_path / 'cache'}"  # empty: this run builds it
