@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from helpers import HF_CONTEXT, QUICK, hf_gpt2, hf_llama
+from helpers import HF_CONTEXT, QUICK, build_finetune_dir, hf_gpt2, hf_llama
 
 
 @pytest.fixture
@@ -28,6 +28,13 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for name, model in models.items():
         model.save_pretrained(root / name)
     return {name: str(root / name) for name in models}
+
+
+@pytest.fixture(scope="session")
+def finetune_dir(tmp_path_factory: pytest.TempPathFactory):
+    """Tiny random GPT-2, Llama and Qwen2 checkpoints with their own tokenizers, and instruct / chat
+    records (helpers.build_finetune_dir)."""
+    return build_finetune_dir(tmp_path_factory.mktemp("finetune"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -215,3 +215,50 @@ def save_tiny_tokenizer(directory, style: str) -> int:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=template, **tokens)
     tokenizer.save_pretrained(str(directory))
     return len(tokenizer)
+
+
+# -- fine-tuning: tiny HF models with their own tokenizers, and instruction / chat records ----------
+
+WORDS = "the quick brown fox jumps over lazy dog capital of France is Paris two plus four hello story".split()
+EXAMPLES = 10  # records per file; at data.val_fraction=0.2 the last 2 are validation, the first 8 train
+FINETUNE_STYLES = {"gpt2": "gpt2", "llama": "llama3", "qwen2": "qwen2"}  # model -> tokenizer style
+
+
+def phrase(i: int, n: int) -> str:
+    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
+
+
+def instruct_records() -> list[dict]:
+    return [{"prompt": f"Q{i}: {phrase(i, 3)}?", "response": phrase(i + 1, 2 + i % 4)} for i in range(EXAMPLES)]
+
+
+def chat_records() -> list[dict]:
+    records = []
+    for i in range(EXAMPLES):
+        messages = [{"role": "user", "content": phrase(i, 2)}, {"role": "assistant", "content": phrase(i + 2, 3)}]
+        if i % 2:
+            messages = [{"role": "system", "content": "be brief"}, *messages]
+            messages += [{"role": "user", "content": phrase(i + 5, 1)}, {"role": "assistant", "content": phrase(i, 2)}]
+        records.append({"messages": messages})
+    return records
+
+
+def build_finetune_dir(root):
+    """Per model (gpt2, llama, qwen2): a tiny random HF checkpoint with its tokenizer in root/<model>;
+    and root/instruct.jsonl, root/chat.jsonl. Returns root."""
+    import json
+
+    import torch
+
+    builders = {
+        "gpt2": lambda v: hf_gpt2(vocab_size=v, n_positions=128, n_embd=32, n_head=2),
+        "llama": lambda v: hf_llama(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
+        "qwen2": lambda v: hf_qwen2(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
+    }
+    for name, build in builders.items():
+        vocab = save_tiny_tokenizer(root / name, FINETUNE_STYLES[name])
+        torch.manual_seed(0)
+        build(vocab).save_pretrained(root / name)
+    for kind, records in (("instruct", instruct_records()), ("chat", chat_records())):
+        (root / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root

@@ -20,15 +20,14 @@ import pytest
 import torch
 from helpers import (
     CHATML_TEMPLATE,
+    EXAMPLES,
     LLAMA3_TEMPLATE,
     QWEN2_TEMPLATE,
+    chat_records,
     env,
-    hf_gpt2,
-    hf_llama,
-    hf_qwen2,
+    instruct_records,
     read_metrics,
     run_cli,
-    save_tiny_tokenizer,
 )
 
 from trainer.__main__ import compose_config
@@ -36,7 +35,6 @@ from trainer.data import build_data
 from trainer.loop import train
 from trainer.model.loss import IGNORE_INDEX
 
-STYLE = {"gpt2": "gpt2", "llama": "llama3", "qwen2": "qwen2"}  # model -> tokenizer style
 # The same templates with transformers' {% generation %} tags around each assistant turn (its content
 # and the end-of-turn marker, not the newline the template writes after it), from which transformers
 # computes its own assistant-token mask.
@@ -57,50 +55,11 @@ TAGGED["qwen2"] = QWEN2_TEMPLATE.replace(
     "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n",
     TAGGED["gpt2"].split("{% for message in messages %}")[1].split("{% endfor %}")[0],
 )
-WORDS = "the quick brown fox jumps over lazy dog capital of France is Paris two plus four hello story".split()
-EXAMPLES = 10  # val_fraction 0.2: the last 2 are validation, the first 8 train
 COMMON = [
     "logger.wandb=false", "logger.progress_bar=false", "train.sample_tokens=0", "train.seq_len=96",
     "data.val_fraction=0.2", "train.eval_batches=1", "optim.lr=3e-3", "optim.warmup_steps=0",
     "train.log_interval=1", "optim.weight_decay=0",
 ]  # fmt: skip
-
-
-def phrase(i: int, n: int) -> str:
-    return " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(n))
-
-
-def instruct_records() -> list[dict]:
-    return [{"prompt": f"Q{i}: {phrase(i, 3)}?", "response": phrase(i + 1, 2 + i % 4)} for i in range(EXAMPLES)]
-
-
-def chat_records() -> list[dict]:
-    records = []
-    for i in range(EXAMPLES):
-        messages = [{"role": "user", "content": phrase(i, 2)}, {"role": "assistant", "content": phrase(i + 2, 3)}]
-        if i % 2:
-            messages = [{"role": "system", "content": "be brief"}, *messages]
-            messages += [{"role": "user", "content": phrase(i + 5, 1)}, {"role": "assistant", "content": phrase(i, 2)}]
-        records.append({"messages": messages})
-    return records
-
-
-@pytest.fixture(scope="module")
-def finetune_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Per model: a tiny random HF checkpoint with its tokenizer in one directory; and the data files."""
-    root = tmp_path_factory.mktemp("finetune")
-    builders = {
-        "gpt2": lambda v: hf_gpt2(vocab_size=v, n_positions=128, n_embd=32, n_head=2),
-        "llama": lambda v: hf_llama(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
-        "qwen2": lambda v: hf_qwen2(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
-    }
-    for name, build in builders.items():
-        vocab = save_tiny_tokenizer(root / name, STYLE[name])
-        torch.manual_seed(0)
-        build(vocab).save_pretrained(root / name)
-    for kind, records in (("instruct", instruct_records()), ("chat", chat_records())):
-        (root / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
 
 
 def overrides(root: Path, model: str, kind: str) -> list[str]:

@@ -127,6 +127,15 @@ def load_model(checkpoint: Path) -> tuple[GPT, dict]:
         cfg = ModelConfig(**info["model_config"])
     except (TypeError, ValueError) as error:  # a field this version lacks, or a value it rejects
         raise ExportError(f"{info_path}: `model_config` does not fit ModelConfig ({error})") from error
+    lora = json.loads((checkpoint / "meta.json").read_text())["parts"].get("lora")
+    if lora is not None:  # adapters only: the base comes from its source
+        from trainer.config import ConfigError
+        from trainer.lora.export import load_lora_model
+
+        try:
+            return load_lora_model(checkpoint, cfg, lora), info | {"lora": lora}
+        except (ConfigError, ValueError, OSError) as error:
+            raise ExportError(f"cannot rebuild the LoRA model of {checkpoint}: {error}") from error
     with torch.device("meta"):  # no random init: every parameter is overwritten below
         model = GPT(cfg)
     model.to_empty(device="cpu")
@@ -193,6 +202,39 @@ def write_export(model: GPT, out: Path, hf: bool, checkpoint: Path | None = None
     return what
 
 
+def write_adapter_export(checkpoint: Path, out: Path) -> str:
+    """A LoRA checkpoint's adapter in PEFT's format, with the run's tokenizer beside it."""
+    out = out.resolve()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint / "adapter", tmp)
+    tokenizer = tokenizer_dir(checkpoint)
+    for file in tokenizer.iterdir() if tokenizer is not None else ():
+        if file.is_file() and file.name != "fingerprint.txt":
+            shutil.copy2(file, tmp / file.name)
+    if out.exists():  # empty, or --force
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    return "PEFT adapter (adapter_config.json + adapter_model.safetensors)" + (" + tokenizer" if tokenizer else "")
+
+
+def merge_with_report(model: GPT, lora: dict) -> GPT:
+    """The adapters merged into the base in fp32, cast to the base checkpoint's dtype; prints how
+    far the merged model's logits are from the adapter model's on a held batch."""
+    from trainer.config import LoraConfig
+    from trainer.lora.export import base_dtype, fidelity, merged
+
+    dtype = base_dtype(model.cfg)
+    plain = merged(model, LoraConfig(**lora["config"]), dtype)
+    report = fidelity(model, plain)
+    print(
+        f"merged in fp32, stored as {str(dtype).removeprefix('torch.')}: max |logit difference| "
+        f"{report['max_logit_diff']:.3g} vs the adapter model, top-1 agreement {report['top1_agreement']:.2%} "
+        f"on a held batch of {report['tokens']} tokens"
+    )
+    return plain
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m trainer.export`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__.splitlines()[0])
@@ -205,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         help="Hugging Face names + config.json for GPT-2 / Llama layouts (default: on)",
     )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA runs: merge the adapters into the base (default: the PEFT adapter)"
+    )
     args = parser.parse_args(argv)
     try:
         occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
@@ -212,7 +257,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--out {args.out} exists and is not empty: choose another directory or pass --force")
         checkpoint = find_checkpoint(args.source)
         model, meta = load_model(checkpoint)
-        what = write_export(model, args.out, args.hf, checkpoint)
+        if "lora" in meta and not args.merge:
+            what = write_adapter_export(checkpoint, args.out)
+        else:
+            if "lora" in meta:
+                model = merge_with_report(model, meta["lora"])
+            elif args.merge:
+                raise ExportError(f"{checkpoint} is not from a LoRA run: there is nothing to merge (drop --merge)")
+            what = write_export(model, args.out, args.hf, checkpoint)
     except (ExportError, OSError) as error:  # OSError: --out cannot be written
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2

@@ -26,6 +26,7 @@ from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_wei
 from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
 from trainer.data import Data, Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
+from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_reference, write_adapter
 from trainer.model import check_attention_backend
 from trainer.model.build import build_model
 from trainer.monitor import SpikeWatch, Throughput, peak_flops, peak_memory_gb, step_metrics
@@ -53,6 +54,7 @@ class Run:
     state: TrainState
     checkpointer: Checkpointer
     tokenizer: TokenizerRef
+    lora: BaseRef | None = None  # LoRA runs: the settings, the adapted modules and the base's reference
     loggers: Loggers | None = None
 
     @property
@@ -72,6 +74,10 @@ class Run:
         }  # fmt: skip
         if with_data:
             parts["sampler"] = self.sampler
+        if self.lora is not None:
+            base = self.lora.base["pretrained"]
+            parts["lora"] = self.lora
+            parts["adapter"] = AdapterPart(self.strategy, self.model_cfg, self.lora.lora, base)
         return parts
 
 
@@ -106,6 +112,9 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
         )  # fmt: skip
         state.record(run.tokens_per_step, result.target_tokens, result.stepped, result.non_finite)
         check_skips(run)
+        check_targets(run, result)
+        if run.lora is not None and state.step == min(2, tc.max_steps):
+            check_adapters_learn(run)
         meter.add(run.tokens_per_step, result.target_tokens, data_s, result.timings)
         logged = log_step(run, result, meter) if should_log(run, result) else None
         metrics = logged or metrics
@@ -135,12 +144,16 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     tokenizer = save_tokenizer(data, run_dir, strategy.rank)
     check_attention_backend(model_cfg.attention_backend, strategy.device, DTYPES[cfg.precision.dtype])
     model, weights = build_model(model_cfg, tc.seed)  # on the meta device: no memory yet
+    lora = None
+    if cfg.lora.enabled:  # adapters before activation checkpointing and sharding
+        weights, adapted, settings = add_adapters(model, weights, cfg, model_cfg)
+        lora = BaseRef(base_reference(model_cfg, tc.seed), settings, adapted)
     checkpointed = parallelize(model, weights, cfg, strategy)
     torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
     run = Run(
         cfg, run_dir, strategy, data, model_cfg, tc.accumulation_steps(strategy.world_size),
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
-        TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer,
+        TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
     unwrapped = strategy.unwrapped()
     log.info(data.describe())
@@ -152,7 +165,26 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         f"ranks = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
     )
+    if lora is not None:
+        log.info(describe_lora(run))
     return run
+
+
+def describe_lora(run: Run) -> str:
+    """Trainable vs total parameters and the adapted modules (HF names), for the log."""
+    settings, model = run.lora.lora, run.strategy.unwrapped()
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions: the full size)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    kind = "DoRA" if settings.dora else "LoRA"
+    modules = ", ".join(run.lora.adapted[:6]) + (
+        f", ... ({len(run.lora.adapted)} in all)" if len(run.lora.adapted) > 6 else ""
+    )
+    return (
+        f"{kind} r={settings.r} alpha={settings.alpha}{' (rsLoRA)' if settings.rslora else ''}: "
+        f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), base frozen in "
+        f"{settings.base_dtype}; adapted: {modules}"
+    )
 
 
 def build_data_once_per_node(cfg: Config, strategy: Strategy) -> Data:
@@ -253,6 +285,28 @@ def check_skips(run: Run) -> None:
         )
 
 
+def check_targets(run: Run, result: StepResult) -> None:
+    """A global batch whose every label is masked teaches nothing (its loss is 0 / 0): stop."""
+    if result.target_tokens == 0:
+        raise TrainingError(
+            f"step {run.state.step}: every label of the global batch is masked (no response / assistant token "
+            "to learn): check data.train_on_prompt, data.format and train.seq_len against the examples' lengths"
+        )
+
+
+def check_adapters_learn(run: Run) -> None:
+    """After the first steps, name every adapter whose lora_B is still exactly zero: its gradient
+    was exactly zero, so nothing reaches it (a frozen path, a detached input) and it will never learn."""
+    adapters = run.strategy.full_state_dict(trainable_only=True)  # collective: gathers the adapters
+    if run.strategy.rank != 0:
+        return
+    stuck = sorted(name for name, tensor in adapters.items() if ".lora_B." in name and not tensor.any())
+    if stuck:
+        listed = ", ".join(stuck[:5]) + (f", ... ({len(stuck)} in all)" if len(stuck) > 5 else "")
+        log.warning(f"after {run.state.step} steps these adapters' lora_B is still exactly zero (no gradient "
+                    f"reaches them, they are not learning): {listed}")  # fmt: skip
+
+
 def log_step(run: Run, result: StepResult, meter: Throughput) -> dict[str, Any]:
     """One row of metrics.jsonl / wandb (and, at its cadence, the evaluation and a console line)."""
     cfg, state, strategy = run.cfg, run.state, run.strategy
@@ -303,9 +357,15 @@ def finish(run: Run) -> None:
     if latest is None or latest.name != step_dir_name(run.state.step):
         save(run)
     run.checkpointer.wait()  # collective: commit a checkpoint still being written in the background
-    weights = run.strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0
-    if run.strategy.rank == 0:
-        save_weights(run.run_dir / "checkpoints" / "final", weights)
+    final = run.run_dir / "checkpoints" / "final"
+    if run.lora is not None:  # the adapters alone, in PEFT's format (the base is model.pretrained)
+        adapters = run.strategy.full_state_dict(trainable_only=True)  # collective
+        if run.strategy.rank == 0:
+            write_adapter(final / "adapter", adapters, run.model_cfg, run.lora.lora, run.lora.base["pretrained"])
+    else:
+        weights = run.strategy.full_state_dict()  # collective: gathers shards; whole only on rank 0
+        if run.strategy.rank == 0:
+            save_weights(final, weights)
     tc = run.cfg.train
     if tc.sample_tokens > 0:  # every rank generates: sharded models need all ranks in forward
         text = sample(run.strategy.unwrapped(), run.data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed)

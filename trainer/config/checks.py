@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any
 
 from trainer.config.schema import (
@@ -43,14 +44,24 @@ def _show(value: Any) -> str:
 
 
 def _check_lora(cfg: LoraConfig) -> None:
-    # Until LoRA exists, any lora.* setting would silently train a full fine-tune instead.
+    """LoRA settings that cannot work, in one line each (r, alpha and dropout: LoraConfig itself)."""
     default = LoraConfig()
-    for f in fields(LoraConfig):
-        value = getattr(cfg, f.name)
+    if not cfg.enabled:  # a lora.* setting without lora.enabled would silently train in full
+        changed = [f.name for f in fields(LoraConfig) if getattr(cfg, f.name) != getattr(default, f.name)]
         _require(
-            value == getattr(default, f.name),
-            f"lora.{f.name}={_show(value)}: LoRA fine-tuning is not implemented yet; remove the lora.* "
-            "settings (a full fine-tune is what runs without them)",
+            not changed,
+            f"lora.{changed[0] if changed else ''} is set but LoRA is off: add lora=default (or lora.enabled=true)",
+        )
+        return
+    _require(
+        cfg.quantize_base is None,
+        f"lora.quantize_base={cfg.quantize_base}: QLoRA (a 4-bit NF4 base) is not implemented yet; "
+        "drop it to train LoRA on a bf16 base",
+    )
+    if cfg.init_from:
+        _require(
+            (Path(cfg.init_from).expanduser() / "adapter_config.json").is_file(),
+            f"lora.init_from={cfg.init_from} holds no adapter_config.json: point it at a PEFT adapter directory",
         )
 
 

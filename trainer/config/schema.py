@@ -266,13 +266,34 @@ class PrecisionConfig:
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters (off by default)."""
+    """Low-rank adapters (LoRA / DoRA / QLoRA) on the targeted linear layers; off by default.
+
+    Module names are Hugging Face's, so adapters map one-to-one onto PEFT's: Llama-family
+    q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, GPT-2 c_attn c_proj c_fc, or all-linear.
+    """
 
     enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])
+    r: int = 16  # rank of each adapter
+    alpha: float = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # on the adapter's input
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # HF module names, or all-linear
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
+    train_modules: list[str] = field(default_factory=list)  # trained in full, e.g. [norm] or [lm_head]
+    base_dtype: str = "bf16"  # bf16 | fp32: the frozen base's storage (adapters and their state are fp32)
+    quantize_base: str | None = None  # nf4: QLoRA, the frozen base stored in 4-bit NormalFloat
+    init_from: str | None = None  # a PEFT adapter directory to start from (continue training it)
+    seed: int | None = None  # adapters' init seed; null: train.seed
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, f"lora.r={self.r} must be positive")
+        _require(self.alpha > 0, f"lora.alpha={self.alpha} must be positive")
+        _require(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1)")
+        _require(self.base_dtype in ("bf16", "fp32"), f"lora.base_dtype={self.base_dtype!r}: use bf16 or fp32")
+        _require(
+            self.quantize_base in (None, "nf4"), f"lora.quantize_base={self.quantize_base!r}: use null or nf4"
+        )
+        _require(bool(self.target_modules), "lora.target_modules is empty: name modules (q_proj ...) or all-linear")
 
 
 @dataclass

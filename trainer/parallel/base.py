@@ -163,8 +163,9 @@ class Strategy(abc.ABC):
         "scheduler", and "loss_scaler" where the harness runs one (see trainer/checkpoint)."""
 
     @abc.abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's fp32 weights on CPU, on rank 0 (collective: gathers shards)."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights on CPU, on rank 0 (collective: gathers shards);
+        trainable_only: only the parameters that train (LoRA's adapters), not the frozen base."""
 
     def close(self) -> None:
         """Release the process group."""
@@ -264,7 +265,9 @@ class TorchStrategy(Strategy):
             parts["loss_scaler"] = self.scaler
         return parts
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        if trainable_only:
+            return {bare_name(n): p.detach().cpu() for n, p in self.unwrapped().named_parameters() if p.requires_grad}
         return {k: v.detach().cpu() for k, v in self.unwrapped().state_dict().items()}
 
 

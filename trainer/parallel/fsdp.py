@@ -78,11 +78,11 @@ class FSDP(TorchStrategy):
     def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return all_reduce_groups(sums, group=self.shard_group)  # each rank owns a shard of every parameter
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         # Collective: all-gathers each parameter; only rank 0 keeps the CPU copy.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         return get_model_state_dict(self.model, options=options)
 
 

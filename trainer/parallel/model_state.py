@@ -62,10 +62,17 @@ class DCPModelState(ModelState):
     """none / ddp / fsdp: torch.distributed.checkpoint, each rank writing its own shards, keyed
     by parameter name, so the result loads at any world size (and into any of the three)."""
 
+    def _options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # A frozen (LoRA) base is rebuilt from its source at every start: never copied into checkpoints.
+        frozen = any(not p.requires_grad for p in self.strategy.model.parameters())
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
     def _state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.strategy.model, self.strategy.optimizer)
+        model_state, optim_state = get_state_dict(self.strategy.model, self.strategy.optimizer, options=self._options())
         return {"model": model_state, "optim": optim_state}
 
     def save_tensors(self, directory: Path) -> None:
@@ -93,7 +100,7 @@ class DCPModelState(ModelState):
             dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
         set_state_dict(
             self.strategy.model, self.strategy.optimizer,
-            model_state_dict=state["model"], optim_state_dict=state["optim"],
+            model_state_dict=state["model"], optim_state_dict=state["optim"], options=self._options(),
         )  # fmt: skip
 
 

@@ -179,10 +179,13 @@ class DeepSpeedZero(Strategy):
         return all_reduce_groups(sums)
 
     def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This rank's partition of the fp32 master weights, parameter by parameter."""
+        """This rank's partition of the fp32 master weights, parameter by parameter (frozen
+        parameters, LoRA's base, have none)."""
         from deepspeed.utils import safe_get_local_fp32_param
 
         for p, name in self.names.items():
+            if not p.requires_grad:
+                continue
             if self.stage == 3:
                 yield name, safe_get_local_fp32_param(p)
             elif getattr(p, "_hp_mapping", None) is not None:
@@ -225,16 +228,27 @@ class DeepSpeedZero(Strategy):
         # DeepSpeed's loss scaler is saved inside its own checkpoint, with the optimizer.
         return {"model": DeepSpeedModelState(self), "scheduler": self.scheduler}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The fp32 master weights (not the bf16 / fp16 working copies), whole, on rank 0."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """The fp32 master weights (not the bf16 / fp16 working copies), whole, on rank 0; frozen
+        parameters (no master copy) as they are stored."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = {}
         for name, p in self.model.module.named_parameters():
-            full = safe_get_full_fp32_param(p)  # collective: assembles the partitions
+            if trainable_only and not p.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(p) if p.requires_grad else _gathered(p)  # collective
             if self.rank == 0:
                 state[bare_name(name)] = full.detach().cpu().clone()
         return state
+
+
+def _gathered(param: nn.Parameter) -> torch.Tensor:
+    """A frozen parameter whole (ZeRO-3 gathers its partitions; collective), as stored."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):  # a no-op below ZeRO-3
+        return param.detach().clone()
 
 
 def fill_and_partition(ds_config: dict[str, Any], device: torch.device) -> Callable[[nn.Parameter, torch.Tensor], None]:
@@ -266,7 +280,9 @@ class DeepSpeedModelState(ModelState):
         )
 
         info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-        self.strategy.model.save_checkpoint(str(directory), tag="zero", save_latest=False, client_state=info)
+        self.strategy.model.save_checkpoint(
+            str(directory), tag="zero", save_latest=False, client_state=info, exclude_frozen_parameters=True
+        )  # a frozen (LoRA) base is rebuilt from its source, never copied into checkpoints
 
     def load_tensors(self, directory: Path, saved_world_size: int) -> None:
         """Load DeepSpeed's checkpoint (collective). Written at another world size, its ZeRO
@@ -297,9 +313,11 @@ class DeepSpeedModelState(ModelState):
 
 
 def _load_deepspeed(engine: Any, directory: Path) -> None:
+    frozen = any(not p.requires_grad for p in engine.module.parameters())  # LoRA: the base is not in it
     load_path, _ = engine.load_checkpoint(
-        str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+        str(directory), tag="zero", load_optimizer_states=True, load_lr_scheduler_states=False,
+        load_module_strict=not frozen,
+    )  # fmt: skip
     if load_path is None:
         raise ConfigError(f"DeepSpeed found no checkpoint in {directory}")
 

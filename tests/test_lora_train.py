@@ -1,0 +1,180 @@
+"""LoRA in real runs, from tiny random Hugging Face checkpoints (GPT-2 and Llama layouts) with their
+own tokenizers: the adapters PEFT loads score the validation examples as the run itself did, resume
+is bitwise, 2-rank fsdp / zero3 adapters equal one process's, the merge keeps the adapter model's
+logits, and bad settings stop in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import read_metrics, run_cli, torchrun
+from safetensors.torch import load_file
+
+from trainer.__main__ import compose_config
+from trainer.data import build_data
+from trainer.loop import train
+from trainer.model.loss import IGNORE_INDEX
+
+COMMON = [
+    "logger.wandb=false", "logger.progress_bar=false", "train.sample_tokens=0", "train.seq_len=96",
+    "data.val_fraction=0.2", "train.eval_batches=4", "optim.lr=1e-2", "optim.warmup_steps=0", "train.log_interval=1",
+    "data.packing=false", "train.micro_batch_size=2", "lora=default", "lora.r=4", "lora.base_dtype=fp32",
+]  # fmt: skip
+
+
+def args(root: Path, model: str, *extra: str) -> list[str]:
+    return [*COMMON, "data=instruct", f"data.path={root / 'instruct.jsonl'}", f"model.pretrained={root / model}",
+            f"data.cache_dir={root / 'cache'}", *extra]  # fmt: skip
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / "final" / "adapter" / "adapter_model.safetensors")
+
+
+def peft_val_loss(root: Path, model: str, adapter_dir: Path, cfg) -> float:
+    """transformers' model with PEFT's adapter, on the run's validation rows (one example per row,
+    padded at the end, so plain causal attention sees each example alone)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(root / model), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    val = build_data(cfg.data, cfg.train.seq_len, 0, pretrained=cfg.model.pretrained).val
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(val), 2):
+            x, y = val.get_batch(torch.arange(start, min(start + 2, len(val))).numpy())[:2]
+            logits = peft(x).logits.double()
+            kept = y != IGNORE_INDEX
+            total += torch.nn.functional.cross_entropy(logits[kept], y[kept], reduction="sum").item()
+            count += int(kept.sum())
+    return total / count
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_peft_loads_the_adapter_and_resume_is_bitwise(finetune_dir: Path, model: str, tmp_path: Path) -> None:
+    cfg, _ = compose_config(args(finetune_dir, model, "train.max_steps=4", "checkpoint.interval=2"))
+    whole = tmp_path / "whole"
+    train(cfg, whole)
+    rows = read_metrics(whole)
+    # the final adapter, loaded by PEFT onto transformers' base, scores the validation set as the run did
+    assert peft_val_loss(finetune_dir, model, whole / "checkpoints" / "final" / "adapter", cfg) == pytest.approx(
+        rows[-1]["val_loss"], rel=1e-5
+    )
+    weights = adapter(whole)
+    assert all(t.abs().max() > 0 for k, t in weights.items() if "lora_B" in k)  # every B learned
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    # the checkpoints hold the adapters and their optimizer state, never the frozen base
+    meta = json.loads((whole / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["parts"]["lora"]["base"]["sha256"] and "adapter" in {
+        p.name for p in (whole / "checkpoints" / "step_00000004").iterdir()
+    }
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002")
+    cfg, _ = compose_config(
+        args(finetune_dir, model, "train.max_steps=4", "checkpoint.interval=2", "train.resume=auto")
+    )
+    train(cfg, resumed)
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in rows]  # bitwise
+    assert all(torch.equal(adapter(resumed)[k], v) for k, v in weights.items())
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_two_rank_adapters_equal_one_process(finetune_dir: Path, strategy: str, tmp_path: Path) -> None:
+    """Same global batch (2 sequences): 2 ranks x 1 under fsdp / zero3 against 1 process x 2. The
+    saved adapter is whole (every tensor its full shape, never empty, never one rank's shard)."""
+    single = tmp_path / "single"
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=3"))
+    train(cfg, single)
+    ranks = tmp_path / strategy
+    done = torchrun("-m", "trainer", *args(finetune_dir, "llama", "train.max_steps=3", f"parallel={strategy}",
+                    "train.micro_batch_size=1", f"hydra.run.dir={ranks}"), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, theirs = adapter(ranks), adapter(single)
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name, tensor in theirs.items():
+        assert ours[name].shape == tensor.shape and ours[name].numel() > 0
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5)
+    assert all(t.abs().max() > 0 for k, t in ours.items() if "lora_B" in k)
+
+
+@pytest.mark.heavy
+def test_merge_keeps_the_adapter_models_logits(finetune_dir: Path, tmp_path: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.export import find_checkpoint, load_model, main
+
+    run_dir = tmp_path / "run"
+    cfg, _ = compose_config(args(finetune_dir, "gpt2", "train.max_steps=2", "lora.dora=true"))
+    train(cfg, run_dir)
+    out = tmp_path / "merged"
+    assert main([str(run_dir), "--out", str(out), "--merge"]) == 0
+    report = capsys.readouterr().out
+    assert "top-1 agreement 100.00%" in report and "stored as float32" in report, report
+    ours, _ = load_model(find_checkpoint(run_dir))  # the base with the adapters, as PEFT would run it
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours.eval()(ids), rtol=1e-4, atol=1e-4)
+    assert main([str(run_dir), "--out", str(tmp_path / "adapter")]) == 0  # without --merge: the PEFT adapter
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()
+    }
+
+
+@pytest.mark.heavy
+def test_adapters_learn_under_activation_checkpointing_and_stuck_ones_are_named(
+    finetune_dir: Path, tmp_path: Path, caplog
+) -> None:
+    """Under (non-reentrant) activation checkpointing no block input requires grad (the embedding is
+    frozen), yet every adapter learns. An adapter started from a PEFT file whose q_proj A and B are
+    zero gets no gradient at all: after the first steps the run names it."""
+    from safetensors.torch import save_file
+
+    ac = tmp_path / "ac"
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=2", "model.activation_checkpointing=full"))
+    train(cfg, ac)
+    learned = adapter(ac)
+    assert all(t.abs().max() > 0 for k, t in learned.items() if "lora_B" in k)
+    broken = tmp_path / "broken"
+    shutil.copytree(ac / "checkpoints" / "final" / "adapter", broken)
+    dead = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({k: torch.zeros_like(v) if k.startswith(dead) else v for k, v in learned.items()},
+              str(broken / "adapter_model.safetensors"))  # fmt: skip
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=2", f"lora.init_from={broken}"))
+    with caplog.at_level("WARNING", logger="trainer"):
+        train(cfg, tmp_path / "stuck")
+    assert "lora_B is still exactly zero" in caplog.text and "blocks.0.attn.c_attn.lora_B.q_proj" in caplog.text
+    assert "lora_B.k_proj" not in caplog.text  # only the dead one
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["lora.target_modules=[nope_proj]"], "nope_proj"),
+        (["lora.r=0"], "lora.r=0 must be positive"),
+        (["lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1)"),
+        (["lora.quantize_base=nf4"], "QLoRA"),
+        (["lora.enabled=false"], "LoRA is off"),
+        (["lora.init_from=/nonexistent"], "holds no adapter_config.json"),
+    ],
+)
+def test_bad_lora_settings_stop_in_one_line(
+    finetune_dir: Path, tmp_path: Path, extra: list[str], expected: str
+) -> None:
+    done = run_cli(
+        *args(finetune_dir, "llama", "train.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"), *extra, cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert expected in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()

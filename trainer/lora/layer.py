@@ -1,0 +1,188 @@
+"""The adapter layer, putting it into a GPT, its initial values, and merging it back out."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.config import LoraConfig, ModelConfig
+from trainer.lora.names import layout, scale_of, select_targets, select_trained, split_name
+from trainer.model.build import WeightSource
+from trainer.model.gpt import GPT, bare_name
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus low-rank adapters over disjoint row slices of its output.
+
+    y = x W^T + b, and on each slice s: + scale B_s A_s dropout(x). With DoRA, as PEFT's
+    DoraLinearLayer: y_s = (m_s / ||W_s + scale B_s A_s||_row) (W_s x + scale B_s A_s x) + b_s, the
+    norm detached from the graph. The base weight may be stored in another dtype (bf16) than x and
+    the adapters (fp32): it is cast to x's dtype for the matmul.
+    """
+
+    def __init__(
+        self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, scale: float, dropout: float, dora: bool
+    ):
+        nn.Module.__init__(self)  # not nn.Linear's: the base parameters are reused, not allocated
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.slices = dict(sorted(slices.items(), key=lambda item: item[1]))  # leaf -> (start, stop) rows
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device, rows = base.weight.device, {leaf: stop - start for leaf, (start, stop) in self.slices.items()}
+        self.lora_A = _parameters({leaf: (r, self.in_features) for leaf in rows}, device)  # (r, in)
+        self.lora_B = _parameters({leaf: (n, r) for leaf, n in rows.items()}, device)  # (rows, r)
+        self.lora_magnitude = _parameters({leaf: (n,) for leaf, n in rows.items()} if dora else {}, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.weight.to(x.dtype), bias)  # (..., out)
+        pieces, end = [], 0  # y's rows, each adapted slice with its delta added (no in-place op)
+        for leaf, (start, stop) in self.slices.items():
+            if start > end:
+                pieces.append(y[..., end:start])
+            pieces.append(y[..., start:stop] + self._delta(leaf, x, start, stop).to(y.dtype))
+            end = stop
+        if end < self.out_features:
+            pieces.append(y[..., end:])
+        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+    def _delta(self, leaf: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """What adapter `leaf` adds to rows [start, stop): (..., stop - start)."""
+        A, B = self.lora_A[leaf], self.lora_B[leaf]  # (r, in), (rows, r)
+        x = self.dropout(x.to(A.dtype))
+        lora = F.linear(F.linear(x, A), B) * self.scale  # (..., rows)
+        if leaf not in self.lora_magnitude:
+            return lora
+        weight = self.weight[start:stop].to(A.dtype)  # (rows, in)
+        # DoRA (Liu et al. 2024, section 4.3): the row norm of W + scale B A is treated as a constant.
+        norm = torch.linalg.norm(weight + self.scale * (B @ A).detach(), dim=1).detach()  # (rows,)
+        factor = self.lora_magnitude[leaf] / norm  # (rows,)
+        return (factor - 1) * F.linear(x, weight) + factor * lora
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if len(self.lora_magnitude) else ""
+        return f"{super().extra_repr()}, adapters={dict(self.slices)}, scale={self.scale:g}{dora}"
+
+
+def _parameters(shapes: dict[str, tuple[int, ...]], device: torch.device) -> nn.ParameterDict:
+    """fp32 parameters of these shapes, uninitialised (meta: no storage)."""
+    return nn.ParameterDict({k: torch.empty(shape, dtype=torch.float32, device=device) for k, shape in shapes.items()})
+
+
+def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str]:
+    """Replace each targeted nn.Linear of `model` (meta-device or real) by a LoRALinear, freeze every
+    parameter but the adapters and cfg.train_modules, and return the adapted HF module names.
+
+    Base parameters keep their names, objects and dtypes. Adapters are fp32, on the base's device;
+    on a real model they are initialised here (as with_adapter_init does, seed: cfg.seed, else 0),
+    on the meta device they wait for with_adapter_init."""
+    if _adapted(model):
+        raise ValueError("apply_lora: the model already has adapters")
+    lay = layout(model.cfg)
+    targets = select_targets(lay, cfg.target_modules)
+    by_module: dict[str, dict[str, tuple[int, int]]] = {}
+    for x in targets:
+        by_module.setdefault(x.module, {})[x.leaf] = (x.start, x.stop)
+    trained = select_trained(lay, cfg.train_modules, set(by_module))
+    for name, slices in by_module.items():
+        parent, child = name.rsplit(".", 1)
+        base = model.get_submodule(name)
+        setattr(
+            model.get_submodule(parent), child, LoRALinear(base, slices, cfg.r, scale_of(cfg), cfg.dropout, cfg.dora)
+        )
+    for name, p in model.named_parameters():
+        p.requires_grad_(split_name(bare_name(name)) is not None or bare_name(name) in trained)
+    if model.embed.wte.weight.device.type != "meta":
+        seed = (cfg.seed or 0) if seed is None else seed
+        with torch.no_grad():
+            for name, module in _adapted(model).items():
+                for key, value in _initial_adapters(name, module, module.weight, seed).items():
+                    module.get_parameter(key.removeprefix(name + ".")).copy_(value)
+    return [x.hf_name for x in targets]
+
+
+def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
+    return {bare_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _initial_adapters(module_name: str, module: LoRALinear, weight: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' initial values (our names -> fp32 CPU tensors) as PEFT draws them: A Kaiming-uniform
+    (a = sqrt 5), B zero, DoRA's magnitude the row norms of `weight` (full, as the module stores it).
+    Each A comes from its own generator seeded by `seed` and its name: independent of order and rank."""
+    out = {}
+    for leaf, (start, stop) in module.slices.items():
+        a_name = f"{module_name}.lora_A.{leaf}"
+        digest = hashlib.sha256(f"{seed}:{a_name}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        A = torch.empty(module.lora_A[leaf].shape)
+        out[a_name] = nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        out[f"{module_name}.lora_B.{leaf}"] = torch.zeros(module.lora_B[leaf].shape)
+        if leaf in module.lora_magnitude:
+            rows = weight.detach()[start:stop].to(module.weight.dtype).float().cpu()  # rounded as stored
+            out[f"{module_name}.lora_magnitude.{leaf}"] = torch.linalg.norm(rows, dim=1)
+    return out
+
+
+def with_adapter_init(
+    weights: WeightSource, model: nn.Module, seed: int, adapter: Mapping[str, torch.Tensor] | None = None
+) -> WeightSource:
+    """`weights` (base tensors, passed through) plus, right after each adapted module's base weight,
+    that module's adapter tensors: fresh ones (see _initial_adapters), or those in `adapter` (our
+    names, e.g. from load_adapter), which also replace the base tensors it names (train_modules)."""
+    adapted = {f"{name}.weight": (name, module) for name, module in _adapted(model).items()}
+    adapter = {bare_name(k): v for k, v in (adapter or {}).items()}
+
+    def source(device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in weights(device):
+            name = bare_name(name)
+            tensor = adapter.get(name, tensor)
+            yield name, tensor
+            if name in adapted:
+                module_name, module = adapted[name]
+                for key, value in _initial_adapters(module_name, module, tensor, seed).items():
+                    yield key, adapter.get(key, value).to(device)
+
+    return source
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line: trainable parameters (adapters, train_modules) against all, and the fraction."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def merge_lora(
+    named_tensors: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora_cfg: LoraConfig
+) -> dict[str, torch.Tensor]:
+    """The plain model's state (our names, no adapter entries) with each adapter merged, every tensor
+    in fp32 (fp64 when given fp64): W_s + scale B_s A_s per slice; DoRA: m_s / ||that||_row times that."""
+    lay = layout(model_cfg)
+    rows = {(x.module, x.leaf): (x.start, x.stop) for x in lay.linears}
+    tensors = {bare_name(k): v.detach() for k, v in named_tensors.items()}
+    out = {
+        k: v.to(torch.promote_types(v.dtype, torch.float32)).clone()
+        for k, v in tensors.items()
+        if split_name(k) is None
+    }
+    scale = scale_of(lora_cfg)
+    for name in tensors:
+        split = split_name(name)
+        if split is None or split[1] != "lora_A":
+            continue
+        module, _, leaf = split
+        start, stop = rows[module, leaf]
+        weight = out[f"{module}.weight"]  # fp32 (or fp64) copy, (out, in)
+        A, B = tensors[name].to(weight.dtype), tensors[f"{module}.lora_B.{leaf}"].to(weight.dtype)
+        merged = weight[start:stop] + scale * (B @ A)
+        magnitude = tensors.get(f"{module}.lora_magnitude.{leaf}")
+        if magnitude is not None:
+            merged = (magnitude.to(weight.dtype) / torch.linalg.norm(merged, dim=1))[:, None] * merged
+        weight[start:stop] = merged
+    return out
