@@ -178,3 +178,37 @@ def test_bad_lora_settings_stop_in_one_line(
     assert done.returncode == 2, done.stderr[-2000:]
     assert expected in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.heavy
+def test_default_bf16_base_starts_as_the_base_model(finetune_dir: Path, tmp_path: Path) -> None:
+    """lora=default stores the frozen base in bf16 and B = 0: step 1's loss is the loss of the base
+    model with its weights rounded to bf16 (transformers' model, computed in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    extra = [a for a in args(finetune_dir, "llama", "train.max_steps=1") if a != "lora.base_dtype=fp32"]
+    cfg, _ = compose_config([*extra, "train.micro_batch_size=8"])
+    assert cfg.lora.base_dtype == "bf16"
+    data = build_data(cfg.data, cfg.train.seq_len, 0, pretrained=cfg.model.pretrained)
+    assert len(data.train) == 8  # one global batch holds every training row
+    train(cfg, tmp_path / "run")
+    hf = AutoModelForCausalLM.from_pretrained(str(finetune_dir / "llama"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        x, y = data.train.get_batch(torch.arange(8).numpy())[:2]
+        logits = hf(x).logits
+    kept = y != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[kept], y[kept]).item()
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_global_batch_with_every_label_masked_stops_the_run(tmp_path: Path) -> None:
+    """Prompts longer than train.seq_len leave no response token: one line, exit code 3."""
+    records = [{"prompt": "word " * 80, "response": "ok"} for _ in range(10)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    done = run_cli("logger.wandb=false", "train.sample_tokens=0", "data=instruct", f"data.path={tmp_path / 'long.jsonl'}",
+                   "train.seq_len=32", "data.val_fraction=0.2", "model.n_layer=1", "model.n_embd=32", "train.max_steps=2",
+                   f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "every label of the global batch is masked" in done.stderr.strip().splitlines()[-1]
