@@ -55,7 +55,9 @@ class LoRALinear(nn.Linear):
     def _delta(self, leaf: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """What adapter `leaf` adds to rows [start, stop): (..., stop - start)."""
         A, B = self.lora_A[leaf], self.lora_B[leaf]  # (r, in), (rows, r)
-        x = self.dropout(x.to(A.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts: no copy of x kept
+            x = x.to(A.dtype)
+        x = self.dropout(x)
         lora = F.linear(F.linear(x, A), B) * self.scale  # (..., rows)
         if leaf not in self.lora_magnitude:
             return lora

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from trainer.config import Config, ConfigError, LoraConfig, ModelConfig
-from trainer.lora.layer import apply_lora, with_adapter_init
+from trainer.lora.layer import LoRALinear, apply_lora, with_adapter_init
 from trainer.lora.peft_io import load_adapter, save_adapter
 
 WeightSource = Any  # trainer.model.build.WeightSource (not imported: trainer.model imports nothing of ours)
@@ -45,12 +45,22 @@ def add_adapters(
             dora=found.dora, train_modules=found.train_modules,
         )  # fmt: skip
     adapted = apply_lora(model, lora)
-    dtype = BASE_DTYPES[lora.base_dtype]
-    for param in model.parameters():
-        if not param.requires_grad:  # on the meta device: only the dtype its storage will get changes
-            param.data = param.data.to(dtype)
+    cast_frozen_base(model, BASE_DTYPES[lora.base_dtype], autocast=cfg.precision.dtype in ("bf16", "fp16"))
     seed = lora.seed if lora.seed is not None else cfg.train.seed
     return with_adapter_init(weights, model, seed, adapter), adapted, lora
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype, autocast: bool) -> None:
+    """Store the frozen matrices in `dtype` (on the meta device only the dtype their storage will get
+    changes). Norms stay fp32 (tiny, and CPU layer norms refuse a bf16 weight on fp32 input). Without
+    autocast only the adapted linears' weights are cast (LoRALinear casts them to its input's dtype);
+    a plain frozen linear or embedding in bf16 would meet fp32 activations it cannot multiply."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad or param.dim() < 2:
+                continue
+            if autocast or isinstance(module, LoRALinear):
+                param.data = param.data.to(dtype)
 
 
 def base_reference(model_cfg: ModelConfig, seed: int) -> dict[str, Any]:
