@@ -89,7 +89,7 @@ def test_peft_loads_the_adapter_and_resume_is_bitwise(finetune_dir: Path, model:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
 def test_two_rank_adapters_equal_one_process(finetune_dir: Path, strategy: str, tmp_path: Path) -> None:
     """Same global batch (2 sequences): 2 ranks x 1 under fsdp / zero3 against 1 process x 2. The
     saved adapter is whole (every tensor its full shape, never empty, never one rank's shard)."""
@@ -214,3 +214,27 @@ def test_a_global_batch_with_every_label_masked_stops_the_run(tmp_path: Path) ->
                    f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 3, done.stderr[-2000:]
     assert "every label of the global batch is masked" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.heavy
+def test_accumulation_fp16_and_per_layer_norms(finetune_dir: Path, tmp_path: Path) -> None:
+    """Two micro-batches of one sequence give the adapters of one micro-batch of two; fp16 with loss
+    scaling trains the adapters; the per-layer gradient norms are the adapters' (the base has none)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=3"))
+    train(cfg, one)
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=3", "train.micro_batch_size=1",
+                                 "train.grad_accum_steps=2"))  # fmt: skip
+    train(cfg, two)
+    for name, tensor in adapter(one).items():
+        torch.testing.assert_close(adapter(two)[name], tensor, rtol=1e-5, atol=1e-5)
+    rows = read_metrics(one)
+    assert rows[0]["grad_norm/block.0.attn"] > 0 and rows[0]["grad_norm/block.1.mlp"] > 0
+    assert rows[0].get("grad_norm/embed", 0.0) == 0.0 and rows[0].get("grad_norm/block.0.norm", 0.0) == 0.0
+
+    fp16 = tmp_path / "fp16"
+    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=3", "precision=fp16"))
+    train(cfg, fp16)
+    rows = read_metrics(fp16)
+    assert "loss_scale" in rows[-1] and all(r["loss"] == r["loss"] for r in rows)  # finite
+    assert all(t.abs().max() > 0 for k, t in adapter(fp16).items() if "lora_B" in k)
