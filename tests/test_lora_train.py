@@ -238,3 +238,15 @@ def test_accumulation_fp16_and_per_layer_norms(finetune_dir: Path, tmp_path: Pat
     rows = read_metrics(fp16)
     assert "loss_scale" in rows[-1] and all(r["loss"] == r["loss"] for r in rows)  # finite
     assert all(t.abs().max() > 0 for k, t in adapter(fp16).items() if "lora_B" in k)
+
+
+def test_the_adapted_modules_fit_in_one_line() -> None:
+    from trainer.loop import adapted_summary
+
+    names = [f"model.layers.{i}.{p}" for i in range(32) for p in ("self_attn.q_proj", "mlp.down_proj")]
+    assert (
+        adapted_summary(names) == "64 modules: model.layers.{0-31}.self_attn.q_proj, model.layers.{0-31}.mlp.down_proj"
+    )
+    assert adapted_summary(["transformer.h.0.attn.c_attn", "transformer.h.2.attn.c_attn"]) == (
+        "2 modules: transformer.h.{0,2}.attn.c_attn"
+    )

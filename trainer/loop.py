@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,9 +178,7 @@ def describe_lora(run: Run) -> str:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     kind = "DoRA" if settings.dora else "LoRA"
-    modules = ", ".join(run.lora.adapted[:6]) + (
-        f", ... ({len(run.lora.adapted)} in all)" if len(run.lora.adapted) > 6 else ""
-    )
+    modules = adapted_summary(run.lora.adapted)
     return (
         f"{kind} r={settings.r} alpha={settings.alpha}{' (rsLoRA)' if settings.rslora else ''}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), base frozen in "
@@ -283,6 +282,28 @@ def check_skips(run: Run) -> None:
             f"stopping at step {state.step}: {state.consecutive_skips} steps in a row had inf / NaN gradients "
             f"(last good checkpoint: {last_good.name if last_good else 'none'}); lower optim.lr or check the data"
         )
+
+
+def adapted_summary(names: list[str]) -> str:
+    """The adapted modules (HF names) in a line: each per-layer name once, with the layers it is in
+    ("model.layers.{0-31}.self_attn.q_proj, ...")."""
+    by_layer: dict[str, set[int]] = {}
+    for name in names:
+        match = re.match(r"(.*?\.(?:layers|h))\.(\d+)\.(.*)", name)
+        if match is None:
+            by_layer.setdefault(name, set())
+        else:
+            by_layer.setdefault(f"{match[1]}.{{}}.{match[3]}", set()).add(int(match[2]))
+    parts = []
+    for pattern, layers in by_layer.items():
+        ordered = sorted(layers)
+        if not ordered:
+            parts.append(pattern)
+            continue
+        contiguous = len(ordered) > 1 and ordered == list(range(ordered[0], ordered[-1] + 1))
+        span = f"{ordered[0]}-{ordered[-1]}" if contiguous else ",".join(map(str, ordered))
+        parts.append(pattern.format("{" + span + "}"))
+    return f"{len(names)} modules: " + ", ".join(parts)
 
 
 def check_targets(run: Run, result: StepResult) -> None:
