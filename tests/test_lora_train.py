@@ -250,3 +250,24 @@ def test_the_adapted_modules_fit_in_one_line() -> None:
     assert adapted_summary(["transformer.h.0.attn.c_attn", "transformer.h.2.attn.c_attn"]) == (
         "2 modules: transformer.h.{0,2}.attn.c_attn"
     )
+
+
+@pytest.mark.heavy
+def test_resuming_against_another_base_is_refused(finetune_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint keeps the base by path and sha256: the same shape with other weights is refused
+    in one line, and nothing in the run is changed. (GPT-2 layout, bf16 autocast.)"""
+    from helpers import hf_gpt2
+
+    other = tmp_path / "other"
+    shutil.copytree(finetune_dir / "gpt2", other)
+    torch.manual_seed(123)  # the same architecture with other random weights
+    hf_gpt2(vocab_size=384, n_positions=128, n_embd=32, n_head=2).save_pretrained(other)
+    run_dir = tmp_path / "run"
+    first = args(finetune_dir, "gpt2", "train.max_steps=2", "precision=bf16", f"hydra.run.dir={run_dir}")
+    assert run_cli(*first, cwd=tmp_path).returncode == 0
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = [a.replace(str(finetune_dir / "gpt2"), str(other)) for a in first]
+    done = run_cli(*again, "train.max_steps=4", "train.resume=auto", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "trained on another base" in done.stderr.strip().splitlines()[-1]
+    assert (run_dir / "metrics.jsonl").read_text() == before
