@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The LoRA issue's single-GPU goals on one H100 / H200 (under 8 minutes): a random Llama-3-8B-shaped
 # base in bf16, rank-16 adapters on all seven projections, 2 x 4096 tokens, with and without
-# activation checkpointing. Prints a table; writes benchmarks/results/lora_gpu.json.
+# activation checkpointing, and QLoRA (NF4 base; needs torchao). Prints a table; writes
+# benchmarks/results/lora_gpu.json.
 #   bash benchmarks/lora_gpu.sh            # on the GPU machine
 #   bash benchmarks/lora_gpu.sh --smoke    # a tiny shape on the CPU: tests this script
 set -euo pipefail

@@ -43,6 +43,19 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = ())
     return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
 
 
+LORA_RUN = [  # a LoRA fine-tuning run of a few seconds on a finetune_dir checkpoint
+    "logger.wandb=false", "logger.progress_bar=false", "train.sample_tokens=0", "train.seq_len=96",
+    "data.val_fraction=0.2", "train.eval_batches=4", "optim.lr=1e-2", "optim.warmup_steps=0", "train.log_interval=1",
+    "data.packing=false", "train.micro_batch_size=2", "lora=default", "lora.r=4", "lora.base_dtype=fp32",
+]  # fmt: skip
+
+
+def lora_run_args(root: Path, model: str, *extra: str) -> list[str]:
+    """Overrides for LORA_RUN on root/<model> (a finetune_dir checkpoint) with root/instruct.jsonl."""
+    return [*LORA_RUN, "data=instruct", f"data.path={root / 'instruct.jsonl'}", f"model.pretrained={root / model}",
+            f"data.cache_dir={root / 'cache'}", *extra]  # fmt: skip
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -98,6 +111,20 @@ def step_once(strategy, x, y, micro_batch_size: int, clip: float, stats: bool = 
 
 
 # -- tiny models: trainer ModelConfig fields, and random Hugging Face models built locally ---------
+
+
+def randomize_adapters(model, seed: int = 2) -> None:
+    """LoRA adapters away from init (B = 0 would hide A), DoRA magnitudes off the row norms."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_magnitude." in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+            elif ".lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
 
 GPT2_LIKE = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32)
 LLAMA_LIKE = dict(

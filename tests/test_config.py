@@ -90,7 +90,8 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["model.pretrained=/no/such/checkpoint"], "model.pretrained=/no/such/checkpoint is not a directory"),
         (["data=synthetic", "data.synthetic_tokens=0"], "data.synthetic_tokens=0 must be positive"),
         (["data=synthetic", "data.synthetic_concentration=0"], "data.synthetic_concentration=0.0 must be positive"),
-        (["lora.r=16"], "lora.r=16: LoRA fine-tuning is not implemented yet"),
+        (["lora.r=8"], "lora.r is set but LoRA is off: add lora=default (or lora.enabled=true)"),
+        (["lora=default", "lora.r=0"], "lora.r=0 must be positive"),
         (["monitor.spike.action=rollback"], "monitor.spike.action=rollback needs checkpoints to roll back to"),
     ],
 )
@@ -204,15 +205,12 @@ def test_cross_section_rules_wait_for_check_run() -> None:
     assert refusal(cfg).startswith("monitor.spike.action=rollback needs checkpoints")
 
 
-def test_lora_settings_are_refused_until_lora_exists() -> None:
-    cfg, _ = compose_config(["lora.enabled=true"])
-    assert refusal(cfg) == (
-        "lora.enabled=true: LoRA fine-tuning is not implemented yet; remove the lora.* settings "
-        "(a full fine-tune is what runs without them)"
-    )
+def test_lora_settings_without_lora_are_refused() -> None:
+    """A lora.* setting without lora.enabled would silently train in full."""
     cfg, _ = compose_config(["lora.target_modules=[q_proj]"])
-    assert refusal(cfg).startswith("lora.target_modules=[q_proj]: LoRA fine-tuning is not implemented yet")
-    check_run(compose_config(["lora=none"])[0])
+    assert refusal(cfg) == "lora.target_modules is set but LoRA is off: add lora=default (or lora.enabled=true)"
+    cfg, _ = compose_config(["lora=default", "lora.target_modules=[q_proj]"])
+    check_run(cfg)  # with LoRA on: accepted (whether q_proj exists is checked on the model)
 
 
 def test_parallel_none_with_several_processes_is_refused() -> None:

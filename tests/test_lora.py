@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from helpers import hf_gpt2, hf_llama, hf_qwen2  # noqa: E402
+from helpers import hf_gpt2, hf_llama, hf_qwen2, randomize_adapters  # noqa: E402
 
 from trainer.config import ConfigError, LoraConfig  # noqa: E402
 from trainer.lora import (  # noqa: E402
@@ -56,17 +56,6 @@ def tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lora(**overrides) -> LoraConfig:
     return LoraConfig(**{"enabled": True, "r": 4, "alpha": 8.0, "target_modules": ["all-linear"], **overrides})
-
-
-def randomize_adapters(model: torch.nn.Module, seed: int = 2) -> None:
-    """Adapters away from init (B = 0 would hide A), DoRA magnitudes off the row norms."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_magnitude." in name:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            elif ".lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def hf_model(path: str, dtype=torch.float32):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import lora_run_args as args
 from helpers import read_metrics, run_cli, torchrun
 from safetensors.torch import load_file
 
@@ -19,17 +20,6 @@ from trainer.__main__ import compose_config
 from trainer.data import build_data
 from trainer.loop import train
 from trainer.model.loss import IGNORE_INDEX
-
-COMMON = [
-    "logger.wandb=false", "logger.progress_bar=false", "train.sample_tokens=0", "train.seq_len=96",
-    "data.val_fraction=0.2", "train.eval_batches=4", "optim.lr=1e-2", "optim.warmup_steps=0", "train.log_interval=1",
-    "data.packing=false", "train.micro_batch_size=2", "lora=default", "lora.r=4", "lora.base_dtype=fp32",
-]  # fmt: skip
-
-
-def args(root: Path, model: str, *extra: str) -> list[str]:
-    return [*COMMON, "data=instruct", f"data.path={root / 'instruct.jsonl'}", f"model.pretrained={root / model}",
-            f"data.cache_dir={root / 'cache'}", *extra]  # fmt: skip
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -164,7 +154,6 @@ def test_adapters_learn_under_activation_checkpointing_and_stuck_ones_are_named(
         (["lora.target_modules=[nope_proj]"], "nope_proj"),
         (["lora.r=0"], "lora.r=0 must be positive"),
         (["lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1)"),
-        (["lora.quantize_base=nf4"], "QLoRA"),
         (["lora.enabled=false"], "LoRA is off"),
         (["lora.init_from=/nonexistent"], "holds no adapter_config.json"),
     ],

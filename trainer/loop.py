@@ -27,7 +27,7 @@ from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_wei
 from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
 from trainer.data import Data, Sampler, build_data, shard_for_rank
 from trainer.loggers import Loggers
-from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_reference, write_adapter
+from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference, write_adapter
 from trainer.model import check_attention_backend
 from trainer.model.build import build_model
 from trainer.monitor import SpikeWatch, Throughput, peak_flops, peak_memory_gb, step_metrics
@@ -148,6 +148,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     lora = None
     if cfg.lora.enabled:  # adapters before activation checkpointing and sharding
         weights, adapted, settings = add_adapters(model, weights, cfg, model_cfg)
+        if settings.quantize_base:  # QLoRA (parallel=none only): NF4 base weights, quantised as they are filled
+            strategy.place = base_place(model, strategy.device)
         lora = BaseRef(base_reference(model_cfg, tc.seed), settings, adapted)
     checkpointed = parallelize(model, weights, cfg, strategy)
     torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
@@ -182,7 +184,7 @@ def describe_lora(run: Run) -> str:
     return (
         f"{kind} r={settings.r} alpha={settings.alpha}{' (rsLoRA)' if settings.rslora else ''}: "
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), base frozen in "
-        f"{settings.base_dtype}; adapted: {modules}"
+        f"{'NF4 (QLoRA)' if settings.quantize_base else settings.base_dtype}; adapted: {modules}"
     )
 
 
@@ -344,7 +346,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> dict[str, Any]:
     if due(state.step, cfg.train.eval_interval) or state.step == cfg.train.max_steps:
         tc = cfg.train
         metrics["val_loss"] = evaluate(
-            strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device
+            strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device, strategy.autocast()
         )
     run.loggers.log(metrics)
     if due(state.step, cfg.train.log_interval) or state.step == cfg.train.max_steps or result.spiked:
@@ -389,7 +391,8 @@ def finish(run: Run) -> None:
             save_weights(final, weights)
     tc = run.cfg.train
     if tc.sample_tokens > 0:  # every rank generates: sharded models need all ranks in forward
-        text = sample(run.strategy.unwrapped(), run.data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed)
+        with run.strategy.autocast():  # the training precision (a bf16 frozen base needs it)
+            text = sample(run.strategy.unwrapped(), run.data.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed)
         log.info("sample:\n" + text)
     log.info(f"run dir: {run.run_dir.resolve()}")
     close(run)

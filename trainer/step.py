@@ -12,6 +12,7 @@ token counts gives exactly the gradient of one big batch.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,15 +146,19 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Any, batch_size: int, batches: int, device: torch.device) -> float:
-    """Mean token loss over the first `batches` validation batches (a fixed, deterministic set)."""
+def evaluate(
+    model: torch.nn.Module, split: Any, batch_size: int, batches: int, device: torch.device, autocast: Any = None
+) -> float:
+    """Mean token loss over the first `batches` validation batches (a fixed, deterministic set), under
+    `autocast` (the strategy's precision context: training's numerics, and a bf16 frozen base runs)."""
     model.eval()
     total = torch.zeros((), device=device)
     count = 0
     n = min(len(split), batch_size * batches)
     for start in range(0, n, batch_size):
         x, y, *positions = (t.to(device) for t in split.get_batch(np.arange(start, min(start + batch_size, n))))
-        total += model(x, targets=y, **({"positions": positions[0]} if positions else {}))
+        with autocast if autocast is not None else contextlib.nullcontext():
+            total += model(x, targets=y, **({"positions": positions[0]} if positions else {}))
         count += int((y != IGNORE_INDEX).sum())
     model.train()
     return total.item() / max(count, 1)  # host sync: once per evaluation

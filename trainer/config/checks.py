@@ -25,7 +25,7 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     has_gpu: whether this run will compute on a GPU (torch.cuda.is_available() and
     train.device != cpu). Reads model.pretrained's config.json; builds nothing.
     """
-    _check_lora(cfg.lora)
+    _check_lora(cfg.lora, cfg.parallel.strategy)
     _check_launch(cfg, world_size, has_gpu)
     _check_spike(cfg)
     _check_synthetic_splits(cfg)
@@ -43,7 +43,7 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _check_lora(cfg: LoraConfig) -> None:
+def _check_lora(cfg: LoraConfig, strategy: str) -> None:
     """LoRA settings that cannot work, in one line each (r, alpha and dropout: LoraConfig itself)."""
     default = LoraConfig()
     if not cfg.enabled:  # a lora.* setting without lora.enabled would silently train in full
@@ -53,16 +53,28 @@ def _check_lora(cfg: LoraConfig) -> None:
             f"lora.{changed[0] if changed else ''} is set but LoRA is off: add lora=default (or lora.enabled=true)",
         )
         return
-    _require(
-        cfg.quantize_base is None,
-        f"lora.quantize_base={cfg.quantize_base}: QLoRA (a 4-bit NF4 base) is not implemented yet; "
-        "drop it to train LoRA on a bf16 base",
-    )
+    problem = qlora_problem(cfg, strategy, torchao=importlib.util.find_spec("torchao") is not None)
+    _require(problem is None, problem or "")
     if cfg.init_from:
         _require(
             (Path(cfg.init_from).expanduser() / "adapter_config.json").is_file(),
             f"lora.init_from={cfg.init_from} holds no adapter_config.json: point it at a PEFT adapter directory",
         )
+
+
+def qlora_problem(cfg: LoraConfig, strategy: str, torchao: bool) -> str | None:
+    """Why lora.quantize_base cannot run (one line), or None: it needs torchao (its NF4 tensor), and
+    parallel=none (ddp would broadcast and fsdp / zero1-3 shard a base the NF4 tensor stores whole)."""
+    if cfg.quantize_base is None:
+        return None
+    if not torchao:
+        return f"lora.quantize_base={cfg.quantize_base} needs torchao (its NF4 tensor): pip install torchao"
+    if strategy != "none":
+        return (
+            f"lora.quantize_base={cfg.quantize_base} (QLoRA) runs with parallel=none only, not parallel={strategy}: "
+            "use parallel=none (one GPU), or drop lora.quantize_base to shard a bf16 base"
+        )
+    return None
 
 
 def _check_launch(cfg: Config, world_size: int, has_gpu: bool) -> None:

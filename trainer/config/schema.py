@@ -290,9 +290,7 @@ class LoraConfig:
         _require(self.alpha > 0, f"lora.alpha={self.alpha} must be positive")
         _require(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1)")
         _require(self.base_dtype in ("bf16", "fp32"), f"lora.base_dtype={self.base_dtype!r}: use bf16 or fp32")
-        _require(
-            self.quantize_base in (None, "nf4"), f"lora.quantize_base={self.quantize_base!r}: use null or nf4"
-        )
+        _require(self.quantize_base in (None, "nf4"), f"lora.quantize_base={self.quantize_base!r}: use null or nf4")
         _require(bool(self.target_modules), "lora.target_modules is empty: name modules (q_proj ...) or all-linear")
 
 

@@ -18,6 +18,8 @@ leaf being the HF module name's last part (q_proj, c_attn, down_proj, ...).
 | names    | HF module <-> GPT module and row slice; target_modules / train_modules selection  |
 | layer    | LoRALinear, apply_lora, with_adapter_init, merge_lora, trainable_summary          |
 | peft_io  | peft_state_dict, adapter_config, save_adapter, load_adapter                       |
+| qlora    | lora.quantize_base=nf4: the adapted base weights in torchao's NF4, quantised as the |
+|          | model is filled (quantizing_place), linear_nf4 / dequantize for the layer and merge |
 """
 
 from trainer.lora.layer import LoRALinear, apply_lora, merge_lora, trainable_summary, with_adapter_init

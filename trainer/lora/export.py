@@ -2,7 +2,9 @@
 adapters on it, and the merge into plain weights with a fidelity report.
 
 The checkpoint holds the adapters (`adapter/`, PEFT's format) and the base's reference (its `lora`
-part: path and sha256, or the seed of a random init), never the base itself.
+part: path and sha256, or the seed of a random init), never the base itself. A QLoRA checkpoint's
+base is quantised again, as the run quantised it (deterministic), and merged dequantised: the merged
+model is the one the adapters were trained with.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import torch
 from trainer.config import ConfigError, LoraConfig, ModelConfig
 from trainer.lora.layer import apply_lora, merge_lora, with_adapter_init
 from trainer.lora.peft_io import load_adapter
-from trainer.lora.run import base_reference
+from trainer.lora.qlora import dequantize, is_nf4
+from trainer.lora.run import BASE_DTYPES, base_place, base_reference, cast_frozen_base
 from trainer.model.build import build_model
 from trainer.model.gpt import GPT
 
 
 def load_lora_model(checkpoint: Path, cfg: ModelConfig, ref: dict[str, Any]) -> GPT:
     """GPT with LoRA layers: the base from model.pretrained (checked against the checkpoint's
-    sha256) or from the seeded init, in fp32 on the CPU, and the checkpoint's adapters."""
+    sha256) or from the seeded init, in fp32 on the CPU (QLoRA: the adapted linears' weights in NF4,
+    quantised from lora.base_dtype as in training), and the checkpoint's adapters."""
     from trainer.parallel.base import materialize
 
     settings, base = LoraConfig(**ref["config"]), ref["base"]
@@ -36,14 +40,20 @@ def load_lora_model(checkpoint: Path, cfg: ModelConfig, ref: dict[str, Any]) -> 
             )
     model, weights = build_model(cfg, seed)
     apply_lora(model, settings)
+    place = None
+    if settings.quantize_base:  # the adapted weights' dtype (whatever the compute dtype was), then NF4
+        cast_frozen_base(model, BASE_DTYPES[settings.base_dtype], autocast=False)
+        place = base_place(model, torch.device("cpu"))
     adapter, _ = load_adapter(checkpoint / "adapter", cfg)  # every adapter tensor: the init is replaced
-    materialize(model, with_adapter_init(weights, model, seed, adapter), torch.device("cpu"))
+    materialize(model, with_adapter_init(weights, model, seed, adapter), torch.device("cpu"), place)
     return model
 
 
 def merged(model: GPT, settings: LoraConfig, dtype: torch.dtype) -> GPT:
-    """A plain GPT (no LoRA layers) whose weights are the adapters merged in fp32, then cast to dtype."""
-    state = merge_lora({k: v.detach() for k, v in model.state_dict().items()}, model.cfg, settings)
+    """A plain GPT (no LoRA layers) whose weights are the adapters merged in fp32, then cast to dtype;
+    an NF4 base (QLoRA) is merged dequantised."""
+    tensors = {k: dequantize(v) if is_nf4(v) else v.detach() for k, v in model.state_dict().items()}
+    state = merge_lora(tensors, model.cfg, settings)
     with torch.device("meta"):
         plain = GPT(model.cfg)
     plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from trainer.config import LoraConfig, ModelConfig
 from trainer.lora.names import layout, scale_of, select_targets, select_trained, split_name
+from trainer.lora.qlora import dequantize, is_nf4, linear_nf4, quantize, quantize_parameter
 from trainer.model.build import WeightSource
 from trainer.model.gpt import GPT, bare_name
 
@@ -22,17 +23,26 @@ class LoRALinear(nn.Linear):
     y = x W^T + b, and on each slice s: + scale B_s A_s dropout(x). With DoRA, as PEFT's
     DoraLinearLayer: y_s = (m_s / ||W_s + scale B_s A_s||_row) (W_s x + scale B_s A_s x) + b_s, the
     norm detached from the graph. The base weight may be stored in another dtype (bf16) than x and
-    the adapters (fp32): it is cast to x's dtype for the matmul.
+    the adapters (fp32): it is cast to x's dtype for the matmul. With quantize="nf4" (QLoRA) the
+    base is stored in NF4 once filled (see qlora.py): the matmul dequantises it, DoRA uses it dequantised.
     """
 
     def __init__(
-        self, base: nn.Linear, slices: dict[str, tuple[int, int]], r: int, scale: float, dropout: float, dora: bool
+        self,
+        base: nn.Linear,
+        slices: dict[str, tuple[int, int]],
+        r: int,
+        scale: float,
+        dropout: float,
+        dora: bool,
+        quantize: str | None = None,
     ):
         nn.Module.__init__(self)  # not nn.Linear's: the base parameters are reused, not allocated
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.slices = dict(sorted(slices.items(), key=lambda item: item[1]))  # leaf -> (start, stop) rows
         self.scale = scale
+        self.quantize = quantize  # nf4: the base weight is (to be) stored in NF4
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         device, rows = base.weight.device, {leaf: stop - start for leaf, (start, stop) in self.slices.items()}
         self.lora_A = _parameters({leaf: (r, self.in_features) for leaf in rows}, device)  # (r, in)
@@ -41,7 +51,12 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(x, self.weight.to(x.dtype), bias)  # (..., out)
+        if is_nf4(self.weight):  # QLoRA: no dequantised copy of the base is kept for backward
+            y = linear_nf4(x, self.weight, bias)  # (..., out)
+        elif torch.is_autocast_enabled(x.device.type):  # autocast casts x and the base: no fp32 copy of a bf16 base
+            y = F.linear(x, self.weight, self.bias)  # (..., out)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype), bias)  # (..., out)
         pieces, end = [], 0  # y's rows, each adapted slice with its delta added (no in-place op)
         for leaf, (start, stop) in self.slices.items():
             if start > end:
@@ -61,7 +76,8 @@ class LoRALinear(nn.Linear):
         lora = F.linear(F.linear(x, A), B) * self.scale  # (..., rows)
         if leaf not in self.lora_magnitude:
             return lora
-        weight = self.weight[start:stop].to(A.dtype)  # (rows, in)
+        base = dequantize(self.weight) if is_nf4(self.weight) else self.weight  # QLoRA: DoRA keeps this dense copy
+        weight = base[start:stop].to(A.dtype)  # (rows, in)
         # DoRA (Liu et al. 2024, section 4.3): the row norm of W + scale B A is treated as a constant.
         norm = torch.linalg.norm(weight + self.scale * (B @ A).detach(), dim=1).detach()  # (rows,)
         factor = self.lora_magnitude[leaf] / norm  # (rows,)
@@ -69,7 +85,8 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         dora = ", dora" if len(self.lora_magnitude) else ""
-        return f"{super().extra_repr()}, adapters={dict(self.slices)}, scale={self.scale:g}{dora}"
+        base = f", base={self.quantize}" if self.quantize else ""
+        return f"{super().extra_repr()}, adapters={dict(self.slices)}, scale={self.scale:g}{dora}{base}"
 
 
 def _parameters(shapes: dict[str, tuple[int, ...]], device: torch.device) -> nn.ParameterDict:
@@ -83,7 +100,9 @@ def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str
 
     Base parameters keep their names, objects and dtypes. Adapters are fp32, on the base's device;
     on a real model they are initialised here (as with_adapter_init does, seed: cfg.seed, else 0),
-    on the meta device they wait for with_adapter_init."""
+    on the meta device they wait for with_adapter_init. With cfg.quantize_base=nf4 the adapted
+    weights of a real model are quantised here (in their dtype); a meta model's, as materialize
+    fills them (run.base_place)."""
     if _adapted(model):
         raise ValueError("apply_lora: the model already has adapters")
     lay = layout(model.cfg)
@@ -96,7 +115,9 @@ def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str
         parent, child = name.rsplit(".", 1)
         base = model.get_submodule(name)
         setattr(
-            model.get_submodule(parent), child, LoRALinear(base, slices, cfg.r, scale_of(cfg), cfg.dropout, cfg.dora)
+            model.get_submodule(parent),
+            child,
+            LoRALinear(base, slices, cfg.r, scale_of(cfg), cfg.dropout, cfg.dora, cfg.quantize_base),
         )
     for name, p in model.named_parameters():
         p.requires_grad_(split_name(bare_name(name)) is not None or bare_name(name) in trained)
@@ -106,6 +127,8 @@ def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str
             for name, module in _adapted(model).items():
                 for key, value in _initial_adapters(name, module, module.weight, seed).items():
                     module.get_parameter(key.removeprefix(name + ".")).copy_(value)
+                if module.quantize:
+                    quantize_parameter(module.weight)
     return [x.hf_name for x in targets]
 
 
@@ -115,9 +138,10 @@ def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
 
 def _initial_adapters(module_name: str, module: LoRALinear, weight: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     """The adapters' initial values (our names -> fp32 CPU tensors) as PEFT draws them: A Kaiming-uniform
-    (a = sqrt 5), B zero, DoRA's magnitude the row norms of `weight` (full, as the module stores it).
+    (a = sqrt 5), B zero, DoRA's magnitude the row norms of `weight` (full) as the module stores it
+    (rounded to its dtype; quantised to NF4 and back on a QLoRA base).
     Each A comes from its own generator seeded by `seed` and its name: independent of order and rank."""
-    out = {}
+    out, stored = {}, None
     for leaf, (start, stop) in module.slices.items():
         a_name = f"{module_name}.lora_A.{leaf}"
         digest = hashlib.sha256(f"{seed}:{a_name}".encode()).digest()
@@ -126,9 +150,20 @@ def _initial_adapters(module_name: str, module: LoRALinear, weight: torch.Tensor
         out[a_name] = nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
         out[f"{module_name}.lora_B.{leaf}"] = torch.zeros(module.lora_B[leaf].shape)
         if leaf in module.lora_magnitude:
-            rows = weight.detach()[start:stop].to(module.weight.dtype).float().cpu()  # rounded as stored
-            out[f"{module_name}.lora_magnitude.{leaf}"] = torch.linalg.norm(rows, dim=1)
+            stored = _as_stored(module, weight) if stored is None else stored
+            out[f"{module_name}.lora_magnitude.{leaf}"] = torch.linalg.norm(stored[start:stop], dim=1)
     return out
+
+
+def _as_stored(module: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+    """The full base weight as `module` stores it, in fp32 on the CPU: rounded to its dtype, or (QLoRA)
+    quantised to NF4 and back, as run.base_place / apply_lora will store it."""
+    if is_nf4(weight):
+        return dequantize(weight).float().cpu()
+    weight = weight.detach().to(module.weight.dtype)
+    if module.quantize:
+        weight = dequantize(quantize(weight))
+    return weight.float().cpu()
 
 
 def with_adapter_init(
@@ -136,13 +171,17 @@ def with_adapter_init(
 ) -> WeightSource:
     """`weights` (base tensors, passed through) plus, right after each adapted module's base weight,
     that module's adapter tensors: fresh ones (see _initial_adapters), or those in `adapter` (our
-    names, e.g. from load_adapter), which also replace the base tensors it names (train_modules)."""
+    names, e.g. from load_adapter), which also replace the base tensors it names (train_modules).
+    Adapter tensors in `weights` are dropped: a seeded random init (GPT.initial_weights) draws a
+    tensor for every parameter of the model, adapters included, which would overwrite these."""
     adapted = {f"{name}.weight": (name, module) for name, module in _adapted(model).items()}
     adapter = {bare_name(k): v for k, v in (adapter or {}).items()}
 
     def source(device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in weights(device):
             name = bare_name(name)
+            if split_name(name) is not None:
+                continue
             tensor = adapter.get(name, tensor)
             yield name, tensor
             if name in adapted:

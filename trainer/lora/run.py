@@ -2,6 +2,7 @@
 checkpoint parts that go with them.
 
     weights, adapted, lora = add_adapters(model, weights, cfg, model_cfg)   # before parallelize
+    strategy.place = base_place(model, strategy.device)                     # QLoRA only: NF4 as it fills
     parts["adapter"] = AdapterPart(strategy, model_cfg, lora, base)        # PEFT files, every checkpoint
     parts["lora"] = BaseRef(base_reference(model_cfg, seed))               # the base, by path + checksum
 
@@ -24,6 +25,7 @@ from torch import nn
 from trainer.config import Config, ConfigError, LoraConfig, ModelConfig
 from trainer.lora.layer import LoRALinear, apply_lora, with_adapter_init
 from trainer.lora.peft_io import load_adapter, save_adapter
+from trainer.lora.qlora import BLOCK_SIZE, quantizing_place
 
 WeightSource = Any  # trainer.model.build.WeightSource (not imported: trainer.model imports nothing of ours)
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -33,9 +35,11 @@ def add_adapters(
     model: nn.Module, weights: WeightSource, cfg: Config, model_cfg: ModelConfig
 ) -> tuple[WeightSource, list[str], LoraConfig]:
     """Swap the targeted linears of the meta-device `model` for LoRA ones, freeze the rest, give
-    the frozen base its storage dtype (lora.base_dtype) and stream the adapters' initial values
-    with the base weights. With lora.init_from, the adapter there (PEFT format) is the start, and
-    its settings (r, alpha, targets, DoRA, rsLoRA, trained modules) are the run's."""
+    the frozen base its storage dtype (lora.base_dtype; with lora.quantize_base=nf4 the adapted
+    linears' weights are then quantised from that dtype as they are filled: base_place) and stream
+    the adapters' initial values with the base weights. With lora.init_from, the adapter there
+    (PEFT format) is the start, and its settings (r, alpha, targets, DoRA, rsLoRA, trained modules)
+    are the run's."""
     lora = cfg.lora
     adapter = None
     if lora.init_from:
@@ -45,6 +49,8 @@ def add_adapters(
             dora=found.dora, train_modules=found.train_modules,
         )  # fmt: skip
     adapted = apply_lora(model, lora)
+    if lora.quantize_base:
+        check_quantizable(model)
     cast_frozen_base(model, BASE_DTYPES[lora.base_dtype], autocast=cfg.precision.dtype in ("bf16", "fp16"))
     seed = lora.seed if lora.seed is not None else cfg.train.seed
     return with_adapter_init(weights, model, seed, adapter), adapted, lora
@@ -61,6 +67,25 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype, autocast: bool) -> No
                 continue
             if autocast or isinstance(module, LoRALinear):
                 param.data = param.data.to(dtype)
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """One line when an adapted weight cannot be cut into NF4's blocks of 64 weights."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) and module.weight.numel() % BLOCK_SIZE:
+            raise ConfigError(
+                f"lora.quantize_base=nf4 quantises blocks of {BLOCK_SIZE} weights, and {name}.weight "
+                f"{tuple(module.weight.shape)} holds {module.weight.numel()}: leave that module out of "
+                "lora.target_modules, or drop lora.quantize_base"
+            )
+
+
+def base_place(model: nn.Module, device: torch.device) -> Any:
+    """materialize's `place` for a meta-device model with QLoRA layers: their base weights quantised to
+    NF4 one at a time as they are filled, from the dtype cast_frozen_base gave them (see
+    qlora.quantizing_place); None (a plain copy) for a model without."""
+    weights = [m.weight for m in model.modules() if isinstance(m, LoRALinear) and m.quantize]
+    return quantizing_place(weights, device) if weights else None
 
 
 def base_reference(model_cfg: ModelConfig, seed: int) -> dict[str, Any]:

@@ -67,6 +67,10 @@ class Strategy(abc.ABC):
     def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-batch's forward and backward: gradient sync only when is_last."""
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision policy's context for a forward outside micro_step (evaluation, sampling)."""
+        return contextlib.nullcontext()
+
     @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a loss already normalised by the global target count."""
@@ -227,7 +231,8 @@ class TorchStrategy(Strategy):
 
     def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():  # every rank owns all on none / ddp
-            yield name, local(p.detach())
+            if not quantized(p):  # a QLoRA base: frozen, and without the arithmetic the statistics use
+                yield name, local(p.detach())
 
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
         # grad_norm is the global pre-clip norm from grad_sumsq_by_group, so a sharded strategy
@@ -275,9 +280,12 @@ class SingleDevice(TorchStrategy):
     """`parallel=none`: one process, one device, no wrapper."""
 
     name = "none"
+    # How materialize puts each full tensor into the model (None: storage on the device, then a copy).
+    # A QLoRA run sets it (lora.run.base_place) to quantise the adapted base weights as they arrive.
+    place: Callable[[nn.Parameter, torch.Tensor], None] | None = None
 
     def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
-        materialize(model, weights, self.device)
+        materialize(model, weights, self.device, self.place)
         return model
 
 
@@ -335,6 +343,11 @@ def _dist() -> bool:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded tensor (a DTensor under FSDP2); a plain tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def quantized(tensor: torch.Tensor) -> bool:
+    """A quantised frozen weight (torchao's NF4Tensor, QLoRA's base: it holds packed 4-bit codes)."""
+    return not tensor.requires_grad and hasattr(tensor, "quantized_data")
 
 
 def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,35 @@
+"""Memory per rank for a config, predicted without building it: `python -m trainer.estimate [overrides]`.
+
+    python -m trainer.estimate model=llama3-8b lora=default train.micro_batch_size=2 train.seq_len=4096
+    python -m trainer.estimate model=gpt2 parallel=fsdp precision=bf16 --world-size 8 --json
+
+The config is composed as `python -m trainer` composes it, without the run checks (an estimate
+may describe a run the harness refuses, e.g. lora.quantize_base=nf4 with parallel=fsdp). Parameters are
+counted on GPT built on the meta device, with trainer.lora's adapters applied there as a run
+applies them (so the frozen base has the dtypes add_adapters gives it). Everything else is
+arithmetic on the shape, in bytes, per rank.
+
+| module      | what                                                                              |
+|-------------|-----------------------------------------------------------------------------------|
+| parameters  | count_parameters (by what trains and how it is stored), nf4_bytes                 |
+| activations | what one micro-batch's forward keeps for backward, part by part                   |
+| memory      | weights, gradients, AdamW state under each sharding; the peak; estimate           |
+| cli         | the table, --json, main                                                           |
+
+benchmarks/estimate_check.py measures activations and peaks of real CPU steps against these.
+"""
+
+from trainer.estimate.activations import activation_bytes
+from trainer.estimate.memory import estimate, model_shape, model_states, peak_phases
+from trainer.estimate.parameters import Parameters, count_parameters, nf4_bytes
+
+__all__ = [
+    "Parameters",
+    "activation_bytes",
+    "count_parameters",
+    "estimate",
+    "model_shape",
+    "model_states",
+    "nf4_bytes",
+    "peak_phases",
+]

@@ -1,0 +1,98 @@
+"""`python -m trainer.estimate [overrides]`: memory per rank for a config, predicted without building it.
+
+The estimate (trainer.estimate.memory.estimate) printed as a markdown table, or with --json as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from trainer.estimate.memory import estimate
+
+GIB = 2**30
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def table(est: dict[str, Any]) -> str:
+    """The estimate as two heading lines and a markdown table (GiB = 2^30 bytes)."""
+    run, params, b, act, peak = est["run"], est["parameters"], est["bytes"], est["activations"], est["peak"]
+    lora, host = run["lora"], set(est["host"])
+    if lora:
+        dora = " (DoRA)" if lora["dora"] else ""
+        what = f"LoRA{dora} r={lora['r']} on {', '.join(lora['targets'])}, base in {lora['base']}"
+    else:
+        what = "full training"
+    ckpt = run["activation_checkpointing"]
+    if ckpt != "none":
+        ckpt += f" ({act['checkpointed']} of {run['n_layer']} blocks)"
+    loss = f"in chunks of {run['loss_chunk_size']} tokens" if run["loss_chunk_size"] else "over full logits"
+    by_dtype = [(params["frozen_nf4"], "NF4"), *((n, dtype) for dtype, n in params["frozen_dtypes"].items())]
+    frozen = ", ".join(f"{n:,} in {dtype}" for n, dtype in sorted(by_dtype, reverse=True) if n)
+    rows = [
+        ("weights, frozen", "weights_frozen", frozen),
+        ("weights, trainable", "weights_trainable", f"{params['trainable']:,} parameters"),
+        ("master weights", "master", "DeepSpeed's fp32 copy"),
+        ("gradients", "gradients", "trainable parameters only, from backward to the step"),
+        ("AdamW state", "optimizer", "exp_avg and exp_avg_sq in fp32"),
+        ("gathered weights", "gathered", "one block and the root, whole, while they run"),
+        ("buffers", "buffers", "DDP's gradient buckets / DeepSpeed's reduce bucket"),
+    ]
+    lines = [
+        f"{run['model']}: {params['total'] / 1e9:.3f}B parameters, {params['trainable'] / 1e6:.2f}M trainable "
+        f"({100 * params['trainable'] / params['total']:.2f}%): {what}",
+        f"parallel={run['strategy']} on {run['world_size']} rank(s), precision={run['precision']}, micro-batch "
+        f"{run['micro_batch_size']} x {run['seq_len']} tokens, checkpointing {ckpt}, loss {loss}",
+        "",
+        "| per rank | GiB | |",
+        "|---|---:|---|",
+    ]
+    for name, key, note in rows:
+        if b[key] or key in ("weights_trainable", "gradients", "optimizer"):
+            lines.append(f"| {name}{' (in host memory)' if key in host else ''} | {_gib(b[key])} | {note} |")
+    per_block = f"a block keeps {_gib(act['block'])}"
+    if act["checkpointed"]:
+        per_block += f" ({_gib(act['block_checkpointed'])} checkpointed)"
+    outside = _gib(act["front"] + act["back"])
+    lines.append(f"| activations | {_gib(b['activations'])} | {per_block}; outside the blocks {outside} |")
+    for moment, value in est["phases"].items():
+        lines.append(f"| at the {moment.replace('_', ' ')} | {_gib(value)} | above the kept states |")
+    lines.append(
+        f"| **peak** | **{_gib(peak['bytes'])}** | at the {peak['at'].replace('_', ' ')}: kept states "
+        f"{_gib(peak['kept_states'])} + {_gib(peak['bytes'] - peak['kept_states'])} |"
+    )
+    lines.append("")
+    lines.append(
+        "Allocated bytes (what torch.cuda.max_memory_allocated reports); the process also holds the CUDA "
+        "context and kernels (about 0.5-1 GiB) and the caching allocator's free blocks."
+    )
+    lines += [f"Note: {note}" for note in est["notes"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m trainer.estimate`."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.estimate", description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m trainer")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)), help="ranks")
+    parser.add_argument(
+        "--vocab", type=int, default=None, help="the tokenizer's vocabulary when model.vocab_size is null"
+    )
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    args = parser.parse_intermixed_args(argv)
+    from trainer.__main__ import _one_line, compose_config
+
+    try:
+        cfg, _ = compose_config(args.overrides)
+        est = estimate(cfg, args.world_size, args.vocab)
+    except Exception as error:  # Hydra, OmegaConf and ConfigError: one line
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    print(json.dumps(est, indent=2) if args.json else table(est))
+    return 0
