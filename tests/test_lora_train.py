@@ -79,19 +79,22 @@ def test_peft_loads_the_adapter_and_resume_is_bitwise(finetune_dir: Path, model:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
-def test_two_rank_adapters_equal_one_process(finetune_dir: Path, strategy: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "model,strategy", [("llama", "ddp"), ("llama", "fsdp"), ("llama", "zero3"), ("gpt2", "fsdp"), ("gpt2", "zero3")]
+)
+def test_two_rank_adapters_equal_one_process(finetune_dir: Path, model: str, strategy: str, tmp_path: Path) -> None:
     """Same global batch (2 sequences): 2 ranks x 1 under fsdp / zero3 against 1 process x 2. The
     saved adapter is whole (every tensor its full shape, never empty, never one rank's shard)."""
     single = tmp_path / "single"
-    cfg, _ = compose_config(args(finetune_dir, "llama", "train.max_steps=3"))
+    cfg, _ = compose_config(args(finetune_dir, model, "train.max_steps=3"))
     train(cfg, single)
     ranks = tmp_path / strategy
-    done = torchrun("-m", "trainer", *args(finetune_dir, "llama", "train.max_steps=3", f"parallel={strategy}",
+    done = torchrun("-m", "trainer", *args(finetune_dir, model, "train.max_steps=3", f"parallel={strategy}",
                     "train.micro_batch_size=1", f"hydra.run.dir={ranks}"), cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ours, theirs = adapter(ranks), adapter(single)
-    assert ours.keys() == theirs.keys() and len(ours) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    adapters = {"llama": 7, "gpt2": 4}[model]  # q k v o gate up down; c_attn, attn c_proj, c_fc, mlp c_proj
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * adapters * 2  # A and B, in 2 layers
     for name, tensor in theirs.items():
         assert ours[name].shape == tensor.shape and ours[name].numel() > 0
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5)
@@ -99,13 +102,14 @@ def test_two_rank_adapters_equal_one_process(finetune_dir: Path, strategy: str, 
 
 
 @pytest.mark.heavy
-def test_merge_keeps_the_adapter_models_logits(finetune_dir: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_merge_keeps_the_adapter_models_logits(finetune_dir: Path, model: str, tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForCausalLM
 
     from trainer.export import find_checkpoint, load_model, main
 
     run_dir = tmp_path / "run"
-    cfg, _ = compose_config(args(finetune_dir, "gpt2", "train.max_steps=2", "lora.dora=true"))
+    cfg, _ = compose_config(args(finetune_dir, model, "train.max_steps=2", "lora.dora=true"))
     train(cfg, run_dir)
     out = tmp_path / "merged"
     assert main([str(run_dir), "--out", str(out), "--merge"]) == 0
