@@ -200,3 +200,17 @@ def test_a_clean_run_raises_no_false_spike(tmp_path: Path) -> None:
 def test_bad_monitor_input_is_one_line(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):
         preflight(overrides)
+
+
+def test_mfu_peak_table_tells_the_parts_apart() -> None:
+    """Datasheet dense bf16 peaks by the names torch.cuda.get_device_name gives; an unknown GPU has none."""
+    from trainer.monitor import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_peak_flops("NVIDIA H200 NVL") == 835e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == gpu_peak_flops("NVIDIA A100 80GB PCIe") == 312e12
+    assert gpu_peak_flops("NVIDIA L40S") == 362e12 and gpu_peak_flops("NVIDIA B200") == 2250e12
+    assert gpu_peak_flops("NVIDIA GeForce RTX 4090") is None

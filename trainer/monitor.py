@@ -7,20 +7,35 @@ the parameters, so sum over groups of grad_norm/<group>^2 equals grad_norm^2.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import resource
 import time
 from typing import Any
 
 import torch
 
-PEAK_FLOPS = {  # dense bf16 tensor-core peak per device, FLOP/s (vendor datasheets)
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-}
+# Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' datasheets. Names as
+# torch.cuda.get_device_name gives them; the first pattern that matches wins, so the NVL / PCIe parts
+# come before the SXM part of the same name (an H100 PCIe is not an SXM: its MFU would read 1.31x low).
+PEAK_FLOPS = (
+    (r"H100.*NVL", 835e12),
+    (r"H100.*PCIe", 756e12),
+    (r"H100", 989e12),  # SXM5 (H100 80GB HBM3)
+    (r"H200.*NVL", 835e12),
+    (r"H200", 989e12),  # SXM
+    (r"GH200", 989e12),
+    (r"B200", 2250e12),
+    (r"A100", 312e12),  # SXM4 and PCIe
+    (r"L40S", 362e12),
+    (r"A10G", 125e12),
+)
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    """The datasheet dense bf16 peak of the GPU called `name`, or None for a GPU not in the table."""
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
 
 
 class SpikeDetector:
@@ -180,10 +195,14 @@ def peak_flops(device: torch.device, configured: float | None) -> float:
         return configured
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops
-        return 0.0
+        flops = gpu_peak_flops(name)
+        if flops is None:
+            logging.getLogger("trainer").warning(
+                f"MFU: the peak of {name!r} is not in trainer/monitor.py's table: MFU is logged as 0; "
+                "set monitor.peak_flops to its dense bf16 FLOP/s"
+            )
+            return 0.0
+        return flops
     return measured_matmul_flops()
 
 
