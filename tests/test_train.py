@@ -236,3 +236,18 @@ def test_a_pretrained_run_builds_the_resolved_model(hf_checkpoints: dict[str, st
         96,
     )  # the checkpoint's
     assert all(math.isfinite(row["loss"]) for row in read_metrics(run_dir))
+
+
+def test_tf32_follows_the_config() -> None:
+    """train.tf32 (default on) sets torch's TF32 switches for fp32 matmuls on GPUs."""
+    from trainer.loop import set_tf32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        set_tf32(False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert compose_config([])[0].train.tf32 is True

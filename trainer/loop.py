@@ -139,6 +139,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
+    set_tf32(tc.tf32)
     strategy = build_strategy(cfg)
     data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
@@ -186,6 +187,12 @@ def describe_lora(run: Run) -> str:
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%), base frozen in "
         f"{'NF4 (QLoRA)' if settings.quantize_base else settings.base_dtype}; adapted: {modules}"
     )
+
+
+def set_tf32(enabled: bool) -> None:
+    """fp32 matmuls (and cuDNN convolutions) on TF32 tensor cores, or in full fp32 (no effect on CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def build_data_once_per_node(cfg: Config, strategy: Strategy) -> Data:

@@ -371,6 +371,7 @@ class TrainConfig:
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
     sample_prompt: str = "def "
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
+    tf32: bool = True  # GPU: fp32 matmuls and convolutions on TF32 tensor cores (fp32 runs, fp32 evaluation)
     resume: str = "none"  # none | auto (newest valid checkpoint in the run dir) | a checkpoint directory
     max_consecutive_skips: int = 10  # stop after this many steps in a row with inf / NaN gradients
 
