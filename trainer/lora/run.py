@@ -26,8 +26,8 @@ from trainer.config import Config, ConfigError, LoraConfig, ModelConfig
 from trainer.lora.layer import LoRALinear, apply_lora, with_adapter_init
 from trainer.lora.peft_io import load_adapter, save_adapter
 from trainer.lora.qlora import BLOCK_SIZE, quantizing_place
+from trainer.model.build import WeightSource
 
-WeightSource = Any  # trainer.model.build.WeightSource (not imported: trainer.model imports nothing of ours)
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
