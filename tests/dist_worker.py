@@ -34,6 +34,7 @@ CLIP = 0.5  # below the initial norm, so the step is clipped
 VARIANTS = {  # name -> ParallelConfig options
     "fsdp-hybrid": {"strategy": "fsdp", "fsdp_shard_size": 1},  # 2D mesh: replicate 2 x shard 1
     "fsdp-keep": {"strategy": "fsdp", "fsdp_reshard_after_forward": False},
+    "fsdp-prefetch2": {"strategy": "fsdp", "fsdp_prefetch": 2},  # explicit forward / backward prefetch
     "zero2-offload": {"strategy": "zero2", "zero_offload_optimizer": True},
     "zero3-offload": {"strategy": "zero3", "zero_offload_optimizer": True, "zero_offload_params": True},
 }

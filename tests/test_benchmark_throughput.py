@@ -60,7 +60,7 @@ def test_tiny_run_reports_every_system_and_precision(tmp_path: Path) -> None:
     assert (shape["n_layer"], shape["n_embd"], shape["seq_len"], shape["micro_batch"]) == (2, 32, 16, 2)
     cfg = ModelConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=320, block_size=16)
     assert shape["flops_per_token"] == GPT(cfg).flops_per_token(16)
-    assert set(report["systems"]) == set(throughput.SYSTEMS)
+    assert set(report["systems"]) == set(throughput.DEFAULT_SYSTEMS)  # nanogpt needs --nanogpt DIR
     for system, by_precision in report["systems"].items():
         assert set(by_precision) == {"fp32", "bf16"}, system
         for precision, r in by_precision.items():
@@ -70,3 +70,43 @@ def test_tiny_run_reports_every_system_and_precision(tmp_path: Path) -> None:
             )
             assert r["peak_mem_bytes"] is None  # CPU: not measured
             assert r["compile"] is False
+
+
+def test_interleaved_windows_give_every_system_its_rates(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    flags = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
+             "--warmup", "1", "--steps", "1", "--repeats", "3", "--device", "cpu", "--precisions", "fp32",
+             "--systems", "trainer", "plain_torch", "--interleave", "--out", str(out)]  # fmt: skip
+    throughput.main(flags)
+    systems = json.loads(out.read_text())["systems"]
+    for system in ("trainer", "plain_torch"):
+        r = systems[system]["fp32"]
+        assert r["interleaved"] and len(r["windows_tokens_per_s"]) == 3 and min(r["windows_tokens_per_s"]) > 0
+
+
+def test_nanogpt_needs_its_checkout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--systems", "trainer", "nanogpt"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--nanogpt", str(tmp_path)])  # no model.py there
+    assert "--nanogpt DIR, a karpathy/nanoGPT checkout holding model.py" in capsys.readouterr().err
+    assert throughput.parse_args([]).systems == list(throughput.DEFAULT_SYSTEMS)
+
+
+@pytest.mark.heavy
+def test_profile_step_names_the_top_operators(tmp_path: Path) -> None:
+    """benchmarks/profile_step.py on a tiny shape: the top operators of deferred steps, by self time."""
+    out = tmp_path / "profile.json"
+    flags = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
+             "--warmup", "1", "--steps", "2", "--top", "5", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "benchmarks.profile_step", *flags]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    kernels = report["top_kernels"]
+    assert len(kernels) == 5 and report["deferred"] is True and report["host_syncs"] is None  # CPU: no device
+    assert [k["self_s"] for k in kernels] == sorted((k["self_s"] for k in kernels), reverse=True)
+    assert 0 < sum(k["share"] for k in kernels) <= 1 and all(k["calls"] > 0 for k in kernels)
+    assert any(k["name"] in ("aten::mm", "aten::addmm") for k in kernels)  # a transformer step is matmuls
+    assert f"| {kernels[0]['name']} |" in result.stdout

@@ -452,3 +452,16 @@ def test_checksums_read_in_blocks_match_hashlib(tmp_path: Path) -> None:
     assert _sha256(tmp_path / "f", block=1000) == hashlib.sha256(data).hexdigest()  # 11 blocks, the last short
     (tmp_path / "empty").write_bytes(b"")
     assert _sha256(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_a_checkpoint_from_before_vocabulary_padding_is_told_how_to_resume() -> None:
+    from trainer.parallel.model_state import check_compatible
+
+    info = {"shapes": {"embed.wte.weight": [50257, 8], "blocks.0.attn.c_attn.weight": [24, 8]}, "strategy": "none"}
+    padded = {"embed.wte.weight": [50304, 8], "blocks.0.attn.c_attn.weight": [24, 8]}
+    with pytest.raises(ConfigError, match=r"resumes with model.vocab_multiple=1\)$"):
+        check_compatible(info, padded, "none", 1, Path("ckpt"))
+    other = {"embed.wte.weight": [50304, 8], "blocks.0.attn.c_attn.weight": [48, 8]}
+    with pytest.raises(ConfigError) as refused:
+        check_compatible(info, other, "none", 1, Path("ckpt"))
+    assert "vocab_multiple" not in str(refused.value)  # another shape change: no such hint

@@ -280,6 +280,15 @@ def test_contradicting_deepspeed_json_is_refused(tmp_path: Path, deepspeed_insta
     assert merged["train_batch_size"] == 16 * 2  # the harness's value replaces "auto"
 
 
+def test_deepspeed_overlaps_its_reduction_on_a_gpu_only(deepspeed_installed: None) -> None:
+    from trainer.parallel.zero import harness_deepspeed_config
+
+    cfg, _ = compose_config(["parallel=zero2"])
+    gpu = harness_deepspeed_config(cfg, world_size=2, on_gpu=True)["zero_optimization"]
+    assert gpu == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}
+    assert harness_deepspeed_config(cfg, world_size=2, on_gpu=False)["zero_optimization"] == {"stage": 2}
+
+
 def test_spike_skip_and_rollback_run_where_a_step_can_be_dropped() -> None:
     for strategy in ("none", "ddp", "fsdp"):
         cfg, _ = compose_config([f"parallel={strategy}", "monitor.spike.action=rollback", "checkpoint.interval=5"])
@@ -312,7 +321,7 @@ NON_DEFAULT = {
                      "original_max_position_embeddings": 16},
     "attention_backend": "math", "init_std": 0.01, "activation_checkpointing": "full",
     "activation_checkpointing_every": 2, "loss_chunk_size": 32, "qkv_bias": True, "sliding_window": 8,
-    "hf_model_type": "mistral",
+    "hf_model_type": "mistral", "vocab_multiple": 128,
 }  # fmt: skip
 
 

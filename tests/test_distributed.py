@@ -139,6 +139,26 @@ def test_torchrun_two_ranks_match_one_process(strategy: str, reference_run: Path
     assert (tmp_path / "run" / "logs" / "rank0.log").exists() and (tmp_path / "run" / "logs" / "rank1.log").exists()
 
 
+@pytest.mark.heavy
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_compiled_blocks_match_one_eager_process(strategy: str, reference_run: Path, tmp_path: Path) -> None:
+    """train.compile=true under DDP / FSDP2 (blocks compiled before wrapping or sharding, as
+    torchtitan does): the same losses and weights as one eager process, within fp32 rounding of
+    inductor's fused kernels."""
+    rows = run_trainer(
+        tmp_path / "run", f"parallel={strategy}", "train.compile=true", "train.micro_batch_size=4",
+        "train.grad_accum_steps=2", nproc=2,
+    )  # fmt: skip
+    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(rows, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
+    assert_weights_close(
+        load_file(str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors")),
+        load_file(str(reference_run / "checkpoints" / "final" / "model.safetensors")),
+    )
+
+
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path: Path) -> None:
     """Rank 1's corpus is empty, rank 0's is fine: the job stops (no hang) with rank 1's reason."""
     for rank, text in ((0, "print('hello world')\n" * 2000), (1, "")):

@@ -90,7 +90,7 @@ def test_lora_counts(shape: list[str], lora: list[str]) -> None:
     assert params["total"] == sum(p.numel() for p in real.values())
     extra = params["trainable"] - params["adapters"]
     norms = (2 * 3 + 1) * 96 * (2 if shape is GPT2_LIKE else 1)  # 2 per block + the final one (LayerNorm: + bias)
-    head = 300 * 96 if "lm_head" in " ".join(lora) else 0  # the untied head
+    head = 320 * 96 if "lm_head" in " ".join(lora) else 0  # the untied head: 300 tokens in 320 rows
     assert extra == (norms if "norm" in " ".join(lora) else 0) + head
 
 
@@ -158,7 +158,7 @@ def test_frozen_bytes_follow_the_base_casts(precision: str, lora: list[str]) -> 
     linears = {"qkv": qkv, "o": o, "gate": mlp, "up": mlp, "down": mlp}
     adapted = {"qkv": qkv, "down": mlp} if lora else linears  # q_proj is a slice of c_attn: all of it is cast
     plain = sum(linears.values()) - sum(adapted.values())
-    norms, embedding_and_head = 7 * 96, 2 * 300 * 96
+    norms, embedding_and_head = 7 * 96, 2 * 320 * 96  # 300 tokens in 320 rows (model.vocab_multiple)
     others = base if precision == "bf16" else 4  # plain linears, embedding, head
     expected = 3 * (base * sum(adapted.values()) + others * plain) + others * embedding_and_head + 4 * norms
     assert estimate(cfg)["bytes"]["weights_frozen"] == expected == frozen_bytes_of(build(cfg))
@@ -197,8 +197,9 @@ def test_activation_terms_move_as_they_should() -> None:
     assert full["block_checkpointed"] == 2 * 64 * 96 * 4 and full["checkpointed"] == 3
     assert full["total"] == plain["total"] - 3 * plain["block"] + 3 * full["block_checkpointed"] - 2 * 64 * 16 * 4
     chunked = estimate(config(*base, "model.loss_chunk_size=32"))["activations"]
-    assert plain["loss"] == 2 * 64 * 300 * 4 + 2 * 64 * 8  # log-softmax in fp32 and the targets
-    assert chunked["loss"] == 2 * 64 * 96 * 4 + 300 * 96 * 4  # hidden's and head's gradients in fp32
+    # V = 320: the 300 tokens' logits and the padding's (model.vocab_multiple)
+    assert plain["loss"] == 2 * 64 * 320 * 4 + 2 * 64 * 8  # log-softmax in fp32 and the targets
+    assert chunked["loss"] == 2 * 64 * 96 * 4 + 320 * 96 * 4  # hidden's and head's gradients in fp32
     doubled = estimate(config(*LLAMA_LIKE, "train.micro_batch_size=4", "train.seq_len=64"))["activations"]
     assert doubled["block"] == pytest.approx(2 * plain["block"], rel=0.01)
 
@@ -237,7 +238,8 @@ def test_pretrained_shape_comes_from_the_checkpoint(hf_checkpoints: dict[str, st
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(hf_checkpoints["llama"])
-    assert est["parameters"]["total"] == sum(p.numel() for p in hf.parameters())
+    padding = 2 * (128 - 96) * 32  # the embedding's and the untied head's 96 rows padded to 128
+    assert est["parameters"]["total"] == sum(p.numel() for p in hf.parameters()) + padding
 
 
 def test_llama3_8b_recipe() -> None:

@@ -123,7 +123,10 @@ def test_gpt2_layout_loads_in_transformers_with_our_logits(gpt2_run: Path, tmp_p
     # synthetic data has no tokenizer: the special ids are null, not transformers' GPT-2 defaults (50256)
     assert config["model_type"] == "gpt2" and config["bos_token_id"] is None and config["eos_token_id"] is None
     cfg, final = model_config(gpt2_run), load_file(gpt2_run / "checkpoints" / "final" / "model.safetensors")
-    assert_equal_weights(exported_weights(out, cfg), final)
+    # the run's 32 tokens in 64 rows (model.vocab_multiple); the export holds the 32 alone
+    assert (cfg.vocab_size, cfg.padded_vocab_size, final["embed.wte.weight"].shape[0]) == (32, 64, 64)
+    assert config["vocab_size"] == 32 and read_hf_tensors(out)["transformer.wte.weight"].shape == (32, 64)
+    assert_equal_weights(exported_weights(out, cfg), final)  # the padding rows stayed zero in training
     assert_same_logits(GPT2LMHeadModel.from_pretrained(out), cfg, final)
 
 
@@ -147,6 +150,23 @@ def test_llama_layout_loads_as_llama_for_causal_lm(llama_run: Path, tmp_path: Pa
     assert "head.weight" in final  # untied
     assert_equal_weights(exported_weights(out, cfg), final)
     assert_same_logits(LlamaForCausalLM.from_pretrained(out), cfg, final)
+
+
+def test_a_checkpoint_from_before_vocab_padding_exports_its_rows(tmp_path: Path) -> None:
+    """Its info.json has no vocab_multiple: its embedding holds vocab_size rows, not padded (here
+    32; a default of 64 would look for 64 rows)."""
+    run = train_run(tmp_path, "model.vocab_multiple=1", "train.max_steps=1")
+    checkpoint = step_dir(run, 1)
+    info = json.loads((checkpoint / "model" / "info.json").read_text())
+    info["model_config"].pop("vocab_multiple")
+    (checkpoint / "model" / "info.json").write_text(json.dumps(info))
+    write_manifest(checkpoint)
+    out = tmp_path / "export"
+    assert main([str(checkpoint), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 32
+    final = load_file(run / "checkpoints" / "final" / "model.safetensors")
+    assert final["embed.wte.weight"].shape == (32, 64)
+    assert torch.equal(read_hf_tensors(out)["transformer.wte.weight"], final["embed.wte.weight"])
 
 
 def test_run_dir_falls_back_past_a_failing_checkpoint(gpt2_run: Path, tmp_path: Path, capsys) -> None:

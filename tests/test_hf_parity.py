@@ -19,7 +19,14 @@ from helpers import hf_gpt2, hf_llama, hf_mistral, hf_qwen2  # noqa: E402
 from trainer.config import ConfigError, ModelConfig, resolve_model_config  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
 from trainer.model.gpt import rope_inv_freq  # noqa: E402
-from trainer.model.hf_import import hf_to_trainer, pretrained_weights, read_hf_tensors  # noqa: E402
+from trainer.model.hf_import import (  # noqa: E402
+    VOCAB_ROWS,
+    hf_to_trainer,
+    pad_vocab,
+    pretrained_weights,
+    read_hf_tensors,
+    trim_vocab,
+)
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
 
 VOCAB, T = 101, 12
@@ -390,8 +397,8 @@ def test_export_round_trip(case, tmp_path):
     assert type(reference).__name__ == EXPORT_CLASSES[case]
     assert_parity(model, reference, cfg)  # transformers reads what we wrote
     back = load_pretrained(tmp_path)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(back.state_dict()[name], tensor), name
+    for name, tensor in model.state_dict().items():  # the vocabulary's padding rows come back zero
+        assert torch.equal(back.state_dict()[name], pad_vocab(name, trim_vocab(name, tensor, cfg), cfg)), name
 
 
 @pytest.mark.parametrize("case", ["qwen2-tied-llama3", "mistral-window-covers-context", "llama-gqa-tied"])
@@ -420,3 +427,68 @@ def test_export_rejects_layouts_without_hf_equivalent(tmp_path):
         model = GPT(ModelConfig(**kwargs, hf_model_type=model_type))
         with pytest.raises(ValueError, match=f"which hf_model_type={model_type} cannot hold"):
             export_hf(model, tmp_path)
+
+
+# -- an odd vocabulary: padded to model.vocab_multiple on import, trimmed on export ------------------
+
+ODD_VOCAB = 1001  # padded to 1024 rows
+ODD_CASES = {
+    "gpt2-tied": lambda: hf_gpt2(vocab_size=ODD_VOCAB),
+    "llama-untied": lambda: hf_llama(tie=False, vocab_size=ODD_VOCAB),
+}
+
+
+@pytest.mark.parametrize("chunk", [0, 7], ids=["logits", "chunked"])
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_an_odd_vocabulary_is_padded_and_matches_transformers(case, chunk, tmp_path):
+    """A sharded checkpoint of 1001 tokens streams in with 23 zero rows; forward's logits, the loss
+    of either loss path (ids up to the last real token) and every gradient equal transformers'."""
+    save_random(ODD_CASES[case](), tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) >= 3
+    theirs = load_reference(tmp_path)
+    ours = load_pretrained(tmp_path, loss_chunk_size=chunk).eval()
+    cfg = ours.cfg
+    assert (cfg.vocab_size, cfg.padded_vocab_size) == (ODD_VOCAB, 1024)
+    for name, p in ours.named_parameters():
+        if name in VOCAB_ROWS:
+            assert p.shape[0] == 1024 and torch.all(p[ODD_VOCAB:] == 0), name
+    g = torch.Generator().manual_seed(1)
+    idx, targets = (torch.randint(0, ODD_VOCAB, (3, T), generator=g) for _ in range(2))
+    targets[0, :4], targets[1, :3] = IGNORE_INDEX, ODD_VOCAB - 1
+    logits, ref = ours(idx), theirs(idx).logits
+    assert logits.shape == ref.shape == (3, T, ODD_VOCAB)
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+    loss, ref_loss = ours(idx, targets), cross_entropy_sum(ref, targets)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = hf_to_trainer({n: p.grad for n, p in theirs.named_parameters()}, cfg)  # zero padding rows
+    for name, p in ours.named_parameters():
+        if name in VOCAB_ROWS:
+            assert torch.all(p.grad[ODD_VOCAB:] == 0), name
+        scale = max(1.0, ref_grads[name].abs().max().item())
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
+def test_an_odd_vocabulary_exports_in_the_checkpoints_own_shapes(case, tmp_path):
+    """checkpoint -> padded GPT -> export_hf: the same tensors, shapes and config vocab_size as the
+    checkpoint, whatever the padding rows hold; transformers gives the original's logits."""
+    original = save_random(ODD_CASES[case](), tmp_path / "in").eval()
+    model = load_pretrained(tmp_path / "in")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in VOCAB_ROWS:
+                p[ODD_VOCAB:] = 1.0  # not zero: the export must drop the padding, not find it empty
+    export_hf(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == ODD_VOCAB
+    written, stored = read_hf_tensors(tmp_path / "out"), read_hf_tensors(tmp_path / "in")
+    assert written.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(written[name], tensor), name
+    back = load_reference(tmp_path / "out")
+    assert back.get_output_embeddings().weight.shape == (ODD_VOCAB, back.config.hidden_size)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, ODD_VOCAB, (2, T), generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, original(idx).logits, rtol=0, atol=1e-5)

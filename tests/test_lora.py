@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -26,6 +27,7 @@ from trainer.lora import (  # noqa: E402
     with_adapter_init,
 )
 from trainer.model import GPT, load_hf_config, load_pretrained, pretrained_weights  # noqa: E402
+from trainer.model.hf_import import VOCAB_ROWS  # noqa: E402
 from trainer.model.loss import cross_entropy_sum  # noqa: E402
 from trainer.parallel.base import materialize  # noqa: E402
 
@@ -233,7 +235,12 @@ def test_saved_adapter_gives_our_logits_in_peft(bases, case, tmp_path):
     tensors, loaded_cfg = load_adapter(tmp_path, model.cfg)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert set(tensors) == set(trained)
-    assert all(torch.equal(tensors[n], p.detach()) for n, p in trained.items())
+    assert all(torch.equal(tensors[n], p.detach()) for n, p in trained.items())  # padding rows: zero both
+    # a trained embedding / head is stored in the real vocabulary's shape; GPT holds it padded (101 -> 128)
+    stored = load_file(tmp_path / "adapter_model.safetensors")
+    vocab_keys = [k for k in stored if k.endswith(("lm_head.weight", "embed_tokens.weight", "wte.weight"))]
+    assert bool(vocab_keys) == any(n in VOCAB_ROWS for n in trained)
+    assert all(stored[k].shape[0] == VOCAB < model.cfg.padded_vocab_size for k in vocab_keys)
     assert (loaded_cfg.r, loaded_cfg.alpha, loaded_cfg.dora, loaded_cfg.rslora) == (
         cfg.r,
         cfg.alpha,

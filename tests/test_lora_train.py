@@ -109,15 +109,18 @@ def test_merge_keeps_the_adapter_models_logits(finetune_dir: Path, model: str, t
     from trainer.export import find_checkpoint, load_model, main
 
     run_dir = tmp_path / "run"
-    cfg, _ = compose_config(args(finetune_dir, model, "train.max_steps=2", "lora.dora=true"))
+    padding = "model.vocab_multiple=256"  # the 384 tokens in 512 rows: the merged export drops 128
+    cfg, _ = compose_config(args(finetune_dir, model, "train.max_steps=2", "lora.dora=true", padding))
     train(cfg, run_dir)
     out = tmp_path / "merged"
     assert main([str(run_dir), "--out", str(out), "--merge"]) == 0
     report = capsys.readouterr().out
     assert "top-1 agreement 100.00%" in report and "stored as float32" in report, report
     ours, _ = load_model(find_checkpoint(run_dir))  # the base with the adapters, as PEFT would run it
+    assert (ours.cfg.vocab_size, ours.embed.wte.weight.shape[0]) == (384, 512)
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert merged.get_output_embeddings().weight.shape[0] == merged.config.vocab_size == 384
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, ours.eval()(ids), rtol=1e-4, atol=1e-4)
     assert main([str(run_dir), "--out", str(tmp_path / "adapter")]) == 0  # without --merge: the PEFT adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -87,10 +88,13 @@ def meta_model(**kwargs) -> GPT:
 
 def assert_follows_init_rules(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Norm scales one, biases zero, residual projections (c_proj) N(0, std / sqrt(2 n_layer)),
-    every other weight N(0, std)."""
+    every other weight N(0, std); the vocabulary's padding rows zero."""
     residual = cfg.init_std / math.sqrt(2 * cfg.n_layer)
     kinds = set()
     for name, t in tensors.items():
+        if name in ("embed.wte.weight", "head.weight"):
+            assert t.size(0) == cfg.padded_vocab_size and torch.all(t[cfg.vocab_size :] == 0), name
+            t = t[: cfg.vocab_size]
         if name.endswith("bias"):
             kinds.add("bias")
             assert torch.all(t == 0), name
@@ -198,17 +202,17 @@ def test_tied_head_shares_embedding():
     hidden = {}
     model.norm_f.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
     logits = model(torch.randint(0, 97, (2, 5)))
-    expected = F.linear(hidden["h"], model.embed.wte.weight)
+    expected = F.linear(hidden["h"], model.embed.wte.weight[:97])  # the padding rows (97 -> 128) cut
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
     untied = make(**{**GPT2_LIKE, "tie_embeddings": False})
     assert untied.head.weight.data_ptr() != untied.embed.wte.weight.data_ptr()
-    assert untied.num_params() - model.num_params() == 97 * 32
+    assert untied.num_params() - model.num_params() == 128 * 32  # the head's rows, padding included
 
 
 def test_num_params_and_flops():
     model = make(**LLAMA_LIKE)
-    # untied: wte is only a lookup, so it drops
-    assert model.num_params(exclude_embeddings=True) == model.num_params() - 97 * 32
+    # untied: wte is only a lookup, so it drops (its 97 rows padded to 128)
+    assert model.num_params(exclude_embeddings=True) == model.num_params() - 128 * 32
     # tied: wte is also the head's matmul, so only wpe drops
     gpt2 = make(**GPT2_LIKE)
     assert gpt2.num_params(exclude_embeddings=True) == gpt2.num_params() - 16 * 32
@@ -317,10 +321,11 @@ def test_check_attention_backend():
         check_attention_backend(backend, cpu, torch.float32)  # runs everywhere
     check_attention_backend("efficient", cuda, torch.float32)
     check_attention_backend("flash", cuda, torch.bfloat16)
-    for backend in ("flash", "efficient", "flash_attn"):
+    check_attention_backend("cudnn", cuda, torch.bfloat16)
+    for backend in ("flash", "efficient", "cudnn", "flash_attn"):
         with pytest.raises(ConfigError, match="needs a CUDA device"):
             check_attention_backend(backend, cpu, torch.bfloat16)
-    for backend in ("flash", "flash_attn"):
+    for backend in ("flash", "cudnn", "flash_attn"):
         with pytest.raises(ConfigError, match="needs fp16 or bf16"):
             check_attention_backend(backend, cuda, torch.float32)
     model = make(**{**GPT2_LIKE, "attention_backend": "flash"})
@@ -356,7 +361,11 @@ def test_preset_parameter_counts(preset, params):
     cfg = load_preset(CONFIG_DIR / f"{preset}.yaml")
     with torch.device("meta"):  # shapes only, nothing allocated
         model = GPT(cfg)
-    assert model.num_params() == params
+        released = GPT(dataclasses.replace(cfg, vocab_multiple=1))
+    assert released.num_params() == params
+    # the vocabulary padded to a multiple of 64 (GPT-2's 50257 to 50304; Llama's 128256 is one)
+    padding_rows = {"gpt2": 47, "gpt2-medium": 47}.get(preset, 0) * (1 if cfg.tie_embeddings else 2)
+    assert model.num_params() == params + padding_rows * cfg.n_embd
 
 
 def test_tiny_preset_is_small():

@@ -117,6 +117,36 @@ def test_fp32_nan_gradient_is_skipped_too() -> None:
     assert all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items())
 
 
+def test_a_deferred_step_decides_to_skip_on_the_device() -> None:
+    """defer=True (no host sync: fused AdamW reads the non-finite flag itself): an inf gradient
+    leaves weights and AdamW's state (its step count too) untouched, only the schedule moves on;
+    finite deferred steps give bitwise the synchronous path's weights."""
+    optim = OptimConfig(warmup_steps=2)
+    deferred, synchronous = single_device(optim=optim, max_steps=10), single_device(optim=optim, max_steps=10)
+    assert deferred.steps_without_sync and not single_device(PrecisionConfig(dtype="fp16")).steps_without_sync
+    x, y = batch()
+    for _ in range(2):
+        result = train_step(deferred, x, y, accum_steps=1, clip_grad_norm=0.5, defer=True)
+        assert result.readback is not None and math.isnan(result.loss)  # nothing read back yet
+        assert result.settle().stepped
+        want = train_step(synchronous, x, y, accum_steps=1, clip_grad_norm=0.5)
+        assert (result.loss, result.grad_norm, result.target_tokens) == (want.loss, want.grad_norm, want.target_tokens)
+    for name, tensor in synchronous.model.state_dict().items():
+        assert torch.equal(deferred.model.state_dict()[name], tensor), name
+    weights = copy.deepcopy(deferred.model.state_dict())
+    optimizer_state = copy.deepcopy(deferred.optimizer.state_dict())
+    deferred.model.blocks[0].mlp.c_fc.weight.register_hook(poison((0, 0), float("inf")))
+    result = train_step(deferred, x, y, accum_steps=1, clip_grad_norm=0.5, defer=True).settle()
+    assert not result.stepped and result.non_finite and math.isinf(result.grad_norm)
+    for name, tensor in deferred.model.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+    after = deferred.optimizer.state_dict()
+    for index, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)
+    assert deferred.scheduler.last_epoch == synchronous.scheduler.last_epoch + 1  # the schedule moved on
+
+
 def poison(index: tuple[int, int], value: float):
     """A gradient hook that sets one entry of a parameter's gradient to value (inf / NaN)."""
 
@@ -172,7 +202,7 @@ def test_bf16_and_fp16_train_like_fp32(tmp_path: Path) -> None:
     fp32 = run_losses(tmp_path, "fp32")
     bf16 = run_losses(tmp_path, "bf16", "precision=bf16")
     fp16 = run_losses(tmp_path, "fp16", "precision=fp16")
-    assert fp32[-1] < fp32[0] - 0.5  # it learned something
+    assert fp32[-1] < 3.44 - 0.3  # it learned the chain: well below the unigram entropy (3.44 nats)
     assert bf16[-1] == pytest.approx(fp32[-1], abs=0.05)
     assert fp16[-1] == pytest.approx(fp32[-1], abs=0.02)
 

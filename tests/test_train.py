@@ -19,7 +19,7 @@ from trainer.loop import train
 from trainer.model import cross_entropy_sum
 from trainer.model.loss import IGNORE_INDEX
 from trainer.state import TrainState
-from trainer.step import forward_backward
+from trainer.step import forward_backward, train_step
 
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -109,6 +109,37 @@ def test_accumulation_in_a_run_matches_a_bigger_micro_batch(tmp_path: Path) -> N
     losses_a = [r["loss"] for r in read_metrics(tmp_path / "a")]
     losses_b = [r["loss"] for r in read_metrics(tmp_path / "b")]
     assert losses_a == pytest.approx(losses_b, rel=1e-5)
+
+
+def test_steps_between_log_steps_run_deferred_and_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Steps nobody reads (no log, evaluation, statistics or checkpoint) run without a host sync and
+    are read back at the next log step: the logged rows and the final weights equal a run whose
+    every step is read at once (log_interval=1)."""
+    from safetensors.torch import load_file
+
+    import trainer.loop
+
+    defers = []
+
+    def spy(*args, **kwargs):
+        defers.append(kwargs["defer"])
+        return train_step(*args, **kwargs)
+
+    every = short_config(tmp_path, "train.max_steps=8", "train.log_interval=1", "train.eval_interval=8")
+    train(every, tmp_path / "every")
+    monkeypatch.setattr(trainer.loop, "train_step", spy)
+    sparse = short_config(tmp_path, "train.max_steps=8", "train.log_interval=4", "train.eval_interval=8")
+    train(sparse, tmp_path / "sparse")
+    assert defers == [False, True, True, False, True, True, True, False]  # the first step is timed (compile)
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "every")}
+    for row in read_metrics(tmp_path / "sparse"):
+        for key in ("loss", "grad_norm", "tokens", "target_tokens", "skipped_steps", "val_loss"):
+            assert row.get(key) == rows[row["step"]].get(key), (row["step"], key)
+    final = "checkpoints/final/model.safetensors"
+    want, got = load_file(str(tmp_path / "every" / final)), load_file(str(tmp_path / "sparse" / final))
+    assert all(torch.equal(got[name], tensor) for name, tensor in want.items())
 
 
 @pytest.mark.heavy

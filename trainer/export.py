@@ -12,8 +12,10 @@ with --hf (the default) and a Hugging Face layout (GPT-2, Llama, Mistral, Qwen2)
 for transformers' from_pretrained (tensors under Hugging Face names) with the tokenizer's real
 bos / eos / pad ids, the tokenizer files the run saved (the checkpoint's `tokenizer` part names
 them) and generation_config.json, so `transformers.pipeline("text-generation", model=DIR)` runs
-as it is; otherwise the tensors keep GPT's names and trainer_config.json holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an
-existing non-empty DIR is refused unless --force. Errors: one line, exit code 2.
+as it is (the vocabulary's padding rows, model.vocab_multiple, are dropped: transformers gets the
+checkpoint's shapes); otherwise the tensors keep GPT's names and shapes and trainer_config.json
+holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an existing non-empty DIR is
+refused unless --force. Errors: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -123,8 +125,8 @@ def load_model(checkpoint: Path) -> tuple[GPT, dict]:
         raise ExportError(
             f'{checkpoint} was written by parallel={strategy}: reading it needs DeepSpeed: pip install -e ".[deepspeed]"'
         )
-    try:
-        cfg = ModelConfig(**info["model_config"])
+    try:  # written before vocab_multiple existed: the embedding held vocab_size rows, no padding
+        cfg = ModelConfig(**{"vocab_multiple": 1, **info["model_config"]})
     except (TypeError, ValueError) as error:  # a field this version lacks, or a value it rejects
         raise ExportError(f"{info_path}: `model_config` does not fit ModelConfig ({error})") from error
     lora = json.loads((checkpoint / "meta.json").read_text())["parts"].get("lora")

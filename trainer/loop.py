@@ -5,8 +5,10 @@
     train_step(): trainer/step.py, the only copy of the step (tests and benchmarks call it too)
 
 Each component decides its own cadence (`due`): logging, monitor statistics, evaluation,
-checkpoints. Everything the run holds is in one `Run`; its checkpointed state is the dict of
-named parts `Run.parts()` returns.
+checkpoints. A step none of them reads runs deferred (`can_defer`: no host sync, the host runs
+ahead to the next batch) and is read back and accounted for at the next step that syncs (`settle`).
+Everything the run holds is in one `Run`; its checkpointed state is the dict of named parts
+`Run.parts()` returns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from omegaconf import OmegaConf
 
 from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_weights, step_dir_name
 from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
-from trainer.data import Data, Sampler, build_data, shard_for_rank
+from trainer.data import Data, Sampler, build_data
+from trainer.data.prefetch import Prefetcher
 from trainer.loggers import Loggers
 from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference, write_adapter
 from trainer.model import check_attention_backend
@@ -57,6 +60,7 @@ class Run:
     tokenizer: TokenizerRef
     lora: BaseRef | None = None  # LoRA runs: the settings, the adapted modules and the base's reference
     loggers: Loggers | None = None
+    batches: Prefetcher | None = None  # the train split in the sampler's order, read a step ahead
 
     @property
     def global_batch(self) -> int:
@@ -102,20 +106,32 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
         peak_flops(run.strategy.device, cfg.monitor.peak_flops) * run.strategy.world_size,
     )
     metrics: dict[str, Any] = {}
+    first_step = state.step + 1
+    deferred: list[tuple[int, StepResult, float]] = []  # steps run without a host sync, not read back yet
     while state.step < tc.max_steps:
         started = time.perf_counter()
         x, y, positions = next_batch(run)
         data_s = time.perf_counter() - started
+        defer = can_defer(run, state.step + 1, first_step, callbacks)
+        if not defer:
+            settle(run, deferred, meter)  # the deferred steps before this one, in order
         result = train_step(
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
-            positions=positions,
+            positions=positions, defer=defer, all_targets=run.data.train.all_targets,
         )  # fmt: skip
+        if defer:  # nothing reads this step's figures now: the host runs ahead to the next batch
+            state.advance(run.tokens_per_step)
+            deferred.append((state.step, result, data_s))
+            run.loggers.advance(1)
+            continue
         state.record(run.tokens_per_step, result.target_tokens, result.stepped, result.non_finite)
         check_skips(run)
         check_targets(run, result)
         if run.lora is not None and state.step == min(2, tc.max_steps):
             check_adapters_learn(run)
+        if tc.compile and state.step == first_step:  # dynamo traces and inductor compiles in the first step
+            log.info(f"torch.compile: the first step took {time.perf_counter() - started:.1f} s, compiling included")
         meter.add(run.tokens_per_step, result.target_tokens, data_s, result.timings)
         logged = log_step(run, result, meter) if should_log(run, result) else None
         metrics = logged or metrics
@@ -159,6 +175,10 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
+    run.batches = Prefetcher(
+        data.train, run.sampler, run.global_batch, rank=strategy.rank, world_size=strategy.world_size,
+        device=strategy.device, enabled=cfg.data.prefetch,
+    )  # fmt: skip
     unwrapped = strategy.unwrapped()
     log.info(data.describe())
     log.info(
@@ -168,6 +188,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         f"{run.global_batch} sequences = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
         f"ranks = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
+        + (f" | torch.compile: {len(unwrapped.blocks)} blocks" if tc.compile else "")
     )
     if lora is not None:
         log.info(describe_lora(run))
@@ -265,11 +286,37 @@ def start_loggers(run: Run) -> Loggers:
 
 def next_batch(run: Run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """This rank's share of the next global batch, on its device: inputs, targets and, for packed
-    examples with document masking, each token's position in its example (else None)."""
-    indices = run.sampler.next_global_batch(run.global_batch)
-    x, y, *positions = run.data.train.get_batch(shard_for_rank(indices, run.strategy.rank, run.strategy.world_size))
-    x, y, *positions = (t.to(run.strategy.device, non_blocking=True) for t in (x, y, *positions))
-    return x, y, positions[0] if positions else None
+    examples with document masking, each token's position in its example (else None). With
+    data.prefetch it was read (and pinned, on CUDA) on a background thread during the last step."""
+    return run.batches.next()
+
+
+def can_defer(run: Run, step: int, first_step: int, callbacks: tuple[Callback, ...]) -> bool:
+    """Whether `step` may run without a host sync (train_step's defer): the strategy can, spikes are
+    only logged (skip / rollback must act on the step itself), and nothing reads this step's figures
+    when it ends: no log row, evaluation, statistics, checkpoint or callback, not the first step
+    (compile time), the last, or LoRA's check after step 2."""
+    cfg, tc = run.cfg, run.cfg.train
+    if callbacks or cfg.monitor.spike.action != "log" or not run.strategy.steps_without_sync:
+        return False
+    intervals = (tc.log_interval, tc.eval_interval, cfg.monitor.interval or tc.log_interval, cfg.checkpoint.interval)
+    special = {first_step, tc.max_steps} | ({min(2, tc.max_steps)} if run.lora is not None else set())
+    return step not in special and not any(due(step, interval) for interval in intervals)
+
+
+def settle(run: Run, deferred: list[tuple[int, StepResult, float]], meter: Throughput) -> None:
+    """Read back the deferred steps, oldest first (their copies finished long ago: no stall), and
+    account for them as for a synchronous step: counters, the skip and target checks, throughput,
+    spike checks (each spike gets its row, up to log_interval steps after it happened)."""
+    for step, result, data_s in deferred:
+        result.settle(run.spikes)
+        run.state.count(result.target_tokens, result.stepped, result.non_finite)
+        check_skips(run)
+        check_targets(run, result)
+        meter.add(run.tokens_per_step, result.target_tokens, data_s, result.timings)
+        if result.spiked:
+            log_step(run, result, None, step)
+    deferred.clear()
 
 
 def due(step: int, interval: int) -> bool:
@@ -337,28 +384,32 @@ def check_adapters_learn(run: Run) -> None:
                     f"reaches them, they are not learning): {listed}")  # fmt: skip
 
 
-def log_step(run: Run, result: StepResult, meter: Throughput) -> dict[str, Any]:
-    """One row of metrics.jsonl / wandb (and, at its cadence, the evaluation and a console line)."""
+def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int | None = None) -> dict[str, Any]:
+    """One row of metrics.jsonl / wandb (and, at its cadence, the evaluation and a console line).
+    step: an earlier, deferred step's row (a spike found when it was read back; no throughput)."""
     cfg, state, strategy = run.cfg, run.state, run.strategy
+    step = state.step if step is None else step
     metrics = {
-        "step": state.step, **step_metrics(result, cfg.optim.clip_grad_norm), "tokens": state.tokens,
-        "target_tokens": state.target_tokens, "global_batch": run.global_batch, "skipped_steps": state.skipped_steps,
-        "spike/count": run.spikes.count, **meter.metrics(), "memory/peak_gb": peak_memory_gb(strategy.device),
+        "step": step, **step_metrics(result, cfg.optim.clip_grad_norm),
+        "tokens": state.tokens - (state.step - step) * run.tokens_per_step, "target_tokens": state.target_tokens,
+        "global_batch": run.global_batch, "skipped_steps": state.skipped_steps, "spike/count": run.spikes.count,
+        **(meter.metrics() if meter is not None else {}), "memory/peak_gb": peak_memory_gb(strategy.device),
     }  # fmt: skip
     if (scale := strategy.loss_scale()) is not None:
         metrics["loss_scale"] = scale
     if result.spiked:
         metrics.update(result.spike, **{"spike/action": cfg.monitor.spike.action})
-        run.loggers.alert(f"spike at step {state.step}", json.dumps(result.spike))
-    if due(state.step, cfg.train.eval_interval) or state.step == cfg.train.max_steps:
+        run.loggers.alert(f"spike at step {step}", json.dumps(result.spike))
+    if step == state.step and (due(step, cfg.train.eval_interval) or step == cfg.train.max_steps):
         tc = cfg.train
         metrics["val_loss"] = evaluate(
             strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device, strategy.autocast()
         )
     run.loggers.log(metrics)
-    if due(state.step, cfg.train.log_interval) or state.step == cfg.train.max_steps or result.spiked:
+    if due(step, cfg.train.log_interval) or step == cfg.train.max_steps or result.spiked:
         run.loggers.write(console_line(metrics))
-    meter.reset()
+    if meter is not None:
+        meter.reset()
     return metrics
 
 
@@ -406,6 +457,7 @@ def finish(run: Run) -> None:
 
 
 def close(run: Run) -> None:
+    run.batches.close()
     run.checkpointer.wait()  # collective
     run.loggers.close()
     run.strategy.close()

@@ -23,8 +23,16 @@ class TrainState:
 
     def record(self, tokens: int, target_tokens: int, stepped: bool, non_finite: bool) -> None:
         """Count one step of `tokens` tokens; non_finite: it was skipped for inf / NaN gradients."""
+        self.advance(tokens)
+        self.count(target_tokens, stepped, non_finite)
+
+    def advance(self, tokens: int) -> None:
+        """One step of `tokens` tokens ran (its figures may be read back later: `count`)."""
         self.step += 1
         self.tokens += tokens
+
+    def count(self, target_tokens: int, stepped: bool, non_finite: bool) -> None:
+        """What a step that ran did: its target tokens, and whether it stepped or was skipped."""
         self.target_tokens += target_tokens
         if stepped:
             self.consecutive_skips = 0

@@ -5,6 +5,13 @@
     -> per-group gradient sums of squares -> global norm -> spike check -> [snapshot]
     -> clip and step (or skip) -> [per-group parameter and update statistics]
 
+A deferred step (`defer=True`, where the strategy can step without the host: a fused AdamW
+that reads the non-finite flag on the device, and no loss scaler) has no host sync at all: its
+loss, norm, target count and whether it stepped are copied back in the background and read
+later by `settle` (the loop does so at its next log step). A non-finite deferred step leaves
+weights and optimizer state as they were, as a synchronous one does, but still advances the
+learning-rate schedule; spike checks of deferred steps run when they are settled.
+
 The loss of a step is the sum of token losses over the whole global batch divided by the
 number of target tokens in it, so accumulation over micro-batches (and ranks) with unequal
 token counts gives exactly the gradient of one big batch.
@@ -13,6 +20,7 @@ token counts gives exactly the gradient of one big batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +53,47 @@ class StepResult:
     # steps also snapshot and param_stats.
     timings: dict[str, float] = field(default_factory=dict)
 
+    readback: ReadBack | None = None  # a deferred step's figures, until `settle` reads them
+
     @property
     def spiked(self) -> bool:
         return bool(self.spike.get("spike/loss") or self.spike.get("spike/grad_norm"))
+
+    def settle(self, spikes: SpikeWatch | None = None) -> StepResult:
+        """Read a deferred step's figures (waits for the device only if it has not got there yet)
+        and run its spike check; a step already settled is returned as it is."""
+        if self.readback is None:
+            return self
+        loss, norm, targets, finite = self.readback.values()  # waits on an event: no stream sync
+        self.readback = None
+        self.loss, self.grad_norm, self.target_tokens = loss, norm, int(targets)
+        self.stepped, self.non_finite = bool(finite), not finite
+        if not self.stepped:
+            self.update_sumsq = {}
+        if spikes is not None:
+            _, self.spike = spikes.check(loss, norm)
+        return self
+
+
+class ReadBack:
+    """A few device scalars copied to the host without blocking: into pinned memory behind a CUDA
+    event on a GPU (the host waits only when it reads, and only until the copy is done); on the
+    CPU the values are simply there."""
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.event = None
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = values
+
+    def values(self) -> list[float]:
+        if self.event is not None:
+            self.event.synchronize()  # the copy (and everything before it on the stream) is done
+        return self.host.tolist()
 
 
 class _Clock:
@@ -65,7 +111,12 @@ class _Clock:
 
 
 def forward_backward(
-    strategy: Strategy, x: torch.Tensor, y: torch.Tensor, accum_steps: int, positions: torch.Tensor | None = None
+    strategy: Strategy,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    accum_steps: int,
+    positions: torch.Tensor | None = None,
+    all_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's batch in accum_steps micro-batches.
 
@@ -76,8 +127,13 @@ def forward_backward(
     whole global batch (every micro-batch, every rank), so the accumulated gradient equals
     the gradient of the mean token loss over the global batch, whatever each micro-batch's
     token count. Returns (this rank's summed token loss, global target count), on device.
+    all_targets: the caller knows no target is IGNORE_INDEX (windows of a token stream), so the
+    count is every rank's equal share of the global batch: no collective before the forward.
     """
-    n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32))  # collective
+    if all_targets:
+        n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
+    else:
+        n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32))  # collective
     loss_sum = torch.zeros((), device=x.device)
     pieces = [x.chunk(accum_steps), y.chunk(accum_steps)]
     pieces.append(positions.chunk(accum_steps) if positions is not None else [None] * len(pieces[0]))
@@ -101,22 +157,28 @@ def train_step(
     spike_action: str = "log",
     stats: bool = False,
     positions: torch.Tensor | None = None,
+    defer: bool = False,
+    all_targets: bool = False,
 ) -> StepResult:
     """One optimizer step on this rank's share (x, y) of the global batch (collective).
 
     spikes: checked with the step's loss and norm; under spike_action skip / rollback a spike
     drops the update. stats: also per-group parameter sums of squares after the step and of
     the update it made (copies the owned weights first: monitor steps only). positions: see
-    forward_backward (packed examples with document masking).
+    forward_backward (packed examples with document masking). defer: no host sync, the figures
+    are read by `StepResult.settle` (only where `strategy.steps_without_sync`, spikes only logged).
+    all_targets: no target is masked (see forward_backward).
     """
     clock = _Clock()
-    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions)
+    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets)
     clock.lap("forward_backward")
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
     grad_norm = global_norm(grad_sumsq)
     step_loss = strategy.all_reduce_sum(loss_sum) / n_targets  # collective
     summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss)])
+    if defer:
+        return deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
     loss, norm, targets = summary.tolist()  # host sync: once per step
     clock.lap("grad_stats")
     spiked, spike = spikes.check(loss, norm) if spikes is not None else (False, {})
@@ -140,6 +202,31 @@ def train_step(
         result.param_sumsq = strategy.param_sumsq_by_group()
         if before is not None and stepped:
             result.update_sumsq = strategy.update_sumsq_by_group(before)
+        clock.lap("param_stats")
+    result.timings = clock.laps
+    return result
+
+
+def deferred_step(
+    strategy: Strategy, summary: torch.Tensor, grad_sumsq: Sums, clip_grad_norm: float, stats: bool, clock: _Clock
+) -> StepResult:
+    """train_step's end without a host sync: clip and step with the non-finite check on the device."""
+    if not strategy.steps_without_sync:
+        raise RuntimeError(f"parallel={strategy.name} with these settings cannot step without a host sync")
+    finite = torch.isfinite(summary[1])
+    summary = torch.cat([summary, finite.to(summary.dtype)[None]])  # loss, norm, targets, stepped
+    clock.lap("grad_stats")
+    before = strategy.snapshot_params() if stats else None
+    lr = strategy.lr()
+    strategy.clip_and_step_on_device(summary[1], clip_grad_norm)
+    clock.lap("clip_and_step")
+    result = StepResult(
+        loss=math.nan, grad_norm=math.nan, target_tokens=0, lr=lr, stepped=False, grad_sumsq=grad_sumsq,
+        readback=ReadBack(summary),
+    )  # fmt: skip
+    if stats:
+        result.param_sumsq = strategy.param_sumsq_by_group()
+        result.update_sumsq = strategy.update_sumsq_by_group(before)  # dropped by settle if it did not step
         clock.lap("param_stats")
     result.timings = clock.laps
     return result

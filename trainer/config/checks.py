@@ -30,6 +30,22 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     _check_spike(cfg)
     _check_synthetic_splits(cfg)
     _check_model(cfg)
+    _check_compile(cfg)
+
+
+def _check_compile(cfg: Config) -> None:
+    """train.compile runs with torch's own strategies, and not over a 4-bit (QLoRA) base."""
+    if not cfg.train.compile:
+        return
+    _require(
+        cfg.parallel.strategy in ("none", "ddp", "fsdp"),
+        f"train.compile=true with parallel={cfg.parallel.strategy} is not supported (DeepSpeed wraps the model "
+        "itself): use parallel=fsdp / ddp / none, or train.compile=false",
+    )
+    _require(
+        not (cfg.lora.enabled and cfg.lora.quantize_base),
+        "train.compile=true with a 4-bit QLoRA base (lora.quantize_base=nf4) is not supported: set train.compile=false",
+    )
 
 
 def _show(value: Any) -> str:
@@ -214,12 +230,15 @@ PRETRAINED_OVERRIDABLE = (
     "activation_checkpointing",
     "activation_checkpointing_every",
     "loss_chunk_size",
+    "vocab_multiple",  # the padding of the checkpoint's vocabulary (imported with zero rows, exported without)
 )
 
 
 def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     """The model's shape with its vocabulary fixed: a derived copy, the run config is untouched.
 
+    vocab_size is the real vocabulary: model.vocab_size, else the checkpoint's, else the tokenizer's;
+    the embedding and head hold it padded to model.vocab_multiple (ModelConfig.padded_vocab_size).
     With model.pretrained, the checkpoint's config.json with cfg's PRETRAINED_OVERRIDABLE fields
     applied; a conflicting architecture field raises ConfigError.
     """
@@ -231,7 +250,7 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
             f"embedding ({cfg.vocab_size} rows): leave data.tokenizer unset to use the model's own tokenizer",
         )
     if cfg.vocab_size is None:
-        return replace(cfg, vocab_size=64 * math.ceil(tokenizer_vocab / 64))
+        return replace(cfg, vocab_size=tokenizer_vocab)
     _require(
         tokenizer_vocab <= cfg.vocab_size,
         f"the tokenizer's vocabulary ({tokenizer_vocab}) exceeds model.vocab_size={cfg.vocab_size}: "

@@ -26,7 +26,10 @@ class ModelConfig:
     """A GPT-style decoder. The options let GPT-2 and Llama-family checkpoints share one class."""
 
     name: str = "tiny"
-    vocab_size: int | None = None  # None: the tokenizer's vocabulary, rounded up to a multiple of 64
+    vocab_size: int | None = None  # the real vocabulary (forward's logits); None: the tokenizer's
+    # embedding / head rows: vocab_size rounded up to a multiple of this, so the head's matmuls run at aligned
+    # sizes; the padding rows' logits are masked (-inf) in the loss and cut from forward's logits. 1: no padding
+    vocab_multiple: int = 64
     block_size: int = 256  # longest context the model supports (learned positions / RoPE table)
     n_layer: int = 4
     n_head: int = 4
@@ -43,7 +46,7 @@ class ModelConfig:
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool | None = None  # biases on the q / k / v projection (Qwen2: true with bias false); None follows bias
     dropout: float = 0.0
-    attention_backend: str = "auto"  # auto | flash | efficient | math | flash_attn (Dao's package)
+    attention_backend: str = "auto"  # auto | flash | efficient | cudnn | math | flash_attn (Dao's package)
     init_std: float = 0.02
     pretrained: str | None = None  # local Hugging Face checkpoint directory (see PRETRAINED_OVERRIDABLE)
     activation_checkpointing: str = "none"  # none | full (whole blocks) | attention | mlp (selective)
@@ -74,12 +77,16 @@ class ModelConfig:
             "model.position=rope needs an even head size (n_embd / n_head)",
         )
         _require(
-            self.attention_backend in ("auto", "flash", "efficient", "math", "flash_attn"),
-            f"model.attention_backend={self.attention_backend!r}: use auto, flash, efficient, math or flash_attn",
+            self.attention_backend in ("auto", "flash", "efficient", "cudnn", "math", "flash_attn"),
+            f"model.attention_backend={self.attention_backend!r}: use auto, flash, efficient, cudnn, math or flash_attn",
         )
         _require(
             self.vocab_size is None or self.vocab_size > 0,
             f"model.vocab_size must be positive or null, got {self.vocab_size}",
+        )
+        _require(
+            self.vocab_multiple > 0,
+            f"model.vocab_multiple must be positive (1 turns vocabulary padding off), got {self.vocab_multiple}",
         )
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _require(
@@ -101,6 +108,14 @@ class ModelConfig:
             self.hf_model_type in (None, "gpt2", "llama", "mistral", "qwen2"),
             f"model.hf_model_type={self.hf_model_type!r}: use gpt2, llama, mistral, qwen2 or null",
         )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_multiple.
+        The rows past vocab_size are padding: no token has them, their logits are masked."""
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is null: resolve it from the tokenizer first")
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def check_context(self) -> None:
         """Raise ConfigError when block_size needs attention GPT lacks: a sliding window shorter than
@@ -150,6 +165,7 @@ class DataConfig:
     synthetic_vocab: int = 32  # synthetic: Markov chain alphabet size
     synthetic_tokens: int = 200_000  # synthetic: stream length
     synthetic_concentration: float = 0.3  # synthetic: Dirichlet concentration of transition rows
+    prefetch: bool = True  # read the next batch on a background thread while this one trains (pinned on CUDA)
 
     def __post_init__(self) -> None:
         _require(
@@ -215,6 +231,7 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3-like); False: ZeRO-2-like
     fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
     fsdp_shard_size: int = 0  # hybrid sharding: shard within groups of this many ranks, replicate across (0: all)
+    fsdp_prefetch: int = 1  # blocks whose all-gather is issued ahead (forward and backward); 1: FSDP2's own default
     zero_offload_optimizer: bool = False  # DeepSpeed: optimizer state and step on the CPU
     zero_offload_params: bool = False  # DeepSpeed zero3: parameters on the CPU between uses
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; the harness's keys must agree with it
@@ -226,6 +243,7 @@ class ParallelConfig:
         )
         _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
         _require(self.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0, got {self.fsdp_shard_size}")
+        _require(self.fsdp_prefetch >= 1, f"parallel.fsdp_prefetch must be >= 1, got {self.fsdp_prefetch}")
         _require(
             not self.zero_offload_params or self.strategy == "zero3",
             "parallel.zero_offload_params needs parallel=zero3 (ZeRO-1/2 do not partition parameters)",
@@ -372,6 +390,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     tf32: bool = True  # GPU: fp32 matmuls and convolutions on TF32 tensor cores (fp32 runs, fp32 evaluation)
+    compile: bool = False  # torch.compile each transformer block and the head + loss (none / ddp / fsdp)
     resume: str = "none"  # none | auto (newest valid checkpoint in the run dir) | a checkpoint directory
     max_consecutive_skips: int = 10  # stop after this many steps in a row with inf / NaN gradients
 

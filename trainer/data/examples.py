@@ -209,6 +209,8 @@ def padding_id(tokenizer: Tokenizer) -> int:
 class ExampleSplit:
     """Examples [first, last) of a cache, as rows of seq_len tokens addressed by row index."""
 
+    all_targets = False  # every target counts toward the loss? (prompt and padding targets are IGNORE_INDEX)
+
     def __init__(
         self,
         cache: ExampleCache,

@@ -16,6 +16,8 @@ from trainer.data.sampler import Sampler
 class PackedSplit:
     """One split (train or validation) of the token stream, addressed by sample index."""
 
+    all_targets = True  # every target counts toward the loss? (windows of a token stream: no masked or padded targets)
+
     def __init__(self, tokens: np.ndarray, seq_len: int):
         self.tokens = tokens  # (num_tokens,) memmap or array of ids
         self.seq_len = seq_len

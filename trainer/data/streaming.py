@@ -108,6 +108,8 @@ class StreamingSplit:
     their shard of the same consecutive global batch all move forward through one stream.
     """
 
+    all_targets = True  # every target counts toward the loss? (windows of a token stream: no masked or padded targets)
+
     def __init__(
         self,
         texts: Callable[[], Iterable[str]],

@@ -1,6 +1,6 @@
 """Activations: what autograd keeps from forward to backward for one micro-batch, in bytes.
 
-N = B T tokens, C = n_embd, H = the MLP width, Q = n_head hd, K = n_kv_head hd, V = vocab; a, s and
+N = B T tokens, C = n_embd, H = the MLP width, Q = n_head hd, K = n_kv_head hd, V = padded vocab; a, s and
 o are the bytes of the compute dtype, of the residual stream and of a norm's output. Under autocast
 (none / ddp in bf16 / fp16) the stream has the embedding's dtype and RMSNorm's output is fp32 (its
 fp32 weight promotes it; LoRA leaves norms fp32), LayerNorm's on CUDA too, so the linears after a
@@ -224,7 +224,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     at the start of backward; total.
     """
     f = forward_spec(cfg, m, params)
-    N, C, V, T, a = f.N, m.n_embd, m.vocab_size, f.T, f.a
+    N, C, V, T, a = f.N, m.n_embd, m.padded_vocab_size, f.T, f.a  # the head's logits: padded columns too
     head_trains, embedding_trains = "head" in params.trains, "embedding" in params.trains
     mode = m.activation_checkpointing
     wrapped = set(range(0, m.n_layer, m.activation_checkpointing_every)) if mode != "none" else set()

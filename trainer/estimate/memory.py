@@ -21,7 +21,6 @@ each strategy's sharding, the peak, and `estimate`, which puts the parts togethe
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -37,7 +36,7 @@ def model_shape(cfg: Config, vocab: int | None = None) -> ModelConfig:
         return resolve_model_config(m, vocab or 0)
     if m.vocab_size is None and vocab is None:
         raise ConfigError("model.vocab_size is null (the tokenizer's): set model.vocab_size=N or pass --vocab N")
-    return replace(m, vocab_size=m.vocab_size or 64 * math.ceil(vocab / 64))
+    return replace(m, vocab_size=m.vocab_size or vocab)
 
 
 def model_states(cfg: Config, m: ModelConfig, params: Parameters, world_size: int) -> dict[str, Any]:
@@ -104,7 +103,8 @@ def peak_phases(
     temporaries: sqrt(v) for the whole partition under DeepSpeed (foreach), a few of the
     largest tensor on the CPU (single-tensor), none for the fused CUDA AdamW.
     """
-    a, N, C, V = BYTES[cfg.precision.dtype], cfg.train.micro_batch_size * cfg.train.seq_len, m.n_embd, m.vocab_size
+    a, N, C = BYTES[cfg.precision.dtype], cfg.train.micro_batch_size * cfg.train.seq_len, m.n_embd
+    V = m.padded_vocab_size  # the head's logits: padded columns too
     H, L = m.intermediate_size or 4 * C, m.n_layer
     f = forward_spec(cfg, m, params)
     head_trains = "head" in params.trains

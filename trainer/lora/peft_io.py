@@ -1,7 +1,8 @@
 """PEFT's adapter format: adapter_config.json + adapter_model.safetensors, both ways.
 
 Keys are PEFT 0.21's: base_model.model.<HF module>.lora_A.weight / .lora_B.weight /
-.lora_magnitude_vector (DoRA), and modules_to_save's tensors under their HF names.
+.lora_magnitude_vector (DoRA), and modules_to_save's tensors under their HF names; a trained embedding
+or head in the real vocabulary's shape (GPT's padding rows dropped on save, zero rows added on load).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from trainer.config import ConfigError, LoraConfig, ModelConfig
 from trainer.lora.names import KINDS, HFLinear, Layout, layout, peft_names, select_targets, select_trained, split_name
 from trainer.model.gpt import bare_name
-from trainer.model.hf_import import _arch
+from trainer.model.hf_import import VOCAB_ROWS, _arch, pad_vocab, trim_vocab
 
 PEFT_PREFIX = "base_model.model."
 # PEFT's key suffix for each of our adapter tensors (DoRA's magnitude is saved without ".weight").
@@ -37,6 +38,7 @@ def peft_state_dict(named_tensors: Mapping[str, torch.Tensor], model_cfg: ModelC
             out[PEFT_PREFIX + by_leaf[module, leaf] + PEFT_SUFFIX[kind]] = tensor.contiguous()
         else:
             key, transpose = lay.tensors[name]
+            tensor = trim_vocab(name, tensor, model_cfg)
             out[PEFT_PREFIX + key] = (tensor.t() if transpose else tensor).contiguous()
             if name == "embed.wte.weight" and model_cfg.tie_embeddings:
                 out[PEFT_PREFIX + "lm_head.weight"] = tensor.clone()  # safetensors stores no shared tensors
@@ -164,12 +166,14 @@ def _our_tensors(
         elif key in by_key:
             name, transpose = by_key[key]
             tensor, expected = (tensor.t() if transpose else tensor), tuple(lay.shapes[name])
+            if name in VOCAB_ROWS:  # PEFT's shape is the real vocabulary's, GPT's is padded
+                expected = (model_cfg.vocab_size, *expected[1:])
             trained.add(key.rsplit(".", 1)[0])
         else:
             raise ConfigError(f"{where}: tensor {key} fits no module of model {model_cfg.name!r}")
         if tuple(tensor.shape) != expected:
             raise ConfigError(f"{where}: {key} has shape {tuple(tensor.shape)}, the model needs {expected}")
-        out[name] = tensor.contiguous()
+        out[name] = pad_vocab(name, tensor, model_cfg).contiguous()
     return out, targets, trained
 
 

@@ -24,6 +24,7 @@ def _flash_attn_available() -> bool:
     return any(importlib.util.find_spec(m) is not None for m in ("flash_attn_interface", "flash_attn"))
 
 
+@cache
 def _flash_attn_func():
     """Dao's kernel: FA3 (flash_attn_interface, Hopper) when installed and on a Hopper GPU, else FA2."""
     if importlib.util.find_spec("flash_attn_interface") is not None and torch.cuda.get_device_capability()[0] >= 9:
@@ -39,12 +40,12 @@ def check_attention_backend(backend: str, device: torch.device, dtype: torch.dty
     """Raise ConfigError (one line) when `model.attention_backend` cannot run on device/dtype."""
     device = torch.device(device)
     half = dtype in (torch.float16, torch.bfloat16)
-    if backend in ("flash", "efficient", "flash_attn") and device.type != "cuda":
+    if backend in ("flash", "efficient", "cudnn", "flash_attn") and device.type != "cuda":
         raise ConfigError(
             f"model.attention_backend={backend} needs a CUDA device, got {device.type}: "
             "use model.attention_backend=auto or math"
         )
-    if backend in ("flash", "flash_attn") and not half:
+    if backend in ("flash", "cudnn", "flash_attn") and not half:
         raise ConfigError(
             f"model.attention_backend={backend} needs fp16 or bf16, got {dtype}: "
             "use precision bf16/fp16 or model.attention_backend=auto / efficient / math"
@@ -59,6 +60,7 @@ def check_attention_backend(backend: str, device: torch.device, dtype: torch.dty
 _SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,  # cuDNN's fused attention (Hopper: its fastest SDPA kernel)
     "math": SDPBackend.MATH,
 }
 
@@ -92,7 +94,7 @@ def _native_gqa(backend: str, q: torch.Tensor, mask: torch.Tensor | None) -> boo
     """Whether SDPA may take nkv < nh itself (enable_gqa): its flash and math kernels can."""
     if backend in ("flash", "math"):
         return True
-    if backend == "efficient":
+    if backend in ("efficient", "cudnn"):
         return False
     # auto: on the CPU SDPA picks kernels that all take it; on CUDA flash serves half precision
     # without a mask, and a mask or fp32 would leave enable_gqa to the slow math kernel.
@@ -114,12 +116,12 @@ def causal_attention(
     S - T + t. mask: optional bool (B, 1, T, S), True where attention is allowed, used instead of
     the causal rule (packed documents). Returns (B, nh, T, hd).
     """
-    if mask is not None and backend in ("flash", "flash_attn"):  # neither kernel takes a mask
+    if mask is not None and backend in ("flash", "cudnn", "flash_attn"):  # kernels run here without a mask
         raise ConfigError(
             f"model.attention_backend={backend} cannot keep packed documents apart (positions given): "
             "use model.attention_backend=auto or efficient"
         )
-    if backend != "auto":
+    if backend != "auto" and not torch.compiler.is_compiling():  # checked at build time too; not traced
         check_attention_backend(backend, q.device, q.dtype)
     if backend == "flash_attn":
         return _flash_attn(q, k, v, dropout_p)

@@ -218,7 +218,7 @@ class Embedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)  # rows past vocab_size: padding, zero
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -238,7 +238,12 @@ class Embedding(nn.Module):
 
 class GPT(nn.Module):
     """Decoder-only transformer. forward(idx (B, T)) -> logits (B, T, vocab);
-    forward(idx, targets (B, T)) -> the summed token loss (the caller normalises it)."""
+    forward(idx, targets (B, T)) -> the summed token loss (the caller normalises it).
+
+    The embedding and head hold cfg.padded_vocab_size rows (vocab_size rounded up to
+    model.vocab_multiple) so the head's matmuls run at aligned sizes; the padding rows start at
+    zero, their logits are -inf in the loss (zero gradient) and absent from forward's logits.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -252,7 +257,7 @@ class GPT(nn.Module):
         # Tied: the logits reuse embed.wte.weight, so there is no separate head parameter.
         self.head = None
         if not cfg.tie_embeddings:
-            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if self.embed.wte.weight.device.type != "meta":  # on meta: shapes only, nothing to fill
             self.init_weights()
 
@@ -271,6 +276,8 @@ class GPT(nn.Module):
             nn.init.ones_(tensor)
         else:
             nn.init.normal_(tensor, 0.0, std, generator=generator)
+        if name in ("embed.wte.weight", "head.weight"):
+            tensor[self.cfg.vocab_size :] = 0  # padding rows: no token; zero gradient keeps them zero
 
     def init_weights(self) -> None:
         """Initialise every parameter in place from the global torch RNG (see init_parameter).
@@ -309,18 +316,20 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, None if cache is None else cache.layers[i])  # (B, T, C)
         x = self.norm_f(x)
-        if targets is not None and self.cfg.loss_chunk_size > 0:
-            # Head and loss fused over chunks of tokens: no (B, T, vocab) logits. The weight is
-            # read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3 (external
-            # parameter, found by DeepSpeed's parameter getter) have gathered it.
-            weight = self.embed.wte.weight if self.head is None else self.head.weight  # (vocab, C)
-            return linear_cross_entropy_sum(x, weight, targets, self.cfg.loss_chunk_size)
-        # The head runs inside forward even when only the loss is wanted, so sharding wrappers
-        # (FSDP2, ZeRO-3) have gathered its weight.
-        logits = F.linear(x, self.embed.wte.weight) if self.head is None else self.head(x)  # (B, T, vocab)
-        if targets is None:
-            return logits
-        return cross_entropy_sum(logits, targets)
+        # The head's weight is read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3
+        # (external parameter, found by DeepSpeed's parameter getter) have gathered it.
+        weight = self.embed.wte.weight if self.head is None else self.head.weight  # (padded vocab, C)
+        if targets is None:  # the real rows only (a contiguous slice): logits exactly the unpadded model's
+            return F.linear(x, weight[: self.cfg.vocab_size])  # (B, T, vocab)
+        loss = self._compiled_loss or head_loss
+        return loss(x, weight, targets, self.cfg.loss_chunk_size, self.cfg.vocab_size)
+
+    _compiled_loss = None  # set by compile_loss
+
+    def compile_loss(self) -> None:
+        """Run the head and the loss (the step's largest activations) as one compiled function
+        (train.compile; trainer/model/compile.py)."""
+        self._compiled_loss = torch.compile(head_loss)
 
     def _positions_and_mask(
         self, idx: torch.Tensor, positions: torch.Tensor | None, cache: KVCache | None
@@ -382,8 +391,9 @@ class GPT(nn.Module):
         return idx
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count. exclude_embeddings drops the lookup tables: wpe, and wte when the
-        head is untied (a tied wte is also the head's matmul, so it stays counted)."""
+        """Parameter count, the vocabulary's padding rows included (they are stored, and the
+        head's matmul runs over them). exclude_embeddings drops the lookup tables: wpe, and wte
+        when the head is untied (a tied wte is also the head's matmul, so it stays counted)."""
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             if self.embed.wpe is not None:
@@ -397,6 +407,18 @@ class GPT(nn.Module):
         6 N (matmuls with the weights) + 12 n_layer n_embd seq_len (attention scores and mix)."""
         n = self.num_params(exclude_embeddings=True)
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+
+
+def head_loss(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, vocab: int
+) -> torch.Tensor:
+    """The summed token loss of the final hidden states x (B, T, C) under the head's weight
+    (padded vocab, C): logits and cross-entropy, or with chunk_size > 0 both fused over chunks
+    of tokens (no (B, T, vocab) logits). Rows vocab.. of weight are padding, masked."""
+    if chunk_size > 0:
+        return linear_cross_entropy_sum(x, weight, targets, chunk_size, vocab)
+    logits = F.linear(x, weight)  # (B, T, padded vocab): the aligned matmul
+    return cross_entropy_sum(logits, targets, vocab)
 
 
 def sample_token(

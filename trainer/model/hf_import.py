@@ -6,7 +6,9 @@ GPT-2 stores its projections as Conv1D, (in, out), so they are transposed; Llama
 q / k / v projections (Mistral's and Qwen2's: the same layout, Qwen2's with q / k / v biases) are
 concatenated into the fused c_attn, [q | k | v], and split on export. Export writes the
 architecture the checkpoint came from (ModelConfig.hf_model_type), else the one the layout fits.
-A sliding window shorter than the context is refused (ModelConfig.check_context).
+A sliding window shorter than the context is refused (ModelConfig.check_context). The embedding and
+an untied head are padded with zero rows to ModelConfig.padded_vocab_size on import, one tensor at
+a time, and trimmed back to the checkpoint's vocab_size on export (`pad_vocab`, `trim_vocab`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ CLASSES = {
 }
 # HF tensors that are buffers or duplicates, not weights GPT needs.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# GPT's tensors with one row per token: padded to ModelConfig.padded_vocab_size rows.
+VOCAB_ROWS = ("embed.wte.weight", "head.weight")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,22 +283,41 @@ def _assemble(pieces: list[torch.Tensor], transpose: bool) -> torch.Tensor:
     return (t.t() if transpose else t).contiguous()
 
 
+def pad_vocab(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """GPT's tensor `name` with zero rows appended up to cfg.padded_vocab_size when it has one row
+    per token (VOCAB_ROWS; it must hold cfg.vocab_size rows); any other tensor as it is."""
+    if name not in VOCAB_ROWS:
+        return tensor
+    if tensor.size(0) != cfg.vocab_size:
+        raise ValueError(f"{name} has {tensor.size(0)} rows, but the vocabulary (vocab_size) is {cfg.vocab_size}")
+    padding = tensor.new_zeros(cfg.padded_vocab_size - cfg.vocab_size, *tensor.shape[1:])
+    return torch.cat([tensor, padding]) if padding.numel() else tensor
+
+
+def trim_vocab(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """GPT's tensor `name` without its padding rows (the real vocabulary's cfg.vocab_size rows
+    when it has one row per token); any other tensor as it is."""
+    return tensor[: cfg.vocab_size] if name in VOCAB_ROWS else tensor
+
+
 def hf_to_trainer(hf_tensors: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename (and fuse / transpose) HF tensors into GPT's state dict. Also maps gradients."""
+    """Rename (and fuse / transpose, pad the vocabulary of) HF tensors into GPT's state dict. Also
+    maps gradients (the padding rows' are zero)."""
     tensors = {k.removeprefix("transformer."): v for k, v in hf_tensors.items()}
     rows = _name_map(cfg)
     _check_names(list(tensors), rows, cfg)
-    return {ours: _assemble([tensors[h] for h in hs], transpose) for ours, hs, transpose in rows}
+    return {ours: pad_vocab(ours, _assemble([tensors[h] for h in hs], transpose), cfg) for ours, hs, transpose in rows}
 
 
 def trainer_to_hf(state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of hf_to_trainer: GPT's state dict in HF names (GPT-2 keys under transformer.)."""
+    """Inverse of hf_to_trainer: GPT's state dict in HF names (GPT-2 keys under transformer.), the
+    vocabulary's padding rows dropped."""
     state = {bare_name(k): v for k, v in state.items()}
     hd, nh, nkv = cfg.n_embd // cfg.n_head, cfg.n_head, cfg.n_kv_head or cfg.n_head
     prefix = "transformer." if _arch(cfg) == "gpt2" else ""
     out = {}
     for ours, theirs, transpose in _name_map(cfg):
-        t = state[ours].detach()
+        t = trim_vocab(ours, state[ours].detach(), cfg)
         parts = t.split([nh * hd, nkv * hd, nkv * hd], dim=0) if len(theirs) == 3 else [t]
         for name, part in zip(theirs, parts, strict=True):
             key = name if name.startswith(("model.", "lm_head")) else prefix + name
@@ -354,16 +377,17 @@ def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str
     """GPT's tensors (our names; CPU; the checkpoint's dtype) streamed from a local HF checkpoint,
     each yielded once its HF pieces are read, file by file, so the whole model is never held: only
     pieces waiting for a partner in the next file (q, k, v of a layer split across shards).
-    GPT-2's learned positions are cropped to cfg.block_size. Missing or unused tensors are
-    reported (ValueError) on the call, from the files' name lists, before any tensor is read."""
+    GPT-2's learned positions are cropped to cfg.block_size; the embedding and an untied head get
+    zero rows up to cfg.padded_vocab_size. Missing or unused tensors are reported (ValueError) on
+    the call, from the files' name lists, before any tensor is read."""
     path = Path(path).expanduser()
     files = _weight_files(path)
     rows = _name_map(cfg)
     _check_names([n.removeprefix("transformer.") for _, names in files for n in names], rows, cfg)
-    return _stream(files, rows, cfg.block_size)
+    return _stream(files, rows, cfg)
 
 
-def _stream(files: list[tuple[Path, list[str]]], rows: Rows, block_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(files: list[tuple[Path, list[str]]], rows: Rows, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     row_of = {h: row for row in rows for h in row[1]}
     waiting: dict[str, torch.Tensor] = {}  # pieces read whose row still lacks one
     for file, stored in files:
@@ -377,8 +401,8 @@ def _stream(files: list[tuple[Path, list[str]]], rows: Rows, block_size: int) ->
             if all(h in waiting for h in theirs):
                 tensor = _assemble([waiting.pop(h) for h in theirs], transpose)
                 if ours == "embed.wpe.weight":
-                    tensor = _crop_positions(tensor, block_size)
-                yield ours, tensor
+                    tensor = _crop_positions(tensor, cfg.block_size)
+                yield ours, pad_vocab(ours, tensor, cfg)
 
 
 def _crop_positions(wpe: torch.Tensor, block_size: int) -> torch.Tensor:

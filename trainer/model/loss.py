@@ -5,6 +5,8 @@ Two paths to the same number:
   linear_cross_entropy_sum(hidden, weight, targets, chunk)  head matmul + loss fused over chunks
                                                            of tokens: the (B*T, V) fp32 logits
                                                            are never materialised at once
+Both take `vocab`, the real vocabulary of a head whose rows are padded (model.vocab_multiple): the
+logits of columns vocab.. are -inf, so the loss and every gradient are the unpadded head's.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # targets with this value (padding, masked prompt tokens) carry no loss
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
     """Sum over valid positions of -log softmax(logits)[target].
 
     logits: (B, T, V), any float dtype (half precision is upcast to fp32 here); targets: (B, T) with
     IGNORE_INDEX at positions that carry no loss. Returns a 0-dim fp32 tensor.
     Dividing by the number of valid targets in the *whole* accumulated (and, with several
     ranks, global) batch, rather than per micro-batch, is what makes accumulation exact.
+    vocab: columns vocab.. of logits are padding; they are set to -inf *in place* (see below).
     """
+    if vocab is not None and vocab < logits.size(-1):
+        # Only the (B, T, V - vocab) padding columns are written, outside autograd: an autograd-
+        # recorded fill (or slicing the real columns) would copy the whole (B, T, V) gradient in
+        # backward (slicing: the logits in forward too). Exact all the same: cross-entropy's
+        # gradient at a -inf logit is softmax = exp(-inf) = 0, which is the masked model's. No
+        # backward needs the head's output (linear saves its inputs), so changing it is safe.
+        with torch.no_grad():
+            logits[..., vocab:] = float("-inf")
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32)),
         targets.reshape(-1),
@@ -32,12 +43,13 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def linear_cross_entropy_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int, vocab: int | None = None
 ) -> torch.Tensor:
-    """cross_entropy_sum(F.linear(hidden, weight), targets), chunk_size tokens at a time.
+    """cross_entropy_sum(F.linear(hidden, weight), targets, vocab), chunk_size tokens at a time.
 
-    hidden: (N, C) or (B, T, C); weight: (V, C), a bias-free head; targets: hidden's leading
-    shape, IGNORE_INDEX where there is no loss. Returns a 0-dim fp32 (fp64 for fp64 inputs) sum.
+    hidden: (N, C) or (B, T, C); weight: (V, C), a bias-free head (rows vocab.. padding, their
+    logits -inf); targets: hidden's leading shape, IGNORE_INDEX where there is no loss. Returns a
+    0-dim fp32 (fp64 for fp64 inputs) sum.
 
     Precision mirrors the plain path: the matmuls run in the autocast dtype when autocast is on
     (else in the inputs' dtype); logsumexp, softmax, the loss and the weight gradient's sum over
@@ -56,8 +68,8 @@ def linear_cross_entropy_sum(
     else:
         compute_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype)
-    loss, _, _ = _chunked_loss_and_grads(hidden, weight, targets, chunk_size, compute_dtype, False, False)
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size, compute_dtype, vocab)
+    loss, _, _ = _chunked_loss_and_grads(hidden, weight, targets, chunk_size, compute_dtype, False, False, vocab)
     return loss
 
 
@@ -65,10 +77,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Autograd node of linear_cross_entropy_sum (call that instead: it picks the dtypes)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_dtype, vocab):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         loss, grad_hidden, grad_weight = _chunked_loss_and_grads(
-            hidden, weight, targets, chunk_size, compute_dtype, need_hidden, need_weight
+            hidden, weight, targets, chunk_size, compute_dtype, need_hidden, need_weight, vocab
         )
         ctx.save_for_backward(grad_hidden, grad_weight)  # unscaled, fp32; freed after backward
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
@@ -87,7 +99,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = scale(grad_hidden, grad_output).to(ctx.hidden_dtype)
         if grad_weight is not None:
             grad_weight = scale(grad_weight, grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 @torch.no_grad()
@@ -99,6 +111,7 @@ def _chunked_loss_and_grads(
     compute_dtype: torch.dtype,
     need_hidden: bool,
     need_weight: bool,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(loss sum, d loss / d hidden, d loss / d weight), the gradients None unless needed."""
     acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss, grad sums
@@ -113,7 +126,7 @@ def _chunked_loss_and_grads(
         for start in range(0, h.size(0), chunk_size):
             rows = slice(start, start + chunk_size)
             h_c = h[rows].to(compute_dtype)  # (n, C)
-            loss_c, dlogits = _chunk_loss_and_dlogits(h_c, w, t[rows], acc_dtype, need_hidden or need_weight)
+            loss_c, dlogits = _chunk_loss_and_dlogits(h_c, w, t[rows], acc_dtype, need_hidden or need_weight, vocab)
             loss += loss_c
             if need_hidden:
                 grad_h[rows] = dlogits @ w  # (n, C)
@@ -127,12 +140,19 @@ def _chunked_loss_and_grads(
 
 
 def _chunk_loss_and_dlogits(
-    h_c: torch.Tensor, w: torch.Tensor, t_c: torch.Tensor, acc_dtype: torch.dtype, with_grad: bool
+    h_c: torch.Tensor,
+    w: torch.Tensor,
+    t_c: torch.Tensor,
+    acc_dtype: torch.dtype,
+    with_grad: bool,
+    vocab: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk: (loss sum, d loss / d logits (n, V) in w's dtype, or None without with_grad)."""
     ignored = t_c == IGNORE_INDEX  # (n,)
     t_c = t_c.masked_fill(ignored, 0)  # any valid index: those rows are zeroed below
     logits = (h_c @ w.T).to(acc_dtype)  # (n, V): the only vocabulary-sized tensor
+    if vocab is not None:
+        logits[:, vocab:] = float("-inf")  # padding columns (only those written): exp gives 0, so no loss, no gradient
     # logsumexp by hand and in place, so no second (n, V) tensor: shift by the row max (exp
     # cannot overflow), exponentiate, sum; loss = log(sum) - shifted target logit.
     logits -= logits.amax(dim=-1, keepdim=True)

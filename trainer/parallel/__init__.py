@@ -20,6 +20,7 @@ from torch import nn
 
 from trainer.config import Config, ConfigError
 from trainer.model.checkpointing import apply_activation_checkpointing
+from trainer.model.compile import apply_compile
 from trainer.parallel.base import SingleDevice, Strategy, WeightSource, global_norm
 from trainer.parallel.dist import env_local_rank, env_rank, env_world_size, init_distributed
 
@@ -80,12 +81,14 @@ def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: 
 
     1. activation checkpointing wraps the selected blocks (before sharding: FSDP2's units and
        DeepSpeed's hooks then see the wrapped modules, and recompute stays inside each unit);
-    2. torch.compile would come next, per block (not used by the harness yet);
+    2. torch.compile, per block and the head + loss, with train.compile (trainer/model/compile.py);
     3. the strategy shards or wraps the model, gives it storage on this rank, fills it from
        `weights` (a random init or a pretrained checkpoint, one full tensor at a time) and
        builds the optimizer and its schedule.
     Returns how many modules activation checkpointing wrapped.
     """
     wrapped = apply_activation_checkpointing(model, model.cfg)  # the resolved config (pretrained: its own)
+    if cfg.train.compile:
+        apply_compile(model)
     strategy.setup(model, weights, cfg.optim, cfg.train.max_steps)
     return wrapped

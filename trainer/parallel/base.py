@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -83,6 +84,16 @@ class Strategy(abc.ABC):
         """Clip to the global norm max_norm (0: none), then step; a non-finite norm skips the step
         (weights, optimizer state and schedule unchanged). Returns whether it stepped."""
 
+    @property
+    def steps_without_sync(self) -> bool:
+        """Whether clip_and_step_on_device can run: decide to step or skip without the host."""
+        return False
+
+    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+        """clip_and_step with no host sync: a non-finite norm leaves weights and optimizer state
+        as they were, decided on the device; the schedule advances either way."""
+        raise RuntimeError(f"parallel={self.name} cannot step without a host sync")
+
     def skip_step(self) -> None:
         """Drop this step's gradients (only for strategies that declare can_skip_step)."""
         raise RuntimeError(f"parallel={self.name} cannot skip a step: config.check_run refuses this at start")
@@ -114,13 +125,21 @@ class Strategy(abc.ABC):
         return self.reduce_owned(group_sumsq(self.owned_params()))
 
     def snapshot_params(self) -> list[torch.Tensor]:
-        """A copy of the owned weights, to measure the next update against (monitor steps only)."""
-        return [t.clone() for _, t in self.owned_params()]
+        """A copy of the owned weights, to measure the next update against (monitor steps only):
+        one _foreach copy, freed once update_sumsq_by_group has read it."""
+        params = [t for _, t in self.owned_params()]
+        snapshot = [torch.empty_like(t) for t in params]
+        if params:
+            torch._foreach_copy_(snapshot, params)
+        return snapshot
 
     def update_sumsq_by_group(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-group sums of squares of the update just applied (weights now minus `before`)."""
-        deltas = ((name, t - old) for (name, t), old in zip(self.owned_params(), before, strict=True))
-        return self.reduce_owned(group_sumsq(deltas))
+        """Per-group sums of squares of the update just applied (`before` minus the weights now:
+        computed in place in the snapshot, which is spent afterwards)."""
+        names, params = zip(*self.owned_params(), strict=True) if before else ((), ())
+        if before:
+            torch._foreach_sub_(before, list(params))
+        return self.reduce_owned(group_sumsq(zip(names, before, strict=True)))
 
     # -- collectives over the default group (identities on one process) ------------------------------
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -246,15 +265,44 @@ class TorchStrategy(Strategy):
         if not finite:  # drop the gradients; the loss scale has backed off
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        if max_norm > 0:
-            # Same coefficient as torch.nn.utils.clip_grad_norm_; stays on device (no sync).
-            coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
-            grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-        self.optimizer.step()
+        self._clip_and_step(grad_norm, max_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _clip_and_step(self, grad_norm: torch.Tensor, max_norm: float, found_inf: torch.Tensor | None = None) -> None:
+        """Clip by the coefficient of torch.nn.utils.clip_grad_norm_ (on device, no sync), then step.
+        A fused AdamW over plain tensors takes the coefficient as its `grad_scale` (it divides each
+        gradient as it reads it: no pass of its own over the gradients) and skips on `found_inf`."""
+        fused = self._fused_plain()
+        coef = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0) if max_norm > 0 else None
+        if coef is not None and not fused:
+            grads = [local(p.grad) for p in self.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        if fused:
+            self.optimizer.grad_scale = None if coef is None else (1.0 / coef).to(torch.float32)
+            self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.grad_scale = self.optimizer.found_inf = None
+
+    def _fused_plain(self) -> bool:
+        """A fused AdamW over plain tensors (none / ddp: not FSDP's DTensors)."""
+        return bool(self.optimizer.defaults.get("fused")) and self.name in ("none", "ddp")
+
+    @property
+    def steps_without_sync(self) -> bool:
+        # Fused AdamW skips its update when `found_inf` (a device tensor) is set, as under
+        # torch's GradScaler; the harness's loss scaler is host state, so it needs the sync.
+        # FSDP's DTensors stay on the synchronous path until checked on a GPU.
+        return self._fused_plain() and self.scaler is None
+
+    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+        # A non-finite norm gives a 0 / NaN coefficient: that step is skipped by found_inf anyway.
+        self._clip_and_step(grad_norm, max_norm, found_inf=(~torch.isfinite(grad_norm)).to(torch.float32))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -354,13 +402,27 @@ def quantized(tensor: torch.Tensor) -> bool:
 
 
 def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-group sums of squares of (this rank's part of) each gradient, in fp32, on device."""
-    sums: dict[str, torch.Tensor] = {}
-    for name, grad in named_grads:
-        group = param_group(name)
-        sq = local(grad).detach().float().pow(2).sum()
-        sums[group] = sums[group] + sq if group in sums else sq
-    return sums
+    """Per-group sums of squares of (this rank's part of) each tensor, in fp32, on device: one
+    _foreach_norm over all of them (a few kernels, not three per parameter), then one index_add
+    into the groups, whose indices are worked out once per list of names."""
+    names, tensors = [], []
+    for name, tensor in named_grads:
+        names.append(name)
+        tensors.append(local(tensor).detach())
+    if not tensors:
+        return {}
+    groups, index = _group_index(tuple(names), tensors[0].device)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # (n_tensors,)
+    sums = torch.zeros(len(groups), dtype=torch.float32, device=norms.device).index_add_(0, index, norms * norms)
+    return dict(zip(groups, sums.unbind(), strict=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _group_index(names: tuple[str, ...], device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The groups of `names` in first-seen order, and each name's group position (on device)."""
+    groups = list(dict.fromkeys(param_group(name) for name in names))
+    position = {group: i for i, group in enumerate(groups)}
+    return groups, torch.tensor([position[param_group(name)] for name in names], device=device)
 
 
 def all_reduce_groups(sums: dict[str, torch.Tensor], group: Any = None) -> dict[str, torch.Tensor]:

@@ -18,7 +18,10 @@ class DDP(TorchStrategy):
     def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
         materialize(model, weights, self.device)  # DDP wraps real tensors: it broadcasts rank 0's
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        # Gradients live in DDP's all-reduce buckets: no copy in or out, one gradient-sized buffer
+        # less. Not static_graph: its first iteration must all-reduce, and accumulation starts
+        # with no_sync micro-batches (torch 2.13's reducer asserts).
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def unwrapped(self) -> nn.Module:
         return self.model.module

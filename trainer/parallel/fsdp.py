@@ -95,6 +95,11 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, compute_
     options = dict(mesh=mesh, offload_policy=offload, mp_policy=mixed)
     for block in model.blocks:
         fully_shard(block, reshard_after_forward=cfg.fsdp_reshard_after_forward, **options)
+    if cfg.fsdp_prefetch > 1:  # gather the next k blocks' weights ahead (FSDP2's implicit prefetch is 1)
+        blocks, k = list(model.blocks), cfg.fsdp_prefetch
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + k])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - k) : i][::-1])
     # The root keeps its (small) embedding / head parameters gathered after forward: the
     # head runs last and backward needs them straight away.
     fully_shard(model, reshard_after_forward=False, **options)

@@ -124,7 +124,15 @@ def check_compatible(
     ) + sorted(f"{name} {shape} vs absent" for name, shape in saved.items() if name not in shapes)
     if mismatched:
         listed = "; ".join(mismatched[:8]) + (f"; ... {len(mismatched) - 8} more" if len(mismatched) > 8 else "")
-        raise ConfigError(f"checkpoint {path} is from a different model shape (checkpoint vs model): {listed}")
+        vocab_rows = {"embed.wte.weight", "head.weight"}
+        rows_only = all(
+            name in vocab_rows and saved.get(name) and saved[name][1:] == shape[1:]
+            for name, shape in shapes.items() if saved.get(name) != shape
+        )  # fmt: skip
+        hint = ""
+        if rows_only:
+            hint = " (only the vocabulary rows differ: a checkpoint from before padding resumes with model.vocab_multiple=1)"
+        raise ConfigError(f"checkpoint {path} is from a different model shape (checkpoint vs model): {listed}{hint}")
     if info["strategy"] != strategy and (info["strategy"].startswith("zero") or strategy.startswith("zero")):
         raise ConfigError(
             f"checkpoint {path} was written by parallel={info['strategy']}; DeepSpeed and torch checkpoints "
