@@ -5,13 +5,17 @@
     python -m benchmarks.throughput --model gpt2 --seq-len 1024    # a shipped configs/model/*.yaml
     python -m benchmarks.throughput --n-layer 12 --n-embd 768 --n-head 12   # or change the default shape
     python -m benchmarks.throughput --out /tmp/throughput.json     # default: benchmarks/results/throughput.json
+    python -m benchmarks.throughput --nanogpt ~/src/nanoGPT       # also karpathy/nanoGPT's model.py + AdamW
 
 One model shape and one batch shape (micro batch x seq_len random tokens), four systems, each
 precision given (fp32: full precision; bf16: autocast to bfloat16, fp32 weights and AdamW state):
 
   trainer      the harness's real step: benchmarks.harness.build_trainer (parallel=none, as the
-               loop builds it) and trainer.step.train_step (gradient statistics, global norm, one
-               host sync, clipping, AdamW, LR schedule). compile is not implemented: compile false
+               loop builds it) and trainer.step.train_step (gradient statistics, global norm,
+               clipping, AdamW, LR schedule), deferred as the loop runs the steps between log
+               steps (no host sync, trainer/step.py) where the strategy can
+  trainer_compile  the same with train.compile=true (each block and the head + loss compiled);
+               compile time falls in the warm-up steps
   plain_torch  the same GPT module (trainer.model.gpt.GPT) in a bare loop: forward (under
                torch.autocast for bf16), backward, AdamW step, zero_grad; no clipping, no
                statistics, no schedule: the floor of the harness's overhead
@@ -20,17 +24,23 @@ precision given (fp32: full precision; bf16: autocast to bfloat16, fp32 weights 
                attention), in the same bare loop
   hf_trainer   the same HF model under transformers.Trainer: no saving, evaluation or logging,
                max_grad_norm 1.0 and a constant LR, the same random tokens as a Dataset
+  nanogpt      with --nanogpt DIR only (a checkout of karpathy/nanoGPT; not shipped here): its
+               model.py's GPT at the same shape (GPT-2 layout; dropout 0) and its own
+               configure_optimizers AdamW (fused on CUDA, foreach elsewhere), in the bare loop
 
-AdamW is fused wherever torch supports it on the device (probed once); the harness's own
-optimizer is fused on CUDA only (trainer/parallel/base.py), so on a CPU `trainer` runs the
-foreach AdamW while the others run the fused one: the JSON's `optimizer` says which.
+AdamW is fused wherever torch supports it on the device (probed once), and so is the harness's
+(trainer/parallel/base.py); nanoGPT picks its own: the JSON's `optimizer` says which.
 
 Each system runs --warmup steps, then --repeats windows of --steps steps, back to back (on a
-GPU the clock is read after torch.cuda.synchronize()). A window's tokens/s is its
+GPU the clock is read after torch.cuda.synchronize() at each window's ends only, so the host
+may run ahead of the device within a window as in training). A window's tokens/s is its
 micro_batch x seq_len x steps over its wall time; the figure is the median over windows,
 `spread` their [min, max]. hf_trainer runs one Trainer.train() of warmup + repeats x steps
 steps; a TrainerCallback stamps each step's end, so a window holds everything Trainer does
-between steps (data loader, collation, its optimizer and scheduler calls).
+between steps (data loader, collation, its optimizer and scheduler calls). With --interleave
+every system but hf_trainer is built and warmed up first, then their windows alternate (window 1
+of each, then window 2, ... the order rotating), so a shared machine whose speed drifts by tens of
+percent over minutes slows them alike: use it for ratios (peak memory is then not split: None).
 
 MFU = tokens/s x FLOPs per token / peak FLOP/s: FLOPs per token from GPT.flops_per_token
 (PaLM's 6N + 12 L C T, the same for every system: the same shape). The peak: on a GPU
@@ -62,7 +72,8 @@ from typing import Any
 
 import torch
 
-SYSTEMS = ("trainer", "plain_torch", "hf_loop", "hf_trainer")
+SYSTEMS = ("trainer", "trainer_compile", "plain_torch", "hf_loop", "hf_trainer", "nanogpt")
+DEFAULT_SYSTEMS = ("trainer", "plain_torch", "hf_loop", "hf_trainer")  # + nanogpt with --nanogpt
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 LR = 1e-3  # every optimizer: a real update each step (OptimConfig's default lr)
 WEIGHT_DECAY = 0.1
@@ -94,7 +105,7 @@ def random_batch(args: argparse.Namespace, vocab_size: int, device: torch.device
     """x, y (B, T): next-token pairs from one fixed random sequence per row (seeded)."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(vocab_size, (args.micro_batch, args.seq_len + 1), generator=generator)
-    return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
 
 def fused_adamw(device: torch.device) -> bool:
@@ -141,18 +152,32 @@ def sync(device: torch.device) -> None:
 # -- the four systems: each returns the wall time at the end of every step (after warm-up's start)
 
 
-def time_loop(step: Callable[[], None], n_steps: int, device: torch.device) -> list[float]:
-    """Run step n_steps times; the clock at the start and after each step."""
+def time_loop(step: Callable[[], None], n_steps: int, device: torch.device, every: int = 1) -> list[float]:
+    """Run step n_steps times; the clock at the start and after each step. The device is waited
+    for only after steps whose count is a multiple of `every` (the windows' ends): between them
+    the stamps are the host's and the host may run ahead, as in training."""
     sync(device)
     stamps = [time.perf_counter()]
-    for _ in range(n_steps):
+    for i in range(1, n_steps + 1):
         step()
-        sync(device)
+        if i % every == 0 or i == n_steps:
+            sync(device)
         stamps.append(time.perf_counter())
     return stamps
 
 
-def run_trainer(cfg: Any, precision: str, args: argparse.Namespace, device: torch.device) -> tuple[list[float], str]:
+def window_ends(args: argparse.Namespace) -> int:
+    """time_loop's `every`: steps between the device waits (warm-up and windows line up with it
+    when --warmup is a multiple of --steps; otherwise every step)."""
+    return args.steps if args.warmup % args.steps == 0 else 1
+
+
+Step = Callable[[], None]  # one training step of a system
+
+
+def make_trainer(
+    cfg: Any, precision: str, args: argparse.Namespace, device: torch.device, compile: bool = False
+) -> tuple[Step, str]:
     """The harness's strategy and model (build_trainer) stepping through trainer.step.train_step."""
     from benchmarks.harness import build_trainer
     from trainer.config import Config, ParallelConfig, PrecisionConfig, TrainConfig
@@ -161,18 +186,21 @@ def run_trainer(cfg: Any, precision: str, args: argparse.Namespace, device: torc
     config = Config(
         model=cfg, parallel=ParallelConfig(strategy="none"), precision=PrecisionConfig(dtype=precision),
         train=TrainConfig(micro_batch_size=args.micro_batch, seq_len=args.seq_len, device=device.type,
-                          max_steps=10_000),  # the LR schedule's length; never reached
+                          max_steps=10_000, compile=compile),  # the LR schedule's length; never reached
     )  # fmt: skip
     strategy, _ = build_trainer(config, seed=0)
     x, y = random_batch(args, cfg.vocab_size, strategy.device)
-    clip = config.optim.clip_grad_norm
-    stamps = time_loop(lambda: train_step(strategy, x, y, 1, clip), args.warmup + args.repeats * args.steps, device)
+    clip, defer = config.optim.clip_grad_norm, strategy.steps_without_sync
+
+    def step() -> None:
+        train_step(strategy, x, y, 1, clip, defer=defer, all_targets=True)  # random tokens: no masked target
+
     kind = "fused" if strategy.optimizer.defaults.get("fused") else "foreach"
-    return stamps, kind
+    return step, kind + (", deferred" if defer else "")
 
 
-def plain_loop(model: torch.nn.Module, loss_of: Callable, precision: str, args: argparse.Namespace,
-               device: torch.device, fused: bool) -> list[float]:  # fmt: skip
+def plain_loop(model: torch.nn.Module, loss_of: Callable, precision: str, device: torch.device,
+               fused: bool) -> Step:  # fmt: skip
     """forward (autocast for bf16), backward, AdamW, zero_grad: nothing else."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
     dtype = DTYPES[precision]
@@ -185,12 +213,10 @@ def plain_loop(model: torch.nn.Module, loss_of: Callable, precision: str, args: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_loop(step, args.warmup + args.repeats * args.steps, device)
+    return step
 
 
-def run_plain_torch(
-    cfg: Any, precision: str, args: argparse.Namespace, device: torch.device, fused: bool
-) -> list[float]:
+def make_plain_torch(cfg: Any, precision: str, args: argparse.Namespace, device: torch.device, fused: bool) -> Step:
     """The same GPT module, built directly on the device, in the bare loop."""
     from trainer.model.gpt import GPT
 
@@ -199,7 +225,37 @@ def run_plain_torch(
         model = GPT(cfg)
     x, y = random_batch(args, cfg.vocab_size, device)
     n_targets = y.numel()
-    return plain_loop(model, lambda m: m(x, targets=y) / n_targets, precision, args, device, fused)
+    return plain_loop(model, lambda m: m(x, targets=y) / n_targets, precision, device, fused)
+
+
+def make_nanogpt(cfg: Any, precision: str, args: argparse.Namespace, device: torch.device) -> tuple[Step, str]:
+    """karpathy/nanoGPT's model.py (from --nanogpt DIR) and its own AdamW, in a bare loop like
+    plain_loop's: forward (autocast for bf16) returning (logits, loss), backward, step, zero_grad."""
+    import importlib.util
+
+    if cfg.position != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or not cfg.tie_embeddings:
+        raise SystemExit("--systems nanogpt: nanoGPT has the GPT-2 layout only (choose a GPT-2 shaped --model)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", args.nanogpt / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
+        spec.loader.exec_module(module)
+        config = module.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)  # fmt: skip
+        torch.manual_seed(0)
+        model = module.GPT(config).to(device).train()
+        optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, (0.9, 0.95), device.type)
+    x, y = random_batch(args, cfg.vocab_size, device)
+    dtype = DTYPES[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def step() -> None:
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, "fused" if optimizer.defaults.get("fused") else "foreach"
 
 
 def hf_model(cfg: Any, device: torch.device) -> torch.nn.Module:
@@ -220,11 +276,22 @@ def hf_model(cfg: Any, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
-def run_hf_loop(cfg: Any, precision: str, args: argparse.Namespace, device: torch.device, fused: bool) -> list[float]:
+def make_hf_loop(cfg: Any, precision: str, args: argparse.Namespace, device: torch.device, fused: bool) -> Step:
     """The HF model in the bare loop (labels = inputs: HF shifts them itself)."""
     model = hf_model(cfg, device)
     x, _ = random_batch(args, cfg.vocab_size, device)
-    return plain_loop(model, lambda m: m(input_ids=x, labels=x).loss, precision, args, device, fused)
+    return plain_loop(model, lambda m: m(input_ids=x, labels=x).loss, precision, device, fused)
+
+
+def make_step(system: str, cfg: Any, precision: str, args: argparse.Namespace, device: torch.device,
+              fused: bool) -> tuple[Step, str]:  # fmt: skip
+    """One step of `system` (any but hf_trainer, which runs its own loop) and its optimizer's kind."""
+    if system in ("trainer", "trainer_compile"):
+        return make_trainer(cfg, precision, args, device, compile=system == "trainer_compile")
+    if system == "nanogpt":
+        return make_nanogpt(cfg, precision, args, device)
+    maker = {"plain_torch": make_plain_torch, "hf_loop": make_hf_loop}[system]
+    return maker(cfg, precision, args, device, fused), "fused" if fused else "foreach"
 
 
 def run_hf_trainer(
@@ -299,15 +366,31 @@ def measure(system: str, cfg: Any, precision: str, args: argparse.Namespace, dev
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    kind = "fused" if fused else "foreach"
-    if system == "trainer":
-        stamps, kind = run_trainer(cfg, precision, args, device)
+    if system == "hf_trainer":
+        stamps, kind = run_hf_trainer(cfg, precision, args, device, fused), "fused" if fused else "foreach"
     else:
-        runner = {"plain_torch": run_plain_torch, "hf_loop": run_hf_loop, "hf_trainer": run_hf_trainer}[system]
-        stamps = runner(cfg, precision, args, device, fused)
+        step, kind = make_step(system, cfg, precision, args, device, fused)
+        stamps = time_loop(step, args.warmup + args.repeats * args.steps, device, window_ends(args))
     peak_mem = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     gc.collect()
     return stamps, peak_mem, kind
+
+
+def measure_interleaved(systems: list[str], cfg: Any, precision: str, args: argparse.Namespace,
+                        device: torch.device, fused: bool) -> dict[str, tuple[list[float], str]]:  # fmt: skip
+    """--interleave: every system built first and warmed up, then window r of each in turn (the
+    order rotating by one each round), so a machine whose speed drifts slows all of them alike.
+    Returns each system's window rates and optimizer kind (peak memory: not split, None)."""
+    steps = {system: make_step(system, cfg, precision, args, device, fused) for system in systems}
+    for step, _ in steps.values():
+        time_loop(step, args.warmup, device, args.warmup)
+    rates: dict[str, list[float]] = {system: [] for system in systems}
+    tokens = args.micro_batch * args.seq_len * args.steps
+    for r in range(args.repeats):
+        for system in systems[r % len(systems) :] + systems[: r % len(systems)]:
+            stamps = time_loop(steps[system][0], args.steps, device, args.steps)
+            rates[system].append(tokens / (stamps[-1] - stamps[0]))
+    return {system: (rates[system], steps[system][1]) for system in systems}
 
 
 def markdown_table(systems: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -358,15 +441,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before the first window, not timed")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the first window, not timed")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows per system and precision")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=None,
+        choices=SYSTEMS,
+        help=f"default: {' '.join(DEFAULT_SYSTEMS)} (+ nanogpt with --nanogpt)",
+    )
+    parser.add_argument("--nanogpt", type=Path, default=None, help="a karpathy/nanoGPT checkout (its model.py)")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="alternate the systems' windows (all but hf_trainer): fair ratios on a noisy machine",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0: torch's default)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.systems is None:
+        args.systems = [*DEFAULT_SYSTEMS, *(["nanogpt"] if args.nanogpt else [])]
+    if "nanogpt" in args.systems and (args.nanogpt is None or not (args.nanogpt / "model.py").is_file()):
+        parser.error("--systems nanogpt needs --nanogpt DIR, a karpathy/nanoGPT checkout holding model.py")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -401,11 +501,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.perf_counter()
     systems: dict[str, dict[str, dict[str, Any]]] = {}
-    for system in args.systems:
-        for precision in args.precisions:
-            stamps, peak_mem, kind = measure(system, cfg, precision, args, device, fused)
-            result = summarize(window_rates(stamps, args), flops_per_token, peaks[precision], peak_mem)
-            result.update(optimizer=kind, compile=False)
+    for precision in args.precisions:
+        together = [s for s in args.systems if s != "hf_trainer"] if args.interleave else []
+        measured = measure_interleaved(together, cfg, precision, args, device, fused) if together else {}
+        for system in args.systems:
+            if system in measured:
+                rates, kind = measured[system]
+                result = summarize(rates, flops_per_token, peaks[precision], None)
+            else:
+                stamps, peak_mem, kind = measure(system, cfg, precision, args, device, fused)
+                result = summarize(window_rates(stamps, args), flops_per_token, peaks[precision], peak_mem)
+            result.update(optimizer=kind, compile=system == "trainer_compile", interleaved=system in measured)
             systems.setdefault(system, {})[precision] = result
             print(f"  {system} {precision}: {result['tokens_per_s']:,.0f} tokens/s", flush=True)
     print()
