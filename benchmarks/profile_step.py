@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.step import train_step
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag in ("--model", "--n-layer", "--n-embd", "--n-head", "--vocab-size"):
-        parser.add_argument(flag, default=None, type=None if flag == "--model" else int)
+    for flag in ("--model", "--n-layer", "--n-embd", "--n-head", "--vocab-size", "--mlp"):
+        parser.add_argument(flag, default=None, type=None if flag in ("--model", "--mlp") else int)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])

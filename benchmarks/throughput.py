@@ -1,6 +1,6 @@
 """Training throughput of the harness's step against plain PyTorch and Hugging Face, one process.
 
-    python -m benchmarks.throughput                                # 6 x 384, 6 heads, 8 x 256 tokens, vocab 320
+    python -m benchmarks.throughput                                # 6 x 384, 6 heads, 8 x 256 tokens, vocab 320, erf GELU
     python -m benchmarks.throughput --precisions bf16 --steps 20   # one precision, longer windows
     python -m benchmarks.throughput --model gpt2 --seq-len 1024    # a shipped configs/model/*.yaml
     python -m benchmarks.throughput --n-layer 12 --n-embd 768 --n-head 12   # or change the default shape
@@ -92,9 +92,11 @@ def model_config(args: argparse.Namespace) -> Any:
 
         cfg = compose_config([f"model={args.model}"])[0].model
     else:  # block_size is the context: the default shape's learned positions cover seq_len
+        # nanoGPT's function too: erf GELU (nn.GELU), not GPT-2's tanh approximation
         cfg = ModelConfig(name="shakespeare-char", n_layer=6, n_embd=384, n_head=6, vocab_size=320,
-                          block_size=args.seq_len)  # fmt: skip
-    flags = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head, "vocab_size": args.vocab_size}
+                          block_size=args.seq_len, mlp="gelu_exact")  # fmt: skip
+    flags = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head, "vocab_size": args.vocab_size,
+             "mlp": args.mlp}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})  # __post_init__ checks again
     if args.seq_len > cfg.block_size:
         raise SystemExit(f"--seq-len {args.seq_len} is longer than model {cfg.name!r}'s block_size {cfg.block_size}")
@@ -233,8 +235,11 @@ def make_nanogpt(cfg: Any, precision: str, args: argparse.Namespace, device: tor
     plain_loop's: forward (autocast for bf16) returning (logits, loss), backward, step, zero_grad."""
     import importlib.util
 
-    if cfg.position != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu" or not cfg.tie_embeddings:
-        raise SystemExit("--systems nanogpt: nanoGPT has the GPT-2 layout only (choose a GPT-2 shaped --model)")
+    if cfg.position != "learned" or cfg.norm != "layernorm" or cfg.mlp != "gelu_exact" or not cfg.tie_embeddings:
+        raise SystemExit(
+            "--systems nanogpt: nanoGPT is the GPT-2 layout with erf GELU only (the default shape, or --mlp gelu_exact "
+            "with a GPT-2 shaped --model)"
+        )
     spec = importlib.util.spec_from_file_location("nanogpt_model", args.nanogpt / "model.py")
     module = importlib.util.module_from_spec(spec)
     with contextlib.redirect_stdout(sys.stderr):  # it prints its parameter count
@@ -439,6 +444,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-embd", type=int, default=None)
     parser.add_argument("--n-head", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=None)
+    parser.add_argument("--mlp", default=None, choices=["gelu", "gelu_exact", "swiglu"], help="model.mlp")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--warmup", type=int, default=5, help="steps before the first window, not timed")

@@ -43,6 +43,7 @@ LLAMA3_SCALING = {
 CASES = {
     "gpt2": lambda: hf_gpt2(),
     "gpt2-n_inner": lambda: hf_gpt2(n_inner=80),
+    "gpt2-erf-gelu": lambda: hf_gpt2(activation_function="gelu"),  # model.mlp=gelu_exact
     "llama-gqa-untied": lambda: hf_llama(tie=False),
     "llama-gqa-tied": lambda: hf_llama(tie=True),
     "llama3-rope-scaling": lambda: hf_llama(rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)),
@@ -365,6 +366,7 @@ LLAMA_EXPORT = dict(GPT2_EXPORT, intermediate_size=96, norm="rmsnorm", mlp="swig
 EXPORT_CASES = {
     "gpt2": GPT2_EXPORT,
     "gpt2-untied": dict(GPT2_EXPORT, tie_embeddings=False),
+    "gpt2-erf-gelu": dict(GPT2_EXPORT, mlp="gelu_exact"),
     "llama3-tied": dict(
         LLAMA_EXPORT, n_kv_head=2, tie_embeddings=True, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)
     ),
@@ -376,6 +378,7 @@ EXPORT_CASES = {
 EXPORT_CLASSES = {
     "gpt2": "GPT2LMHeadModel",
     "gpt2-untied": "GPT2LMHeadModel",
+    "gpt2-erf-gelu": "GPT2LMHeadModel",
     "llama3-tied": "LlamaForCausalLM",
     "llama-untied": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",

@@ -38,7 +38,7 @@ class ModelConfig:
     intermediate_size: int | None = None  # MLP width; None means 4 * n_embd
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu (as Llama)
+    mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | gelu_exact (erf, as nanoGPT) | swiglu (as Llama)
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # Llama 3 'llama3' scaling, as in HF config.json
@@ -70,7 +70,9 @@ class ModelConfig:
             "each key/value head must serve a whole number of query heads",
         )
         _require(self.norm in ("layernorm", "rmsnorm"), f"model.norm={self.norm!r}: use layernorm or rmsnorm")
-        _require(self.mlp in ("gelu", "swiglu"), f"model.mlp={self.mlp!r}: use gelu or swiglu")
+        _require(
+            self.mlp in ("gelu", "gelu_exact", "swiglu"), f"model.mlp={self.mlp!r}: use gelu, gelu_exact or swiglu"
+        )
         _require(self.position in ("learned", "rope"), f"model.position={self.position!r}: use learned or rope")
         _require(
             self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,

@@ -80,8 +80,8 @@ def load_hf_config(path: str | Path) -> ModelConfig:
 
 def _gpt2_fields(hf: dict, path: str | Path) -> dict:
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"{path}: GPT-2 activation_function {act!r} unsupported; expected gelu_new or gelu")
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
         raise ValueError(f"{path}: GPT-2 attention-scaling variants are not supported")
     return dict(
@@ -92,7 +92,7 @@ def _gpt2_fields(hf: dict, path: str | Path) -> dict:
         intermediate_size=hf.get("n_inner") or 4 * hf["n_embd"],
         norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        mlp="gelu",
+        mlp="gelu_exact" if act == "gelu" else "gelu",
         position="learned",
         tie_embeddings=hf.get("tie_word_embeddings", True),
         bias=True,
@@ -151,7 +151,7 @@ def _sliding_window(hf: dict) -> int | None:
 def _arch(cfg: ModelConfig) -> str:
     """The tensor layout of cfg: gpt2, llama, or qwen2 (llama's with biases on q / k / v only)."""
     qkv_bias = has_qkv_bias(cfg)
-    gpt2_like = (cfg.position, cfg.norm, cfg.mlp) == ("learned", "layernorm", "gelu")
+    gpt2_like = (cfg.position, cfg.norm) == ("learned", "layernorm") and cfg.mlp in ("gelu", "gelu_exact")
     if gpt2_like and cfg.bias and qkv_bias and (cfg.n_kv_head or cfg.n_head) == cfg.n_head:
         return "gpt2"
     if (cfg.position, cfg.norm, cfg.mlp) == ("rope", "rmsnorm", "swiglu"):
@@ -190,7 +190,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": hidden,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new",
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": cfg.dropout,
             "embd_pdrop": cfg.dropout,
