@@ -374,3 +374,30 @@ def test_tiny_preset_is_small():
     model = GPT(cfg)
     assert model.num_params() < 2_000_000
     assert model(torch.randint(0, 256, (1, cfg.block_size))).shape == (1, cfg.block_size, 256)
+
+
+def test_auto_attention_is_resolved_once_at_build_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto -> FA3 only on a Hopper GPU with flash_attn_interface installed, in half precision, with
+    no document mask and no dropout. No GPU here: capability and package are stood in for."""
+    import importlib.util
+
+    from trainer.model import resolve_attention_backend
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_attention_backend("auto", cpu, torch.bfloat16, masked=False) == "auto"
+    assert resolve_attention_backend("math", cpu, torch.float32, masked=True) == "math"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn_interface" else real(n, *a)
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16, masked=False) == "flash_attn"
+    assert resolve_attention_backend("cudnn", cuda, torch.bfloat16, masked=False) == "cudnn"  # explicit: kept
+    for dtype, masked, dropout in (
+        (torch.bfloat16, True, 0.0),
+        (torch.float32, False, 0.0),
+        (torch.bfloat16, False, 0.1),
+    ):
+        assert resolve_attention_backend("auto", cuda, dtype, masked=masked, dropout=dropout) == "auto"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100: SDPA decides
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16, masked=False) == "auto"

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from trainer.data import Data, Sampler, build_data
 from trainer.data.prefetch import Prefetcher
 from trainer.loggers import Loggers
 from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference, write_adapter
-from trainer.model import check_attention_backend
+from trainer.model import check_attention_backend, resolve_attention_backend
 from trainer.model.build import build_model
 from trainer.monitor import SpikeWatch, Throughput, peak_flops, peak_memory_gb, step_metrics
 from trainer.parallel import Strategy, build_strategy, parallelize
@@ -160,7 +160,12 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
     tokenizer = save_tokenizer(data, run_dir, strategy.rank)
-    check_attention_backend(model_cfg.attention_backend, strategy.device, DTYPES[cfg.precision.dtype])
+    dtype, masked = DTYPES[cfg.precision.dtype], bool(getattr(data.train, "document_mask", False))
+    backend = resolve_attention_backend(model_cfg.attention_backend, strategy.device, dtype, masked, model_cfg.dropout)
+    if backend != model_cfg.attention_backend:  # auto on Hopper with FA3 installed
+        log.info(f"model.attention_backend=auto runs {backend} (FA3: Hopper, {cfg.precision.dtype}, no document mask)")
+        model_cfg = replace(model_cfg, attention_backend=backend)
+    check_attention_backend(model_cfg.attention_backend, strategy.device, dtype)
     model, weights = build_model(model_cfg, tc.seed)  # on the meta device: no memory yet
     lora = None
     if cfg.lora.enabled:  # adapters before activation checkpointing and sharding

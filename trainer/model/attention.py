@@ -57,6 +57,21 @@ def check_attention_backend(backend: str, device: torch.device, dtype: torch.dty
         )
 
 
+def resolve_attention_backend(
+    backend: str, device: torch.device, dtype: torch.dtype, masked: bool, dropout: float = 0.0
+) -> str:
+    """What `auto` runs, decided once at build time (so nothing in forward queries the machine and
+    compiled blocks know their kernel): Dao's FA3 (flash_attn_interface) on a Hopper GPU in fp16 /
+    bf16 when it is installed, no batch carries a document mask and there is no dropout (FA3 takes
+    neither); else SDPA, which picks its own fastest kernel per call. An explicit backend stays."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    if backend != "auto" or masked or dropout > 0 or torch.device(device).type != "cuda" or not half:
+        return backend
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    fa3 = importlib.util.find_spec("flash_attn_interface") is not None
+    return "flash_attn" if hopper and fa3 else "auto"
+
+
 _SDPA_BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
