@@ -6,6 +6,7 @@
     python -m benchmarks.throughput --n-layer 12 --n-embd 768 --n-head 12   # or change the default shape
     python -m benchmarks.throughput --out /tmp/throughput.json     # default: benchmarks/results/throughput.json
     python -m benchmarks.throughput --nanogpt ~/src/nanoGPT       # also karpathy/nanoGPT's model.py + AdamW
+    python -m benchmarks.throughput --strategies ddp fsdp          # also the harness on 2 ranks (torchrun)
 
 One model shape and one batch shape (micro batch x seq_len random tokens), four systems, each
 precision given (fp32: full precision; bf16: autocast to bfloat16, fp32 weights and AdamW state):
@@ -24,6 +25,8 @@ precision given (fp32: full precision; bf16: autocast to bfloat16, fp32 weights 
                attention), in the same bare loop
   hf_trainer   the same HF model under transformers.Trainer: no saving, evaluation or logging,
                max_grad_norm 1.0 and a constant LR, the same random tokens as a Dataset
+  trainer_<s>  with --strategies s ...: the harness under parallel=s on --world-size ranks (this
+               script under torchrun; each rank its own micro-batch), global tokens/s of rank 0's clock
   nanogpt      with --nanogpt DIR only (a checkout of karpathy/nanoGPT; not shipped here): its
                model.py's GPT at the same shape (GPT-2 layout; dropout 0) and its own
                configure_optimizers AdamW (fused on CUDA, foreach elsewhere), in the bare loop
@@ -62,6 +65,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -381,6 +385,58 @@ def measure(system: str, cfg: Any, precision: str, args: argparse.Namespace, dev
     return stamps, peak_mem, kind
 
 
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+SHAPE_FLAGS = ("model", "n_layer", "n_embd", "n_head", "vocab_size", "mlp", "seq_len", "micro_batch")
+
+
+def measure_strategy(strategy: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """--strategies: the harness under `strategy` on --world-size ranks (this script under
+    torchrun, each rank its own micro-batch: global batch = micro_batch x ranks); rank 0's
+    windows in global tokens/s and its optimizer kind. Peak memory: rank 0's on a GPU."""
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        out = Path(tmp) / "rank0.json"
+        flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE_FLAGS if getattr(args, k) is not None]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.world_size}",
+                   "-m", "benchmarks.throughput", "--worker", strategy, "--precisions", precision, *flags,
+                   f"--warmup={args.warmup}", f"--steps={args.steps}", f"--repeats={args.repeats}",
+                   f"--device={device.type}", f"--out={out}"]  # fmt: skip
+        path = os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+        if result.returncode != 0:
+            raise SystemExit(f"--strategies {strategy}: torchrun exited {result.returncode}\n{result.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def strategy_worker(args: argparse.Namespace) -> None:
+    """One rank of measure_strategy: build_trainer under --worker's strategy, train_step in windows."""
+    from benchmarks.harness import build_trainer
+    from trainer.config import Config, ParallelConfig, PrecisionConfig, TrainConfig
+    from trainer.step import train_step
+
+    cfg, precision = model_config(args), args.precisions[0]
+    config = Config(
+        model=cfg, parallel=ParallelConfig(strategy=args.worker), precision=PrecisionConfig(dtype=precision),
+        train=TrainConfig(micro_batch_size=args.micro_batch, seq_len=args.seq_len, device=args.device,
+                          max_steps=10_000),
+    )  # fmt: skip
+    strategy, _ = build_trainer(config, seed=0)
+    x, y = random_batch(args, cfg.vocab_size, strategy.device)
+    defer = strategy.steps_without_sync
+
+    def step() -> None:
+        train_step(strategy, x, y, 1, config.optim.clip_grad_norm, defer=defer, all_targets=True)
+
+    stamps = time_loop(step, args.warmup + args.repeats * args.steps, strategy.device, window_ends(args))
+    rates = [rate * strategy.world_size for rate in window_rates(stamps, args)]  # every rank's tokens
+    peak = torch.cuda.max_memory_allocated(strategy.device) if strategy.device.type == "cuda" else None
+    kind = "fused" if getattr(strategy.optimizer, "defaults", {}).get("fused") else "foreach"
+    if strategy.rank == 0:
+        report = {"rates": rates, "optimizer": kind + (", deferred" if defer else ""), "peak_mem_bytes": peak}
+        args.out.write_text(json.dumps(report))
+    strategy.close()
+
+
 def measure_interleaved(systems: list[str], cfg: Any, precision: str, args: argparse.Namespace,
                         device: torch.device, fused: bool) -> dict[str, tuple[list[float], str]]:  # fmt: skip
     """--interleave: every system built first and warmed up, then window r of each in turn (the
@@ -460,6 +516,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--nanogpt", type=Path, default=None, help="a karpathy/nanoGPT checkout (its model.py)")
     parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[],
+        choices=STRATEGIES,
+        help="also the harness under these strategies, on --world-size ranks under torchrun",
+    )
+    parser.add_argument("--world-size", type=int, default=2, help="ranks for --strategies")
+    parser.add_argument("--worker", choices=STRATEGIES, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--interleave",
         action="store_true",
         help="alternate the systems' windows (all but hf_trainer): fair ratios on a noisy machine",
@@ -479,6 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.model.gpt import GPT
 
     args = parse_args(argv)
+    if args.worker:
+        return strategy_worker(args)
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -520,6 +587,13 @@ def main(argv: list[str] | None = None) -> None:
             result.update(optimizer=kind, compile=system == "trainer_compile", interleaved=system in measured)
             systems.setdefault(system, {})[precision] = result
             print(f"  {system} {precision}: {result['tokens_per_s']:,.0f} tokens/s", flush=True)
+        for strategy in args.strategies:  # global tokens/s of --world-size ranks (MFU against their peaks)
+            row = measure_strategy(strategy, precision, args, device)
+            peak = peaks[precision] * (args.world_size if device.type == "cuda" else 1)  # CPU ranks share cores
+            result = summarize(row["rates"], flops_per_token, peak, row["peak_mem_bytes"])
+            result.update(optimizer=row["optimizer"], compile=False, interleaved=False, ranks=args.world_size)
+            systems.setdefault(f"trainer_{strategy}", {})[precision] = result
+            print(f"  trainer_{strategy} {precision}: {result['tokens_per_s']:,.0f} tokens/s", flush=True)
     print()
     print(markdown_table(systems))
     report = {

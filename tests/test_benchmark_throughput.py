@@ -110,3 +110,18 @@ def test_profile_step_names_the_top_operators(tmp_path: Path) -> None:
     assert 0 < sum(k["share"] for k in kernels) <= 1 and all(k["calls"] > 0 for k in kernels)
     assert any(k["name"] in ("aten::mm", "aten::addmm") for k in kernels)  # a transformer step is matmuls
     assert f"| {kernels[0]['name']} |" in result.stdout
+
+
+@pytest.mark.heavy
+def test_strategy_rows_run_the_harness_on_two_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    flags = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
+             "--warmup", "1", "--steps", "1", "--repeats", "2", "--device", "cpu", "--precisions", "fp32",
+             "--systems", "trainer", "--strategies", "ddp", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "benchmarks.throughput", *flags]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    row = json.loads(out.read_text())["systems"]["trainer_ddp"]["fp32"]
+    assert row["ranks"] == 2 and len(row["windows_tokens_per_s"]) == 2 and row["tokens_per_s"] > 0
+    assert row["optimizer"] == "fused, deferred"  # ddp on the CPU: fused AdamW, steps without a host sync
