@@ -46,8 +46,8 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = ())
     fresh = run_dir is not None and not run_dir.exists()
     result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
     if result.returncode != 0 and "(SIGSEGV)" in result.stderr and fresh:
-        # A rank dying of SIGSEGV inside gloo's collectives happened once in CI (1 of ~20 2-rank
-        # runs of one suite) and never in 76 repeats of that run here: rerun a fresh run once,
+        # A rank dying of SIGSEGV inside gloo's collectives happened once, in one CI run of the
+        # suite, and never in 58 repeats of that 2-rank run here: rerun a fresh run once,
         # loudly, rather than fail the suite on a crash outside this project's Python code.
         tail = result.stderr[-2000:]
         warnings.warn(f"a rank died of SIGSEGV; rerunning once. Its stderr ended:\n{tail}", stacklevel=2)
