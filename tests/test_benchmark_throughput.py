@@ -20,6 +20,15 @@ from trainer.model import GPT
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_benchmark(module: str, *flags: str) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.<module> FLAGS` in a subprocess on one thread; it must exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", f"benchmarks.{module}", *flags]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 def test_window_rates_leave_out_warmup_and_split_the_rest_into_repeats() -> None:
     args = argparse.Namespace(micro_batch=2, seq_len=10, steps=2, repeats=2, warmup=1)
     # warm-up step 0-5 s, then windows of 2 steps: 5-7 s and 7-11 s; 2 x 10 x 2 = 40 tokens each
@@ -48,10 +57,7 @@ def test_tiny_run_reports_every_system_and_precision(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     flags = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
              "--warmup", "1", "--steps", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "benchmarks.throughput", *flags]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_benchmark("throughput", *flags)
     assert "| trainer | fp32 |" in result.stdout and "| hf_trainer | bf16 |" in result.stdout
 
     report = json.loads(out.read_text())
@@ -99,10 +105,7 @@ def test_profile_step_names_the_top_operators(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     flags = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
              "--warmup", "1", "--steps", "2", "--top", "5", "--device", "cpu", "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "benchmarks.profile_step", *flags]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_benchmark("profile_step", *flags)
     report = json.loads(out.read_text())
     kernels = report["top_kernels"]
     assert len(kernels) == 5 and report["deferred"] is True and report["host_syncs"] is None  # CPU: no device
@@ -118,10 +121,7 @@ def test_strategy_rows_run_the_harness_on_two_ranks(tmp_path: Path) -> None:
     flags = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
              "--warmup", "1", "--steps", "1", "--repeats", "2", "--device", "cpu", "--precisions", "fp32",
              "--systems", "trainer", "--strategies", "ddp", "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "benchmarks.throughput", *flags]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_benchmark("throughput", *flags)
     row = json.loads(out.read_text())["systems"]["trainer_ddp"]["fp32"]
     assert row["ranks"] == 2 and len(row["windows_tokens_per_s"]) == 2 and row["tokens_per_s"] > 0
     assert row["optimizer"] == "fused, deferred"  # ddp on the CPU: fused AdamW, steps without a host sync

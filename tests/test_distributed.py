@@ -107,6 +107,16 @@ def run_trainer(run_dir: Path, *overrides: str, nproc: int = 0) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_run_matches(run_dir: Path, rows: list[dict], reference_run: Path, rel_loss: float, rel_norm: float) -> None:
+    """Each logged step's loss and grad norm, and the final weights, against the reference run's."""
+    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(rows, reference, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=rel_loss)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=rel_norm)
+    final = "checkpoints/final/model.safetensors"
+    assert_weights_close(load_file(str(run_dir / final)), load_file(str(reference_run / final)))
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
@@ -126,16 +136,9 @@ def test_torchrun_two_ranks_match_one_process(strategy: str, reference_run: Path
     rows = run_trainer(
         tmp_path / "run", f"parallel={strategy}", "train.micro_batch_size=4", "train.grad_accum_steps=2", nproc=2
     )
-    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["global_batch"] for r in rows] == [16, 16, 16]
-    for got, want in zip(rows, reference, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
-    assert_weights_close(
-        load_file(str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors")),
-        load_file(str(reference_run / "checkpoints" / "final" / "model.safetensors")),
-    )
+    assert_run_matches(tmp_path / "run", rows, reference_run, rel_loss=1e-5, rel_norm=1e-5)
     assert (tmp_path / "run" / "logs" / "rank0.log").exists() and (tmp_path / "run" / "logs" / "rank1.log").exists()
 
 
@@ -148,14 +151,7 @@ def test_torchrun_compiled_blocks_match_one_eager_process(reference_run: Path, t
         tmp_path / "run", "parallel=fsdp", "train.compile=true", "train.micro_batch_size=4",
         "train.grad_accum_steps=2", nproc=2,
     )  # fmt: skip
-    reference = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
-    for got, want in zip(rows, reference, strict=True):
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-3)
-    assert_weights_close(
-        load_file(str(tmp_path / "run" / "checkpoints" / "final" / "model.safetensors")),
-        load_file(str(reference_run / "checkpoints" / "final" / "model.safetensors")),
-    )
+    assert_run_matches(tmp_path / "run", rows, reference_run, rel_loss=1e-4, rel_norm=1e-3)
 
 
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path: Path) -> None:

@@ -213,12 +213,11 @@ def deferred_step(
     """train_step's end without a host sync: clip and step with the non-finite check on the device."""
     if not strategy.steps_without_sync:
         raise RuntimeError(f"parallel={strategy.name} with these settings cannot step without a host sync")
-    finite = torch.isfinite(summary[1])
-    summary = torch.cat([summary, finite.to(summary.dtype)[None]])  # loss, norm, targets, stepped
     clock.lap("grad_stats")
     before = strategy.snapshot_params() if stats else None
     lr = strategy.lr()
-    strategy.clip_and_step_on_device(summary[1], clip_grad_norm)
+    found_inf = strategy.clip_and_step_on_device(summary[1], clip_grad_norm)
+    summary = torch.cat([summary, 1 - found_inf.to(summary.dtype)[None]])  # loss, norm, targets, stepped
     clock.lap("clip_and_step")
     result = StepResult(
         loss=math.nan, grad_norm=math.nan, target_tokens=0, lr=lr, stepped=False, grad_sumsq=grad_sumsq,

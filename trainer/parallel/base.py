@@ -89,9 +89,10 @@ class Strategy(abc.ABC):
         """Whether clip_and_step_on_device can run: decide to step or skip without the host."""
         return False
 
-    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         """clip_and_step with no host sync: a non-finite norm leaves weights and optimizer state
-        as they were, decided on the device; the schedule advances either way."""
+        as they were, decided on the device; the schedule advances either way. Returns the
+        device flag it decided on (1.0: skipped for inf / NaN)."""
         raise RuntimeError(f"parallel={self.name} cannot step without a host sync")
 
     def skip_step(self) -> None:
@@ -298,11 +299,13 @@ class TorchStrategy(Strategy):
         # FSDP's DTensors stay on the synchronous path until checked on a GPU.
         return self._fused_plain() and self.scaler is None
 
-    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> None:
+    def clip_and_step_on_device(self, grad_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
         # A non-finite norm gives a 0 / NaN coefficient: that step is skipped by found_inf anyway.
-        self._clip_and_step(grad_norm, max_norm, found_inf=(~torch.isfinite(grad_norm)).to(torch.float32))
+        found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
+        self._clip_and_step(grad_norm, max_norm, found_inf=found_inf)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return found_inf
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
