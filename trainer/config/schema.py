@@ -375,6 +375,54 @@ class MonitorConfig:
 
 
 @dataclass
+class SharpnessConfig:
+    """The top Hessian eigenvalue of the loss on a fixed held batch (power iteration on
+    Hessian-vector products), logged as sharpness/lambda_max next to 2 / lr."""
+
+    enabled: bool = False
+    interval: int = 100  # steps between estimates
+    iterations: int = 20  # power-iteration steps (one Hessian-vector product each)
+    batch_size: int = 4  # sequences in the held batch (the first of the validation split)
+    method: str = "auto"  # auto | double_backward | finite_difference (central difference of gradients)
+
+    def __post_init__(self) -> None:
+        _require(self.interval > 0, f"diagnostics.sharpness.interval must be positive, got {self.interval}")
+        _require(self.iterations > 0, f"diagnostics.sharpness.iterations must be positive, got {self.iterations}")
+        _require(self.batch_size > 0, f"diagnostics.sharpness.batch_size must be positive, got {self.batch_size}")
+        _require(
+            self.method in ("auto", "double_backward", "finite_difference"),
+            f"diagnostics.sharpness.method={self.method!r}: use auto, double_backward or finite_difference",
+        )
+
+
+@dataclass
+class DiagnosticsConfig:
+    """Instruments of the gradient's quality (noise scale) and of the curvature (sharpness); off by default."""
+
+    noise_scale: bool = False  # B_simple = tr(Sigma) / |G|^2 from micro-batch and step gradient norms
+    noise_scale_ema: float = 0.95  # smoothing of the two unbiased estimators before their ratio
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            0.0 <= self.noise_scale_ema < 1.0,
+            f"diagnostics.noise_scale_ema={self.noise_scale_ema} must be in [0, 1)",
+        )
+
+
+@dataclass
+class QuantConfig:
+    """Quantisation-aware training: linear weights fake-quantised in forward, straight-through gradient."""
+
+    qat: str | None = None  # null | int8 (per output channel) | int4 (per group of group_size inputs)
+    group_size: int = 32  # int4: input columns sharing one scale
+
+    def __post_init__(self) -> None:
+        _require(self.qat in (None, "int8", "int4"), f"quant.qat={self.qat!r} is not supported: use null, int8 or int4")
+        _require(self.group_size > 0, f"quant.group_size must be positive, got {self.group_size}")
+
+
+@dataclass
 class TrainConfig:
     """The step budget and batch shape. Global batch = micro_batch_size * grad_accum_steps * world size."""
 
@@ -438,6 +486,8 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
