@@ -20,6 +20,7 @@ from helpers import GPT2_LIKE, LLAMA_LIKE, torchrun
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import trainer.model.gpt as gpt_module
 from trainer.config import ModelConfig
 from trainer.model import GPT
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
@@ -203,6 +204,22 @@ def test_gpt_with_loss_chunks_gives_the_same_loss_and_every_gradient(kwargs):
     for name, grad in want_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_loss_chunk_size_null_chunks_large_vocabularies_only(monkeypatch):
+    """The auto rule (model.loss_chunk_size=null): full logits for a byte vocabulary, chunks from 2048 rows."""
+    assert ModelConfig(vocab_size=260).loss_chunk == 0  # padded to 320: below the threshold
+    assert ModelConfig(vocab_size=2000).loss_chunk == 1024  # padded to 2048
+    assert ModelConfig(vocab_size=50257, vocab_multiple=1).loss_chunk == 1024
+    assert ModelConfig(vocab_size=50257, loss_chunk_size=0).loss_chunk == 0  # an explicit choice wins
+    assert ModelConfig(vocab_size=50257, loss_chunk_size=64).loss_chunk == 64
+    chunks = []
+    fused = gpt_module.linear_cross_entropy_sum
+    monkeypatch.setattr(gpt_module, "linear_cross_entropy_sum", lambda *a: chunks.append(a[3]) or fused(*a))
+    GPT(ModelConfig(**{**GPT2_LIKE, "vocab_size": 2000}))(
+        torch.zeros(1, 4, dtype=torch.long), targets=torch.ones(1, 4, dtype=torch.long)
+    )
+    assert chunks == [1024]  # the model took the fused path, in the auto chunk size
 
 
 # -- ZeRO-3 with every parameter partitioned: the head weight read in GPT.forward is gathered ----

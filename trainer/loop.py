@@ -104,6 +104,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     meter = Throughput(
         run.strategy.unwrapped().flops_per_token(tc.seq_len),
         peak_flops(run.strategy.device, cfg.monitor.peak_flops) * run.strategy.world_size,
+        run.strategy.device,
     )
     metrics: dict[str, Any] = {}
     first_step = state.step + 1

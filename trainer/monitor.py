@@ -118,16 +118,28 @@ class Throughput:
     those that counted toward the loss), MFU, and where the time
     went (data, compute = forward / backward / gradient statistics, optimizer = the rest of the
     step). The window closes when the log row is built: evaluation and writing the row fall
-    between windows and are not counted."""
+    between windows and are not counted.
 
-    def __init__(self, flops_per_token: float, peak_flops: float) -> None:
+    On a GPU the host clock of a step's pieces is launch time; the device's own time is measured
+    with CUDA events: one recorded when the window opens and one after each step's work is queued
+    (no sync), read when the row is built (the log step has synced already):
+    `throughput/device_step_time_s`."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float, device: torch.device | None = None) -> None:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.cuda = device is not None and device.type == "cuda"
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.tokens, self.target_tokens, self.steps = 0, 0, 0
         self.seconds = {"data": 0.0, "compute": 0.0, "optimizer": 0.0}
+        self.events = [self._event()] if self.cuda else []  # window start, then one per step
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()  # queued behind the work launched so far: no host sync
+        return event
 
     def add(self, tokens: int, target_tokens: int, data_s: float, timings: dict[str, float]) -> None:
         """One step of `tokens` tokens, `target_tokens` of them in the loss; timings: a StepResult's pieces."""
@@ -138,6 +150,8 @@ class Throughput:
         compute = timings.get("forward_backward", 0.0) + timings.get("grad_stats", 0.0)
         self.seconds["compute"] += compute
         self.seconds["optimizer"] += sum(timings.values()) - compute
+        if self.cuda:
+            self.events[1:] = [self._event()]  # only the window's first and latest events are read
 
     def metrics(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
@@ -148,7 +162,16 @@ class Throughput:
             "throughput/mfu": self.flops_per_token * rate / self.peak_flops if self.peak_flops else 0.0,
             "throughput/step_time_s": elapsed / self.steps,
             **{f"throughput/{k}_time_s": v / self.steps for k, v in self.seconds.items()},
+            **self.device_metrics(),
         }  # fmt: skip
+
+    def device_metrics(self) -> dict[str, float]:
+        """Seconds per step on the GPU's clock (CUDA events): from the window's start to the end of its
+        last step's work, so host time after the last kernel (logging, checks) is not in it."""
+        if not self.cuda or len(self.events) < 2:
+            return {}
+        self.events[-1].synchronize()  # host sync: already done by the log step's read-back
+        return {"throughput/device_step_time_s": self.events[0].elapsed_time(self.events[-1]) / 1e3 / self.steps}
 
 
 def step_metrics(result: Any, clip_grad_norm: float) -> dict[str, Any]:

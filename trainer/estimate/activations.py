@@ -248,7 +248,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     pairs = [as_kept(first if i == 0 else parts, i in wrapped) for i in range(m.n_layer)]
     kept, in_backward = [k for k, _ in pairs], [b for _, b in pairs]
     norm, block = parts["norm_1"], sum(parts.values())
-    if m.loss_chunk_size > 0:
+    if m.loss_chunk > 0:
         loss, head = N * C * 4 + (V * C * 4 if head_trains else 0), 0
     else:
         loss = N * V * 4 + N * 8

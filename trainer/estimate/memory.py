@@ -111,8 +111,8 @@ def peak_phases(
     # Gradients in host memory, or kept between micro-steps (then in the kept states), add nothing here.
     grads_here = accumulation == 1 and "gradients" not in states["host"]
     head_grad = V * C * 4 if head_trains and grads_here else 0
-    if m.loss_chunk_size > 0:
-        n = min(m.loss_chunk_size, N)
+    if m.loss_chunk > 0:
+        n = min(m.loss_chunk, N)
         loss = n * V * (4 + (a if a == 2 else 0))
         loss += V * C * a if f.autocast and f.head_bytes == 4 else 0  # the fp32 head weight's half copy
         loss += V * C * a if a == 2 and head_trains else 0
@@ -163,7 +163,7 @@ def estimate(cfg: Config, world_size: int = 1, vocab: int | None = None) -> dict
             "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.train.seq_len,
             "activation_checkpointing": m.activation_checkpointing,
             "activation_checkpointing_every": m.activation_checkpointing_every,
-            "loss_chunk_size": m.loss_chunk_size, "device": "cpu" if cfg.train.device == "cpu" else "cuda",
+            "loss_chunk_size": m.loss_chunk, "device": "cpu" if cfg.train.device == "cpu" else "cuda",
             "lora": None if lora is None else {
                 "r": lora.r, "targets": list(dict.fromkeys(a.name for a in params.block_adapters)),
                 "dora": lora.dora, "base": lora.quantize_base or lora.base_dtype,

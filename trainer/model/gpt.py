@@ -324,7 +324,7 @@ class GPT(nn.Module):
         if targets is None:  # the real rows only (a contiguous slice): logits exactly the unpadded model's
             return F.linear(x, weight[: self.cfg.vocab_size])  # (B, T, vocab)
         loss = self._compiled_loss or head_loss
-        return loss(x, weight, targets, self.cfg.loss_chunk_size, self.cfg.vocab_size)
+        return loss(x, weight, targets, self.cfg.loss_chunk, self.cfg.vocab_size)
 
     _compiled_loss = None  # set by compile_loss
 
