@@ -1,4 +1,5 @@
-"""Numerical checks (float64) of attention, the loss and the norms against explicit formulas."""
+"""Numerical checks (float64) of attention, the loss and the norms: values against explicit formulas,
+gradients against centred differences (trainer.diagnostics.gradcheck, appendix D of the lesson)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from torch.autograd import gradcheck
 
+from trainer.diagnostics import gradcheck
 from trainer.model.gpt import RMSNorm, causal_attention, rms_norm
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
 
@@ -40,7 +41,9 @@ def qkv(n_kv: int, seed: int = 0, T: int = 4):
 def test_attention_matches_reference_and_gradcheck(backend, n_kv):
     q, k, v = qkv(n_kv)
     torch.testing.assert_close(causal_attention(q, k, v, backend), reference_attention(q, k, v), rtol=1e-12, atol=1e-12)
-    assert gradcheck(lambda q, k, v: causal_attention(q, k, v, backend), (q, k, v))
+    report = gradcheck(lambda q, k, v: causal_attention(q, k, v, backend), {"q": q, "k": k, "v": v})
+    assert report.passed, report
+    assert [t.checked for t in report.tensors] == [64, 16 * n_kv, 16 * n_kv]  # every entry
 
 
 @pytest.mark.parametrize("n_kv", [4, 2])
@@ -97,7 +100,8 @@ def test_cross_entropy_sum_ignores_masked_targets():
 def test_cross_entropy_sum_gradcheck_float64():
     logits, targets = logits_and_targets()
     logits = logits.to(f64).requires_grad_(True)
-    assert gradcheck(lambda x: cross_entropy_sum(x, targets), (logits,))
+    report = gradcheck(lambda x: cross_entropy_sum(x, targets), [logits])
+    assert report.passed, report
 
 
 def test_layernorm_value_and_gradcheck():
@@ -110,7 +114,9 @@ def test_layernorm_value_and_gradcheck():
     mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     expected = (x - mean) / torch.sqrt(var + 1e-5) * norm.weight + norm.bias
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
-    assert gradcheck(lambda x, w, b: nn.functional.layer_norm(x, (6,), w, b, 1e-5), (x, norm.weight, norm.bias))
+    report = gradcheck(norm, [x])
+    assert report.passed, report
+    assert [t.name for t in report.tensors] == ["input0", "weight", "bias"]
 
 
 def test_rmsnorm_value_and_gradcheck():
@@ -121,7 +127,7 @@ def test_rmsnorm_value_and_gradcheck():
     x = torch.randn(3, 4, 6, dtype=f64, generator=g, requires_grad=True)
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
-    assert gradcheck(lambda x, w: rms_norm(x, w, 1e-6), (x, norm.weight))
+    assert gradcheck(lambda x, w: rms_norm(x, w, 1e-6), {"x": x, "w": norm.weight}).passed
     # bf16 model: the statistics are computed in fp32, the output is bf16
     xb = x.detach().to(torch.bfloat16)
     out = RMSNorm(6, eps=1e-6).to(torch.bfloat16)(xb)
