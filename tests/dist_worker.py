@@ -65,6 +65,37 @@ def one_step(strategy_name: str) -> dict:
     return step_once(build(cfg), x, y, MICRO, CLIP)
 
 
+class HeldSplit:
+    """A validation split of two fixed sequences (the sharpness instrument's held batch)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def get_batch(self, rows):
+        x, y = masked_global_batch(keep=(16, 9), seed=3)
+        return x[rows], y[rows]
+
+
+def diagnosed_step(name: str) -> dict:
+    """'<strategy>-noise': one step with the noise scale's first-micro-batch probe on (its figures,
+    and the weights after it); '<strategy>-sharpness': λmax at the initial weights, by finite differences."""
+    from trainer.data import shard_for_rank
+    from trainer.diagnostics.instruments import Instruments
+    from trainer.step import train_step
+
+    strategy_name, instrument = name.rsplit("-", 1)
+    cfg = config(strategy_name)
+    cfg.diagnostics.sharpness.enabled = instrument == "sharpness"
+    cfg.diagnostics.sharpness.method, cfg.diagnostics.sharpness.batch_size = "finite_difference", 2
+    strategy = build(cfg)
+    if instrument == "sharpness":
+        return {"lambda_max": Instruments(cfg, strategy, HeldSplit()).sharpness()}
+    x, y = masked_global_batch()
+    rows = torch.from_numpy(shard_for_rank(torch.arange(len(x)).numpy(), strategy.rank, strategy.world_size))
+    result = train_step(strategy, x[rows], y[rows], ACCUM, CLIP, noise_probe=True)
+    return {"noise": result.noise, "rows": rows[:MICRO], "weights": strategy.full_state_dict()}
+
+
 def pretrained(strategy_name: str, path: str) -> dict:
     """The whole model's weights after building it from a local Hugging Face checkpoint."""
     cfg = config(strategy_name)
@@ -77,7 +108,9 @@ if __name__ == "__main__":
     if names[0] == "--pretrained":  # OUT.pt --pretrained DIR STRATEGY...
         results = {name: pretrained(name, names[1]) for name in names[2:]}
     else:
-        results = {name: one_step(name) for name in names}
+        results = {
+            name: diagnosed_step(name) if name.endswith(("-noise", "-sharpness")) else one_step(name) for name in names
+        }
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 VARIANTS = list(dist_worker.VARIANTS)  # hybrid sharding, no reshard after forward, ZeRO offload
 REPO = Path(__file__).resolve().parent.parent
+DIAGNOSED = ["ddp-noise", "fsdp-noise", "fsdp-sharpness"]  # diagnostics.* under 2 ranks (dist_worker.diagnosed_step)
 
 
 def assert_weights_close(actual: dict, expected: dict) -> None:
@@ -44,7 +45,7 @@ def single_process_step() -> dict:
 @pytest.fixture(scope="module")
 def two_rank_steps(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    names = [*STRATEGIES, *VARIANTS, *dist_worker.LOW_PRECISION]
+    names = [*STRATEGIES, *VARIANTS, *dist_worker.LOW_PRECISION, *DIAGNOSED]
     if importlib.util.find_spec("deepspeed") is None:  # an optional extra: its cases are skipped
         names = [name for name in names if not dist_worker.config(name).parallel.strategy.startswith("zero")]
     result = torchrun(str(REPO / "tests" / "dist_worker.py"), str(out), *names, cwd=REPO)
@@ -67,6 +68,52 @@ def test_unequal_token_counts_across_ranks_give_the_single_process_step(
             assert got[kind][group] == pytest.approx(value, rel=1e-5), (kind, group)
     assert sum(got["sums"].values()) == pytest.approx(got["norm"] ** 2, rel=1e-6)  # groups partition
     assert_weights_close(got["weights"], want["weights"])
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_noise_scale_small_batch_is_every_ranks_first_micro_batch(strategy: str, two_rank_steps: dict) -> None:
+    """The noise scale's probe at 2 ranks: the reduced gradient after the first micro-batch is the
+    mean gradient over the first micro-batches of both ranks (checked against autograd on those rows
+    in one process), the step's is the whole batch's, and the extra reduction leaves the step as it was."""
+    from trainer.data import shard_for_rank
+    from trainer.diagnostics.instruments import noise_scale_sample
+    from trainer.model.loss import IGNORE_INDEX
+
+    got = two_rank_steps[f"{strategy}-noise"]
+    model = dist_worker.build(dist_worker.config("none")).unwrapped()
+    x, y = dist_worker.masked_global_batch()
+    first = [shard_for_rank(list(range(len(x))), rank, 2)[: dist_worker.MICRO] for rank in (0, 1)]
+
+    def squared_mean_gradient(rows) -> tuple[float, float]:
+        rows = torch.as_tensor(rows)
+        count = (y[rows] != IGNORE_INDEX).sum()
+        grads = torch.autograd.grad(model(x[rows], targets=y[rows]) / count, list(model.parameters()))
+        return sum(g.pow(2).sum() for g in grads).item(), count.item()
+
+    small_sq, small_n = squared_mean_gradient([row for rows in first for row in rows])
+    big_sq, big_n = squared_mean_gradient(range(len(x)))
+    sample = noise_scale_sample(*got["noise"])
+    assert sample[2:] == (small_n, big_n) and small_n < big_n
+    assert sample[0] == pytest.approx(small_sq, rel=1e-5) and sample[1] == pytest.approx(big_sq, rel=1e-5)
+    assert_weights_close(got["weights"], two_rank_steps[strategy]["weights"])  # the probe changes no update
+
+
+@pytest.mark.heavy
+def test_sharpness_under_fsdp_equals_one_process(two_rank_steps: dict) -> None:
+    """λmax of the held batch by finite differences of gradients through FSDP2 (shards perturbed in
+    place, dot products summed over ranks) against the same estimate in one process."""
+    from trainer.diagnostics.instruments import Instruments
+
+    cfg = dist_worker.config("none")
+    cfg.diagnostics.sharpness.enabled, cfg.diagnostics.sharpness.method = True, "finite_difference"
+    cfg.diagnostics.sharpness.batch_size = 2
+    want, method = Instruments(cfg, dist_worker.build(cfg), dist_worker.HeldSplit()).sharpness()
+    got, got_method = two_rank_steps["fsdp-sharpness"]["lambda_max"]
+    assert method == got_method == "finite_difference" and want > 0
+    # Each stops once a Lanczos step moves λmax by < 1e-3 (relative), on gradients rounded differently
+    # (fp32, reduce-scatter): a sharding bug (a dot product not summed over ranks) is off by ~2x.
+    assert got == pytest.approx(want, rel=5e-3)
 
 
 @pytest.mark.heavy

@@ -29,6 +29,7 @@ from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState, save_wei
 from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
 from trainer.data import Data, Sampler, build_data
 from trainer.data.prefetch import Prefetcher
+from trainer.diagnostics.instruments import Instruments
 from trainer.loggers import Loggers
 from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference, write_adapter
 from trainer.model import check_attention_backend, resolve_attention_backend
@@ -61,6 +62,7 @@ class Run:
     lora: BaseRef | None = None  # LoRA runs: the settings, the adapted modules and the base's reference
     loggers: Loggers | None = None
     batches: Prefetcher | None = None  # the train split in the sampler's order, read a step ahead
+    instruments: Instruments | None = None  # diagnostics.*: noise scale, sharpness
 
     @property
     def global_batch(self) -> int:
@@ -79,6 +81,8 @@ class Run:
         }  # fmt: skip
         if with_data:
             parts["sampler"] = self.sampler
+        if self.instruments is not None:
+            parts.update(self.instruments.parts())
         if self.lora is not None:
             base = self.lora.base["pretrained"]
             parts["lora"] = self.lora
@@ -120,6 +124,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
             positions=positions, defer=defer, all_targets=run.data.train.all_targets,
+            noise_probe=run.instruments.probe_first_micro_batch,
         )  # fmt: skip
         if defer:  # nothing reads this step's figures now: the host runs ahead to the next batch
             state.advance(run.tokens_per_step)
@@ -129,6 +134,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
         state.record(run.tokens_per_step, result.target_tokens, result.stepped, result.non_finite)
         check_skips(run)
         check_targets(run, result)
+        run.instruments.after_step(result, state.step, result.lr, run.tokens_per_step)
         if run.lora is not None and state.step == min(2, tc.max_steps):
             check_adapters_learn(run)
         if tc.compile and state.step == first_step:  # dynamo traces and inductor compiles in the first step
@@ -181,6 +187,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
+    run.instruments = Instruments(cfg, strategy, data.val)
     run.batches = Prefetcher(
         data.train, run.sampler, run.global_batch, rank=strategy.rank, world_size=strategy.world_size,
         device=strategy.device, enabled=cfg.data.prefetch,
@@ -305,7 +312,11 @@ def can_defer(run: Run, step: int, first_step: int, callbacks: tuple[Callback, .
     cfg, tc = run.cfg, run.cfg.train
     if callbacks or cfg.monitor.spike.action != "log" or not run.strategy.steps_without_sync:
         return False
+    if run.instruments.probe_first_micro_batch:  # the noise scale reads every step's norms
+        return False
+    sharpness = cfg.diagnostics.sharpness.interval if cfg.diagnostics.sharpness.enabled else 0
     intervals = (tc.log_interval, tc.eval_interval, cfg.monitor.interval or tc.log_interval, cfg.checkpoint.interval)
+    intervals += (sharpness,)
     special = {first_step, tc.max_steps} | ({min(2, tc.max_steps)} if run.lora is not None else set())
     return step not in special and not any(due(step, interval) for interval in intervals)
 
@@ -332,7 +343,8 @@ def due(step: int, interval: int) -> bool:
 
 def should_log(run: Run, result: StepResult) -> bool:
     tc, step = run.cfg.train, run.state.step
-    return due(step, tc.log_interval) or step == tc.max_steps or bool(result.param_sumsq) or result.spiked
+    measured = run.instruments is not None and run.instruments.sharpness_step == step
+    return due(step, tc.log_interval) or step == tc.max_steps or bool(result.param_sumsq) or result.spiked or measured
 
 
 def check_skips(run: Run) -> None:
@@ -400,6 +412,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
         "tokens": state.tokens - (state.step - step) * run.tokens_per_step, "target_tokens": state.target_tokens,
         "global_batch": run.global_batch, "skipped_steps": state.skipped_steps, "spike/count": run.spikes.count,
         **(meter.metrics() if meter is not None else {}), "memory/peak_gb": peak_memory_gb(strategy.device),
+        **(run.instruments.metrics(step) if run.instruments is not None and step == state.step else {}),
     }  # fmt: skip
     if (scale := strategy.loss_scale()) is not None:
         metrics["loss_scale"] = scale

@@ -54,6 +54,9 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     readback: ReadBack | None = None  # a deferred step's figures, until `settle` reads them
+    # diagnostics.noise_scale: (|gradient after the first micro-batch|^2, its target tokens,
+    # |step gradient|^2, the step's target tokens), reduced over ranks (see trainer.diagnostics.instruments)
+    noise: tuple[float, float, float, float] | None = None
 
     @property
     def spiked(self) -> bool:
@@ -117,6 +120,7 @@ def forward_backward(
     accum_steps: int,
     positions: torch.Tensor | None = None,
     all_targets: bool = False,
+    probe: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's batch in accum_steps micro-batches.
 
@@ -129,6 +133,8 @@ def forward_backward(
     token count. Returns (this rank's summed token loss, global target count), on device.
     all_targets: the caller knows no target is IGNORE_INDEX (windows of a token stream), so the
     count is every rank's equal share of the global batch: no collective before the forward.
+    probe (the noise scale's small batch): gradients are also reduced after the first micro-batch,
+    whose gradient's squared norm and global target count are appended to the list (device tensors).
     """
     if all_targets:
         n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
@@ -138,11 +144,16 @@ def forward_backward(
     pieces = [x.chunk(accum_steps), y.chunk(accum_steps)]
     pieces.append(positions.chunk(accum_steps) if positions is not None else [None] * len(pieces[0]))
     for i, (xb, yb, pb) in enumerate(zip(*pieces, strict=True)):
-        with strategy.micro_step(is_last=i == accum_steps - 1):
+        probing = probe is not None and i == 0
+        with strategy.micro_step(is_last=i == accum_steps - 1 or probing):  # probing: a reduction after it too
             extra = {} if pb is None else {"positions": pb}
             token_loss = strategy.model(xb, targets=yb, **extra)  # summed over this micro-batch's targets
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
+        if probing:
+            first_targets = strategy.all_reduce_sum((yb != IGNORE_INDEX).sum().to(torch.float32))  # collective
+            scale = strategy.loss_scale() or 1.0  # the gradients are unscaled only after the last micro-batch
+            probe += [global_norm(strategy.grad_sumsq_by_group()) ** 2 / scale**2, first_targets]  # collective
     return loss_sum, n_targets
 
 
@@ -159,6 +170,7 @@ def train_step(
     positions: torch.Tensor | None = None,
     defer: bool = False,
     all_targets: bool = False,
+    noise_probe: bool = False,
 ) -> StepResult:
     """One optimizer step on this rank's share (x, y) of the global batch (collective).
 
@@ -167,19 +179,21 @@ def train_step(
     the update it made (copies the owned weights first: monitor steps only). positions: see
     forward_backward (packed examples with document masking). defer: no host sync, the figures
     are read by `StepResult.settle` (only where `strategy.steps_without_sync`, spikes only logged).
-    all_targets: no target is masked (see forward_backward).
+    all_targets: no target is masked (see forward_backward). noise_probe: also measure the first
+    micro-batch's gradient (the noise scale's small batch; StepResult.noise; not with defer).
     """
     clock = _Clock()
-    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets)
+    probe: list[torch.Tensor] | None = [] if noise_probe else None
+    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets, probe)
     clock.lap("forward_backward")
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
     grad_norm = global_norm(grad_sumsq)
     step_loss = strategy.all_reduce_sum(loss_sum) / n_targets  # collective
-    summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss)])
+    summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
     if defer:
         return deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
-    loss, norm, targets = summary.tolist()  # host sync: once per step
+    loss, norm, targets, *first = summary.tolist()  # host sync: once per step
     clock.lap("grad_stats")
     spiked, spike = spikes.check(loss, norm) if spikes is not None else (False, {})
     drop = spiked and spike_action != "log"
@@ -197,6 +211,7 @@ def train_step(
     result = StepResult(
         loss=loss, grad_norm=norm, target_tokens=int(targets), lr=lr, stepped=stepped,
         non_finite=not drop and not stepped, spike=spike, grad_sumsq=grad_sumsq,
+        noise=(first[0], first[1], norm**2, targets) if first else None,
     )  # fmt: skip
     if stats:
         result.param_sumsq = strategy.param_sumsq_by_group()
