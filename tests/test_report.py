@@ -113,6 +113,11 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "model.n_layer=2",
             "train.sample_tokens=0",
             f"data.cache_dir={tmp}/cache",
+            "train.grad_accum_steps=2",  # the noise scale's two batch sizes
+            "diagnostics.noise_scale=true",
+            "diagnostics.sharpness.enabled=true",
+            "diagnostics.sharpness.interval=10",
+            "diagnostics.sharpness.iterations=3",
         ]
     )
     train(cfg, tmp / "run")
@@ -166,7 +171,13 @@ def test_page_holds_every_chart_for_both_runs(report: tuple[Path, Path, list[dic
     }
     if real_has_groups:  # the loop logs per-group norms (newer trainers)
         expected |= {"grad-heatmap-1": "grad-heatmap", "update-heatmap-1": "update-heatmap"}
+    expected |= {"noise-scale": "noise-scale", "sharpness": "sharpness"}  # the real run's diagnostics.*
     assert charts == expected
+    text = page_path.read_text()
+    noise = {a["data-series"] for a in chart(text, "noise-scale").find("g") if "data-series" in a}
+    sharp = {a["data-series"] for a in chart(text, "sharpness").find("g") if "data-series" in a}
+    assert noise == {"run B_simple", "run batch"} and sharp == {"run λmax", "run 2 / lr"}
+    assert [r["step"] for r in logged(real_run) if "sharpness/lambda_max" in r] == [10, 20]
     assert len(page.find("svg", data_run="synthetic")) == 2  # its two heatmaps
     # the loss chart has one line per run and a val-loss line per run
     loss_lines = {a["data-series"] for a in chart(page_path.read_text(), "loss").find("g") if "data-series" in a}

@@ -8,7 +8,8 @@ RUN_DIR/report.html for one run, ./report.html for several) holds a summary tabl
 drawn as inline SVG by trainer/report_svg.py, runs overlaid: loss and val loss with spike
 markers; the global grad norm (log) with the clip threshold; per-group gradient norms and
 update ratios as heatmaps (group x step, log10 colour), one per run; tokens/s, MFU and step
-time. Nothing is fetched; a chart no run has data for is left out. --png also writes each
+time; the gradient noise scale against the batch and the sharpness against 2 / lr (when the run
+switched diagnostics.* on). Nothing is fetched; a chart no run has data for is left out. --png also writes each
 chart as a PNG next to the page (a screenshot by headless Chromium). --refresh N adds a meta
 refresh and rewrites the page every N seconds until every run has finished (checkpoints/final
 exists) or Ctrl-C.
@@ -211,7 +212,19 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
         key, color = f"throughput/{part}_time_s", "" if several else svg.color(j)
         times += lines(key, part, dash if several else "", color=color)
     wanted["throughput/step_time_s"] = [svg.line_chart("step-time", "Time per step", times, "seconds")]
-    return [c for made in wanted.values() for c in made if c], [key for key, made in wanted.items() if not any(made)]
+    # The instruments (diagnostics.*): B_simple against the batch actually used (above it, a larger
+    # batch still pays; far below, it wastes compute), and λmax against the edge of stability 2 / lr.
+    noise = lines("noise_scale/b_simple", "B_simple") + lines("noise_scale/global_batch_tokens", "batch", "6,4")
+    wanted["noise_scale/b_simple"] = [
+        svg.line_chart("noise-scale", "Gradient noise scale (tokens)", noise, "tokens", log=True)
+    ]
+    sharp = lines("sharpness/lambda_max", "λmax", dots=True) + lines("sharpness/two_over_lr", "2 / lr", "6,4")
+    wanted["sharpness/lambda_max"] = [
+        svg.line_chart("sharpness", "Sharpness (top Hessian eigenvalue)", sharp, "λ", log=True)
+    ]
+    optional = ("noise_scale/", "sharpness/")  # instruments a run switches on: not "missing" when off
+    missing = [key for key, made in wanted.items() if not any(made) and not key.startswith(optional)]
+    return [c for made in wanted.values() for c in made if c], missing
 
 
 def summary(runs: list[Run]) -> str:
