@@ -14,7 +14,8 @@ arithmetic on the shape, in bytes, per rank.
 | parameters  | count_parameters (by what trains and how it is stored), nf4_bytes                 |
 | activations | what one micro-batch's forward keeps for backward, part by part                   |
 | memory      | weights, gradients, AdamW state under each sharding; the peak; estimate           |
-| cli         | the table, --json, main                                                           |
+| planner     | --memory-budget: the checkpointing setting that fits at least recompute; --measure |
+| cli         | the table, --json, --memory-budget, main                                          |
 
 benchmarks/estimate_check.py measures activations and peaks of real CPU steps against these.
 """

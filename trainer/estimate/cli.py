@@ -1,6 +1,8 @@
 """`python -m trainer.estimate [overrides]`: memory per rank for a config, predicted without building it.
 
 The estimate (trainer.estimate.memory.estimate) printed as a markdown table, or with --json as JSON.
+With --memory-budget 70GiB, also the activation-checkpointing plan (trainer.estimate.planner): the
+setting that fits at the least recompute, as overrides to paste; exit status 1 when nothing fits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import sys
 from typing import Any
 
 from trainer.estimate.memory import estimate
+from trainer.estimate.planner import parse_bytes, plan
+from trainer.estimate.planner import table as plan_table
 
 GIB = 2**30
 
@@ -85,14 +89,28 @@ def main(argv: list[str] | None = None) -> int:
         "--vocab", type=int, default=None, help="the tokenizer's vocabulary when model.vocab_size is null"
     )
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    parser.add_argument(
+        "--memory-budget", metavar="SIZE", help="plan activation checkpointing to fit SIZE per rank (70GiB, 80GB, ...)"
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="with --memory-budget: time one block here and count its saved bytes"
+    )
     args = parser.parse_intermixed_args(argv)
     from trainer.__main__ import _one_line, compose_config
 
     try:
+        budget = parse_bytes(args.memory_budget) if args.memory_budget is not None else None
+        if args.measure and budget is None:
+            raise ValueError("--measure measures the planner's inputs: give --memory-budget SIZE too")
         cfg, _ = compose_config(args.overrides)
         est = estimate(cfg, args.world_size, args.vocab)
-    except Exception as error:  # Hydra, OmegaConf and ConfigError: one line
+        if budget is not None:
+            est["plan"] = plan(cfg, budget, args.world_size, args.vocab, args.measure, est)
+    except Exception as error:  # Hydra, OmegaConf, ConfigError, a bad size: one line
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
-    print(json.dumps(est, indent=2) if args.json else table(est))
-    return 0
+    if args.json:
+        print(json.dumps(est, indent=2))
+    else:
+        print(table(est) + (f"\n\n{plan_table(est['plan'])}" if budget is not None else ""))
+    return 1 if budget is not None and est["plan"]["chosen"] is None else 0
