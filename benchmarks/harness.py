@@ -25,7 +25,7 @@ def build_trainer(cfg: Config, seed: int = 0) -> tuple[Strategy, int]:
     check_run(cfg, env_world_size(), has_gpu=has_gpu)
     strategy = build_strategy(cfg)
     model_cfg = resolve_model_config(cfg.model, cfg.model.vocab_size)
-    model, weights = build_model(model_cfg, seed)  # on the meta device: no memory yet
+    model, weights = build_model(model_cfg, seed, cfg.quant)  # on the meta device: no memory yet
     n_params = sum(p.numel() for p in model.parameters())
     parallelize(model, weights, cfg, strategy)
     torch.manual_seed(seed)  # as the loop does: what follows starts from the seed

@@ -99,7 +99,7 @@ def build(cfg, seed: int = 0, before_parallelize=None):
     from trainer.parallel import build_strategy, parallelize
 
     strategy = build_strategy(cfg)
-    model, weights = build_model(cfg.model, seed)
+    model, weights = build_model(cfg.model, seed, cfg.quant)
     if before_parallelize is not None:
         before_parallelize(model)
     parallelize(model, weights, cfg, strategy)

@@ -173,7 +173,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         log.info(f"model.attention_backend=auto runs {backend} (FA3: Hopper, {cfg.precision.dtype}, no document mask)")
         model_cfg = replace(model_cfg, attention_backend=backend)
     check_attention_backend(model_cfg.attention_backend, strategy.device, dtype)
-    model, weights = build_model(model_cfg, tc.seed)  # on the meta device: no memory yet
+    model, weights = build_model(model_cfg, tc.seed, cfg.quant)  # on the meta device: no memory yet
     lora = None
     if cfg.lora.enabled:  # adapters before activation checkpointing and sharding
         weights, adapted, settings = add_adapters(model, weights, cfg, model_cfg)

@@ -15,6 +15,7 @@ from trainer.config.schema import (
     LoraConfig,
     ModelConfig,
     ParallelConfig,
+    QuantConfig,
     _require,
 )
 
@@ -31,6 +32,8 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     _check_synthetic_splits(cfg)
     _check_model(cfg)
     _check_compile(cfg)
+    _check_qat(cfg)
+    _check_diagnostics(cfg, world_size)
 
 
 def _check_compile(cfg: Config) -> None:
@@ -46,6 +49,38 @@ def _check_compile(cfg: Config) -> None:
         not (cfg.lora.enabled and cfg.lora.quantize_base),
         "train.compile=true with a 4-bit QLoRA base (lora.quantize_base=nf4) is not supported: set train.compile=false",
     )
+
+
+def _check_qat(cfg: Config) -> None:
+    """quant.qat needs torchao, trains the full weights (not LoRA's), and int4 groups that tile every
+    block linear's input (model.n_embd and the MLP's hidden width, the checkpoint's with model.pretrained)."""
+    qat, group = cfg.quant.qat, cfg.quant.group_size
+    _require(
+        qat == "int4" or group == QuantConfig().group_size,
+        f"quant.group_size={group} is used by quant.qat=int4 only (int8 has one scale per output channel): "
+        "drop quant.group_size or set quant.qat=int4",
+    )
+    if qat is None:
+        return
+    _require(
+        importlib.util.find_spec("torchao") is not None,
+        f"quant.qat={qat} needs torchao (its quantisation primitives): pip install torchao",
+    )
+    _require(
+        not cfg.lora.enabled,
+        f"quant.qat={qat} with LoRA is not supported (QAT trains the full weights, LoRA freezes them): "
+        "use lora=none, or quant.qat=null",
+    )
+    if qat != "int4":
+        return
+    model = _over_checkpoint(cfg.model, _checkpoint_config(cfg.model)) if cfg.model.pretrained else cfg.model
+    widths = {"model.n_embd": model.n_embd, "the MLP's hidden width": model.intermediate_size or 4 * model.n_embd}
+    for name, width in widths.items():
+        _require(
+            width % group == 0,
+            f"quant.qat=int4 groups quant.group_size={group} input columns per scale, which does not divide "
+            f"{name} ({width}): set quant.group_size to a divisor of it (e.g. 32)",
+        )
 
 
 def _show(value: Any) -> str:
@@ -157,6 +192,25 @@ def _check_deepspeed(cfg: Config, world_size: int, has_gpu: bool) -> None:
     from trainer.parallel.zero import merged_deepspeed_config
 
     merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
+
+
+def _check_diagnostics(cfg: Config, world_size: int) -> None:
+    """The noise scale needs a small batch inside the step (a first micro-batch) and, like the
+    sharpness, the torch strategies (DeepSpeed counts its own micro-steps and owns the backward)."""
+    d, strategy = cfg.diagnostics, cfg.parallel.strategy
+    for on, key in ((d.noise_scale, "noise_scale"), (d.sharpness.enabled, "sharpness.enabled")):
+        _require(
+            not on or not strategy.startswith("zero"),
+            f"diagnostics.{key}=true is available for parallel=none / ddp / fsdp, not {strategy}: "
+            "use parallel=fsdp for sharding, or turn it off",
+        )
+    if d.noise_scale:
+        accum = cfg.train.accumulation_steps(world_size)
+        _require(
+            accum >= 2,
+            f"diagnostics.noise_scale=true compares one micro-batch's gradient with the step's, and this step has "
+            f"{accum} micro-batch per rank: set train.grad_accum_steps=2 or more (or a larger train.global_batch_size)",
+        )
 
 
 def _check_spike(cfg: Config) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from trainer.config import ModelConfig
+from trainer.config.schema import QuantConfig
 from trainer.model.gpt import GPT
 from trainer.model.hf_import import pretrained_weights
 
@@ -14,13 +15,18 @@ from trainer.model.hf_import import pretrained_weights
 WeightSource = Callable[[torch.device], Iterable[tuple[str, torch.Tensor]]]
 
 
-def build_model(cfg: ModelConfig, seed: int) -> tuple[GPT, WeightSource]:
+def build_model(cfg: ModelConfig, seed: int, quant: QuantConfig | None = None) -> tuple[GPT, WeightSource]:
     """GPT(cfg) on the meta device (no storage, no init), and its weight source: a function of
     the device that yields (name, full tensor) pairs one at a time, from the pretrained
     checkpoint cfg.pretrained names, or a random init drawn from `seed` (the same on every rank).
-    A strategy materialises the model from it (trainer.parallel.parallelize)."""
+    A strategy materialises the model from it (trainer.parallel.parallelize).
+    With quant.qat set, the block linears fake-quantise their weights (trainer.quant; names unchanged)."""
     with torch.device("meta"):
         model = GPT(cfg)
+    if quant is not None and quant.qat:  # before LoRA (refused with QAT), checkpointing, compile, sharding
+        from trainer.quant import add_fake_quantization  # imported here: it imports torchao on first use
+
+        add_fake_quantization(model, quant)
     if cfg.pretrained:
         return model, lambda device: pretrained_weights(cfg.pretrained, cfg)
     return model, lambda device: model.initial_weights(seed, device)
