@@ -2,11 +2,16 @@
 
 Before Hydra creates a run directory, the command line is composed and validated here, so a
 misspelled key, a wrong type or an impossible shape stops the run with one line naming the
-problem (exit code 2), and an existing run directory is never written over.
+problem (exit code 2), and an existing run directory is never written over. `--cfg` and `--info`
+pass the same checks before Hydra prints; `--help` prints the harness's own help
+(trainer/config/help.py: groups and every key with its description), then Hydra's flags.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
@@ -88,29 +93,49 @@ def to_config(cfg: DictConfig) -> Config:
     return OmegaConf.to_object(cfg)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace | None:
+    """The command line as Hydra reads it (flags, and `overrides`); None when Hydra will refuse it itself."""
+    from hydra._internal.utils import get_args_parser
+
+    quiet = io.StringIO()  # argparse's own messages (an unknown flag, --version) are Hydra's to print
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        try:
+            return get_args_parser().parse_args(argv)
+        except SystemExit:
+            return None
+
+
+def _checked_by_us(args: argparse.Namespace | None) -> bool:
+    """Whether the command composes configs/ into a job (a run, a sweep, --cfg, --info): then it is checked."""
+    return not (
+        args is None
+        or args.help
+        or args.hydra_help
+        or args.shell_completion
+        or args.experimental_rerun
+        or any((args.config_path, args.config_name, args.config_dir))  # another config than configs/
+    )
+
+
 def preflight(argv: list[str]) -> list[str]:
     """Validate the command line before Hydra starts; raise ConfigError with a one-line reason.
 
     Returns the arguments to hand to Hydra: under torchrun, with `hydra.run.dir` fixed by
-    rank 0 so every rank writes into the same run directory.
+    rank 0 so every rank writes into the same run directory. `--cfg` and `--info` get the same
+    checks as a run (an invalid config is not printed as if it would run), then Hydra prints.
     """
-    flags = [a for a in argv if a.startswith("-")]
-    if any(f not in ("-m", "--multirun") for f in flags):
-        return argv  # --help, --cfg, --info ...: Hydra's own business
-    overrides = [a for a in argv if not a.startswith("-")]
-    multirun = bool(flags)
-    try:
-        cfg, composed = compose_config(_first_of_sweeps(overrides))
-    except Exception as error:  # Hydra and OmegaConf raise many types; all end here as one line
-        raise ConfigError(_one_line(error)) from error
+    args = parse_args(argv)
+    if not _checked_by_us(args):
+        return argv  # --hydra-help, --version, another config dir ...: Hydra's own business
+    cfg, composed = _compose_one_line(args.overrides)
     check_paths(cfg)
     check_run(cfg, env_world_size(), will_use_gpu(cfg))
-    if multirun:
-        return argv
+    if args.multirun or args.cfg or args.info:
+        return argv  # no run dir of its own to check (a sweep's jobs each get a new one)
     run_dir = OmegaConf.select(composed, "hydra.run.dir")
     if env_world_size() > 1:
         init_distributed(cfg.parallel.timeout_s)
-        if not any(a.startswith("hydra.run.dir=") for a in overrides):
+        if not any(a.startswith("hydra.run.dir=") for a in args.overrides):
             run_dir = broadcast_string(default_run_dir())  # collective: rank 0 decides
             argv = [*argv, f"hydra.run.dir={run_dir}"]
     holds_a_run = (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").exists()
@@ -121,6 +146,32 @@ def preflight(argv: list[str]) -> list[str]:
         )
     barrier()  # collective: no rank writes before rank 0 has checked the run dir
     return argv
+
+
+def _compose_one_line(overrides: list[str]) -> tuple[Config, DictConfig]:
+    """compose_config on the command's overrides (a sweep by its first values); any error as one line."""
+    try:
+        return compose_config(_first_of_sweeps(overrides))
+    except Exception as error:  # Hydra and OmegaConf raise many types; all end here as one line
+        raise ConfigError(_one_line(error)) from error
+
+
+def app_help(argv: list[str]) -> str:
+    """`--help`: the harness's help (groups, every key with its description and this command's value),
+    then Hydra's flags. Overrides on the same command line show their values (`model=gpt2 --help`)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import get_args_parser
+
+    from trainer.config.help import help_text
+
+    cfg, composed = _compose_one_line(parse_args(argv).overrides)
+    groups = OmegaConf.to_container(composed.hydra.runtime.choices)
+    flags = Hydra.format_args_help(get_args_parser()).splitlines()
+    hydra_flags = "\n".join(line for line in flags if line[:1] not in ("", " "))  # each flag's first line
+    return (
+        f"{help_text(CONFIG_DIR, cfg, groups)}\n"
+        f"Hydra's flags (`python -m trainer --hydra-help` for the rest of Hydra's help):\n{hydra_flags}\n"
+    )
 
 
 def check_paths(cfg: Config) -> None:
@@ -191,6 +242,12 @@ def _run(cfg: DictConfig) -> None:
 def main() -> None:
     """Entry point of `python -m trainer` and the `trainer` console script."""
     try:
+        args = parse_args(sys.argv[1:])
+        if args is not None and args.help:
+            text = app_help(sys.argv[1:])
+            if env_rank() == 0:
+                print(text, end="")
+            return
         sys.argv[1:] = preflight(sys.argv[1:])
     except ConfigError as error:
         if env_rank() == 0:  # one line, not one per rank
