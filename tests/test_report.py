@@ -1,25 +1,30 @@
 """The dashboard: `python -m trainer.report` on a synthetic run and a real one, side by side,
-checked in its HTML and, marked heavy, in headless Chromium (script errors, charts drawn, a
-screenshot that is not blank)."""
+checked in its HTML and, marked heavy, in headless Chromium: script errors, charts drawn, a
+screenshot that is not blank, and the line charts' hover, zoom and smoothing (the page's own
+#selftest drives them with synthetic mouse events; its results are checked here against the
+data). --png draws with matplotlib, no browser."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import re
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
+from matplotlib.image import imread
 from omegaconf import OmegaConf
 
-from trainer.report import chromium, chromium_command, load_runs, main, render
-from trainer.report_svg import group_order
+from trainer.report import load_runs, main, render
+from trainer.report_svg import Chart, HeatPlot, figure, group_order, padded
 
+VIRIDIS_TOP = np.array([0xFD, 0xE7, 0x25])  # viridis' yellow: a heatmap's highest value
 GROUPS = ["embed", *[f"block.{i}.{part}" for i in range(2) for part in ("attn", "mlp", "norm")], "head"]
 SPIKE_STEP = 30
 
@@ -183,9 +188,37 @@ def test_page_holds_every_chart_for_both_runs(report: tuple[Path, Path, list[dic
     loss_lines = {a["data-series"] for a in chart(page_path.read_text(), "loss").find("g") if "data-series" in a}
     assert loss_lines == {"synthetic loss", "synthetic val loss", "run loss", "run val loss"}
     assert not page.find("p", **{"class": "nodata"})
-    assert "<script src" not in page_path.read_text() and "http://" not in page_path.read_text().replace(
-        'xmlns="http://www.w3.org/2000/svg"', ""
-    )  # self-contained: nothing to fetch
+    assert "<script src" not in text and "<link" not in text  # self-contained: nothing to fetch
+    assert set(re.findall(r"https?://[^\s\"')]+", text)) == {"http://www.w3.org/2000/svg"}  # a namespace only
+
+
+def chart_data(text: str, chart_id: str) -> dict:
+    """The JSON beside a line chart, which the page's script draws from."""
+    start = text.index(f'<script type="application/json" data-for="{chart_id}">')
+    return json.loads(text[text.index(">", start) + 1 : text.index("</script>", start)])
+
+
+def test_line_charts_carry_their_data_for_the_script(report: tuple[Path, Path, list[dict]]) -> None:
+    text, rows = report[0].read_text(), report[2]
+    page = Elements(text)
+    line_charts = [a["id"] for a in page.find("svg") if not a["data-chart"].endswith("heatmap")]
+    assert [a["data-for"] for a in page.find("script", type="application/json")] == line_charts
+    loss = {line["label"]: line for line in chart_data(text, "loss")["lines"]}
+    assert loss["synthetic loss"]["x"] == [r["step"] for r in rows] and loss["synthetic loss"]["smooth"]
+    assert loss["synthetic loss"]["y"] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+    val = loss["synthetic val loss"]
+    assert val["x"] == [10, 20, 30, 40, 50] and val["y"][2] == "nan" and val["dots"] and not val["smooth"]
+    marks = chart_data(text, "loss")["marks"]
+    assert {(m["kind"], m["step"]) for m in marks} == {("loss", 30), ("grad_norm", 30)}
+    assert chart_data(text, "grad-norm")["log"] and chart_data(text, "grad-norm")["refs"][0]["y"] == 1.0
+    assert 'class="controls" hidden' in text  # the controls show only when the script runs
+    for chart_id in line_charts:  # without script, the static chart stays: its lines in g.plot
+        assert chart(text, chart_id).find("g", **{"class": "plot"})
+    # a label cannot end the script block early
+    html = figure(Chart("x", "<svg></svg>", 10, HeatPlot("", [], [], [], 0, 1), json.dumps({"a": "</script>"})))
+    assert html.count("</script>") == 1 and json.loads(html[html.index("{") : html.rindex("}") + 1]) == {
+        "a": "</script>"
+    }
 
 
 def test_heatmap_has_one_row_per_group_in_model_order(report: tuple[Path, Path, list[dict]], real_run: Path) -> None:
@@ -244,7 +277,7 @@ def test_old_runs_degrade_and_bad_paths_exit_2(tmp_path: Path) -> None:
     page, charts = render(load_runs([old]), refresh=5)
     assert charts == [] and '<meta http-equiv="refresh" content="5">' in page
     (old / "checkpoints" / "final").mkdir(parents=True)  # finished: --refresh writes once, without the tag
-    assert main([str(old), "--refresh", "5"]) == 0 and "refresh" not in (old / "report.html").read_text()
+    assert main([str(old), "--refresh", "5"]) == 0 and "http-equiv" not in (old / "report.html").read_text()
     for path, message in ((tmp_path / "missing", "does not exist"), (tmp_path, "metrics.jsonl does not exist")):
         command = [sys.executable, "-m", "trainer.report", str(path)]
         result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -271,6 +304,29 @@ def test_group_order() -> None:
 # -- in a browser ------------------------------------------------------------------------------------
 
 
+def chromium() -> str | None:
+    """The path of a Chromium (or Chrome) binary, if one is installed."""
+    return next((p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
+
+
+def chromium_command(binary: str, profile: Path, *args: str) -> list[str]:
+    """Headless Chromium kept off the network (no sync, updates or background requests)."""
+    return [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+
+
 @pytest.fixture(scope="session")
 def browser() -> str:
     """Debian's chromium, installed when missing."""
@@ -281,45 +337,90 @@ def browser() -> str:
     return chromium()
 
 
-def png_pixels(path: Path) -> tuple[int, int, list[bytes], int]:
-    """Width, height, unfiltered rows and bytes per pixel of an 8-bit, non-interlaced PNG."""
-    data, pos, chunks = path.read_bytes(), 8, {}
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        chunks[kind] = chunks.get(kind, b"") + data[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-    width, height, depth, color_type = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert depth == 8 and chunks[b"IHDR"][12] == 0
-    bpp = {2: 3, 6: 4, 0: 1, 4: 2}[color_type]
-    raw, stride, rows, prior = zlib.decompress(chunks[b"IDAT"]), width * bpp, [], bytes(width * bpp)
-    for y in range(height):
-        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
-        for i in range(stride):
-            a, b, c = line[i - bpp] if i >= bpp else 0, prior[i], prior[i - bpp] if i >= bpp else 0
-            p = a + b - c
-            paeth = a if abs(p - a) <= min(abs(p - b), abs(p - c)) else b if abs(p - b) <= abs(p - c) else c
-            predictor = [0, a, b, (a + b) // 2, paeth][kind]  # PNG filter types 0-4
-            line[i] = (line[i] + predictor) & 0xFF
-        rows.append(prior := bytes(line))
-    return width, height, rows, bpp
+def pixels(path: Path) -> np.ndarray:
+    """A PNG's (height, width, 3) colours, 0-255."""
+    return (imread(path)[..., :3] * 255).round().astype(int)
+
+
+@pytest.fixture(scope="module")
+def selftest(report: tuple[Path, Path, list[dict]], browser: str, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """The page loaded with #selftest in headless Chromium: <body>'s attributes, the self-test's
+    results per line chart, and the browser's log."""
+    profile = tmp_path_factory.mktemp("profile")
+    command = chromium_command(browser, profile, "--enable-logging=stderr", "--v=0", "--dump-dom")
+    dom = subprocess.run([*command, report[0].as_uri() + "#selftest"], capture_output=True, text=True, timeout=120)
+    body = Elements(dom.stdout).find("body")[0]
+    return body, json.loads(body.get("data-selftest", "{}")), dom.stderr
+
+
+def ema(values: list, weight: float) -> list:
+    """TensorBoard's debiased EMA (the page's smoothing); a NaN / inf keeps its place."""
+    last, n, out = 0.0, 0, []
+    for y in values:
+        if isinstance(y, int | float):
+            last, n = last * weight + (1 - weight) * y, n + 1
+            y = last / (1 - weight**n)
+        out.append(y)
+    return out
+
+
+TOOLTIP_ROW = re.compile(r"■ (?P<label>.+?): (?P<value>\S+)(?: \(raw (?P<raw>\S+)\))?(?: @ (?P<at>\S+))?")
+
+
+def check_tooltip(rows: list[str], data: dict, smoothing: float = 0) -> tuple[float, list[str]]:
+    """Each line's value in the tooltip is its (smoothed) value at the cursor's step, or at the
+    step it names; returns that step and the labels shown."""
+    assert rows and rows[0].startswith("step "), rows
+    step, labels = float(rows[0].split()[1]), []
+    lines = {line["label"]: line for line in data["lines"]}
+    for row in rows[1:]:
+        if not row.startswith("■"):  # a spike at this step
+            continue
+        match = TOOLTIP_ROW.fullmatch(row)
+        line, labels = lines[match["label"]], [*labels, match["label"]]
+        i = line["x"].index(float(match["at"] or step))
+        shown = ema(line["y"], smoothing)[i] if smoothing and line["smooth"] else line["y"][i]
+        for text, expected in ((match["value"], shown), (match["raw"], line["y"][i])):
+            if isinstance(expected, str):
+                assert text == expected
+            elif text is not None:
+                assert float(text) == pytest.approx(expected, rel=1e-3), row
+        assert (match["raw"] is not None) == (f"{shown:.4g}" != f"{line['y'][i]:.4g}" if line["smooth"] else False)
+    return step, labels
+
+
+def visible_range(data: dict, x0: float, x1: float, hidden: str = "") -> list[float]:
+    """The y range a zoom to [x0, x1] should show: the lines within it (but HIDDEN), where they
+    cross its edges, and the reference lines, padded 5% (on a log axis, in log10)."""
+    log = data["log"]
+
+    def shown(y: object) -> float | None:
+        return (math.log10(y) if log else y) if isinstance(y, int | float) and (y > 0 or not log) else None
+
+    values = [shown(ref["y"]) for ref in data["refs"] if shown(ref["y"]) is not None and ref["label"] != hidden]
+    for line in [line for line in data["lines"] if line["label"] != hidden]:
+        points = [(x, shown(y)) for x, y in zip(line["x"], line["y"], strict=True)]
+        values += [y for x, y in points if y is not None and x0 <= x <= x1]
+        for (xa, ya), (xb, yb) in itertools.pairwise(points):
+            if ya is not None and yb is not None:  # where a segment crosses an edge of the range
+                values += [ya + (yb - ya) * (e - xa) / (xb - xa) for e in (x0, x1) if (xa - e) * (xb - e) < 0]
+    lo, hi = padded(min(values, default=0 if log else 1), max(values, default=0 if log else 1))
+    return [10**lo, 10**hi] if log else [lo, hi]
+
+
+def logged_within(data: dict, steps: list[float]) -> bool:
+    return any(steps[0] <= x <= steps[1] for line in data["lines"] for x in line["x"])
 
 
 @pytest.mark.heavy
-def test_page_renders_in_chromium(report: tuple[Path, Path, list[dict]], browser: str, tmp_path: Path) -> None:
-    page_path = report[0]
-    n_charts = page_path.read_text().count("data-chart=")
-    dom = subprocess.run(
-        chromium_command(
-            browser, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom", page_path.as_uri()
-        ),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    body = Elements(dom.stdout).find("body")[0]
-    assert "data-errors" not in body and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+def test_page_renders_in_chromium(selftest: tuple, report: tuple, browser: str, tmp_path: Path) -> None:
+    body, results, log = selftest
+    n_charts = report[0].read_text().count("data-chart=")
+    assert "data-errors" not in body and "Uncaught" not in log, log[-2000:]
     assert body["data-charts"] == str(n_charts) and body["data-rendered"] == str(n_charts)
+    assert not [(chart_id, r["error"]) for chart_id, r in results.items() if "error" in r]
 
+    page_path = report[0]
     shot = tmp_path / "shot.png"
     subprocess.run(
         chromium_command(
@@ -329,25 +430,83 @@ def test_page_renders_in_chromium(report: tuple[Path, Path, list[dict]], browser
         timeout=120,
     )
     assert shot.stat().st_size > 20_000
-    width, height, rows, bpp = png_pixels(shot)
-    assert (width, height) == (1400, 2400)
-    sampled = {rows[y][x * bpp : x * bpp + 3] for y in range(0, 1200, 7) for x in range(0, 1400, 7)}
-    assert len(sampled) > 50  # charts in many colours, not a blank page
-    viridis_yellow = bytes.fromhex("fde725")
-    assert any(
-        abs(p[0] - viridis_yellow[0]) + abs(p[1] - viridis_yellow[1]) + abs(p[2] - viridis_yellow[2]) < 40
-        for p in sampled
-    )  # a heatmap was painted
+    shown = pixels(shot)
+    assert shown.shape == (2400, 1400, 3)
+    sampled = shown[:1200:7, ::7].reshape(-1, 3)
+    assert len({tuple(p) for p in sampled}) > 50  # charts in many colours, not a blank page
+    assert (abs(sampled - VIRIDIS_TOP).sum(axis=1) < 40).any()  # a heatmap was painted
 
 
 @pytest.mark.heavy
-def test_png_per_chart(report: tuple[Path, Path, list[dict]], browser: str, tmp_path: Path) -> None:
-    synthetic = report[1]
-    assert main([str(synthetic), "--png", "--out", str(tmp_path / "one.html")]) == 0
-    pngs = sorted(p.name for p in tmp_path.glob("one-*.png"))
-    assert pngs == sorted(
-        f"one-{c}.png"
-        for c in ("loss", "grad-norm", "grad-heatmap-0", "update-heatmap-0", "throughput", "mfu", "step-time")
-    )
-    width, height, _, _ = png_pixels(tmp_path / "one-loss.png")
-    assert width == 640 and height > 200
+def test_hover_shows_every_line_at_the_nearest_step(selftest: tuple, report: tuple) -> None:
+    text, (_, results, _) = report[0].read_text(), selftest
+    line_charts = [a["data-for"] for a in Elements(text).find("script", type="application/json")]
+    assert sorted(results) == sorted(line_charts) and len(line_charts) == 7
+    for chart_id, result in results.items():
+        data, hover = chart_data(text, chart_id), result["hover"]
+        step, labels = check_tooltip(hover["lines"], data)
+        assert step == hover["step"] and labels == [line["label"] for line in data["lines"]]  # every line
+        f = data["frame"]
+        assert hover["cursor"] == pytest.approx(f["left"] + (step - f["x0"]) / (f["x1"] - f["x0"]) * f["width"])
+        assert result["left"] == []  # the mouse left: no tooltip
+    loss = results["loss"]["hover"]["lines"]  # the synthetic run's loss at the hovered step, as logged
+    step = results["loss"]["hover"]["step"]
+    assert f"■ synthetic loss: {synthetic_row(int(step))['loss']:.4g}" in loss
+
+
+@pytest.mark.heavy
+def test_drag_zooms_and_legend_hides_refitting_y_double_click_resets(selftest: tuple, report: tuple) -> None:
+    text, (_, results, _) = report[0].read_text(), selftest
+    for chart_id, result in results.items():
+        data, zoom, full = chart_data(text, chart_id), result["zoom"], result["full"]
+        pixel = (data["frame"]["x1"] - data["frame"]["x0"]) / data["frame"]["width"]  # steps per pixel
+        assert zoom["x"] == pytest.approx([zoom["from"], zoom["to"]], abs=1.5 * pixel)
+        assert zoom["y"] == pytest.approx(visible_range(data, *zoom["x"]), rel=1e-6)  # y refits
+        assert full["y"] == pytest.approx(visible_range(data, *full["x"]), rel=1e-6)
+        assert full["x"] == [data["frame"]["x0"], data["frame"]["x1"]]
+        ticks = [float(t.rstrip("k")) * (1e3 if t.endswith("k") else 1) for t in zoom["x_ticks"]]
+        assert ticks and all(zoom["x"][0] <= t <= zoom["x"][1] for t in ticks) and zoom["x_ticks"] != full["x_ticks"]
+        assert len(zoom["y_ticks"]) >= 2 and zoom["paths"] >= 1
+        if logged_within(data, zoom["x"]):  # hover in the zoomed range
+            step, _ = check_tooltip(zoom["hover"], data)
+            assert zoom["x"][0] <= step <= zoom["x"][1]
+        else:  # (sharpness: logged at steps 10 and 20 only) no step to show
+            assert zoom["hover"] == []
+        assert result["reset"] == full  # double-click: the full range again
+        legend = result["legend"]  # a click on the first legend entry hides its line, y refits; again shows it
+        assert legend["hidden"] == data["lines"][0]["label"] and legend["hidden"] not in legend["series"]
+        assert legend["y"] == pytest.approx(visible_range(data, *full["x"], hidden=legend["hidden"]), rel=1e-6)
+        assert legend["hidden"] in legend["again"] and len(legend["again"]) == len(legend["series"]) + 1
+    loss = results["loss"]["zoom"]  # steps ~25-45 of the synthetic loss: a tighter y range than 1.7-6.5
+    assert loss["y"][1] - loss["y"][0] < 0.7 * (results["loss"]["full"]["y"][1] - results["loss"]["full"]["y"][0])
+
+
+@pytest.mark.heavy
+def test_smoothing_draws_an_ema_over_the_faint_raw_line(selftest: tuple, report: tuple) -> None:
+    text, (_, results, _) = report[0].read_text(), selftest
+    for chart_id, result in results.items():
+        data, smooth = chart_data(text, chart_id), result["smooth"]
+        smoothable = [line for line in data["lines"] if line["smooth"]]
+        assert smooth["raw"] == smooth["smoothed"] == len(smoothable) and result["zoom"]["raw"] == 0
+        assert smooth["y"] == result["zoom"]["y"]  # the y range fits the raw values, smoothed or not
+        if logged_within(data, smooth["x"]):
+            check_tooltip(smooth["hover"], data, smoothing=0.9)
+    assert any("(raw " in row for row in results["loss"]["smooth"]["hover"])
+
+
+@pytest.mark.heavy
+def test_png_per_chart(
+    report: tuple[Path, Path, list[dict]], real_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no browser (nor any other program) to be found
+    assert main([str(report[1]), str(real_run), "--png", "--out", str(tmp_path / "both.html")]) == 0
+    charts = [a["id"] for a in Elements((tmp_path / "both.html").read_text()).find("svg")]
+    assert sorted(p.name for p in tmp_path.glob("both-*.png")) == sorted(f"both-{c}.png" for c in charts)
+    assert {"loss", "grad-norm", "grad-heatmap-0", "noise-scale", "sharpness"} <= set(charts)
+    for chart_id in charts:
+        drawn = pixels(tmp_path / f"both-{chart_id}.png")
+        assert drawn.shape[1] == 960 and 250 < drawn.shape[0] < 1200, (chart_id, drawn.shape)  # 1.5 x the page's
+        assert len({tuple(p) for p in drawn[::5, ::5].reshape(-1, 3)}) > 20, chart_id  # drawn, not blank
+    heat = pixels(tmp_path / "both-grad-heatmap-0.png").reshape(-1, 3)
+    assert (abs(heat - VIRIDIS_TOP).sum(axis=1) < 25).any()  # viridis' top: the spike at step 30
+    assert (heat.sum(axis=1) == 0).any()  # black: the inf logged at the spike

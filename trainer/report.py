@@ -9,8 +9,10 @@ drawn as inline SVG by trainer/report_svg.py, runs overlaid: loss and val loss w
 markers; the global grad norm (log) with the clip threshold; per-group gradient norms and
 update ratios as heatmaps (group x step, log10 colour), one per run; tokens/s, MFU and step
 time; the gradient noise scale against the batch and the sharpness against 2 / lr (when the run
-switched diagnostics.* on). Nothing is fetched; a chart no run has data for is left out. --png also writes each
-chart as a PNG next to the page (a screenshot by headless Chromium). --refresh N adds a meta
+switched diagnostics.* on). Nothing is fetched; a chart no run has data for is left out. With
+script on, trainer/report.js (inlined) redraws the line charts: a hover cursor with every
+line's value, drag to zoom (double-click resets), EMA smoothing. --png also writes each chart as
+a PNG next to the page, drawn by matplotlib (trainer/report_png.py). --refresh N adds a meta
 refresh and rewrites the page every N seconds until every run has finished (checkpoints/final
 exists) or Ctrl-C.
 Errors: one line, exit code 2.
@@ -22,11 +24,8 @@ import argparse
 import html
 import json
 import math
-import shutil
 import string
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,7 +36,8 @@ import yaml
 from trainer import report_svg as svg
 from trainer.report_svg import Chart, Line, Mark, el
 
-TEMPLATE = Path(__file__).with_name("report_template.html")  # the page's CSS and its small script
+TEMPLATE = Path(__file__).with_name("report_template.html")  # the page and its CSS
+SCRIPT = Path(__file__).with_name("report.js")  # the line charts' hover, zoom and smoothing
 MAX_COLUMNS = 200  # a heatmap of more logged steps bins them (max per bin)
 
 
@@ -291,53 +291,11 @@ def render(runs: list[Run], refresh: float = 0) -> tuple[str, list[Chart]]:
         header=html.escape(f"{names}: {datetime.now():%Y-%m-%d %H:%M:%S}")
         + (f", rewritten every {refresh:g} s" if refresh else ""),
         summary=summary(runs),
-        charts="\n".join(el("figure", chart.svg) for chart in charts),
+        charts="\n".join(svg.figure(chart) for chart in charts),
         missing=el("p", html.escape("no data for: " + ", ".join(missing)), class_="nodata") if missing else "",
+        script=SCRIPT.read_text(),
     )
     return page, charts
-
-
-def chromium() -> str | None:
-    """The path of a Chromium (or Chrome) binary, if one is installed."""
-    return next((p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))), None)
-
-
-def chromium_command(binary: str, profile: Path, *args: str) -> list[str]:
-    """Headless Chromium kept off the network (no sync, updates or background requests)."""
-    return [
-        binary,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        *args,
-    ]
-
-
-def write_pngs(charts: list[Chart], page: Path) -> list[Path]:
-    """Each chart as PAGE-STEM-ID.png beside the page: headless Chromium shows it alone at its size."""
-    if (binary := chromium()) is None:
-        print("--png: no chromium found (apt-get install chromium): PNGs skipped", file=sys.stderr)
-        return []
-    with tempfile.TemporaryDirectory() as tmp:
-        for chart in charts:
-            single, png = Path(tmp) / f"{chart.id}.html", page.with_name(f"{page.stem}-{chart.id}.png")
-            single.write_text(f'<!doctype html><meta charset="utf-8"><body style="margin:0">{chart.svg}</body>')
-            command = chromium_command(
-                binary,
-                Path(tmp) / "profile",
-                f"--screenshot={png.resolve()}",
-                f"--window-size={svg.WIDTH},{chart.height}",
-                single.as_uri(),
-            )
-            subprocess.run(command, capture_output=True, timeout=120, check=False)
-    return [png for c in charts if (png := page.with_name(f"{page.stem}-{c.id}.png")).is_file()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +317,10 @@ def main(argv: list[str] | None = None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.with_name(out.name + ".tmp").write_text(page)
             out.with_name(out.name + ".tmp").replace(out)  # a refreshing browser never reads half a page
-            pngs = write_pngs(charts, out) if args.png else []
+            if args.png:
+                from trainer.report_png import write_pngs  # matplotlib: imported only when asked for
+
+                pngs = write_pngs(charts, out)
             if not live:
                 break
             time.sleep(args.refresh)

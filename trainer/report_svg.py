@@ -3,12 +3,16 @@
 `line_chart` draws lines over step (log or linear y), horizontal reference lines and marks at
 chosen steps; `heatmap` draws rows x steps, coloured by log10 of the value, with a colour bar.
 Every chart is WIDTH wide and carries an id and a `data-chart` attribute; `el` writes one element.
+A chart keeps what it shows (`plot`, which trainer/report_png.py draws with matplotlib); a line
+chart also keeps it as JSON (`data`), which `figure` puts beside the SVG for trainer/report.js to
+redraw it zoomed, smoothed and with a hover cursor. The static SVG is what a page without script shows.
 """
 
 from __future__ import annotations
 
 import bisect
 import html
+import json
 import math
 import re
 from typing import NamedTuple
@@ -17,6 +21,7 @@ COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e3
 VIRIDIS = ["#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#5ec962", "#addc30", "#fde725"]
 WIDTH, PLOT_HEIGHT, LEFT = 640, 220, 64  # every chart's width; a line chart's plot height, left margin
 MAX_POINTS = 2000  # a longer line is thinned, keeping the extremes
+MAX_DATA_POINTS = 10_000  # the same for the JSON the page's script zooms into
 SPIKES = {"loss": ("▼", "loss spike"), "grad_norm": ("◆", "grad-norm spike")}  # mark kind: glyph, legend
 
 
@@ -43,10 +48,34 @@ class Line(NamedTuple):
     dots: bool = False
 
 
+class LinePlot(NamedTuple):
+    """What a line chart shows."""
+
+    title: str
+    y_label: str
+    lines: list[Line]
+    log: bool = False
+    refs: list[Line] = ()  # horizontal lines at their one point's value
+    marks: list[Mark] = ()
+
+
+class HeatPlot(NamedTuple):
+    """What a heatmap shows: matrix[group][column], log10 values (None: not logged, NaN: inf / NaN)."""
+
+    title: str
+    groups: list[str]
+    steps: list[float]  # the step each column starts at
+    matrix: list[list[float | None]]
+    lo: float  # the colour scale, log10
+    hi: float
+
+
 class Chart(NamedTuple):
     id: str
     svg: str
     height: int  # the width is WIDTH
+    plot: LinePlot | HeatPlot
+    data: str = ""  # a line chart's JSON for the page's script
 
 
 def el(name: str, body: object = "", **attrs: object) -> str:
@@ -108,7 +137,8 @@ class Frame(NamedTuple):
         return math.isfinite(v) and (v > 0 or not self.log)
 
 
-def axes_svg(f: Frame, y_label: str) -> str:
+def ticks_svg(f: Frame) -> str:
+    """Grid lines and tick labels of both axes."""
     bottom, parts = f.top + f.height, []
     for t in [t for t in linear_ticks(f.x0, f.x1, 6) if float(t).is_integer()]:  # steps are whole
         parts += [
@@ -120,12 +150,18 @@ def axes_svg(f: Frame, y_label: str) -> str:
             el("line", x1=LEFT, x2=LEFT + f.width, y1=f.y(t), y2=f.y(t), stroke="#eee"),
             el("text", short(t), x=LEFT - 5, y=f.y(t) + 4, text_anchor="end"),
         ]
-    parts += [
-        el("rect", x=LEFT, y=f.top, width=f.width, height=f.height, fill="none", stroke="#999"),
-        el("text", "step", x=LEFT + f.width / 2, y=bottom + 30, text_anchor="middle"),
-        el("text", y_label, transform=f"translate(14 {f.top + f.height / 2}) rotate(-90)", text_anchor="middle"),
-    ]
     return "".join(parts)
+
+
+def frame_svg(f: Frame, y_label: str) -> str:
+    """The plot's border and the axis labels."""
+    return "".join(
+        [
+            el("rect", x=LEFT, y=f.top, width=f.width, height=f.height, fill="none", stroke="#999"),
+            el("text", "step", x=LEFT + f.width / 2, y=f.top + f.height + 30, text_anchor="middle"),
+            el("text", y_label, transform=f"translate(14 {f.top + f.height / 2}) rotate(-90)", text_anchor="middle"),
+        ]
+    )
 
 
 def legend_svg(entries: list[tuple[str, str, str]], top: int) -> tuple[str, int]:
@@ -144,11 +180,11 @@ def legend_svg(entries: list[tuple[str, str, str]], top: int) -> tuple[str, int]
     return "".join(parts), (y - top + 16 if entries else 0)
 
 
-def thinned(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """At most ~MAX_POINTS points: each bucket keeps its lowest and highest, so spikes stay."""
-    if len(points) <= MAX_POINTS:
+def thinned(points: list[tuple[float, float]], limit: int = MAX_POINTS) -> list[tuple[float, float]]:
+    """At most ~LIMIT points: each bucket keeps its lowest and highest, so spikes stay."""
+    if len(points) <= limit:
         return points
-    size, out = math.ceil(len(points) / (MAX_POINTS // 2)), []
+    size, out = math.ceil(len(points) / (limit // 2)), []
     for i in range(0, len(points), size):
         bucket = [p for p in points[i : i + size] if math.isfinite(p[1])]
         if len(bucket) < len(points[i : i + size]):
@@ -168,7 +204,48 @@ def path_d(f: Frame, points: list[tuple[float, float]]) -> str:
     return "".join(d)
 
 
-def svg_chart(chart_id: str, kind: str, title: str, parts: list[str], height: int, **attrs: object) -> Chart:
+def figure(chart: Chart) -> str:
+    """The chart in a <figure>, a line chart's data beside it (`</` escaped: it cannot end the script)."""
+    data = el("script", chart.data.replace("</", "<\\/"), type="application/json", data_for=chart.id)
+    return el("figure", chart.svg + (data if chart.data else ""))
+
+
+def json_value(v: float) -> float | str:
+    """A value for JSON: 6 significant digits, or "nan" / "inf" / "-inf"."""
+    return float(f"{v:.6g}") if math.isfinite(v) else str(v)
+
+
+def line_data(line: Line) -> dict:
+    """A line for the page's script: x and y as lists, NaN / inf as strings."""
+    points = thinned(line.points, MAX_DATA_POINTS)
+    return {
+        "label": line.label,
+        "color": line.color,
+        "dash": line.dash,
+        "dots": line.dots or len(line.points) < 3,
+        "smooth": not line.dots and len(line.points) >= 3,  # sparse evaluations are drawn as logged
+        "x": [x for x, _ in points],
+        "y": [json_value(y) for _, y in points],
+    }
+
+
+def chart_data(plot: LinePlot, f: Frame) -> str:
+    """The line chart as JSON: the plot rectangle, its full step range, lines, references and marks."""
+    data = {
+        "frame": {"left": LEFT, "top": f.top, "width": f.width, "height": f.height, "x0": f.x0, "x1": f.x1},
+        "log": plot.log,
+        "lines": [line_data(line) for line in plot.lines],
+        "refs": [{"label": r.label, "color": r.color, "dash": r.dash, "y": r.points[0][1]} for r in plot.refs],
+        "marks": [
+            {"kind": m.kind, "label": SPIKES[m.kind][1], "glyph": SPIKES[m.kind][0], "step": m.step}
+            | {"color": m.color, "title": m.title}
+            for m in plot.marks
+        ],
+    }
+    return json.dumps(data, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+
+
+def svg_chart(chart_id: str, kind: str, title: str, parts: list[str], height: int, **attrs: object) -> str:
     """The <svg> of a chart: its id, data-chart=KIND, a white background, the title, PARTS."""
     heading = el("text", html.escape(title), x=WIDTH / 2, y=20, text_anchor="middle", font_size=14, font_weight=600)
     body = el("rect", width="100%", height="100%", fill="#fff") + el(
@@ -185,7 +262,7 @@ def svg_chart(chart_id: str, kind: str, title: str, parts: list[str], height: in
         viewBox=f"0 0 {WIDTH} {height}",
         xmlns="http://www.w3.org/2000/svg",
     )
-    return Chart(chart_id, svg, height)
+    return svg
 
 
 def line_chart(
@@ -198,7 +275,8 @@ def line_chart(
     refs: list[Line] = (),
     marks: list[Mark] = (),
 ) -> Chart | None:
-    """Lines over step, horizontal reference lines and spike marks; None without lines."""
+    """Lines over step, horizontal reference lines and spike marks; None without lines. What lies in
+    the plot rectangle is one <g class="plot">, which the page's script redraws."""
     if not lines:
         return None
     values = [y for line in (*lines, *refs) for _, y in line.points if math.isfinite(y) and (y > 0 or not log)]
@@ -209,7 +287,7 @@ def line_chart(
     legend, legend_height = legend_svg(entries, 38)
     lo, hi = (math.log10(min(values)), math.log10(max(values))) if log else (min(values), max(values))
     f = Frame(*padded(min(steps), max(steps), 0.02), *padded(lo, hi), log, top=50 + legend_height)
-    parts = [axes_svg(f, y_label), legend]
+    parts = [ticks_svg(f)]
     across = [r._replace(points=[(f.x0, r.points[0][1]), (f.x1, r.points[0][1])]) for r in refs]
     for line in (*across, *[line._replace(dots=line.dots or len(line.points) < 3) for line in lines]):
         label = html.escape(line.label)
@@ -239,7 +317,11 @@ def line_chart(
             el("title", html.escape(m.title)),
         ]
         parts.append(el("g", "".join(items), class_="spike", data_kind=m.kind, data_step=f"{m.step:g}", data_run=m.run))
-    return svg_chart(kind, kind, title, parts, f.top + f.height + 40)
+    plot, height = LinePlot(title, y_label, lines, log, list(refs), list(marks)), f.top + f.height + 40
+    chart_svg = svg_chart(
+        kind, kind, title, [el("g", "".join(parts), class_="plot"), frame_svg(f, y_label), legend], height
+    )
+    return Chart(kind, chart_svg, height, plot, chart_data(plot, f))
 
 
 def group_order(name: str) -> tuple:
@@ -255,6 +337,15 @@ def viridis(t: float) -> str:
     i = min(int(t), len(VIRIDIS) - 2)
     a, b = bytes.fromhex(VIRIDIS[i][1:]), bytes.fromhex(VIRIDIS[i + 1][1:])
     return "#" + "".join(f"{round(ca + (cb - ca) * (t - i)):02x}" for ca, cb in zip(a, b, strict=True))
+
+
+def step_ticks(steps: list[float]) -> list[tuple[float, float]]:
+    """A heatmap's step ticks as (step, column): the column is fractional, how far into it the step lies."""
+    ticks = []
+    for t in linear_ticks(*padded(steps[0], steps[-1], 0), 5) if len(steps) > 1 else steps:
+        c = max(0, bisect.bisect_right(steps, t) - 1)
+        ticks.append((t, c + ((t - steps[c]) / (steps[c + 1] - steps[c]) if c + 1 < len(steps) else 0)))
+    return ticks
 
 
 def heatmap(
@@ -297,9 +388,7 @@ def heatmap(
             )
         parts.append(el("g", "".join(row), class_="hm-row", data_group=group))
     bottom = top + len(groups) * row_h
-    for t in linear_ticks(*padded(steps[0], steps[-1], 0), 5) if len(steps) > 1 else steps:
-        c = max(0, bisect.bisect_right(steps, t) - 1)  # the column of step t, and how far into it
-        c += (t - steps[c]) / (steps[c + 1] - steps[c]) if c + 1 < len(steps) else 0
+    for t, c in step_ticks(steps):
         parts.append(el("text", short(t), x=round(left + (c + 0.5) * cell_w, 1), y=bottom + 14, text_anchor="middle"))
     parts.append(el("text", "step", x=left + width / 2, y=bottom + 30, text_anchor="middle"))
     bar_x, bar_h = left + width + 14, max(bottom - top, 60)  # the colour bar: hi at the top
@@ -313,4 +402,5 @@ def heatmap(
         for t in log_ticks(lo, hi)
     ]
     height = int(max(bottom, top + bar_h) + 40)
-    return svg_chart(chart_id, kind, title, parts, height, data_rows=len(groups), **attrs)
+    chart_svg = svg_chart(chart_id, kind, title, parts, height, data_rows=len(groups), **attrs)
+    return Chart(chart_id, chart_svg, height, HeatPlot(title, groups, steps, matrix, lo, hi))
