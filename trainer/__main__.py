@@ -217,7 +217,9 @@ def will_use_gpu(cfg: Config) -> bool:
 
 @hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="config")
 def _run(cfg: DictConfig) -> None:
+    from trainer.checkpoint import CheckpointWriteError
     from trainer.loop import TrainingError, train
+    from trainer.parallel.dist import CollectiveError
 
     if env_rank() != 0:
         console_only_on_rank0()  # other ranks log to their own file in the run dir
@@ -229,10 +231,14 @@ def _run(cfg: DictConfig) -> None:
         where = f" (rank {env_rank()})" if env_rank() else ""
         print(f"error{where}: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except TrainingError as error:
+    except (TrainingError, CheckpointWriteError) as error:  # every rank has the same line: rank 0 says it
         logging.getLogger("trainer").error(str(error))
         if env_rank() == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    except CollectiveError as error:  # this rank's own line (which collective, waiting for whom): each says it
+        logging.getLogger("trainer").error(str(error))
+        print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
     except BaseException:
         logging.getLogger("trainer").exception(f"rank {env_rank()} failed")  # into this rank's log file

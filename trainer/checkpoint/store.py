@@ -17,13 +17,19 @@ only then does `checkpoints/latest` (a one-line file, replaced by rename) point 
 killed mid-save leaves a `.tmp` directory that nothing reads; the previous checkpoint stays
 whole. On resume each checkpoint is verified against its manifest; one that fails is reported
 and the one before it is used.
+
+A save that fails to write (a full disk, a quota, EIO, a permission) removes its `.tmp` directory
+and leaves the previous checkpoint and `latest` as they were; a `.tmp` left by a killed save is
+removed by the next save. `CheckpointWriteError` says what happened in one line.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,61 @@ from safetensors.torch import save_file
 from trainer.config import ConfigError
 
 PREFIX = "step_"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint (or the final weights) could not be written; nothing committed was changed.
+    The message is one line for the user: the error, the path, the fix, the newest checkpoint."""
+
+
+def as_os_error(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write: itself or one it was raised from or during (torch.save's
+    zip writer turns ENOSPC into "unexpected pos 704 vs 598"), the first one a DCP
+    CheckpointException gathered from the ranks, or safetensors' "I/O error: ... (os error 28)";
+    None for anything else (a bug, or an OSError lost on its way between ranks)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error
+        failures = getattr(error, "failures", {})  # DCP: {rank: (exception, traceback)}
+        for rank in sorted(failures):
+            wrapped = failures[rank]
+            found = as_os_error(wrapped[0] if isinstance(wrapped, tuple) else wrapped)
+            if found is not None:
+                return found
+        code = re.search(r"os error (\d+)", str(error))
+        if code:
+            return OSError(int(code[1]), os.strerror(int(code[1])))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def probe_write(directory: Path, size: int = 1 << 20) -> OSError | None:
+    """Write, fsync and remove `size` bytes in directory: the OSError a failed write hid (an
+    exception pickled from another rank loses the OSError it came from), or None if it succeeds."""
+    if not directory.is_dir():
+        return None
+    path = directory / f".probe-{os.getpid()}"
+    try:
+        with open(path, "wb") as handle:
+            handle.write(bytes(size))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        return error
+    finally:
+        path.unlink(missing_ok=True)
+    return None
+
+
+def write_fix(code: int | None, directory: Path) -> str:
+    """What to do about a write that failed with errno `code` under `directory`."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space or point hydra.run.dir elsewhere"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {directory} writable or point hydra.run.dir elsewhere"
+    return "check the disk (dmesg) or point hydra.run.dir elsewhere"
 
 
 def step_dir_name(step: int) -> str:
@@ -121,9 +182,13 @@ def verify(directory: Path) -> str | None:
 
 def _replace_file(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync(path.parent)
 
 
@@ -149,6 +214,13 @@ class CheckpointStore:
         """The newest complete checkpoint directory (unverified), or None."""
         complete = self.complete()
         return complete[0] if complete else None
+
+    def committed(self) -> str | None:
+        """The name `latest` points at (the newest committed checkpoint), or None."""
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        return pointer.read_text().strip() or None
 
     def find(self, resume: str, warn: Any = print) -> Path | None:
         """The checkpoint `train.resume` names: none, auto (newest valid) or a path."""
@@ -180,33 +252,52 @@ class CheckpointStore:
         return final.with_name(final.name + ".tmp"), final
 
     def begin(self, step: int) -> tuple[Path, Path]:
-        """Like `paths`, with step_N.tmp made fresh (empty) to write into."""
+        """Like `paths`, with step_N.tmp made fresh (empty) to write into. Every other .tmp left
+        by a save that was killed is removed first (no save is in flight: the caller waited)."""
         tmp, final = self.paths(step)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a save that was killed
+        for stale in self.root.glob(f"{PREFIX}*.tmp"):
+            shutil.rmtree(stale)
         tmp.mkdir(parents=True)
         return tmp, final
 
     def commit(self, tmp: Path, final: Path, entries: dict[str, dict[str, Any]]) -> None:
-        """Manifest (from every rank's `hash_share`), rename, then move `latest`; prune old ones."""
+        """Manifest (from every rank's `hash_share`), rename, then move `latest`; prune old ones.
+        A failure before `latest` has moved leaves the checkpoints as they were (the caller
+        removes `tmp`)."""
         write_manifest(tmp, entries)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(self.root)
-        _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
+        try:
+            _fsync(self.root)
+            _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # never committed: `latest` names the one before
+            raise
         for old in self.complete()[self.keep :]:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def save_weights(directory: Path, weights: dict[str, torch.Tensor]) -> Path:
-    """Consolidated weights as model.safetensors (rank 0; written to .tmp, then renamed)."""
+    """Consolidated weights as model.safetensors (rank 0; written to .tmp, then renamed). A
+    write that fails removes the .tmp and raises CheckpointWriteError (one line)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    _fsync(tmp / "model.safetensors")
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        _fsync(tmp / "model.safetensors")
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = as_os_error(error)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        fix = write_fix(cause.errno, directory.parent)
+        raise CheckpointWriteError(
+            f"{directory.name} weights not written: {reason} ({directory.parent}): {fix}"
+        ) from error
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory

@@ -35,6 +35,7 @@ from trainer.model import param_group
 from trainer.model.build import WeightSource
 from trainer.model.gpt import bare_name
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.dist import collective
 from trainer.precision import DynamicLossScaler, autocast
 
 
@@ -143,14 +144,17 @@ class Strategy(abc.ABC):
         return self.reduce_owned(group_sumsq(zip(names, before, strict=True)))
 
     # -- collectives over the default group (identities on one process) ------------------------------
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over ranks."""
+    # Each runs under `collective(name)`: a rank that never comes (hung) or went away (died) ends
+    # this one within parallel.timeout_s with a CollectiveError naming this rank and the collective.
+    def all_reduce_sum(self, value: torch.Tensor, what: str = "sum") -> torch.Tensor:
+        """Sum a tensor over ranks (what: a name for it in a timeout's message)."""
         if not _dist():
             return value
         import torch.distributed as dist
 
         value = value.clone()
-        dist.all_reduce(value)  # collective
+        with collective(f"all_reduce ({what})"):
+            dist.all_reduce(value)  # collective
         return value
 
     def barrier(self) -> None:
@@ -158,7 +162,8 @@ class Strategy(abc.ABC):
         if _dist():
             import torch.distributed as dist
 
-            dist.barrier()  # collective
+            with collective("barrier"):
+                dist.barrier()  # collective
 
     def first_error(self, error: str | None) -> str | None:
         """The first error message of any rank (in rank order), or None when none had one."""
@@ -167,7 +172,8 @@ class Strategy(abc.ABC):
         import torch.distributed as dist
 
         gathered: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, error)  # collective
+        with collective("all_gather_object (every rank's error, if any)"):
+            dist.all_gather_object(gathered, error)  # collective
         return next((e for e in gathered if e), None)
 
     def broadcast_path(self, path: Path | None) -> Path | None:
@@ -177,7 +183,8 @@ class Strategy(abc.ABC):
         import torch.distributed as dist
 
         box = [str(path) if path is not None else None]
-        dist.broadcast_object_list(box, src=0)  # collective
+        with collective("broadcast_object_list (checkpoint path)"):
+            dist.broadcast_object_list(box, src=0)  # collective
         return Path(box[0]) if box[0] is not None else None
 
     # -- state ---------------------------------------------------------------------------------------
@@ -226,8 +233,11 @@ class TorchStrategy(Strategy):
 
     @contextlib.contextmanager
     def micro_step(self, is_last: bool) -> Iterator[None]:
-        with self.sync_gradients(is_last), self.autocast():
-            yield
+        # The forward and backward hold the strategy's own collectives (DDP's gradient all-reduce,
+        # FSDP's all-gathers and reduce-scatters), run inside torch: named here, all at once.
+        with collective(f"forward / backward (parallel={self.name} gradient sync)"), self.sync_gradients(is_last):
+            with self.autocast():
+                yield
 
     def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Distributed strategies skip the gradient reduction unless is_last."""
@@ -428,13 +438,16 @@ def _group_index(names: tuple[str, ...], device: torch.device) -> tuple[list[str
     return groups, torch.tensor([position[param_group(name)] for name in names], device=device)
 
 
-def all_reduce_groups(sums: dict[str, torch.Tensor], group: Any = None) -> dict[str, torch.Tensor]:
+def all_reduce_groups(
+    sums: dict[str, torch.Tensor], group: Any = None, what: str = "per-group sums of squares"
+) -> dict[str, torch.Tensor]:
     """Sum per-group values over ranks in ONE collective (groups in sorted order on every rank)."""
     import torch.distributed as dist
 
     names = sorted(sums)
     stacked = torch.stack([sums[n] for n in names])
-    dist.all_reduce(stacked, group=group)  # collective: one all-reduce of len(groups) floats
+    with collective(f"all_reduce ({what})"):
+        dist.all_reduce(stacked, group=group)  # collective: one all-reduce of len(groups) floats
     return dict(zip(names, stacked.unbind(), strict=True))
 
 

@@ -3,13 +3,22 @@
 torchrun (and srun + torchrun under SLURM) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
 MASTER_PORT. One process group serves every strategy: NCCL for CUDA tensors, gloo for CPU
 tensors (and for everything on a machine without a GPU).
+
+A collective that cannot finish (another rank hung, so the group's timeout ran out, or died, so
+its connection closed) raises `CollectiveError` where the harness runs it under `collective(what)`:
+one line naming this rank, the collective and the timeout, instead of gloo's transport error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import logging
 import os
+import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -109,3 +118,78 @@ def default_run_dir() -> str:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# -- collectives that cannot finish ------------------------------------------------------------------
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not finish: another rank is hung (the timeout ran out) or gone. The
+    message is one line for the user, naming this rank and the collective."""
+
+
+# gloo: "Timed out waiting 5000ms for recv operation to complete"; NCCL: "... Timeout(ms)=5000 ..."
+_TIMED_OUT = re.compile(r"timed out waiting (\d+)\s*ms|timeout\(ms\)=(\d+)|timed out|timeout", re.IGNORECASE)
+_PEER_GONE = re.compile(r"connection (?:closed|reset) by peer|broken pipe|connection refused", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def collective(what: str) -> Iterator[None]:
+    """Run collectives named `what` ("all_reduce (loss sum)"): when one fails because another rank
+    never came or went away, raise CollectiveError naming this rank, `what` and the timeout.
+    Any other error passes through unchanged."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as error:  # gloo raises plain RuntimeErrors; NCCL and the stores dist.DistError
+        line = describe_failure(what, error)
+        if line is None:
+            raise
+        raise CollectiveError(line) from error
+
+
+def describe_failure(what: str, error: BaseException) -> str | None:
+    """One line for a collective that failed for want of another rank, or None for other errors."""
+    text = str(error)
+    rank = dist.get_rank() if dist.is_initialized() else env_rank()
+    logs = _other_logs(rank)
+    timed_out = _TIMED_OUT.search(text)
+    if timed_out:
+        milliseconds = next((int(g) for g in timed_out.groups() if g), None)
+        seconds = milliseconds / 1000 if milliseconds is not None else _timeout_seconds()
+        after = f" after {seconds:g} s" if seconds is not None else ""
+        return f"rank {rank}: {what} timed out{after} waiting for other ranks: a rank is hung or died; see {logs}"
+    if _PEER_GONE.search(text):
+        return f"rank {rank}: {what} failed: another rank closed its connection (it died or was stopped); see {logs}"
+    if isinstance(error, dist.DistError):
+        first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        return f"rank {rank}: {what} failed ({first}); see {logs}"
+    return None
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The default group's timeout (parallel.timeout_s), for groups made later; None without one."""
+    if not dist.is_initialized():
+        return None
+    try:  # no public getter: the backend's options hold it
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _timeout_seconds() -> float | None:
+    timeout = collective_timeout()
+    return timeout.total_seconds() if timeout is not None else None
+
+
+def _other_logs(rank: int) -> str:
+    """Where the other ranks' log lines are: <run dir>/logs/rank{R}.log under `python -m trainer`."""
+    files = [Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    directory = next((f.parent for f in files if re.fullmatch(r"rank\d+\.log", f.name)), None)
+    world_size = dist.get_world_size() if dist.is_initialized() else env_world_size()
+    if directory is None:
+        return "the other ranks' output"
+    if world_size == 2:
+        return str(directory / f"rank{1 - rank}.log")
+    return f"the other ranks' logs ({directory}/rank*.log)"
