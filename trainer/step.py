@@ -139,7 +139,7 @@ def forward_backward(
     if all_targets:
         n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
     else:
-        n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32))  # collective
+        n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32), "target count")  # collective
     loss_sum = torch.zeros((), device=x.device)
     pieces = [x.chunk(accum_steps), y.chunk(accum_steps)]
     pieces.append(positions.chunk(accum_steps) if positions is not None else [None] * len(pieces[0]))
@@ -151,7 +151,9 @@ def forward_backward(
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
         if probing:
-            first_targets = strategy.all_reduce_sum((yb != IGNORE_INDEX).sum().to(torch.float32))  # collective
+            first_targets = strategy.all_reduce_sum(
+                (yb != IGNORE_INDEX).sum().float(), "first micro-batch targets"
+            )  # collective
             scale = strategy.loss_scale() or 1.0  # the gradients are unscaled only after the last micro-batch
             probe += [global_norm(strategy.grad_sumsq_by_group()) ** 2 / scale**2, first_targets]  # collective
     return loss_sum, n_targets
@@ -189,7 +191,7 @@ def train_step(
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
     grad_norm = global_norm(grad_sumsq)
-    step_loss = strategy.all_reduce_sum(loss_sum) / n_targets  # collective
+    step_loss = strategy.all_reduce_sum(loss_sum, "loss sum") / n_targets  # collective
     summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
     if defer:
         return deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
