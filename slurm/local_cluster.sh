@@ -81,7 +81,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=${MUNGE_SOCKET}
+# cred_expire: a requeued job may start again after 10 s, not Slurm's default 120 (the requeue test waits on it)
+AuthInfo=socket=${MUNGE_SOCKET},cred_expire=10
 StateSaveLocation=${STATE_DIR}/ctld
 SlurmdSpoolDir=${STATE_DIR}/spool
 SlurmctldPidFile=${STATE_DIR}/slurmctld.pid

@@ -190,3 +190,74 @@ def job_output(tmp_path: Path) -> str:
     for path in sorted(tmp_path.glob("job-*.out")) + sorted(tmp_path.glob("run/logs/*.log")):
         parts.append(f"\n--- {path.name}\n{path.read_text()[-3000:]}")
     return "".join(parts)
+
+
+# -- preemption: the time limit's SIGUSR1, a checkpoint, a requeue -----------------------------------
+
+
+def job_fields(slurm_env: dict[str, str], job_id: str) -> dict[str, str]:
+    """`scontrol show job` of a job as a dict (JobState, ExitCode, Restarts, ...)."""
+    line = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id],
+        env=slurm_env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    return dict(item.split("=", 1) for item in line.split() if "=" in item)
+
+
+def test_sbatch_requeues_itself_after_usr1_and_the_run_loses_no_step(slurm_env, tmp_path: Path) -> None:
+    """What `--signal=B:USR1@120` does before the time limit, sent by hand mid-run: the batch shell
+    passes it on as SIGTERM to both torchruns and their ranks, the ranks stop after one agreed step,
+    save it and exit 75, and the script requeues the job (`scontrol requeue`: same job id, run dir and
+    output file). Its second attempt resumes with train.resume=auto and logs every step's loss
+    bitwise equal to a 2-rank run that never stopped."""
+    from helpers import torchrun
+    from test_checkpoint import assert_same_run
+
+    overrides = [
+        "parallel=ddp", "experiment=synthetic", "train.max_steps=60", "train.log_interval=1",
+        "train.eval_interval=1000", "model.n_layer=1", "logger.wandb=false", "train.sample_tokens=0",
+        "train.micro_batch_size=4", "train.grad_accum_steps=2", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    reference = torchrun("-m", "trainer", *overrides, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    command = [
+        "sbatch", "--parsable", "--job-name=trainer-preempt", "--nodes=1", "--ntasks-per-node=2",
+        "--gpus-per-node=0", "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path / 'job-%j.out'}",
+        "--export=ALL", str(REPO / "slurm" / "train.sbatch"), *overrides, f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    submitted = subprocess.run(command, env=slurm_env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    started = time.monotonic()
+
+    def fields() -> dict[str, str]:
+        if time.monotonic() - started > JOB_TIMEOUT_S:
+            subprocess.run(["scancel", job_id], env=slurm_env, timeout=30)
+            pytest.fail(f"job {job_id} did not finish in {JOB_TIMEOUT_S} s{job_output(tmp_path)}")
+        time.sleep(0.2)
+        return job_fields(slurm_env, job_id)
+
+    metrics = run_dir / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 5):
+        assert fields()["JobState"] not in FINAL_STATES, f"job {job_id} ended unsignalled{job_output(tmp_path)}"
+    signalled = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, capture_output=True, text=True, timeout=30
+    )
+    assert signalled.returncode == 0, signalled.stderr
+    # Slurm holds a requeued job until its first attempt's credentials expire (cred_expire, 120 s by
+    # default): the second attempt starts about two minutes after the first ended.
+    while (state := fields())["JobState"] not in FINAL_STATES:
+        pass
+    output = (tmp_path / f"job-{job_id}.out").read_text()
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), output[-4000:]
+
+    saves = [line for line in output.splitlines() if "SIGTERM" in line and ": saved step " in line]  # rank 0's
+    assert len(saves) == 1, output[-4000:]
+    stopped = int(saves[0].split(": saved step ")[1].split()[0])
+    assert 5 <= stopped < 60, saves  # the step both ranks stopped after, mid-run
+    assert f"train.sbatch: job {job_id} (restart 1)" in output  # the second attempt, appended to the same file
+    assert f"requeueing job {job_id}" in output
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in output
+    assert_same_run(run_dir, tmp_path / "full")  # every step's loss and grad norm with ==, and the weights

@@ -220,6 +220,7 @@ def _run(cfg: DictConfig) -> None:
     from trainer.checkpoint import CheckpointWriteError
     from trainer.loop import TrainingError, train
     from trainer.parallel.dist import CollectiveError
+    from trainer.preemption import Preempted
 
     if env_rank() != 0:
         console_only_on_rank0()  # other ranks log to their own file in the run dir
@@ -240,6 +241,8 @@ def _run(cfg: DictConfig) -> None:
         logging.getLogger("trainer").error(str(error))
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
+    except Preempted:  # saved and closed: exit code 75 for a restart / requeue (trainer/preemption.py)
+        raise
     except BaseException:
         logging.getLogger("trainer").exception(f"rank {env_rank()} failed")  # into this rank's log file
         raise

@@ -30,7 +30,7 @@ from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_
 from trainer.data import Data, Sampler, build_data
 from trainer.data.prefetch import Prefetcher
 from trainer.diagnostics.instruments import Instruments
-from trainer.loggers import Loggers
+from trainer.loggers import Loggers, human, human_bytes, human_duration, log_files
 from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference, write_adapter
 from trainer.model import check_attention_backend, resolve_attention_backend
 from trainer.model.build import build_model
@@ -38,6 +38,7 @@ from trainer.monitor import SpikeWatch, Throughput, peak_flops, peak_memory_gb, 
 from trainer.parallel import Strategy, build_strategy, parallelize
 from trainer.parallel.dist import env_local_rank, env_world_size
 from trainer.precision import DTYPES
+from trainer.preemption import Preemption
 from trainer.state import TokenizerRef, TrainState
 from trainer.step import StepResult, evaluate, train_step
 
@@ -99,8 +100,10 @@ class Callback(Protocol):
 
 
 def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
-    """Run cfg.train.max_steps optimizer steps; return the last logged metrics."""
+    """Run cfg.train.max_steps optimizer steps; return the last logged metrics. Stopped by a signal
+    (train.preemption_signals): raises Preempted (exit code 75) once that step is saved."""
     tc = cfg.train
+    preemption = Preemption(tc.preemption_signals).install()  # before building: a signal then counts too
     run = build_run(cfg, run_dir)
     resume(run)
     run.loggers = start_loggers(run)
@@ -114,6 +117,11 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     first_step = state.step + 1
     deferred: list[tuple[int, StepResult, float]] = []  # steps run without a host sync, not read back yet
     while state.step < tc.max_steps:
+        if (stop := preemption.agreed(run.strategy, state.step)) is not None:  # collective: see preemption.py
+            settle(run, deferred, meter)
+            saved = save_last(run) if state.step > 0 else None  # collective; step 0: a restart starts afresh
+            close(run)
+            raise preemption.exit(stop, saved, first_step)
         started = time.perf_counter()
         x, y, positions = next_batch(run)
         data_s = time.perf_counter() - started
@@ -146,12 +154,14 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
         if any([callback.on_step_end(run, result, logged) for callback in callbacks]):
             log.info(f"stopped at step {state.step} by a callback")
             close(run)
+            preemption.restore()
             return metrics
         if result.spiked and cfg.monitor.spike.action == "rollback":
             rollback(run)
         elif due(state.step, cfg.checkpoint.interval) and state.step < tc.max_steps:
             save(run)
     finish(run)
+    preemption.finished(state.step)
     return metrics
 
 
@@ -160,6 +170,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     tc = cfg.train
     check_run(cfg, env_world_size(), has_gpu=torch.cuda.is_available() and tc.device != "cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
+    log.info(f"run dir: {run_dir.resolve()} | {log_files(env_world_size())}")
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     set_tf32(tc.tf32)
@@ -275,25 +286,32 @@ def save_tokenizer(data: Data, run_dir: Path, rank: int) -> TokenizerRef:
 
 
 def resume(run: Run) -> None:
-    """Continue from the checkpoint train.resume names (none, auto, a path): every part."""
-    found = run.checkpointer.store.find(run.cfg.train.resume, warn=log.warning) if run.strategy.rank == 0 else None
+    """Continue from the checkpoint train.resume names (none, auto, a path): every part. Says which,
+    or why the run starts fresh."""
+    setting = run.cfg.train.resume
+    found = run.checkpointer.store.find(setting, warn=log.warning) if run.strategy.rank == 0 else None
     found = run.strategy.broadcast_path(found)  # collective: every rank loads the same one
     if found is None:
+        why = "" if setting == "none" else f" no checkpoint in {run.checkpointer.store.root.resolve()}:"
+        log.info(f"train.resume={setting}:{why} starting fresh")
         return
     run.checkpointer.load(found, run.parts())  # collective
     if run.strategy.rank == 0:
         truncate_metrics(run.run_dir / "metrics.jsonl", run.state.step)
-    log.info(f"resumed from {found} at step {run.state.step}")
+    log.info(f"resumed from {found} at step {run.state.step} (train.resume={setting})")
 
 
 def start_loggers(run: Run) -> Loggers:
-    """metrics.jsonl, wandb (the same run again after a resume) and the progress bar; rank 0 only."""
+    """metrics.jsonl, wandb (the same run again after a resume), TensorBoard and the progress bar on
+    rank 0, each saying where it writes; console lines (`Loggers.write`) on every rank."""
     config = OmegaConf.to_container(OmegaConf.structured(run.cfg), resolve=True)
     loggers = Loggers(
         run.cfg.logger, run.run_dir, config, run.cfg.train.max_steps, run.state.step,
         enabled=run.strategy.rank == 0, run_id=run.state.logger_run_id,
     )  # fmt: skip
     run.state.logger_run_id = loggers.run_id
+    run.strategy.barrier()  # collective: no rank's clock (tokens/s, elapsed, ETA) runs while rank 0 starts wandb
+    loggers.started = time.time()
     return loggers
 
 
@@ -426,7 +444,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
         )
     run.loggers.log(metrics)
     if due(step, cfg.train.log_interval) or step == cfg.train.max_steps or result.spiked:
-        run.loggers.write(console_line(metrics))
+        run.loggers.write(console_line(metrics, cfg.train.max_steps, *run.loggers.timing(step, cfg.train.max_steps)))
     if meter is not None:
         meter.reset()
     return metrics
@@ -453,10 +471,7 @@ def save(run: Run) -> Path:
 
 def finish(run: Run) -> None:
     """The end: a checkpoint of the last step, consolidated weights, a sample, where everything is."""
-    latest = run.checkpointer.store.latest()
-    if latest is None or latest.name != step_dir_name(run.state.step):
-        save(run)
-    run.checkpointer.wait()  # collective: commit a checkpoint still being written in the background
+    save_last(run)  # collective
     final = run.run_dir / "checkpoints" / "final"
     if run.lora is not None:  # the adapters alone, in PEFT's format (the base is model.pretrained)
         adapters = run.strategy.full_state_dict(trainable_only=True)  # collective
@@ -475,6 +490,19 @@ def finish(run: Run) -> None:
     close(run)
 
 
+def save_last(run: Run) -> tuple[Path, bool]:
+    """A committed checkpoint of the current step (collective): (its path, whether it was written
+    now rather than already there). A save still in flight is committed before `latest` is read, so
+    every rank reads the same one."""
+    run.checkpointer.wait()  # collective
+    latest = run.checkpointer.store.latest()
+    if latest is not None and latest.name == step_dir_name(run.state.step):
+        return latest, False
+    path = save(run)
+    run.checkpointer.wait()  # collective: commit a checkpoint still being written in the background
+    return path, True
+
+
 def close(run: Run) -> None:
     run.batches.close()
     run.checkpointer.wait()  # collective
@@ -482,12 +510,24 @@ def close(run: Run) -> None:
     run.strategy.close()
 
 
-def console_line(metrics: dict[str, Any]) -> str:
-    """The headline figures of a logged step, for the console."""
-    keys = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "skipped_steps", "loss_scale")
-    parts = [
+def console_line(metrics: dict[str, Any], max_steps: int, elapsed_s: float, eta_s: float | None) -> str:
+    """A logged step for the console and every rank's log file: the headline figures, tokens/s (all and
+    target tokens) in readable units, MFU, this rank's peak memory, the wall-clock time, the time since
+    the start and the ETA (None: not known yet)."""
+    keys = ("loss", "val_loss", "lr", "grad_norm", "loss_scale")
+    parts = [f"step {metrics['step']}/{max_steps}"] + [
         f"{k} {metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys if k in metrics
     ]
+    if metrics.get("skipped_steps"):
+        parts.append(f"skipped_steps {metrics['skipped_steps']}")
+    if "tokens_per_s" in metrics:
+        target = metrics.get("throughput/target_tokens_per_s", metrics["tokens_per_s"])
+        parts.append(f"{human(metrics['tokens_per_s'])} tok/s ({human(target)} target)")
+        parts.append(f"MFU {100 * metrics.get('throughput/mfu', 0.0):.3g}%")
+    if "memory/peak_gb" in metrics:
+        parts.append(f"peak mem {human_bytes(metrics['memory/peak_gb'] * 1e9)}")
+    eta = f" | ETA {human_duration(eta_s)}" if eta_s is not None else ""
+    parts.append(f"{time.strftime('%H:%M:%S')} | elapsed {human_duration(elapsed_s)}{eta}")
     if metrics.get("spike/loss") or metrics.get("spike/grad_norm"):
         parts.append(f"SPIKE ({metrics['spike/action']})")
     return " | ".join(parts)

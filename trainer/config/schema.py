@@ -29,29 +29,29 @@ AUTO_CHUNK_TOKENS = 1024  # ... in chunks of this many tokens
 class ModelConfig:
     """A GPT-style decoder. The options let GPT-2 and Llama-family checkpoints share one class."""
 
-    name: str = "tiny"
+    name: str = "tiny"  # a label for logs and wandb (the model group's name)
     vocab_size: int | None = None  # the real vocabulary (forward's logits); None: the tokenizer's
     # embedding / head rows: vocab_size rounded up to a multiple of this, so the head's matmuls run at aligned
     # sizes; the padding rows' logits are masked (-inf) in the loss and cut from forward's logits. 1: no padding
     vocab_multiple: int = 64
     block_size: int = 256  # longest context the model supports (learned positions / RoPE table)
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention (query) heads
     n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain multi-head)
-    n_embd: int = 128
+    n_embd: int = 128  # width of the residual stream
     intermediate_size: int | None = None  # MLP width; None means 4 * n_embd
     norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
     mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | gelu_exact (erf, as nanoGPT) | swiglu (as Llama)
     position: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: dict[str, Any] | None = None  # Llama 3 'llama3' scaling, as in HF config.json
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # the head shares the token embedding's weight (GPT-2); False: its own (Llama 3 8B)
     bias: bool = True  # biases in linear layers and LayerNorm
     qkv_bias: bool | None = None  # biases on the q / k / v projection (Qwen2: true with bias false); None follows bias
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention probabilities and residual branches (0 for pretraining at scale)
     attention_backend: str = "auto"  # auto | flash | efficient | cudnn | math | flash_attn (Dao's package)
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the normal init of weights (residual projections scaled by 1 / sqrt(2 n_layer))
     pretrained: str | None = None  # local Hugging Face checkpoint directory (see PRETRAINED_OVERRIDABLE)
     activation_checkpointing: str = "none"  # none | full (whole blocks) | attention | mlp (selective)
     activation_checkpointing_every: int = 1  # checkpoint every k-th block (blocks 0, k, 2k, ...)
@@ -165,7 +165,7 @@ class DataConfig:
     # Dataset.save_to_disk folder; hf also a dataset name
     path: str | None = None
     hf_config: str | None = None  # hf: the dataset's configuration name
-    hf_split: str = "train"
+    hf_split: str = "train"  # hf: the dataset split to read
     text_field: str = "text"  # text format, records with fields (.jsonl/.json/.parquet/.csv, hf): the text
     streaming: bool = False  # text: tokenize as training reads (no cache, no pass ahead); hf: an IterableDataset
     max_documents: int | None = None  # cap on documents read (useful with streaming)
@@ -174,7 +174,7 @@ class DataConfig:
     # null (auto): model.pretrained's own tokenizer when set, else byte (stdlib, instruct) or bpe (files, hf);
     # byte | bpe | a local Hugging Face tokenizer directory
     tokenizer: str | None = None
-    bpe_vocab_size: int = 4096
+    bpe_vocab_size: int = 4096  # a BPE tokenizer trained on the data (data.tokenizer=bpe): its vocabulary size
     cache_dir: str = "~/.cache/trainer"  # token and example caches live here, keyed by (source, tokenizer, format)
     val_fraction: float = 0.02  # share held out for validation: of the token stream (text) or of the examples
     # text: documents joined by the tokenizer's eos | instruct: prompt -> response records | chat: conversations
@@ -224,14 +224,14 @@ class DataConfig:
 class OptimConfig:
     """AdamW with decay / no-decay groups and a warmup + cosine schedule."""
 
-    name: str = "adamw"
-    lr: float = 1e-3
+    name: str = "adamw"  # the optimizer (AdamW)
+    lr: float = 1e-3  # peak learning rate (after warmup)
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.1  # applied to matrices (linear and embedding weights), not to biases or norms
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 20
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's epsilon
+    warmup_steps: int = 20  # linear warmup from 0 to optim.lr
     schedule: str = "cosine"  # cosine | constant
     clip_grad_norm: float = 1.0  # 0 disables clipping (the norm is still measured)
 
@@ -287,7 +287,7 @@ class PrecisionConfig:
     loss_scaling: bool = False  # dynamic loss scaling; always on for fp16, optional for bf16
     initial_scale: float = 65536.0  # 2**16
     growth_interval: int = 2000  # steps without inf/NaN before the scale grows
-    growth_factor: float = 2.0
+    growth_factor: float = 2.0  # the scale is multiplied by this after growth_interval clean steps
     backoff_factor: float = 0.5  # the scale is multiplied by this after a step with inf/NaN gradients
 
     def __post_init__(self) -> None:
@@ -315,7 +315,7 @@ class LoraConfig:
     q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, GPT-2 c_attn c_proj c_fc, or all-linear.
     """
 
-    enabled: bool = False
+    enabled: bool = False  # lora=default sets it: adapters train, the base is frozen
     r: int = 16  # rank of each adapter
     alpha: float = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # on the adapter's input
@@ -339,15 +339,26 @@ class LoraConfig:
 
 @dataclass
 class LoggerConfig:
-    """Where metrics go. metrics.jsonl always; wandb unless disabled (offline without a key)."""
+    """Where metrics go. metrics.jsonl always; wandb unless disabled (offline without credentials, or
+    when an online start fails); TensorBoard when asked."""
 
-    wandb: bool = True
-    project: str = "trainer"
-    mode: str = "auto"  # auto (online with a key and a network, else offline) | online | offline
-    progress_bar: bool = True
+    wandb: bool = True  # log to wandb (rank 0) besides metrics.jsonl
+    project: str = "trainer"  # the wandb project
+    mode: str = "auto"  # auto (WANDB_MODE, else online if wandb finds credentials, else offline) | online | offline
+    wandb_name: str | None = None  # the wandb run's name; None: from the Hydra job's overrides (gpt2-fsdp-lr3e-4)
+    wandb_group: str | None = None  # the wandb group; None: the sweep dir's name under -m (multirun), else none
+    wandb_tags: list[str] | None = None  # the wandb tags; None: the config-group choices (model=gpt2, ...)
+    tensorboard: bool = False  # also write the metrics as TensorBoard events in RUN_DIR/tensorboard
+    progress_bar: bool = True  # a tqdm bar on rank 0's terminal (off when stdout is not one)
 
     def __post_init__(self) -> None:
+        from importlib.util import find_spec
+
         _require(self.mode in ("auto", "online", "offline"), f"logger.mode={self.mode!r}: use auto, online or offline")
+        _require(
+            not self.tensorboard or find_spec("tensorboard") is not None,
+            'logger.tensorboard=true needs TensorBoard: pip install -e ".[tensorboard]" (or logger.tensorboard=false)',
+        )
 
 
 @dataclass
@@ -399,12 +410,12 @@ class MonitorConfig:
 
 @dataclass
 class SharpnessConfig:
-    """The top Hessian eigenvalue of the loss on a fixed held batch (power iteration on
-    Hessian-vector products), logged as sharpness/lambda_max next to 2 / lr."""
+    """The top Hessian eigenvalue of the loss on a fixed held batch (Lanczos on Hessian-vector
+    products), logged as sharpness/lambda_max next to 2 / lr."""
 
-    enabled: bool = False
+    enabled: bool = False  # measure it (none / ddp / fsdp)
     interval: int = 100  # steps between estimates
-    iterations: int = 20  # power-iteration steps (one Hessian-vector product each)
+    iterations: int = 20  # Lanczos steps at most (one Hessian-vector product each)
     batch_size: int = 4  # sequences in the held batch (the first of the validation split)
     method: str = "auto"  # auto | double_backward | finite_difference (central difference of gradients)
 
@@ -466,6 +477,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block and the head + loss (none / ddp / fsdp)
     resume: str = "none"  # none | auto (newest valid checkpoint in the run dir) | a checkpoint directory
     max_consecutive_skips: int = 10  # stop after this many steps in a row with inf / NaN gradients
+    # signals on which every rank stops after one agreed step, saves it and exits 75 for a requeue ([]: none)
+    preemption_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self) -> None:
         _require(self.max_steps >= 0, f"train.max_steps must be >= 0, got {self.max_steps}")
@@ -482,6 +495,12 @@ class TrainConfig:
             self.global_batch_size is None or self.global_batch_size > 0,
             f"train.global_batch_size must be positive or null, got {self.global_batch_size}",
         )
+        for name in self.preemption_signals:
+            _require(
+                name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT"),
+                f"train.preemption_signals: {name!r} is not a signal the run stops on; choose from SIGTERM, "
+                "SIGUSR1, SIGUSR2, SIGINT, SIGHUP, SIGQUIT",
+            )
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank (derived from global_batch_size when set)."""
