@@ -19,6 +19,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from trainer.config import LoggerConfig
 
 log = logging.getLogger("trainer")
@@ -155,8 +157,11 @@ def wandb_names(cfg: LoggerConfig, run_dir: Path) -> tuple[str, str | None, list
     from hydra.types import RunMode
 
     name, group, tags = run_dir.name, None, []
-    if HydraConfig.initialized():
-        hydra = HydraConfig.get()
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    output_dir = OmegaConf.select(hydra, "runtime.output_dir", throw_on_missing=False) if hydra is not None else None
+    if output_dir is None or Path(output_dir).resolve() != run_dir.resolve():
+        hydra = None  # no Hydra job, or an earlier one in this process (--cfg job, compose): not this run's
+    if hydra is not None:
         choices = {k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/")}
         name = job_name(choices, list(hydra.overrides.task)) or name
         group = sweep_group(hydra.sweep.dir) if hydra.mode == RunMode.MULTIRUN else None
