@@ -199,6 +199,7 @@ def test_torchrun_compiled_blocks_match_one_eager_process(reference_run: Path, t
         "train.grad_accum_steps=2", nproc=2,
     )  # fmt: skip
     assert_run_matches(tmp_path / "run", rows, reference_run, rel_loss=1e-4, rel_norm=1e-3)
+    assert "torch.compile: the first step took" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
 
 
 def test_a_failing_rank_ends_the_job_with_its_message(tmp_path: Path) -> None:

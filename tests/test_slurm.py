@@ -246,8 +246,8 @@ def test_sbatch_requeues_itself_after_usr1_and_the_run_loses_no_step(slurm_env, 
         ["scancel", "--signal=USR1", "--batch", job_id], env=slurm_env, capture_output=True, text=True, timeout=30
     )
     assert signalled.returncode == 0, signalled.stderr
-    # Slurm holds a requeued job until its first attempt's credentials expire (cred_expire, 120 s by
-    # default): the second attempt starts about two minutes after the first ended.
+    # Slurm holds a requeued job until its first attempt's credentials expire (cred_expire: 120 s by
+    # default, 10 s in slurm/local_cluster.sh's cluster): the second attempt starts after that.
     while (state := fields())["JobState"] not in FINAL_STATES:
         pass
     output = (tmp_path / f"job-{job_id}.out").read_text()
