@@ -460,18 +460,18 @@ class QuantConfig:
 class TrainConfig:
     """The step budget and batch shape. Global batch = micro_batch_size * grad_accum_steps * world size."""
 
-    max_steps: int = 400
-    micro_batch_size: int = 16
-    grad_accum_steps: int = 1
+    max_steps: int = 400  # optimizer steps of the run (a resumed run counts from its checkpoint's step)
+    micro_batch_size: int = 16  # sequences per forward / backward on each rank
+    grad_accum_steps: int = 1  # micro-batches accumulated per optimizer step on each rank
     global_batch_size: int | None = None  # sequences per step; if set, grad_accum_steps is derived from it
-    seq_len: int = 128
-    seed: int = 1337
-    log_interval: int = 10
-    eval_interval: int = 100
-    eval_batches: int = 8
+    seq_len: int = 128  # tokens per sequence (at most model.block_size)
+    seed: int = 1337  # init, data order, dropout and sampling
+    log_interval: int = 10  # steps between logged rows (metrics.jsonl, wandb, the console)
+    eval_interval: int = 100  # steps between validation losses (and at the last step)
+    eval_batches: int = 8  # micro-batches of the validation split per evaluation (the same ones each time)
     device: str = "auto"  # auto | cpu | cuda
     sample_tokens: int = 200  # length of the sample generated at the end (0: none)
-    sample_prompt: str = "def "
+    sample_prompt: str = "def "  # the prompt of the sample generated at the end
     num_threads: int = 0  # torch intra-op threads on CPU; 0 leaves torch's default
     tf32: bool = True  # GPU: fp32 matmuls and convolutions on TF32 tensor cores (fp32 runs, fp32 evaluation)
     compile: bool = False  # torch.compile each transformer block and the head + loss (none / ddp / fsdp)
