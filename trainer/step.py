@@ -54,8 +54,8 @@ class StepResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     readback: ReadBack | None = None  # a deferred step's figures, until `settle` reads them
-    # diagnostics.noise_scale: (|gradient after the first micro-batch|^2, its target tokens,
-    # |step gradient|^2, the step's target tokens), reduced over ranks (see trainer.diagnostics.instruments)
+    # diagnostics.noise_scale: (|mean gradient of the small batch|^2, its size in target tokens,
+    # |step gradient|^2, the step's target tokens) (see Strategy.small_batch_sq)
     noise: tuple[float, float, float, float] | None = None
 
     @property
@@ -133,8 +133,8 @@ def forward_backward(
     token count. Returns (this rank's summed token loss, global target count), on device.
     all_targets: the caller knows no target is IGNORE_INDEX (windows of a token stream), so the
     count is every rank's equal share of the global batch: no collective before the forward.
-    probe (the noise scale's small batch): gradients are also reduced after the first micro-batch,
-    whose gradient's squared norm and global target count are appended to the list (device tensors).
+    probe (the noise scale's small batch): the first micro-batch's mean gradient's squared norm and
+    its target count (Strategy.small_batch_sq) are appended to the list (device tensors).
     """
     if all_targets:
         n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
@@ -145,17 +145,13 @@ def forward_backward(
     pieces.append(positions.chunk(accum_steps) if positions is not None else [None] * len(pieces[0]))
     for i, (xb, yb, pb) in enumerate(zip(*pieces, strict=True)):
         probing = probe is not None and i == 0
-        with strategy.micro_step(is_last=i == accum_steps - 1 or probing):  # probing: a reduction after it too
+        with strategy.micro_step(is_last=i == accum_steps - 1, reduce=probing):
             extra = {} if pb is None else {"positions": pb}
             token_loss = strategy.model(xb, targets=yb, **extra)  # summed over this micro-batch's targets
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
         if probing:
-            first_targets = strategy.all_reduce_sum(
-                (yb != IGNORE_INDEX).sum().float(), "first micro-batch targets"
-            )  # collective
-            scale = strategy.loss_scale() or 1.0  # the gradients are unscaled only after the last micro-batch
-            probe += [global_norm(strategy.grad_sumsq_by_group()) ** 2 / scale**2, first_targets]  # collective
+            probe += strategy.small_batch_sq((yb != IGNORE_INDEX).sum(), n_targets)  # collective
     return loss_sum, n_targets
 
 

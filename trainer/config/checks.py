@@ -195,15 +195,14 @@ def _check_deepspeed(cfg: Config, world_size: int, has_gpu: bool) -> None:
 
 
 def _check_diagnostics(cfg: Config, world_size: int) -> None:
-    """The noise scale needs a small batch inside the step (a first micro-batch) and, like the
-    sharpness, the torch strategies (DeepSpeed counts its own micro-steps and owns the backward)."""
+    """The noise scale needs a small batch inside the step (a first micro-batch); the sharpness,
+    the torch strategies (its extra gradients run outside DeepSpeed's counted micro-steps)."""
     d, strategy = cfg.diagnostics, cfg.parallel.strategy
-    for on, key in ((d.noise_scale, "noise_scale"), (d.sharpness.enabled, "sharpness.enabled")):
-        _require(
-            not on or not strategy.startswith("zero"),
-            f"diagnostics.{key}=true is available for parallel=none / ddp / fsdp, not {strategy}: "
-            "use parallel=fsdp for sharding, or turn it off",
-        )
+    _require(
+        not d.sharpness.enabled or not strategy.startswith("zero"),
+        f"diagnostics.sharpness.enabled=true is available for parallel=none / ddp / fsdp, not {strategy}: "
+        "use parallel=fsdp for sharding, or turn it off",
+    )
     if d.noise_scale:
         accum = cfg.train.accumulation_steps(world_size)
         _require(

@@ -6,9 +6,13 @@
                   Hessian on a fixed held batch -> sharpness/lambda_max next to 2 / lr
 
 The small batch of the noise scale is the first micro-batch of every rank: with the noise scale on,
-the strategy reduces gradients after the first micro-batch as well as after the last (one more
+ddp and fsdp reduce gradients after the first micro-batch as well as after the last (one more
 all-reduce / reduce-scatter per step; gradients still sum to the step's, reduction being linear),
 so the first micro-batch's gradient is a mean over its tokens on every rank, whatever the sharding.
+zero2 / zero3 reduce-scatter after every micro-batch anyway: the same small batch, for free. zero1
+reduces only at the step's end: there each rank's own first micro-batch is a small batch, and the
+mean of their squared norms estimates |G|^2 + tr(Sigma) / B with B the harmonic mean of their
+token counts (trainer.diagnostics.noise_scale), no extra gradient traffic either.
 """
 
 from __future__ import annotations
@@ -31,17 +35,16 @@ log = logging.getLogger("trainer")
 
 
 def noise_scale_sample(
-    first_sq: float, first_targets: float, step_sq: float, step_targets: float
+    small_sq: float, small_targets: float, step_sq: float, step_targets: float
 ) -> tuple[float, float, float, float] | None:
-    """(|g_small|^2, |g_big|^2, B_small, B_big) in tokens from one step, or None if it cannot count.
+    """(|g_small|^2, |g_big|^2, B_small, B_big) in tokens from one step (StepResult.noise), or None
+    if it cannot count: a small batch without targets or not smaller than the step, a non-finite norm.
 
-    first_sq: squared norm of the reduced, unscaled gradient after the first micro-batch: the sum of
-    its first_targets token gradients / step_targets (the loss is normalised by the step's count),
-    so the mean over its tokens is that times step_targets / first_targets. step_sq: the step's
-    squared norm, already a mean over step_targets tokens."""
-    if not (0 < first_targets < step_targets) or not math.isfinite(first_sq) or not math.isfinite(step_sq):
+    small_sq: the squared norm of the small batch's mean gradient (Strategy.small_batch_sq);
+    step_sq: the step's, a mean over step_targets tokens."""
+    if not (0 < small_targets < step_targets) or not math.isfinite(small_sq) or not math.isfinite(step_sq):
         return None
-    return first_sq * (step_targets / first_targets) ** 2, step_sq, first_targets, step_targets
+    return small_sq, step_sq, small_targets, step_targets
 
 
 class Instruments:

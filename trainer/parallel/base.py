@@ -66,8 +66,9 @@ class Strategy(abc.ABC):
 
     # -- one optimizer step ----------------------------------------------------------------------
     @abc.abstractmethod
-    def micro_step(self, is_last: bool) -> contextlib.AbstractContextManager:
-        """Context for one micro-batch's forward and backward: gradient sync only when is_last."""
+    def micro_step(self, is_last: bool, reduce: bool = False) -> contextlib.AbstractContextManager:
+        """Context for one micro-batch's forward and backward: gradient sync only when is_last
+        (or reduce: the noise scale's small batch, read by `small_batch_sq` after it)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The precision policy's context for a forward outside micro_step (evaluation, sampling)."""
@@ -114,6 +115,18 @@ class Strategy(abc.ABC):
         """Sum of squared gradient entries per parameter group (embed, block.i.attn, ..., head),
         over the whole model. Groups partition the parameters, so the global norm is sqrt(sum of
         the values). Values stay on the device: no host sync here."""
+
+    def small_batch_sq(
+        self, local_targets: torch.Tensor, step_targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise scale's small batch, right after the first micro-batch's backward under
+        micro_step(reduce=True) (collective): (|mean gradient over it|^2, its target count), device
+        tensors. Here that gradient is reduced over ranks, so the small batch is every rank's first
+        micro-batch; its .grad is the sum of its token gradients / step_targets (the loss is
+        normalised by the step's count) and still carries the loss scale (unscaled after the last)."""
+        first = self.all_reduce_sum(local_targets.float(), "first micro-batch targets")
+        scale = self.loss_scale() or 1.0
+        return global_norm(self.grad_sumsq_by_group()) ** 2 * (step_targets / (first * scale)) ** 2, first
 
     @abc.abstractmethod
     def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -232,10 +245,11 @@ class TorchStrategy(Strategy):
         """Shard or wrap the meta-device model and materialise it; return what the loop runs."""
 
     @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
+    def micro_step(self, is_last: bool, reduce: bool = False) -> Iterator[None]:
         # The forward and backward hold the strategy's own collectives (DDP's gradient all-reduce,
         # FSDP's all-gathers and reduce-scatters), run inside torch: named here, all at once.
-        with collective(f"forward / backward (parallel={self.name} gradient sync)"), self.sync_gradients(is_last):
+        sync = self.sync_gradients(is_last or reduce)  # reduce: gradients sum to the step's all the same
+        with collective(f"forward / backward (parallel={self.name} gradient sync)"), sync:
             with self.autocast():
                 yield
 

@@ -157,8 +157,19 @@ class DeepSpeedZero(Strategy):
         return self.model.module
 
     @contextlib.contextmanager
-    def micro_step(self, is_last: bool) -> Iterator[None]:
-        yield  # no autocast: DeepSpeed holds bf16 / fp16 weights itself
+    def micro_step(self, is_last: bool, reduce: bool = False) -> Iterator[None]:
+        # reduce (the noise scale's small batch): DeepSpeed decides when it reduces, and where it
+        # keeps a gradient mid-step depends on the stage and the offload; so each rank adds up the
+        # squares of its own gradients as autograd hands them over, before DeepSpeed's hooks.
+        hooks = []
+        if reduce:
+            self.local_sumsq = torch.zeros((), device=self.device)
+            hooks = [p.register_hook(self._add_local_sumsq) for p in self.names if p.requires_grad]
+        try:
+            yield  # no autocast: DeepSpeed holds bf16 / fp16 weights itself
+        finally:
+            for hook in hooks:
+                hook.remove()
         if not is_last:
             # DeepSpeed counts micro-steps to find the accumulation boundary; before it, step()
             # only advances the count (no reduction for zero1, no update for any stage).
@@ -179,6 +190,26 @@ class DeepSpeedZero(Strategy):
         sums = self.reduce_owned(group_sumsq(named))
         scale = self.loss_scale() or 1.0  # fp16: DeepSpeed unscales inside step(), so divide here
         return {k: v / scale**2 for k, v in sums.items()}
+
+    def _add_local_sumsq(self, grad: torch.Tensor) -> None:
+        self.local_sumsq += grad.detach().float().pow(2).sum()
+
+    def small_batch_sq(
+        self, local_targets: torch.Tensor, step_targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each rank's own first micro-batch is a small batch (its gradient as backward made it, before
+        DeepSpeed reduced it: see micro_step). Returns the mean over the ranks (with targets) of their
+        mean gradients' squared norms, and the harmonic mean of their target counts, which is the
+        small batch size that mean estimates |G|^2 + tr(Sigma) / B for (trainer.diagnostics.noise_scale)."""
+        n = local_targets.float()
+        # backward multiplied the loss by the world size: .grad = world * (sum of token gradients) / step_targets
+        mean_sq = self.local_sumsq * (step_targets / (self.world_size * n * (self.loss_scale() or 1.0))) ** 2
+        counted = (n > 0).float()
+        sums = self.all_reduce_sum(
+            torch.stack([torch.where(n > 0, mean_sq, 0.0), counted / n.clamp(min=1), counted]),
+            "first micro-batch norms",
+        )  # collective
+        return sums[0] / sums[2], sums[2] / sums[1]
 
     def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for name in self.names.values():  # every rank must send every group, even if it owns none
