@@ -62,7 +62,13 @@ def one_step(strategy_name: str) -> dict:
     """The step on this rank's share; with parallel=none, the whole global batch in one process."""
     cfg = config(strategy_name)
     x, y = masked_global_batch()
-    return step_once(build(cfg), x, y, MICRO, CLIP)
+    strategy = build(cfg)
+    seen = []  # the dtype the first linear layer computes in
+    linear = next(m for m in strategy.unwrapped().modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda module, args, out: seen.append(str(out.dtype)))
+    result = step_once(strategy, x, y, MICRO, CLIP)
+    hook.remove()
+    return {**result, "compute_dtype": seen[0]}
 
 
 class HeldSplit:

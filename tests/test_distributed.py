@@ -140,6 +140,7 @@ def test_low_precision_maps_onto_each_framework(name: str, single_process_step: 
     update is lr * sign(g), so rounding that flips the sign of a tiny gradient moves a weight by
     2 lr (no step, or a wrong loss scale, would be off by ~100%)."""
     got, want = two_rank_steps[name], single_process_step
+    assert got["compute_dtype"] == {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[name.rsplit("-", 1)[1]]
     assert got["norm"] == pytest.approx(want["norm"], rel=1e-2)
     for group, value in want["sums"].items():
         assert got["sums"][group] == pytest.approx(value, rel=5e-2), group

@@ -295,8 +295,15 @@ def fill_and_partition(ds_config: dict[str, Any], device: torch.device) -> Calla
     rank's slice and drops the rest), as it would for a model built inside its context."""
     import deepspeed
 
+    # In DeepSpeed's precision, as zero1/2's engine casts the whole model and zero.Init casts the
+    # parameters built inside it (one filled outside is partitioned as it is): the optimizer keeps
+    # fp32 masters of the trainable partitions. Without bf16 / fp16, a frozen base keeps its dtype.
+    low = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else None
+    low = torch.float16 if ds_config.get("fp16", {}).get("enabled") else low
+
     def place(param: nn.Parameter, full: torch.Tensor) -> None:
-        filled = nn.Parameter(full.to(device=device, dtype=torch.float32), requires_grad=param.requires_grad)
+        dtype = low or (torch.float32 if param.requires_grad else full.dtype)
+        filled = nn.Parameter(full.to(device=device, dtype=dtype), requires_grad=param.requires_grad)
         torch.utils.swap_tensors(param, filled)  # the same object: the model and optimizer keep it
         holder = nn.Module()
         holder.register_parameter("param", param)
