@@ -28,7 +28,8 @@ class ModelState(abc.ABC):
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
         unwrapped = strategy.unwrapped()
-        self.shapes = {bare_name(n): list(p.shape) for n, p in unwrapped.named_parameters()}
+        # Whole shapes: a ZeRO-3 partitioned parameter's own shape is empty (its ds_shape is the whole).
+        self.shapes = {bare_name(n): list(getattr(p, "ds_shape", p.shape)) for n, p in unwrapped.named_parameters()}
         cfg = getattr(unwrapped, "cfg", None)
         self.info = {
             "strategy": strategy.name, "world_size": strategy.world_size, "shapes": self.shapes,
