@@ -1,4 +1,4 @@
-"""Training diagnostics (noise scale, sharpness): what each adds to the step time at its default interval.
+"""Training diagnostics (noise scale, sharpness) and QAT: what each adds to the step time at its default interval.
 
     python -m benchmarks.diagnostics                                # 2-5 minutes on 2 shared CPU cores
     python -m benchmarks.diagnostics --steps 120 --estimates 8      # more steps and estimates
@@ -33,6 +33,8 @@ synchronous), so the loop defers the steps it defers in a run (log_interval 10):
                measures its steps between estimates, which do the baseline's work: its `steps %`
                is the measurement's noise
   both         both on
+  qat_int8     quant.qat=int8 (not a diagnostic; the same method measures its cost): every block
+  qat_int4     linear's weight fake-quantised in each forward (quant.group_size 32 for int4)
 
 and a fifth run that times the estimate (below). The five go in lockstep, each in its own thread,
 one step at a time: only one thread works at any moment, every run takes one step a round, in a
@@ -96,20 +98,23 @@ SHAPE = [
     "precision=fp32", "parallel=none", "train.eval_interval=1000000000", "train.sample_tokens=0", "logger=none",
     "logger.progress_bar=false",
 ]  # fmt: skip
-CONFIGS = {  # configuration -> (noise scale, sharpness)
-    "baseline": (False, False),
-    "noise_scale": (True, False),
-    "sharpness": (False, True),
-    "both": (True, True),
+CONFIGS = {  # configuration -> (noise scale, sharpness, quant.qat)
+    "baseline": (False, False, None),
+    "noise_scale": (True, False, None),
+    "sharpness": (False, True, None),
+    "both": (True, True, None),
+    "qat_int8": (False, False, "int8"),
+    "qat_int4": (False, False, "int4"),
 }
 ESTIMATES = "estimates"  # the fifth run: it times sharpness estimates
 WARMUP_STEPS = 2  # left out of the step times; the estimates start after them
 
 
-def diagnostics_overrides(noise_scale: bool, sharpness: bool) -> list[str]:
+def diagnostics_overrides(noise_scale: bool, sharpness: bool, qat: str | None = None) -> list[str]:
     return [
         f"diagnostics.noise_scale={str(noise_scale).lower()}",
         f"diagnostics.sharpness.enabled={str(sharpness).lower()}",
+        *([f"quant.qat={qat}"] if qat else []),
     ]
 
 
@@ -301,7 +306,7 @@ def summarize(
     the overhead against the baseline's median step."""
     base = median(steps["baseline"])
     out = {}
-    for name, (_, sharpness) in CONFIGS.items():
+    for name, (_, sharpness, _) in CONFIGS.items():
         step_s = median(steps[name])
         deciles = statistics.quantiles(steps[name], n=10, method="inclusive") if len(steps[name]) > 1 else [step_s] * 9
         estimate = estimate_s if sharpness else 0.0

@@ -17,6 +17,7 @@ from trainer.diagnostics import sharpness
 
 def test_summarize_amortises_the_estimate_over_the_interval() -> None:
     steps = {"baseline": [1.0, 1.2, 0.9], "noise_scale": [1.1, 1.1], "sharpness": [1.0], "both": [1.1, 1.0, 1.2]}
+    steps |= {"qat_int8": [1.3], "qat_int4": [1.4]}
     results = bench.summarize(steps, estimate_s=5.0, interval=100, tokens_per_step=1000)
     base, noise, sharp, both = (results[n] for n in ("baseline", "noise_scale", "sharpness", "both"))
     assert (base["step_s"], base["overhead_percent"], base["estimate_s"]) == (1.0, 0.0, None)
@@ -27,6 +28,7 @@ def test_summarize_amortises_the_estimate_over_the_interval() -> None:
     assert sharp["step_s_at_interval"] == pytest.approx(1.05) and sharp["estimate_percent"] == pytest.approx(5.0)
     assert sharp["overhead_percent"] == pytest.approx(5.0) and sharp["tokens_per_s"] == pytest.approx(1000 / 1.05)
     assert both["overhead_percent"] == pytest.approx(15.0) and both["steps_overhead_percent"] == pytest.approx(10.0)
+    assert results["qat_int4"]["overhead_percent"] == pytest.approx(40.0) and results["qat_int4"]["estimate_s"] is None
     table = bench.markdown_table(results, interval=100).splitlines()
     assert "step s at interval 100" in table[0] and len(table) == 2 + len(bench.CONFIGS)
     assert table[4] == "| sharpness | 1.000 | 1.000-1.000 | +0.00 | 5.00 | 1.050 | 952 | +5.00 | +5.00 |"
@@ -56,7 +58,7 @@ def test_tiny_run_measures_every_configuration(tmp_path: Path, capsys: pytest.Ca
         sharp = bench.CONFIGS[name][1]
         assert (r["estimate_s"] is not None) == (r["estimate_percent"] is not None) == sharp
         assert r["step_s_at_interval"] > r["step_s"] if sharp else r["step_s_at_interval"] == r["step_s"]
-    assert report["noise_scale_logged"] == {n: noise for n, (noise, _) in bench.CONFIGS.items()}
+    assert report["noise_scale_logged"] == {n: noise for n, (noise, *_) in bench.CONFIGS.items()}
 
     estimate = report["sharpness_estimate"]
     assert estimate["method"] in ("double_backward", "finite_difference")

@@ -58,6 +58,9 @@ def test_toy_study_reproduces_exercise_4(study: dict) -> None:
     assert study["sigmoid_residual"]["ratio_input"] == pytest.approx(1.17, rel=1e-2)
     assert study["sigmoid_residual"]["ratio_weight"] == pytest.approx(0.0231, rel=1e-2)
     assert sigmoid["verdict"].startswith("vanishes") and xavier["verdict"].startswith("vanishes")
+    # Xavier with sigmoid's gain 4: a factor ~1 at 0, but pre-activations of std ~2 saturate: still vanishes
+    gain4 = study["sigmoid_xavier_x4"]
+    assert gain4["ratio_input"] == pytest.approx(6.95e-5, rel=1e-2) and gain4["verdict"].startswith("vanishes")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
