@@ -169,7 +169,9 @@ def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [("zero2", 2, 1), ("zero1", 1, 2)])
+# zero1 shares zero2's optimizer class and checkpoint format in DeepSpeed; 1 -> 2 ranks ran here
+# too (19 s) and was dropped from the suite for time.
+@pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [("zero2", 2, 1)])
 def test_a_zero_checkpoint_resumes_at_another_world_size(
     stage: str, saved_on: int, resumed_on: int, tmp_path: Path
 ) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import HF_CONTEXT
+from helpers import HF_CONTEXT, torchrun
 
 from trainer.__main__ import CONFIG_DIR, compose_config, preflight
 from trainer.config import (
@@ -139,6 +139,19 @@ def test_cli_never_writes_over_an_existing_run(tmp_path: Path) -> None:
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
     assert (run_dir / ".hydra" / "config.yaml").read_text() == "precious: true\n"
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "metrics.jsonl"]
+
+
+def test_two_ranks_stop_together_on_an_existing_run(tmp_path: Path) -> None:
+    """Rank 0 finds the run dir taken: every rank exits with the one line (printed once), none
+    is left in a collective with a rank that has gone (which ended in gloo tracebacks)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    result = torchrun("-m", "trainer", "parallel=ddp", "train.max_steps=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.count("already holds a run") == 1, result.stderr[-3000:]
+    assert "[rank" not in result.stderr and "Connection closed" not in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
 
 
 def test_cli_empty_corpus_stops_before_training(tmp_path: Path) -> None:

@@ -139,11 +139,16 @@ def preflight(argv: list[str]) -> list[str]:
             run_dir = broadcast_string(default_run_dir())  # collective: rank 0 decides
             argv = [*argv, f"hydra.run.dir={run_dir}"]
     holds_a_run = (Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "checkpoints").exists()
+    problem = ""
     if env_rank() == 0 and holds_a_run and cfg.train.resume == "none":
-        raise ConfigError(
+        problem = (
             f"run dir {run_dir} already holds a run: continue it with train.resume=auto, or choose another "
             "hydra.run.dir (nothing there was changed)"
         )
+    if env_world_size() > 1:  # collective: every rank stops on rank 0's finding (none waits for a rank gone)
+        problem = broadcast_string(problem)
+    if problem:
+        raise ConfigError(problem)
     barrier()  # collective: no rank writes before rank 0 has checked the run dir
     return argv
 
