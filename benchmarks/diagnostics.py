@@ -90,7 +90,7 @@ from benchmarks.throughput import cpu_name
 
 if TYPE_CHECKING:
     from trainer.config import Config
-    from trainer.loop import Run
+    from trainer.run import Run
     from trainer.step import StepResult
 
 SHAPE = [

@@ -1,4 +1,4 @@
-"""The harness's strategy and model, built as trainer.loop's build_run builds them, for the
+"""The harness's strategy and model, built as trainer.run's build_run builds them, for the
 benchmarks that train (checkpoint, memory) without data: they step on random tokens."""
 
 from __future__ import annotations

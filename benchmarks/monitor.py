@@ -75,7 +75,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from trainer.loop import Run
+    from trainer.run import Run
     from trainer.step import StepResult
 
 MODELS = {  # model -> overrides on top of the shared ones (micro batch as the issue asks)

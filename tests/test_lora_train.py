@@ -238,7 +238,7 @@ def test_accumulation_fp16_and_per_layer_norms(finetune_dir: Path, tmp_path: Pat
 
 
 def test_the_adapted_modules_fit_in_one_line() -> None:
-    from trainer.loop import adapted_summary
+    from trainer.run import adapted_summary
 
     names = [f"model.layers.{i}.{p}" for i in range(32) for p in ("self_attn.q_proj", "mlp.down_proj")]
     assert (

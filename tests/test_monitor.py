@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import QUICK, read_metrics
 
-import trainer.loop
+import trainer.run
 from trainer.__main__ import compose_config, preflight
 from trainer.config import ConfigError
 from trainer.loop import train
@@ -98,7 +98,7 @@ POLICY = ("optim.warmup_steps=5", "optim.lr=1e-3")
 def corrupt_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The batch of step CORRUPT_STEP replaced by garbage (every target the corpus's rarest token):
     the kind of batch that makes a loss spike."""
-    real_build = trainer.loop.build_data
+    real_build = trainer.run.build_data
 
     def build(*args, **kwargs):
         data = real_build(*args, **kwargs)
@@ -116,7 +116,7 @@ def corrupt_batch(monkeypatch: pytest.MonkeyPatch) -> None:
         data.train.get_batch = get_batch
         return data
 
-    monkeypatch.setattr(trainer.loop, "build_data", build)
+    monkeypatch.setattr(trainer.run, "build_data", build)
 
 
 def spike_rows(rows: list[dict]) -> list[dict]:

@@ -271,7 +271,7 @@ def test_a_pretrained_run_builds_the_resolved_model(hf_checkpoints: dict[str, st
 
 def test_tf32_follows_the_config() -> None:
     """train.tf32 (default on) sets torch's TF32 switches for fp32 matmuls on GPUs."""
-    from trainer.loop import set_tf32
+    from trainer.run import set_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
