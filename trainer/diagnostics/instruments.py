@@ -9,10 +9,11 @@ The small batch of the noise scale is the first micro-batch of every rank: with 
 ddp and fsdp reduce gradients after the first micro-batch as well as after the last (one more
 all-reduce / reduce-scatter per step; gradients still sum to the step's, reduction being linear),
 so the first micro-batch's gradient is a mean over its tokens on every rank, whatever the sharding.
-zero2 / zero3 reduce-scatter after every micro-batch anyway: the same small batch, for free. zero1
-reduces only at the step's end: there each rank's own first micro-batch is a small batch, and the
-mean of their squared norms estimates |G|^2 + tr(Sigma) / B with B the harmonic mean of their
-token counts (trainer.diagnostics.noise_scale), no extra gradient traffic either.
+Under zero1-3 DeepSpeed decides when it reduces (zero1 at the step's end, zero2 / 3 after every
+micro-batch, into buffers that depend on the stage and the offload): there each rank's own first
+micro-batch is a small batch, its squared gradients summed by hooks as backward makes them, and
+the mean of the ranks' squared norms estimates |G|^2 + tr(Sigma) / B with B the harmonic mean of
+their token counts (trainer.diagnostics.noise_scale); no extra gradient traffic.
 """
 
 from __future__ import annotations
