@@ -38,7 +38,6 @@ figures go to --out (default benchmarks/results/checkpoint.json) as one JSON obj
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -50,6 +49,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import write_report
 from benchmarks.harness import build_trainer
 
 MB = 1e6
@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         "elapsed_s": time.perf_counter() - started,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out} ({report['elapsed_s']:.0f} s)")
+    write_report(args.out, report, f"({report['elapsed_s']:.0f} s)")
 
 
 if __name__ == "__main__":

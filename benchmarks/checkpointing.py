@@ -34,17 +34,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks import write_report
 from trainer.config import ModelConfig
 from trainer.model import GPT
 from trainer.model.checkpointing import CheckpointWrapper, apply_activation_checkpointing
@@ -297,10 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         f"full recompute (full k=1): {f1:+.1f}% step time, theory {result['full_recompute_theory_pct']:.1f}% "
         "(one more forward of every block; backward ~ 2 forwards)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

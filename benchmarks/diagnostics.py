@@ -85,6 +85,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from benchmarks import write_report
 from benchmarks.monitor import median
 from benchmarks.throughput import cpu_name
 
@@ -391,9 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": WARMUP_STEPS,
         "noise_scale_logged": noise_logged, "results": results, "sharpness_estimate": estimate,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, record)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Under precision=bf16 the step runs in torch.autocast on the CPU (parallel=none).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import weakref
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks import write_report
 from benchmarks.memory import storage_bytes
 from trainer.config import Config
 from trainer.estimate import estimate, model_shape
@@ -285,9 +285,7 @@ def main() -> None:
     print(table(rows))
     worst = max(abs(math.log(r["predicted_saved"] / r["saved"])) for r in rows.values())
     print(f"largest activation error {100 * (math.exp(worst) - 1):.1f}%; {time.perf_counter() - start:.0f}s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+    write_report(args.out, {"torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import write_report
+
 SHAPE = [
     "model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.n_kv_head=2", "model.intermediate_size=352",
     "model.norm=rmsnorm", "model.mlp=swiglu", "model.position=rope", "model.bias=false", "model.tie_embeddings=false",
@@ -85,9 +87,7 @@ def main() -> None:
         curve = " ".join(f"{v:.3f}" for v in r["loss"].values())
         print(f"{name:10} {str(r['trainable_params']):>12} {r['val_loss']:9.4f} {r['peak_rss_gb']:12.3f} "
               f"{r['step_time_s']:8.4f}   {curve}")  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"steps": args.steps, "entropy_rate": floor, "cases": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, {"steps": args.steps, "entropy_rate": floor, "cases": results})
 
 
 if __name__ == "__main__":

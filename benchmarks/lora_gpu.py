@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import write_report
+
 CASES = {  # name -> overrides on top of experiment=llama3-8b-lora
     "lora_checkpointed": ["model.activation_checkpointing=full"],
     "lora_no_checkpointing": ["model.activation_checkpointing=none"],
@@ -84,9 +86,7 @@ def main() -> None:
             print(
                 f"{r['case']:24} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.2f} {'met' if r['meets_goal'] else 'MISSED':>6}"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"smoke": args.smoke, "steps": args.steps, "cases": results}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, {"smoke": args.smoke, "steps": args.steps, "cases": results})
 
 
 if __name__ == "__main__":

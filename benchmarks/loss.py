@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import write_report
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
 
 MB = 1e6  # the table's MB are 10^6 bytes
@@ -156,9 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, record)
 
 
 if __name__ == "__main__":

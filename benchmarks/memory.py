@@ -59,6 +59,8 @@ from typing import Any
 
 import torch
 
+from benchmarks import write_report
+
 MB = 1e6  # the table's MB are 10^6 bytes
 REPO = Path(__file__).resolve().parent.parent
 STRATEGIES = ("none", "ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -507,8 +509,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"per-rank bytes on rank 0, MB = 10^6 bytes; 4 x Psi = {4 * psi / MB:.2f} MB\n")
     print(markdown_table(results))
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {
         "model": dataclasses.asdict(model_cfg),
         "world_size": args.world_size,
@@ -521,8 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         "deepspeed": deepspeed,
         "bytes_per_MB": MB,
     }
-    out.write_text(json.dumps({"settings": settings, "param_count": psi, "rows": results}, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_report(args.out, {"settings": settings, "param_count": psi, "rows": results})
 
 
 if __name__ == "__main__":

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -73,6 +72,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from benchmarks import write_report
 
 if TYPE_CHECKING:
     from trainer.run import Run
@@ -316,14 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}; {time.perf_counter() - started:.0f}s"
     )
     print(header + "\n\n" + markdown_tables(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "header": header, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "platform": platform.platform(), "processor": platform.processor(), "goal_percent": GOAL_PERCENT,
         "results": results,
     }  # fmt: skip
-    args.out.write_text(json.dumps(record, indent=1))
-    print(f"\nwrote {args.out}")
+    write_report(args.out, record)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ Prints a table and writes JSON: {"machine", "shape", "top_kernels": [...], "host
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import write_report
 from benchmarks.throughput import machine, model_config, random_batch, sync
 
 
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {k['name'][:70]} | {k['self_s']:.4f} | {100 * k['share']:.1f} | {k['calls']} |")
     if syncs is not None:
         print(f"host syncs in {syncs['steps']} deferred steps: {syncs['count']} {syncs['first']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

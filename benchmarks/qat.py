@@ -35,12 +35,13 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks import write_report
 
 RUN = ["model=tiny", "train.seq_len=64", "train.micro_batch_size=16", "optim.lr=1e-3", "optim.warmup_steps=5",
        "train.eval_batches=8"]  # fmt: skip
@@ -183,9 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{steps} steps per run on {cfg.data.source}; validation loss in nats/token; "
           f"weight error ||W - Q(W)|| / ||W|| over the block linears")  # fmt: skip
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out} ({report['seconds']:.0f} s)")
+    write_report(args.out, report, f"({report['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,8 @@ from typing import Any
 
 import torch
 
+from benchmarks import write_report
+
 SYSTEMS = ("trainer", "trainer_compile", "plain_torch", "hf_loop", "hf_trainer", "nanogpt")
 DEFAULT_SYSTEMS = ("trainer", "plain_torch", "hf_loop", "hf_trainer")  # + nanogpt with --nanogpt
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -601,9 +603,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_mem_note": None if device.type == "cuda" else "CPU: not measured (peak RSS is per process)",
         "elapsed_s": time.perf_counter() - started,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {args.out} ({report['elapsed_s']:.0f} s)")
+    write_report(args.out, report, f"({report['elapsed_s']:.0f} s)")
 
 
 if __name__ == "__main__":

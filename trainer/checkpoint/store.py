@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.config import ConfigError
+from trainer.files import fsync, replace_text
 
 PREFIX = "step_"
 
@@ -104,14 +105,6 @@ def step_dir_name(step: int) -> str:
 # -- files: fsync, checksums ---------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256(path: Path, block: int = 16 << 20) -> str:
     """sha256 of a file, read in 16 MB blocks into one buffer.
 
@@ -142,7 +135,7 @@ def hash_share(directory: Path, rank: int = 0, world_size: int = 1) -> dict[str,
     files = sorted(_files(directory), key=lambda path: (-path.stat().st_size, str(path)))
     entries = {}
     for path in files[rank::world_size]:
-        _fsync(path)
+        fsync(path)
         entries[str(path.relative_to(directory))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     return entries
 
@@ -152,9 +145,9 @@ def write_manifest(directory: Path, entries: dict[str, dict[str, Any]] | None = 
     directories (rank 0, after all ranks wrote)."""
     entries = hash_share(directory) if entries is None else entries
     (directory / "manifest.json").write_text(json.dumps({"files": dict(sorted(entries.items()))}, indent=1))
-    _fsync(directory / "manifest.json")
+    fsync(directory / "manifest.json")
     for sub in sorted({p.parent for p in directory.rglob("*")} | {directory}):
-        _fsync(sub)
+        fsync(sub)
 
 
 def verify(directory: Path) -> str | None:
@@ -178,18 +171,6 @@ def verify(directory: Path) -> str | None:
         if _sha256(path) != expected["sha256"]:
             return f"{path} does not match its checksum (corrupted)"
     return None
-
-
-def _replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
 
 
 class CheckpointStore:
@@ -269,8 +250,8 @@ class CheckpointStore:
             shutil.rmtree(final)
         os.replace(tmp, final)
         try:
-            _fsync(self.root)
-            _replace_file(self.root / "latest", final.name + "\n")  # last: the pointer moves
+            fsync(self.root)
+            replace_text(self.root / "latest", final.name + "\n")  # last: the pointer moves
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)  # never committed: `latest` names the one before
             raise
@@ -287,7 +268,7 @@ def save_weights(directory: Path, weights: dict[str, torch.Tensor]) -> Path:
     try:
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        _fsync(tmp / "model.safetensors")
+        fsync(tmp / "model.safetensors")
     except Exception as error:
         shutil.rmtree(tmp, ignore_errors=True)
         cause = as_os_error(error)

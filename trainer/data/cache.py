@@ -41,6 +41,7 @@ from tqdm import tqdm
 from trainer.config import ConfigError
 from trainer.data.sources import FileSource, HFSource
 from trainer.data.tokenizer import HFTokenizer, Tokenizer, load_bpe, train_bpe
+from trainer.files import replace_text
 
 FORMAT_VERSION = 1  # bump when the layout of tokens.bin or meta.json changes (meta's "crc32" is optional)
 CHUNK_DOCUMENTS = 1024  # documents per encode_batch call
@@ -76,18 +77,8 @@ def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """The whole new JSON or the old file (a temp name per process: ranks of a node may race)."""
+    replace_text(path, json.dumps(obj, indent=2), tmp=path.with_name(f"{path.name}.tmp{os.getpid()}"))
 
 
 def chunk_checksums(path: Path, chunk: int | None = None) -> list[int]:
