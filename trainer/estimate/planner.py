@@ -403,19 +403,9 @@ def measure_block(cfg: Config, m: ModelConfig, params: Parameters, repeats: int 
         with context:
             block.mlp(h2)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if not cuda else threads)  # one CPU thread: steadier when other work shares the cores
-    try:
-        seconds = _seconds({"forward": forward, "step": step, "attention": attention, "mlp": mlp}, device, repeats)
-    finally:
-        torch.set_num_threads(threads)
+    seconds = _seconds({"forward": forward, "step": step, "attention": attention, "mlp": mlp}, device, repeats)
     if cuda:  # after the warm-up calls: the allocator's and cuBLAS's first-call buffers exist
-        torch.cuda.synchronize()  # host sync
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()  # host sync
-        result["cuda_peak"] = torch.cuda.max_memory_allocated() - base
+        result["cuda_peak"] = _cuda_peak(step)
     result |= {f"{name}_s": seconds[name] for name in ("forward", "attention", "mlp")}
     result["backward_s"] = seconds["step"] - seconds["forward"]
     # The head and the loss are not timed: their share of the step is taken from the FLOPs.
@@ -435,21 +425,36 @@ def _head_share(m: ModelConfig, params: Parameters, flops: Costs) -> float:
 
 def _seconds(fns: dict[str, Any], device: torch.device, repeats: int) -> dict[str, float]:
     """Each function's least wall time over `repeats` calls after two warm-up calls (the least is
-    the steadiest figure when other work shares the machine: timeit's advice)."""
-    times = {}
-    for name, fn in fns.items():
-        fn(), fn()
-        best = math.inf
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # host sync
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # host sync: the kernels are done
-            best = min(best, time.perf_counter() - start)
-        times[name] = best
+    the steadiest figure when other work shares the machine: timeit's advice); on the CPU with one
+    thread, steadier when other work shares the cores."""
+    times, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(threads if device.type == "cuda" else 1)
+    try:
+        for name, fn in fns.items():
+            fn(), fn()
+            best = math.inf
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # host sync
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()  # host sync: the kernels are done
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+    finally:
+        torch.set_num_threads(threads)
     return times
+
+
+def _cuda_peak(fn: Any) -> int:
+    """Bytes fn allocates at its peak above what was allocated before it (host syncs)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 __all__ = ["Candidate", "Costs", "analytic_costs", "candidates", "measure_block", "parse_bytes", "plan", "table"]
