@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import Config, check_run, resolve_model_config
+from trainer.config import Config
 from trainer.model.build import build_model
 from trainer.parallel import Strategy, build_strategy, parallelize
 from trainer.parallel.dist import env_world_size
+from trainer.preflight import check_run, resolve_model_config
 
 
 def build_trainer(cfg: Config, seed: int = 0) -> tuple[Strategy, int]:

@@ -21,8 +21,8 @@ from trainer.config import (
     ParallelConfig,
     PrecisionConfig,
     TrainConfig,
-    resolve_model_config,
 )
+from trainer.preflight import resolve_model_config
 
 # No biases: the key projection's bias has an exactly zero true gradient (softmax ignores a
 # constant added to a whole row of scores), so Adam turns its rounding noise into full-size

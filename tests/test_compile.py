@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from trainer.__main__ import compose_config
-from trainer.config import ConfigError, ModelConfig, check_run
+from trainer.config import ConfigError, ModelConfig
 from trainer.model.checkpointing import apply_activation_checkpointing
 from trainer.model.compile import apply_compile, compiled_blocks
 from trainer.model.gpt import GPT, bare_name
+from trainer.preflight import check_run
 
 # Llama-shaped (RMSNorm, SwiGLU, RoPE, grouped-query attention): every op the blocks have.
 LLAMA = ModelConfig(

@@ -5,13 +5,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import HF_CONTEXT, torchrun
+from helpers import HF_CONTEXT, run_cli, torchrun
 
 from trainer.__main__ import CONFIG_DIR, compose_config, preflight
 from trainer.config import (
@@ -22,9 +19,9 @@ from trainer.config import (
     MonitorConfig,
     SpikeConfig,
     TrainConfig,
-    check_run,
-    resolve_model_config,
+    check_switches,
 )
+from trainer.preflight import check_run, resolve_model_config
 
 GROUPS = ["model", "data", "optim", "parallel", "precision", "lora", "logger", "experiment"]
 
@@ -90,7 +87,7 @@ def test_overrides_reach_the_dataclasses() -> None:
         (["model.pretrained=/no/such/checkpoint"], "model.pretrained=/no/such/checkpoint is not a directory"),
         (["data=synthetic", "data.synthetic_tokens=0"], "data.synthetic_tokens=0 must be positive"),
         (["data=synthetic", "data.synthetic_concentration=0"], "data.synthetic_concentration=0.0 must be positive"),
-        (["lora.r=8"], "lora.r is set but LoRA is off: add lora=default (or lora.enabled=true)"),
+        (["lora.r=8"], "lora.r is set but LoRA is off (lora.enabled=false): set lora.enabled=true (or lora=default)"),
         (["lora=default", "lora.r=0"], "lora.r=0 must be positive"),
         (["monitor.spike.action=rollback"], "monitor.spike.action=rollback needs checkpoints to roll back to"),
     ],
@@ -107,13 +104,6 @@ def test_multirun_sweep_is_validated_by_its_first_value() -> None:
     preflight(["-m", "optim.lr=1e-3,3e-4"])
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
         preflight(["-m", "optim.lrr=1e-3,3e-4"])
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_cli_bad_key_exits_2_with_one_line_and_no_run_dir(tmp_path: Path) -> None:
@@ -218,12 +208,74 @@ def test_cross_section_rules_wait_for_check_run() -> None:
     assert refusal(cfg).startswith("monitor.spike.action=rollback needs checkpoints")
 
 
-def test_lora_settings_without_lora_are_refused() -> None:
-    """A lora.* setting without lora.enabled would silently train in full."""
-    cfg, _ = compose_config(["lora.target_modules=[q_proj]"])
-    assert refusal(cfg) == "lora.target_modules is set but LoRA is off: add lora=default (or lora.enabled=true)"
-    cfg, _ = compose_config(["lora=default", "lora.target_modules=[q_proj]"])
-    check_run(cfg)  # with LoRA on: accepted (whether q_proj exists is checked on the model)
+# -- an optional section's keys while it is off: refused in one line naming its switch ------------
+
+OFF = {  # one key of each optional section (trainer/config/switches.py), set while the section is off
+    "lora": (
+        ["lora.target_modules=[q_proj]"],
+        "lora.target_modules is set but LoRA is off (lora.enabled=false): set lora.enabled=true "
+        "(or lora=default), or drop lora.target_modules=[q_proj]",
+    ),
+    "sharpness": (
+        ["diagnostics.sharpness.interval=10"],
+        "diagnostics.sharpness.interval is set but the sharpness is off (diagnostics.sharpness.enabled=false): "
+        "set diagnostics.sharpness.enabled=true, or drop diagnostics.sharpness.interval=10",
+    ),
+    "noise_scale": (
+        ["diagnostics.noise_scale_ema=0.9"],
+        "diagnostics.noise_scale_ema is set but the noise scale is off (diagnostics.noise_scale=false): "
+        "set diagnostics.noise_scale=true, or drop diagnostics.noise_scale_ema=0.9",
+    ),
+    "quant": (
+        ["quant.group_size=64"],
+        "quant.group_size is set but QAT is off (quant.qat=null): set quant.qat=int4, or drop quant.group_size=64",
+    ),
+}
+ON = {  # the same keys with their section on: accepted
+    "lora": ["lora=default", "lora.target_modules=[q_proj]"],  # whether q_proj exists is checked on the model
+    "sharpness": ["diagnostics.sharpness.enabled=true", "diagnostics.sharpness.interval=10"],
+    "noise_scale": ["diagnostics.noise_scale=true", "diagnostics.noise_scale_ema=0.9", "train.grad_accum_steps=2"],
+    "quant": ["quant.qat=int4", "quant.group_size=64"],
+}
+
+
+@pytest.mark.parametrize("section", OFF)
+def test_a_key_of_a_section_that_is_off_is_refused(section: str) -> None:
+    """A key of an optional section is never silently ignored: lora.* without lora.enabled would train
+    in full, diagnostics.sharpness.interval without diagnostics.sharpness.enabled would log nothing."""
+    overrides, expected = OFF[section]
+    cfg, _ = compose_config(overrides)
+    assert refusal(cfg) == expected
+    if section == "quant" and importlib.util.find_spec("torchao") is None:
+        pytest.skip("quant.qat needs torchao")
+    check_run(compose_config(ON[section])[0])
+
+
+def test_a_section_off_with_its_keys_at_their_defaults_passes() -> None:
+    """ "Set" means different from the schema's default: lora=none spells the defaults out, and a key
+    set back to its default is not set."""
+    check_run(compose_config(["lora=none"])[0])
+    check_run(compose_config(["lora=default", "lora.enabled=false"])[0])  # lora/default.yaml: the defaults
+    check_run(compose_config(["diagnostics.sharpness.interval=100", "quant.group_size=32"])[0])
+
+
+@pytest.mark.parametrize("group,option", shipped_options())
+def test_every_shipped_config_sets_no_key_of_a_section_it_leaves_off(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data" and option in ("files", "hf", "instruct", "chat"):
+        overrides.append("data.path=somewhere")
+    if group == "model":
+        overrides.append("train.seq_len=64")
+    check_switches(compose_config(overrides)[0])
+
+
+@pytest.mark.parametrize("section", ["lora", "sharpness"])
+def test_cli_refuses_a_key_of_a_section_that_is_off_in_one_line(section: str, tmp_path: Path) -> None:
+    overrides, expected = OFF[section]
+    result = run_cli(*overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"error: {expected}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_parallel_none_with_several_processes_is_refused() -> None:

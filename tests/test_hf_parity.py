@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import hf_gpt2, hf_llama, hf_mistral, hf_qwen2  # noqa: E402
 
-from trainer.config import ConfigError, ModelConfig, resolve_model_config  # noqa: E402
+from trainer.config import ConfigError, ModelConfig  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
 from trainer.model.gpt import rope_inv_freq  # noqa: E402
 from trainer.model.hf_import import (  # noqa: E402
@@ -28,6 +28,7 @@ from trainer.model.hf_import import (  # noqa: E402
     trim_vocab,
 )
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
+from trainer.preflight import resolve_model_config  # noqa: E402
 
 VOCAB, T = 101, 12
 

@@ -10,9 +10,10 @@ import torch
 from helpers import QUICK, build, masked_global_batch, run_cli
 from torch.func import functional_call
 
-from trainer.config import Config, ConfigError, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig, check_run
+from trainer.config import Config, ConfigError, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig
 from trainer.diagnostics.instruments import Instruments, noise_scale_sample
 from trainer.model.loss import IGNORE_INDEX
+from trainer.preflight import check_run
 from trainer.step import train_step
 
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False)

@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from trainer.__main__ import compose_config
-from trainer.config import ConfigError, ModelConfig, check_run, resolve_model_config
+from trainer.config import ConfigError, ModelConfig
 from trainer.config.schema import QuantConfig
 from trainer.model import GPT
 from trainer.model.build import build_model
+from trainer.preflight import check_run, resolve_model_config
 from trainer.quant import QATLinear, add_fake_quantization, quantization_error, quantize_dequantize
 from trainer.quant.qat import tq  # torchao.quantization, imported with its log lines silenced
 

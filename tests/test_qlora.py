@@ -21,7 +21,6 @@ from helpers import GPT2_LIKE, LLAMA_LIKE, env, lora_run_args, randomize_adapter
 from safetensors.torch import load_file
 
 from trainer.config import ConfigError, LoraConfig, ModelConfig
-from trainer.config.checks import qlora_problem
 from trainer.lora import LoRALinear, apply_lora, with_adapter_init
 from trainer.lora.export import merged
 from trainer.lora.names import layout
@@ -31,6 +30,7 @@ from trainer.model import load_hf_config
 from trainer.model.build import build_model
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
 from trainer.parallel.base import materialize
+from trainer.preflight import qlora_problem
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
 CPU = torch.device("cpu")

@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from trainer.__main__ import compose_config
-from trainer.config import ConfigError, ModelConfig, resolve_model_config
+from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPT
 from trainer.model.hf_import import VOCAB_ROWS
 from trainer.model.loss import IGNORE_INDEX
+from trainer.preflight import resolve_model_config
 
 # 200 tokens, 256 rows: no other tensor of the model has B T 256 or B T 200 elements (the MLP's 128).
 VOCAB, PADDED, B, T = 200, 256, 3, 8

@@ -19,9 +19,11 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import Config, ConfigError, check_run, register_configs
+from trainer.config import Config, ConfigError, register_configs
+from trainer.config.load import CONFIG_DIR, compose_config, to_config
+from trainer.config.load import one_line as _one_line
 from trainer.loggers import console_only_on_rank0
 from trainer.parallel.dist import (
     barrier,
@@ -31,34 +33,9 @@ from trainer.parallel.dist import (
     env_world_size,
     init_distributed,
 )
+from trainer.preflight import check_run
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 register_configs()
-
-
-def _one_line(error: BaseException) -> str:
-    """Turn Hydra / OmegaConf errors (several lines, a chained cause) into one readable line."""
-    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
-
-    chain = []
-    while error is not None:
-        chain.append(error)
-        error = error.__cause__ or error.__context__
-    for err in chain:
-        if isinstance(err, ConfigError):
-            return str(err)
-        full_key = getattr(err, "full_key", None)
-        if isinstance(err, OmegaConfBaseException) and full_key:
-            first = str(getattr(err, "msg", err)).strip().splitlines()[0]
-            if isinstance(err, ConfigKeyError) or " not in " in first:
-                return (
-                    f"unknown config key '{full_key}': check its spelling "
-                    "(`python -m trainer --cfg job` prints every key)"
-                )
-            return f"{full_key}: {first}"
-    text = str(chain[0]).split("Config search path")[0]  # Hydra appends its search path
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
-    return " ".join(lines)
 
 
 def _first_of_sweeps(overrides: list[str]) -> list[str]:
@@ -73,24 +50,6 @@ def _first_of_sweeps(overrides: list[str]) -> list[str]:
         else:
             out.append(override.input_line)
     return out
-
-
-def compose_config(overrides: list[str]) -> tuple[Config, DictConfig]:
-    """Compose configs/ with overrides into the typed Config (raises ConfigError on bad input)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    return to_config(composed), composed
-
-
-def to_config(cfg: DictConfig) -> Config:
-    """The typed dataclasses (their __post_init__ checks run here)."""
-    if "hydra" in cfg:  # composed with return_hydra_config: drop Hydra's own node, keep the schema
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            del cfg["hydra"]
-    return OmegaConf.to_object(cfg)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace | None:

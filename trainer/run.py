@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trainer.checkpoint import Checkpointer, CheckpointStore, RNGState
-from trainer.config import Config, ConfigError, ModelConfig, check_run, resolve_model_config
+from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Data, Sampler, build_data
 from trainer.data.prefetch import Prefetcher
 from trainer.diagnostics.instruments import Instruments
@@ -30,6 +30,7 @@ from trainer.monitor import SpikeWatch
 from trainer.parallel import Strategy, build_strategy, parallelize
 from trainer.parallel.dist import env_local_rank, env_world_size
 from trainer.precision import DTYPES
+from trainer.preflight import check_run, resolve_model_config
 from trainer.state import TokenizerRef, TrainState
 
 log = logging.getLogger("trainer")

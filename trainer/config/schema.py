@@ -1,7 +1,7 @@
 """The schemas: typed dataclasses that Hydra validates every YAML and override against.
 
 Each field is a config key (`train.max_steps`, `model.n_head`, ...). `__post_init__` checks one
-section at a time; rules that span sections are in trainer/config/checks.py.
+section at a time; rules that span sections and components are in trainer/preflight.py.
 """
 
 from __future__ import annotations
@@ -153,6 +153,21 @@ class ModelConfig:
             f"model.pretrained={self.pretrained}, and sliding-window attention is not implemented: "
             f"set model.block_size={window} or less",
         )
+
+
+# ModelConfig fields that may be set together with model.pretrained; every other field is the
+# checkpoint's architecture (setting it is refused unless it agrees with the checkpoint).
+PRETRAINED_OVERRIDABLE = (
+    "name",
+    "pretrained",
+    "block_size",  # a smaller context (learned positions are cropped); never a larger one
+    "dropout",
+    "attention_backend",
+    "activation_checkpointing",
+    "activation_checkpointing_every",
+    "loss_chunk_size",
+    "vocab_multiple",  # the padding of the checkpoint's vocabulary (imported with zero rows, exported without)
+)
 
 
 @dataclass

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from trainer.config import Config, ConfigError, ModelConfig, TrainConfig
+from trainer.config.load import compose_config, one_line
 from trainer.diagnostics.gradient_flow import model_gradient_flow
 from trainer.model.gpt import GPT
+from trainer.preflight import resolve_model_config
 
 MAX_DEFAULT_SEQ_LEN = 128  # enough tokens to see the gradient's shape; --seq-len for more
 
@@ -38,9 +40,6 @@ def gpt_study(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_study(overrides: list[str], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """The configured GPT at initialisation."""
-    from trainer.__main__ import _one_line, compose_config
-    from trainer.config.checks import resolve_model_config
-
     try:
         cfg, _ = compose_config(overrides)
         seq_len = args.seq_len or min(cfg.train.seq_len, MAX_DEFAULT_SEQ_LEN)
@@ -56,14 +55,13 @@ def config_study(overrides: list[str], args: argparse.Namespace, device: torch.d
             )
         init = initial_model(model_cfg, cfg.train.seed, device)
     except Exception as error:  # Hydra, OmegaConf, ConfigError, a shape GPT rejects: one line
-        raise FlowInputError(_one_line(error)) from error
+        raise FlowInputError(one_line(error)) from error
     states = [{"state": "init", "step": 0, "seed": cfg.train.seed, **measure(init, batch, device)}]
     return _result(model_cfg, states, batch, source, device)
 
 
 def run_study(where: Path, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """A run's GPT at its newest verified checkpoint and at its initialisation."""
-    from trainer.__main__ import _one_line
     from trainer.export import ExportError, find_checkpoint, load_model
 
     try:
@@ -92,13 +90,13 @@ def run_study(where: Path, args: argparse.Namespace, device: torch.device) -> di
             batch = random_batch(model_cfg.vocab_size, args.batch_size or 4, seq_len, args.seed)
             source = f"random tokens (seed {args.seed})"
     except Exception as error:  # the run's config (OmegaConf), its data (ConfigError, OSError): one line
-        raise FlowInputError(_one_line(error)) from error
+        raise FlowInputError(one_line(error)) from error
     at_checkpoint = {"state": "checkpoint", "step": info["step"], **measure(trained, batch, device)}
     del trained  # one model in memory at a time
     try:
         init = initial_model(model_cfg, seed, device)
     except (ConfigError, ValueError, OSError) as error:  # e.g. a fine-tuning run's model.pretrained moved
-        raise FlowInputError(f"cannot rebuild the run's initial model: {_one_line(error)}") from error
+        raise FlowInputError(f"cannot rebuild the run's initial model: {one_line(error)}") from error
     at_init = {"state": "init", "step": 0, "seed": seed, **measure(init, batch, device)}
     result = _result(model_cfg, [at_init, at_checkpoint], batch, source, device)
     return result | {"run": str(run_dir), "checkpoint": str(checkpoint)}

@@ -24,9 +24,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from trainer.config import Config, ConfigError, ModelConfig, resolve_model_config
+from trainer.config import Config, ConfigError, ModelConfig
 from trainer.estimate.activations import activation_bytes, forward_spec
 from trainer.estimate.parameters import BYTES, Parameters, count_parameters
+from trainer.preflight import resolve_model_config
 
 
 def model_shape(cfg: Config, vocab: int | None = None) -> ModelConfig:

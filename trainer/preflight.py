@@ -1,5 +1,11 @@
-"""Rules that span config sections, checked once before anything is built (`check_run`), and
-the model a run builds from model.* and a pretrained checkpoint (`resolve_model_config`)."""
+"""The checks before anything is built: the rules that span config sections and components
+(`check_run`: the launch against the strategy, a checkpoint against model.*, the data against the
+context), and the model a run builds from model.* and a pretrained checkpoint (`resolve_model_config`).
+
+It sits above the components it reads (the strategies, the token cache's split, the checkpoint
+importer), so trainer/config stays a leaf: its schema and per-section checks import no component.
+The run builder (trainer/run.py) and the command line (trainer/__main__.py) call it first.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,21 @@ import importlib.util
 import math
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
 
-from trainer.config.schema import (
+from trainer.config import (
+    PRETRAINED_OVERRIDABLE,
     Config,
     ConfigError,
     LoraConfig,
     ModelConfig,
     ParallelConfig,
-    QuantConfig,
-    _require,
 )
+from trainer.config.schema import QuantConfig, _require
+from trainer.config.switches import check_switches, show
+from trainer.data.cache import split_point
+from trainer.model.hf_import import load_hf_config
+from trainer.parallel import strategy_class
+from trainer.parallel.zero import merged_deepspeed_config
 
 
 def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
@@ -26,6 +36,7 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     has_gpu: whether this run will compute on a GPU (torch.cuda.is_available() and
     train.device != cpu). Reads model.pretrained's config.json; builds nothing.
     """
+    check_switches(cfg)  # an optional section's keys while it is off (trainer/config/switches.py)
     _check_lora(cfg.lora, cfg.parallel.strategy)
     _check_launch(cfg, world_size, has_gpu)
     _check_spike(cfg)
@@ -83,26 +94,9 @@ def _check_qat(cfg: Config) -> None:
         )
 
 
-def _show(value: Any) -> str:
-    """A value as the command line writes it (true, null, [a,b])."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
 def _check_lora(cfg: LoraConfig, strategy: str) -> None:
     """LoRA settings that cannot work, in one line each (r, alpha and dropout: LoraConfig itself)."""
-    default = LoraConfig()
-    if not cfg.enabled:  # a lora.* setting without lora.enabled would silently train in full
-        changed = [f.name for f in fields(LoraConfig) if getattr(cfg, f.name) != getattr(default, f.name)]
-        _require(
-            not changed,
-            f"lora.{changed[0] if changed else ''} is set but LoRA is off: add lora=default (or lora.enabled=true)",
-        )
+    if not cfg.enabled:  # its keys set while it is off: check_switches
         return
     problem = qlora_problem(cfg, strategy, torchao=importlib.util.find_spec("torchao") is not None)
     _require(problem is None, problem or "")
@@ -188,9 +182,6 @@ def _check_deepspeed(cfg: Config, world_size: int, has_gpu: bool) -> None:
         not fp16 or 2 ** int(math.log2(precision.initial_scale)) == precision.initial_scale,
         f"precision.initial_scale={precision.initial_scale} must be a power of two under DeepSpeed",
     )
-    # Imported here: trainer.parallel imports this module.
-    from trainer.parallel.zero import merged_deepspeed_config
-
     merged_deepspeed_config(cfg, world_size)  # raises on a contradicting DeepSpeed JSON
 
 
@@ -213,9 +204,6 @@ def _check_diagnostics(cfg: Config, world_size: int) -> None:
 
 
 def _check_spike(cfg: Config) -> None:
-    # Imported here: trainer.parallel imports this module.
-    from trainer.parallel import strategy_class
-
     action = cfg.monitor.spike.action
     _require(
         action != "rollback" or cfg.checkpoint.interval > 0,
@@ -233,8 +221,6 @@ def _check_synthetic_splits(cfg: Config) -> None:
     only once tokenized."""
     if cfg.data.source != "synthetic":
         return
-    from trainer.data.cache import split_point
-
     total, need = cfg.data.synthetic_tokens, cfg.train.seq_len + 1
     train_tokens = split_point(total, cfg.data.val_fraction)
     _require(
@@ -272,20 +258,6 @@ def _check_model(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------
 # The model a run builds: the config as given, or a checkpoint's architecture with a few overrides.
 
-# ModelConfig fields that may be set together with model.pretrained; every other field is the
-# checkpoint's architecture (setting it is refused unless it agrees with the checkpoint).
-PRETRAINED_OVERRIDABLE = (
-    "name",
-    "pretrained",
-    "block_size",  # a smaller context (learned positions are cropped); never a larger one
-    "dropout",
-    "attention_backend",
-    "activation_checkpointing",
-    "activation_checkpointing_every",
-    "loss_chunk_size",
-    "vocab_multiple",  # the padding of the checkpoint's vocabulary (imported with zero rows, exported without)
-)
-
 
 def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
     """The model's shape with its vocabulary fixed: a derived copy, the run config is untouched.
@@ -314,9 +286,6 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
 
 def _checkpoint_config(cfg: ModelConfig) -> ModelConfig:
     """model.pretrained's config.json as a ModelConfig (its reading errors as one ConfigError line)."""
-    # Imported here: the model package imports this module.
-    from trainer.model.hf_import import load_hf_config
-
     try:
         return load_hf_config(cfg.pretrained)
     except KeyError as error:
@@ -336,8 +305,8 @@ def _over_checkpoint(cfg: ModelConfig, checkpoint: ModelConfig) -> ModelConfig:
         ours, theirs = getattr(cfg, f.name), getattr(checkpoint, f.name)
         _require(
             f.name in PRETRAINED_OVERRIDABLE or ours in (getattr(default, f.name), theirs),
-            f"model.{f.name}={_show(ours)} conflicts with model.pretrained={cfg.pretrained}, whose checkpoint "
-            f"has {f.name}={_show(theirs)}: drop model.{f.name} (the checkpoint fixes the architecture)",
+            f"model.{f.name}={show(ours)} conflicts with model.pretrained={cfg.pretrained}, whose checkpoint "
+            f"has {f.name}={show(theirs)}: drop model.{f.name} (the checkpoint fixes the architecture)",
         )
     overrides = {k: getattr(cfg, k) for k in PRETRAINED_OVERRIDABLE if getattr(cfg, k) != getattr(default, k)}
     positions = "n_positions" if checkpoint.position == "learned" else "max_position_embeddings"
