@@ -27,12 +27,9 @@ batch statistics. Sampled entries (`max_entries_per_tensor`, seeded) keep it usa
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -359,30 +356,6 @@ def _likely_cause(checks: list[TensorCheck], diagnoses: dict[str, dict[str, Any]
         else:
             sentences.append(f"unclear ({names}): the numeric derivative did not settle when h halved")
     return "; ".join(sentences)
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m trainer.diagnose gradcheck
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `python -m trainer.diagnose gradcheck`."""
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision of the check")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="ops to check: names or prefixes (attention)")
-    parser.add_argument("--out", type=Path, help="also write the reports to this JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Check every custom op of the project (trainer.diagnostics.custom_ops); 1 if any check fails."""
-    from trainer.diagnostics.custom_ops import OPS, check_op, select
-
-    dtype = getattr(torch, args.dtype)
-    results = [check_op(op, dtype) for op in select(OPS, args.only)]
-    print(format_table(results))
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"wrote {args.out}")
-    return int(any(r["result"] == "FAIL" for r in results))
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

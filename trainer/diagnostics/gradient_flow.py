@@ -36,11 +36,8 @@ input. Writes a PNG (--png) and, with --out, JSON; prints one markdown table and
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -212,66 +209,3 @@ def model_verdicts(blocks: list[dict]) -> dict[str, str]:
         if first is not None and end is not None:
             out[key] = verdict(_ratio(first, end), f"block 0 / block {last}", last)
     return out
-
-
-# -- the command ----------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `python -m trainer.diagnose gradient-flow`."""
-    parser.add_argument(
-        "overrides", nargs="*", help="Hydra overrides of a GPT config, as for python -m trainer (none: the toy study)"
-    )
-    parser.add_argument(
-        "--run", type=Path, metavar="RUN_DIR", help="a run directory of python -m trainer (or one checkpoint in it)"
-    )
-    parser.add_argument(
-        "--png", type=Path, metavar="PATH", help="plot to write (default: ./gradient_flow*.png, or in RUN_DIR)"
-    )
-    parser.add_argument("--out", type=Path, metavar="FILE", help="write the measurements as JSON to this file")
-    parser.add_argument("--seed", type=int, default=0, help="toy weights and inputs / the random tokens (0)")
-    parser.add_argument("--width", type=int, default=64, help="toy study: units per layer (64)")
-    parser.add_argument("--depth", type=int, default=20, help="toy study: layers (20)")
-    parser.add_argument("--batch-size", type=int, help="toy: inputs (128); GPT: sequences (4)")
-    parser.add_argument("--seq-len", type=int, help="GPT: tokens per sequence (train.seq_len, at most 128)")
-    parser.add_argument("--data", action="store_true", help="GPT: a batch of the config's validation split")
-    parser.add_argument("--vocab", type=int, help="GPT: the vocabulary when model.vocab_size is null")
-    parser.add_argument("--device", default="auto", help="GPT: cpu, cuda, ... (auto: cuda when available)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Measure, print the table, write the PNG (and JSON); 2 with one line on bad input."""
-    from trainer.diagnostics import gradient_flow_report as report
-    from trainer.diagnostics.gradient_flow_models import FlowInputError, gpt_study
-
-    try:
-        if args.run is not None and args.overrides:
-            raise FlowInputError("give either --run RUN_DIR or overrides, not both (a run's config is its own)")
-        is_toy = args.run is None and not args.overrides
-        png = args.png or default_png(args.run, args.overrides)
-        for path in (args.png, args.out):  # the default PNG's directory is here, or the run's
-            if path is not None and not path.expanduser().resolve().parent.is_dir():
-                raise FlowInputError(f"{path}: its directory does not exist (create it or choose another path)")
-        if is_toy:
-            result = toy_study(args.width, args.depth, args.batch_size or 128, args.seed)
-        else:
-            result = gpt_study(args)
-    except FlowInputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    print(report.toy_table(result) if is_toy else report.model_table(result))
-    report.write_png(result, png)
-    written = [str(png)]
-    if args.out is not None:
-        report.write_json(result, args.out)
-        written.append(str(args.out))
-    print(f"wrote {' and '.join(written)}")
-    return 0
-
-
-def default_png(run_dir: Path | None, overrides: list[str]) -> Path:
-    """RUN_DIR/gradient_flow.png for a run (beside checkpoints/); else in the current directory."""
-    if run_dir is not None:
-        root = run_dir.parent.parent if run_dir.name.startswith("step_") else run_dir
-        return root / "gradient_flow.png"
-    return Path("gradient_flow_gpt.png" if overrides else "gradient_flow.png")
