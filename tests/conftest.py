@@ -17,6 +17,16 @@ def quick(tmp_path: Path) -> list[str]:
     return [*QUICK, f"data.cache_dir={tmp_path / 'cache'}"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trainer_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The per-user cache (the CPU's measured MFU peak) in a temp dir for the whole session, never
+    the real ~/.cache/trainer; subprocesses (run_cli, torchrun) inherit it through the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("trainer_cache")
+        patch.setenv("TRAINER_CACHE_DIR", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny random GPT-2 and Llama (GQA) checkpoints in Hugging Face's layout, built here (no hub)."""

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import QUICK, read_metrics
+from helpers import QUICK, read_metrics, run_cli
 
+import trainer.monitor
 import trainer.run
 from trainer.__main__ import compose_config, preflight
 from trainer.config import ConfigError
 from trainer.loop import train
-from trainer.monitor import SpikeDetector, group_order
+from trainer.monitor import SpikeDetector, Throughput, cpu_peak, group_order
 
 
 def config(tmp_path: Path, *extra: str):
@@ -214,3 +218,102 @@ def test_mfu_peak_table_tells_the_parts_apart() -> None:
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == gpu_peak_flops("NVIDIA A100 80GB PCIe") == 312e12
     assert gpu_peak_flops("NVIDIA L40S") == 362e12 and gpu_peak_flops("NVIDIA B200") == 2250e12
     assert gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
+
+
+def test_the_cpu_peak_is_measured_once_per_thread_count_and_cached(tmp_path, monkeypatch) -> None:
+    """The first call measures (for real) and writes the cache; the second reads it back; another
+    thread count is another key, measured on that many threads. Torch's own count is left as it was."""
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path / "cache"))
+    measure, threads_seen = trainer.monitor.measured_matmul_flops, []
+    monkeypatch.setattr(
+        trainer.monitor, "measured_matmul_flops", lambda: threads_seen.append(torch.get_num_threads()) or measure()
+    )
+    before = torch.get_num_threads()
+    first, again = cpu_peak(1), cpu_peak(1)
+    assert threads_seen == [1] and again.flops == first.flops and again.source == first.source
+    assert math.isfinite(first.flops) and first.flops > 1e6  # FLOP/s: any CPU does millions
+    path = tmp_path / "cache" / "cpu_peak.json"
+    entries = json.loads(path.read_text())
+    assert [entry["flops"] for entry in entries.values()] == [first.flops]
+    assert list(entries) == [first.cache_key] and first.cache_key.endswith(f"| 1 thread | torch {torch.__version__}")
+    assert re.fullmatch(
+        rf"CPU, 1 thread, fp32 1536x1536 matmul best of 5, measured \d{{4}}-\d\d-\d\d, cached in {re.escape(str(path))}",
+        first.source,
+    )
+
+    two = cpu_peak(2)
+    assert threads_seen == [1, 2] and torch.get_num_threads() == before
+    assert two.cache_key == first.cache_key.replace("| 1 thread |", "| 2 threads |")
+    assert {k: e["flops"] for k, e in json.loads(path.read_text()).items()} == {
+        first.cache_key: first.flops,
+        two.cache_key: two.flops,
+    }
+
+
+def test_an_unreadable_cache_is_measured_again_and_rewritten(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(trainer.monitor, "measured_matmul_flops", lambda: 5e10)
+    (tmp_path / "cpu_peak.json").write_text('{"torn')
+    peak = cpu_peak(1)
+    assert peak.flops == 5e10 and json.loads((tmp_path / "cpu_peak.json").read_text())[peak.cache_key]["flops"] == 5e10
+
+
+def test_a_window_faster_than_the_peak_reads_one_and_raises_the_cached_peak(tmp_path, monkeypatch, caplog) -> None:
+    """MFU above 1 is impossible: the window reads 1.0, the observed rate becomes the peak (in the
+    cache too, for a measured CPU peak), and the warning is said once."""
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(trainer.monitor, "measured_matmul_flops", lambda: 1e3)  # a deliberately tiny peak
+    peak = cpu_peak(1)
+    meter = Throughput(flops_per_token=1e6, peak=peak, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        readings = []
+        for tokens in (1000, 3000, 10):  # faster, faster again, then slower than the raised peak
+            meter.reset()
+            meter.add(tokens, tokens, 0.0, {})
+            readings.append(meter.metrics()["throughput/mfu"])
+    assert readings[:2] == [1.0, 1.0] and 0 < readings[2] < 1
+    assert peak.flops > 1e6 and peak.raised  # each rank's share: 1e6 FLOPs x 3000 tokens / 2 ranks in microseconds
+    cached = json.loads((tmp_path / "cpu_peak.json").read_text())[peak.cache_key]
+    assert cached["flops"] == peak.flops and cached["how"] == "raised to a training step's rate"
+    assert cpu_peak(1).flops == peak.flops  # the next run starts from the raised peak
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert (
+        warning.startswith("MFU: a step ran at ")
+        and " per rank, above the peak of 1000 FLOP/s (CPU, 1 thread" in warning
+    )
+    assert "the peak was under-measured and is re-estimated as the observed rate (cached)" in warning
+
+
+def test_a_tiny_configured_peak_never_logs_mfu_above_one(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        train(config(tmp_path, "train.max_steps=10", "monitor.peak_flops=1000"), tmp_path / "run")
+    mfu = [row["throughput/mfu"] for row in read_metrics(tmp_path / "run")]
+    assert len(mfu) == 2 and mfu[0] == 1.0 and 0 < mfu[1] <= 1.0
+    [warning] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MFU:")]
+    assert "(monitor.peak_flops): the peak was under-measured" in warning and "set monitor.peak_flops" in warning
+
+
+def test_the_first_lines_state_the_cpu_peak(tmp_path: Path, trainer_cache_dir: Path) -> None:
+    """A real run says its peak before its first step, the figure in the (test session's) cache, and logs no MFU above 1."""
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        *QUICK, "train.max_steps=3", "train.log_interval=1", "logger.progress_bar=false",
+        f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).splitlines()
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step 1/3"))
+    [(i, stated)] = [(i, line) for i, line in enumerate(lines) if line.startswith("MFU peak:")]
+    assert i < first_step
+    path = trainer_cache_dir / "cpu_peak.json"
+    found = re.fullmatch(
+        r"MFU peak: ([\d.]+) GFLOP/s per rank \(CPU, 1 thread, (fp32 1536x1536 matmul best of 5|raised to a training "
+        rf"step's rate), measured \d{{4}}-\d\d-\d\d, cached in {re.escape(str(path))}\)",
+        stated,
+    )
+    assert found, stated
+    [entry] = [e for key, e in json.loads(path.read_text()).items() if "| 1 thread |" in key]
+    stated_flops = float(found[1]) * 1e9
+    raised_since = entry["how"].startswith("raised") and entry["flops"] > stated_flops  # by this run's own steps
+    assert stated_flops == pytest.approx(entry["flops"], rel=1e-3) or raised_since
+    assert all(0 < row["throughput/mfu"] <= 1.0 for row in read_metrics(run_dir))

@@ -28,7 +28,7 @@ from trainer.checkpoint import save_weights, step_dir_name
 from trainer.config import Config
 from trainer.loggers import Loggers, human, human_bytes, human_duration
 from trainer.lora.run import write_adapter
-from trainer.monitor import Throughput, peak_flops, peak_memory_gb, step_metrics
+from trainer.monitor import Throughput, mfu_peak, peak_memory_gb, step_metrics
 from trainer.preemption import Preemption
 from trainer.run import Run, build_run
 from trainer.step import StepResult, evaluate, train_step
@@ -51,11 +51,15 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     preemption = Preemption(tc.preemption_signals).install()  # before building: a signal then counts too
     run = build_run(cfg, run_dir)
     resume(run)
+    # CPU: measured once per machine and cached; before start_loggers' barrier, so every rank's clock starts after it
+    peak = mfu_peak(run.strategy.device, cfg.monitor.peak_flops)
+    log.info(f"MFU peak: {peak}")
     run.loggers = start_loggers(run)
     state = run.state
     meter = Throughput(
         run.strategy.unwrapped().flops_per_token(tc.seq_len),
-        peak_flops(run.strategy.device, cfg.monitor.peak_flops) * run.strategy.world_size,
+        peak,
+        run.strategy.world_size,
         run.strategy.device,
     )
     metrics: dict[str, Any] = {}

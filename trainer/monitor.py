@@ -7,14 +7,24 @@ the parameters, so sum over groups of grad_norm/<group>^2 equals grad_norm^2.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import platform
 import re
 import resource
 import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from trainer.files import replace_text
+
+log = logging.getLogger("trainer")
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' datasheets. Names as
 # torch.cuda.get_device_name gives them; the first pattern that matches wins, so the NVL / PCIe parts
@@ -125,8 +135,10 @@ class Throughput:
     (no sync), read when the row is built (the log step has synced already):
     `throughput/device_step_time_s`."""
 
-    def __init__(self, flops_per_token: float, peak_flops: float, device: torch.device | None = None) -> None:
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+    def __init__(
+        self, flops_per_token: float, peak: Peak, world_size: int = 1, device: torch.device | None = None
+    ) -> None:
+        self.flops_per_token, self.peak, self.world_size = flops_per_token, peak, world_size
         self.cuda = device is not None and device.type == "cuda"
         self.reset()
 
@@ -159,11 +171,21 @@ class Throughput:
         return {
             "tokens_per_s": rate, "throughput/tokens_per_s": rate,
             "throughput/target_tokens_per_s": self.target_tokens / elapsed,
-            "throughput/mfu": self.flops_per_token * rate / self.peak_flops if self.peak_flops else 0.0,
+            "throughput/mfu": self.mfu(rate),
             "throughput/step_time_s": elapsed / self.steps,
             **{f"throughput/{k}_time_s": v / self.steps for k, v in self.seconds.items()},
             **self.device_metrics(),
         }  # fmt: skip
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: each rank's share of the model's FLOP/s over one rank's peak, at
+        most 1 (a faster window raises the peak: Peak.raise_to); 0 where the peak is unknown."""
+        if not self.peak.flops:
+            return 0.0
+        flops = self.flops_per_token * tokens_per_s / self.world_size
+        if flops > self.peak.flops:
+            self.peak.raise_to(flops)
+        return min(1.0, flops / self.peak.flops)
 
     def device_metrics(self) -> dict[str, float]:
         """Seconds per step on the GPU's clock (CUDA events): from the window's start to the end of its
@@ -211,26 +233,146 @@ def group_order(name: str) -> tuple[int, int, str]:
     return (1, int(index), {"attn": "a", "mlp": "b", "norm": "c"}.get(kind, kind))
 
 
-def peak_flops(device: torch.device, configured: float | None) -> float:
-    """Peak FLOP/s for MFU: configured, else a known GPU's datasheet value, else a measured
-    fp32 matmul rate on this CPU."""
+# -- the peak MFU divides by: configured, a GPU's datasheet figure, or this CPU's measured matmul rate --
+
+MATMUL_SIZE, MATMUL_REPEATS = 1536, 5  # 1536: saturates 2 threads here (512 read half that), ~0.3 s in all
+PEAK_CACHE_FILE = "cpu_peak.json"
+
+
+@dataclass
+class Peak:
+    """One rank's peak FLOP/s for MFU (0: unknown, MFU logged as 0) and where the figure comes from;
+    for a measured CPU peak, its cache entry's key (a raised peak is stored there too)."""
+
+    flops: float
+    source: str
+    cache_key: str | None = None
+    raised: bool = False
+
+    def __str__(self) -> str:
+        if not self.flops:
+            return f"unknown ({self.source}): MFU is logged as 0"
+        return f"{format_flops(self.flops)} per rank ({self.source})"
+
+    def raise_to(self, flops: float) -> None:
+        """A window ran at `flops` per rank, above this peak: the observed rate becomes the peak."""
+        # MFU above 1 is impossible, so a window faster than the peak proves the peak was
+        # under-measured (the matmul timed while other processes shared the cores) or configured
+        # too low. Clamping alone would hide that and keep reading 1.0 for every fast window; instead
+        # the observed rate becomes the peak: this window reads 1.0, later ones are against it, and a
+        # measured CPU peak is raised in its cache too, so the next run starts from it. Said once a run.
+        if not self.raised:
+            log.warning(
+                f"MFU: a step ran at {format_flops(flops)} per rank, above the peak of {format_flops(self.flops)} "
+                f"({self.source}): the peak was under-measured and is re-estimated as the observed rate"
+                + (" (cached)" if self.cache_key else "; set monitor.peak_flops to fix it")
+            )
+        self.flops, self.raised = flops, True
+        if self.cache_key is not None:
+            path = peak_cache_dir() / PEAK_CACHE_FILE
+            if flops > read_peaks(path).get(self.cache_key, {}).get("flops", 0.0):  # another rank may be ahead
+                how = "raised to a training step's rate"
+                store_peak(path, self.cache_key, {"flops": flops, "how": how, "date": date.today().isoformat()})
+
+
+def format_flops(flops: float) -> str:
+    for scale, unit in ((1e12, "TFLOP/s"), (1e9, "GFLOP/s")):
+        if flops >= scale:
+            return f"{flops / scale:.4g} {unit}"
+    return f"{flops:.4g} FLOP/s"
+
+
+def mfu_peak(device: torch.device, configured: float | None) -> Peak:
+    """One rank's peak FLOP/s for MFU: configured, else a known GPU's datasheet value, else this
+    CPU's fp32 matmul rate at torch's thread count now (the run's), measured once and cached."""
     if configured:
-        return configured
+        return Peak(configured, "monitor.peak_flops")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         flops = gpu_peak_flops(name)
         if flops is None:
-            logging.getLogger("trainer").warning(
+            log.warning(
                 f"MFU: the peak of {name!r} is not in trainer/monitor.py's table: MFU is logged as 0; "
                 "set monitor.peak_flops to its dense bf16 FLOP/s"
             )
-            return 0.0
-        return flops
-    return measured_matmul_flops()
+            return Peak(0.0, f"{name} is not in trainer/monitor.py's PEAK_FLOPS")
+        return Peak(flops, f"{name}: datasheet dense bf16, trainer/monitor.py PEAK_FLOPS")
+    return cpu_peak(torch.get_num_threads())
 
 
-def measured_matmul_flops(n: int = 512, repeats: int = 5) -> float:
-    """Best-of-`repeats` rate of an n x n fp32 matmul on the CPU (the CPU's practical peak)."""
+def peak_flops(device: torch.device, configured: float | None) -> float:
+    """mfu_peak's FLOP/s alone (the benchmarks' MFU)."""
+    return mfu_peak(device, configured).flops
+
+
+def cpu_peak(threads: int) -> Peak:
+    """This CPU's fp32 matmul peak on `threads` threads: the cached figure for this CPU, thread count
+    and torch version, else measured now (about 0.3 s) and cached (peak_cache_dir())."""
+    counted = f"{threads} thread{'s' * (threads != 1)}"
+    key = f"{cpu_name()} | {counted} | torch {torch.__version__}"
+    path = peak_cache_dir() / PEAK_CACHE_FILE
+    entry = read_peaks(path).get(key)
+    if entry is None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            flops = measured_matmul_flops()
+        finally:
+            torch.set_num_threads(before)
+        how = f"fp32 {MATMUL_SIZE}x{MATMUL_SIZE} matmul best of {MATMUL_REPEATS}"
+        entry = {"flops": flops, "how": how, "date": date.today().isoformat()}
+        store_peak(path, key, entry)
+    source = f"CPU, {counted}, {entry['how']}, measured {entry['date']}, cached in {path}"
+    return Peak(entry["flops"], source, key)
+
+
+def peak_cache_dir() -> Path:
+    """Per-user cache: $TRAINER_CACHE_DIR, else $XDG_CACHE_HOME/trainer, else ~/.cache/trainer."""
+    if os.environ.get("TRAINER_CACHE_DIR"):
+        return Path(os.environ["TRAINER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trainer"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def read_peaks(path: Path) -> dict[str, dict[str, Any]]:
+    """The cache's entries by key; those that are not a positive finite FLOP/s are left out (measured again)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {
+        key: entry for key, entry in entries.items()
+        if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float))
+        and math.isfinite(entry["flops"]) and entry["flops"] > 0 and {"how", "date"} <= entry.keys()
+    }  # fmt: skip
+
+
+def store_peak(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Set one entry of the cache, atomically (a temp file per process: ranks may write at once).
+    A cache that cannot be written is a warning: the peak is measured again next run."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**read_peaks(path), key: entry}, indent=1) + "\n"
+        replace_text(path, text, tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
+    except OSError as error:
+        log.warning(f"MFU: the CPU peak could not be cached in {path} ({error}): it is measured again next run")
+
+
+def measured_matmul_flops(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
+    """Best-of-`repeats` rate of an n x n fp32 matmul on the CPU (the CPU's practical peak), on
+    torch's current thread count: the best, since other processes can only slow a repeat down."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up
     best = math.inf
