@@ -18,6 +18,7 @@ from helpers import build
 
 from trainer.config import Config, ModelConfig, ParallelConfig, TrainConfig
 from trainer.model.build import build_model
+from trainer.parallel.dist import exit_process
 
 # 8 x 12 x 1600^2 + 8192 x 1600 (tied embedding) + positions: 259M parameters, 1.04 GB in fp32.
 BIG = ModelConfig(vocab_size=8192, block_size=128, n_layer=8, n_head=16, n_embd=1600, bias=False)
@@ -46,4 +47,4 @@ if __name__ == "__main__":
     if strategy.rank == 0:
         with open(out, "w") as handle:
             json.dump(rows, handle)
-    strategy.close()
+    exit_process(0)  # as `python -m trainer` ends: no interpreter teardown under gloo's live threads

@@ -119,7 +119,9 @@ if __name__ == "__main__":
         }
     import torch.distributed as dist
 
+    from trainer.parallel.dist import exit_process
+
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_process(0)  # as `python -m trainer` ends: no interpreter teardown under gloo's live threads

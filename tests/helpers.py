@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 QUICK = [  # a synthetic run that takes seconds on 2 CPU cores
@@ -42,18 +40,7 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, extra: tuple[str, ...] = ())
         *extra,
         *args,
     ]
-    run_dir = next((cwd / a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-    fresh = run_dir is not None and not run_dir.exists()
-    result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    if result.returncode != 0 and "(SIGSEGV)" in result.stderr and fresh:
-        # A rank dying of SIGSEGV inside gloo's collectives happened once, in one CI run of the
-        # suite, and never in 58 repeats of that 2-rank run here: rerun a fresh run once,
-        # loudly, rather than fail the suite on a crash outside this project's Python code.
-        tail = result.stderr[-2000:]
-        warnings.warn(f"a rank died of SIGSEGV; rerunning once. Its stderr ended:\n{tail}", stacklevel=2)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        result = subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
-    return result
+    return subprocess.run(command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
 
 
 LORA_RUN = [  # a LoRA fine-tuning run of a few seconds on a finetune_dir checkpoint

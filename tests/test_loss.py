@@ -277,8 +277,10 @@ def one_step(strategy_name: str, tie: bool, ds_config: Path) -> dict:
 if __name__ == "__main__":  # torchrun worker of the ZeRO-3 test: OUT.pt DS_CONFIG.json
     import torch.distributed as dist
 
+    from trainer.parallel.dist import exit_process
+
     results = {tie: one_step("zero3", tie, Path(sys.argv[2])) for tie in (True, False)}
     if dist.get_rank() == 0:
         torch.save(results, sys.argv[1])
     dist.barrier()
-    dist.destroy_process_group()
+    exit_process(0)  # as `python -m trainer` ends: no interpreter teardown under gloo's live threads

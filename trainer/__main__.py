@@ -31,6 +31,7 @@ from trainer.parallel.dist import (
     default_run_dir,
     env_rank,
     env_world_size,
+    exit_process,
     init_distributed,
 )
 from trainer.preflight import check_run
@@ -226,7 +227,16 @@ def main() -> None:
         if env_rank() == 0:  # one line, not one per rank
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
-    _run()
+    try:
+        _run()
+    except SystemExit as stop:  # sys.exit(2 / 3) above, Preempted (75), Hydra's exit after a traceback
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    else:
+        code = 0
+    exit_process(code)  # every rank, saved and closed: no interpreter teardown under live gloo threads
+
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ import datetime
 import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -193,3 +195,28 @@ def _other_logs(rank: int) -> str:
     if world_size == 2:
         return str(directory / f"rank{1 - rank}.log")
     return f"the other ranks' logs ({directory}/rank*.log)"
+
+
+# -- the end of a process that ran collectives ----------------------------------------------------
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End this process with `code` once everything it wrote is closed: the group destroyed, the
+    output flushed, then os._exit, without the interpreter's teardown.
+
+    destroy_process_group() unregisters the group, but torch keeps gloo's backend running (its TCP
+    event-loop thread and two work threads) while anything still refers to the group: the
+    DeviceMesh's registry, each DTensor spec (FSDP2's parameters and DTensor's sharding cache),
+    DeepSpeed's group globals. Those threads then stop whenever the interpreter's finalizer frees
+    the last of these, with modules half torn down and the other rank's sockets closing under
+    them; a rank that has saved everything can still die there (std::terminate: "terminate called
+    without an active exception", SIGSEGV, SIGBUS), and torchrun and Slurm report the job failed.
+    Skipping that teardown loses nothing: the run has closed its files, loggers and threads.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    logging.shutdown()  # flushes and closes every log file handler
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
