@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from helpers import build, masked_global_batch, step_once
+from helpers import build, fp32_rtol, masked_global_batch, step_once
 
 from trainer.config import (
     Config,
@@ -30,6 +30,14 @@ from trainer.preflight import resolve_model_config
 MODEL = ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=32, bias=False)
 MICRO, ACCUM, WORLD = 2, 2, 2
 CLIP = 0.5  # below the initial norm, so the step is clipped
+# Adam's eps far above every gradient (|g| <= CLIP after clipping): the first update is
+# lr * g / (|g| + eps) ~ g, linear in the gradient, so its rounding noise stays the gradient's. With
+# eps = 1e-8 the update is lr * g / |g|, and rounding that moves a near-zero gradient moves its weight
+# by up to 2 lr: equality after the step would then hold only by luck.
+LR, EPS = 1.0, 1.0
+# Each gradient entry adds (target tokens <= 8 x 16) x (the widest inner sum, 4 x n_embd = 128)
+# products, through 2 matmuls per layer plus the embedding and the head in a row.
+STEP_RTOL = fp32_rtol(terms=8 * 16 * 128, depth=2 * 2 + 2)  # 4.6e-5
 
 VARIANTS = {  # name -> ParallelConfig options
     "fsdp-hybrid": {"strategy": "fsdp", "fsdp_shard_size": 1},  # 2D mesh: replicate 2 x shard 1
@@ -53,7 +61,7 @@ def config(strategy: str) -> Config:
         model=MODEL,
         precision=PrecisionConfig(dtype=dtype),
         parallel=ParallelConfig(**VARIANTS.get(name, {"strategy": name})),
-        optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", clip_grad_norm=CLIP),
+        optim=OptimConfig(lr=LR, eps=EPS, warmup_steps=0, schedule="constant", clip_grad_norm=CLIP),
         train=TrainConfig(micro_batch_size=MICRO, grad_accum_steps=ACCUM, seq_len=16, max_steps=1),
     )
 

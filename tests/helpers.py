@@ -60,6 +60,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# -- how far two fp32 computations of the same quantity may differ --------------------------------
+
+FP32_UNIT_ROUNDOFF = 2.0**-24  # u: the largest relative error of one fp32 rounding
+
+
+def fp32_rtol(terms: int, depth: int) -> float:
+    """The relative difference, in norm, to allow between two fp32 results that add the same `terms`
+    products in different orders (ranks, micro-batches, loss chunks), through `depth` such sums one
+    after another: depth * sqrt(terms) * u.
+
+    A sum of n products rounded in any order errs by about sqrt(n) * u relative to its scale (the
+    probabilistic bound of Higham and Mary, SIAM J. Sci. Comput. 2019, with its constant 1; the
+    worst case, n * u, needs every rounding to go the same way); the errors of sums fed one into the
+    next add. Valid only for quantities that are smooth in their inputs: gradients, or weights after
+    an update linear in the gradient, not weights after Adam's g / sqrt(v) step, which turns the
+    rounding noise of a near-zero gradient into a full-size step."""
+    return depth * terms**0.5 * FP32_UNIT_ROUNDOFF
+
+
 # -- one optimizer step through the real strategy code (tests and their torchrun workers) ------------
 
 

@@ -34,13 +34,12 @@ DIAGNOSED = [
 ]  # diagnostics.* under 2 ranks (dist_worker.diagnosed_step)
 
 
-def assert_weights_close(actual: dict, expected: dict) -> None:
+def assert_weights_close(actual: dict, expected: dict, rtol: float = 1e-5) -> None:
+    """Relative in norm, per tensor. rtol: dist_worker.STEP_RTOL after dist_worker's one linear step."""
     assert sorted(actual) == sorted(expected)
     for name, tensor in expected.items():
-        # Relative in norm, per tensor: Adam divides by sqrt(v), so entries whose gradient is
-        # ~0 can differ by a few ulps of the reduction order without meaning anything.
         gap = (actual[name].float() - tensor.float()).norm() / tensor.float().norm().clamp(min=1e-12)
-        assert gap < 1e-5, f"{name}: relative gap {gap:.2e}"
+        assert gap < rtol, f"{name}: relative gap {gap:.2e} (bound {rtol:.2e})"
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +65,16 @@ def test_unequal_token_counts_across_ranks_give_the_single_process_step(
     strategy: str, single_process_step: dict, two_rank_steps: dict
 ) -> None:
     got, want = two_rank_steps[strategy], single_process_step
+    rtol = dist_worker.STEP_RTOL  # fp32 rounding of the gradient (the step is linear in it)
     assert want["norm"] > dist_worker.CLIP  # the step really was clipped
-    assert got["norm"] == pytest.approx(want["norm"], rel=1e-5)
+    assert got["norm"] == pytest.approx(want["norm"], rel=rtol)
     assert got["sums"].keys() == want["sums"].keys()
     for kind in ("sums", "params", "updates"):  # per-layer grad norms, param norms, update sizes
         assert got[kind].keys() == want[kind].keys(), kind
-        for group, value in want[kind].items():
-            assert got[kind][group] == pytest.approx(value, rel=1e-5), (kind, group)
+        for group, value in want[kind].items():  # sums of squares: twice the relative error
+            assert got[kind][group] == pytest.approx(value, rel=2 * rtol), (kind, group)
     assert sum(got["sums"].values()) == pytest.approx(got["norm"] ** 2, rel=1e-6)  # groups partition
-    assert_weights_close(got["weights"], want["weights"])
+    assert_weights_close(got["weights"], want["weights"], rtol)
 
 
 @pytest.mark.heavy
@@ -112,7 +112,7 @@ def test_noise_scale_small_batch_is_the_first_micro_batch(strategy: str, two_ran
     sample = noise_scale_sample(*got["noise"])
     assert sample[2:] == (pytest.approx(small_n, rel=1e-6), big_n) and small_n < big_n
     assert sample[0] == pytest.approx(small_sq, rel=1e-5) and sample[1] == pytest.approx(big_sq, rel=1e-5)
-    assert_weights_close(got["weights"], two_rank_steps[strategy]["weights"])  # the probe changes no update
+    assert_weights_close(got["weights"], two_rank_steps[strategy]["weights"], dist_worker.STEP_RTOL)  # probe: no change
 
 
 @pytest.mark.heavy
@@ -136,9 +136,8 @@ def test_sharpness_under_fsdp_equals_one_process(two_rank_steps: dict) -> None:
 @pytest.mark.parametrize("name", list(dist_worker.LOW_PRECISION))
 def test_low_precision_maps_onto_each_framework(name: str, single_process_step: dict, two_rank_steps: dict) -> None:
     """bf16 / fp16 through autocast (ddp), MixedPrecisionPolicy (fsdp), DeepSpeed's sections (zero):
-    gradients close to the fp32 single-process step, per group. Weights only loosely: Adam's first
-    update is lr * sign(g), so rounding that flips the sign of a tiny gradient moves a weight by
-    2 lr (no step, or a wrong loss scale, would be off by ~100%)."""
+    gradients close to the fp32 single-process step, per group. Weights only loosely (no step, or
+    a wrong loss scale, would be off by ~100%)."""
     got, want = two_rank_steps[name], single_process_step
     assert got["compute_dtype"] == {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[name.rsplit("-", 1)[1]]
     assert got["norm"] == pytest.approx(want["norm"], rel=1e-2)

@@ -236,19 +236,24 @@ def test_zero3_partitioned_untied_and_tied_heads_match_one_process(tmp_path):
     result = torchrun(__file__, str(out), str(ds_config), cwd=REPO)  # OMP_NUM_THREADS=1
     assert result.returncode == 0, result.stderr[-4000:]
     got = torch.load(out, weights_only=True)
+    import dist_worker
+
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers, so sums run in the same order: Adam's first step
-    try:  # turns rounding noise in near-zero gradients into visible weight differences
+    torch.set_num_threads(1)  # as the workers
+    try:
         want_all = {tie: one_step("none", tie, ds_config) for tie in (True, False)}
     finally:
         torch.set_num_threads(threads)
+    # dist_worker's step is linear in the gradient (Adam's eps = 1): weights differ by the gradient's
+    # fp32 rounding, bounded by dist_worker.STEP_RTOL (the loss chunks add no longer sum)
+    rtol = dist_worker.STEP_RTOL
     for tie in (True, False):
         want = want_all[tie]
         assert got[tie]["partitioned"], "the head weight was not partitioned: nothing was tested"
-        assert got[tie]["norm"] == pytest.approx(want["norm"], rel=1e-5)
+        assert got[tie]["norm"] == pytest.approx(want["norm"], rel=rtol)
         for name, tensor in want["weights"].items():
             gap = (got[tie]["weights"][name] - tensor).norm() / tensor.norm()
-            assert gap < 1e-5, f"tie={tie} {name}: relative gap {gap:.2e}"
+            assert gap < rtol, f"tie={tie} {name}: relative gap {gap:.2e} (bound {rtol:.2e})"
 
 
 def one_step(strategy_name: str, tie: bool, ds_config: Path) -> dict:
