@@ -367,8 +367,14 @@ class GPT(nn.Module):
         generation stops once every row has one (one row: the ids end with its eos).
         use_cache: keep every layer's keys and values (KVCache), so a step runs one token; once
         the context fills block_size, each step reruns the cropped context, as without the cache.
-        Every step goes through forward, where sharding wrappers gather the weights.
+        Every step goes through forward, where sharding wrappers gather the weights. Decoding runs
+        eager even where the blocks are compiled (train.compile): its shapes change every token, and
+        the blocks were compiled with fullgraph for training's fixed shapes.
         """
+        with torch.compiler.set_stance("force_eager"):
+            return self._generate(idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache)
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache) -> torch.Tensor:
         stop = None  # (n_eos,) the ids that end a row
         if eos_id is not None:
             ids = sorted(eos_id) if isinstance(eos_id, set | frozenset) else eos_id  # int, sequence or tensor
