@@ -57,7 +57,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     run.loggers = start_loggers(run)
     state = run.state
     meter = Throughput(
-        run.strategy.unwrapped().flops_per_token(tc.seq_len),
+        run.flops_per_token,
         peak,
         run.strategy.world_size,
         run.strategy.device,

@@ -55,6 +55,8 @@ class Run:
     loggers: Loggers | None = None
     batches: Prefetcher | None = None  # the train split in the sampler's order, read a step ahead
     instruments: Instruments | None = None  # diagnostics.*: noise scale, sharpness
+    n_params: tuple[int, int] = (0, 0)  # (all, without embeddings), counted on the meta model
+    flops_per_token: int = 0  # GPT.flops_per_token at train.seq_len, counted on the meta model
 
     @property
     def global_batch(self) -> int:
@@ -108,6 +110,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         if settings.quantize_base:  # QLoRA (parallel=none only): NF4 base weights, quantised as they are filled
             strategy.place = base_place(model, strategy.device)
         lora = BaseRef(base_reference(model_cfg, tc.seed), settings, adapted)
+    # Counted on the meta model: strategies shard its parameters (ZeRO-3's hold numel 0 once partitioned)
+    n_params = (model.num_params(), model.num_params(exclude_embeddings=True))
+    flops_per_token = model.flops_per_token(tc.seq_len)
     checkpointed = parallelize(model, weights, cfg, strategy)
     torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
     run = Run(
@@ -115,6 +120,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
+    run.n_params, run.flops_per_token = n_params, flops_per_token
     run.instruments = Instruments(cfg, strategy, data.val)
     run.batches = Prefetcher(
         data.train, run.sampler, run.global_batch, rank=strategy.rank, world_size=strategy.world_size,
@@ -123,8 +129,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     unwrapped = strategy.unwrapped()
     log.info(data.describe())
     log.info(
-        f"model: {model_cfg.name} {unwrapped.num_params() / 1e6:.2f}M params "
-        f"({unwrapped.num_params(exclude_embeddings=True) / 1e6:.2f}M without embeddings) | parallel={strategy.name} "
+        f"model: {model_cfg.name} {n_params[0] / 1e6:.2f}M params "
+        f"({n_params[1] / 1e6:.2f}M without embeddings) | parallel={strategy.name} "
         f"on {strategy.world_size} rank(s), device {strategy.device}, {cfg.precision.dtype} | global batch "
         f"{run.global_batch} sequences = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
         f"ranks = {run.tokens_per_step:,} tokens/step"

@@ -53,6 +53,7 @@ class Strategy(abc.ABC):
         self.world_size = world_size
         self.precision = precision or PrecisionConfig()
         self.model: nn.Module | None = None  # after setup: the wrapped model the loop runs forward on
+        self.owns_group = True  # close() destroys the process group (build_strategy: only one it started)
 
     # -- build -------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -129,11 +130,13 @@ class Strategy(abc.ABC):
         return global_norm(self.grad_sumsq_by_group()) ** 2 * (step_targets / (first * scale)) ** 2, first
 
     @abc.abstractmethod
-    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, the part of the fp32 weights this rank owns), parameter by parameter."""
+    def owned_params(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, the part of the weights this rank owns), parameter by parameter: the fp32 weights
+        (masters where the strategy keeps them) and, unless trainable_only, the frozen ones."""
 
-    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Sum per-group values of owned parts over ranks (nothing to add when every rank owns all)."""
+    def reduce_owned(self, sums: dict[str, torch.Tensor], trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """Sum per-group values of owned parts over ranks (nothing to add when every rank owns all);
+        trainable_only: the sums are of trainable parameters only (gradients, updates)."""
         return sums
 
     def param_sumsq_by_group(self) -> dict[str, torch.Tensor]:
@@ -142,7 +145,7 @@ class Strategy(abc.ABC):
     def snapshot_params(self) -> list[torch.Tensor]:
         """A copy of the owned weights, to measure the next update against (monitor steps only):
         one _foreach copy, freed once update_sumsq_by_group has read it."""
-        params = [t for _, t in self.owned_params()]
+        params = [t for _, t in self.owned_params(trainable_only=True)]  # frozen ones do not move
         snapshot = [torch.empty_like(t) for t in params]
         if params:
             torch._foreach_copy_(snapshot, params)
@@ -151,10 +154,10 @@ class Strategy(abc.ABC):
     def update_sumsq_by_group(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-group sums of squares of the update just applied (`before` minus the weights now:
         computed in place in the snapshot, which is spent afterwards)."""
-        names, params = zip(*self.owned_params(), strict=True) if before else ((), ())
+        names, params = zip(*self.owned_params(trainable_only=True), strict=True) if before else ((), ())
         if before:
             torch._foreach_sub_(before, list(params))
-        return self.reduce_owned(group_sumsq(zip(names, before, strict=True)))
+        return self.reduce_owned(group_sumsq(zip(names, before, strict=True)), trainable_only=True)
 
     # -- collectives over the default group (identities on one process) ------------------------------
     # Each runs under `collective(name)`: a rank that never comes (hung) or went away (died) ends
@@ -212,8 +215,8 @@ class Strategy(abc.ABC):
         trainable_only: only the parameters that train (LoRA's adapters), not the frozen base."""
 
     def close(self) -> None:
-        """Release the process group."""
-        if _dist():
+        """Release the process group, if this run started it (a caller's group is left as it was)."""
+        if _dist() and self.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -276,9 +279,11 @@ class TorchStrategy(Strategy):
     def grad_sumsq_by_group(self) -> dict[str, torch.Tensor]:
         return group_sumsq((name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None)
 
-    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def owned_params(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():  # every rank owns all on none / ddp
-            if not quantized(p):  # a QLoRA base: frozen, and without the arithmetic the statistics use
+            if not quantized(p) and (
+                p.requires_grad or not trainable_only
+            ):  # a QLoRA base: frozen, and without the arithmetic the statistics use
                 yield name, local(p.detach())
 
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:

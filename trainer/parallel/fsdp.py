@@ -75,7 +75,7 @@ class FSDP(TorchStrategy):
         sums = {k: v.to(self.device) for k, v in sums.items()}
         return all_reduce_groups(sums, group=self.shard_group)
 
-    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def reduce_owned(self, sums: dict[str, torch.Tensor], trainable_only: bool = False) -> dict[str, torch.Tensor]:
         return all_reduce_groups(sums, group=self.shard_group)  # each rank owns a shard of every parameter
 
     def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor]:

@@ -187,7 +187,7 @@ class DeepSpeedZero(Strategy):
             fragment = self._local_grad(p)
             if fragment is not None:
                 named.append((name, fragment))
-        sums = self.reduce_owned(group_sumsq(named))
+        sums = self.reduce_owned(group_sumsq(named), trainable_only=True)
         scale = self.loss_scale() or 1.0  # fp16: DeepSpeed unscales inside step(), so divide here
         return {k: v / scale**2 for k, v in sums.items()}
 
@@ -211,14 +211,15 @@ class DeepSpeedZero(Strategy):
         )  # collective
         return sums[0] / sums[2], sums[2] / sums[1]
 
-    def reduce_owned(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for name in self.names.values():  # every rank must send every group, even if it owns none
-            sums.setdefault(param_group(name), torch.zeros((), device=self.device))
+    def reduce_owned(self, sums: dict[str, torch.Tensor], trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        for p, name in self.names.items():  # every rank must send every group, even if it owns none
+            if p.requires_grad or not trainable_only:
+                sums.setdefault(param_group(name), torch.zeros((), device=self.device))
         return all_reduce_groups(sums)
 
-    def owned_params(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """This rank's partition of the fp32 master weights, parameter by parameter (frozen
-        parameters, LoRA's base, have none)."""
+    def owned_params(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """This rank's partition of the fp32 master weights, parameter by parameter, then this rank's
+        share of the frozen ones (LoRA's base: no master copy), each counted once over the ranks."""
         from deepspeed.utils import safe_get_local_fp32_param
 
         for p, name in self.names.items():
@@ -228,6 +229,16 @@ class DeepSpeedZero(Strategy):
                 yield name, safe_get_local_fp32_param(p)
             elif getattr(p, "_hp_mapping", None) is not None:
                 yield name, p._hp_mapping.get_hp_fragment()
+        if trainable_only:
+            return
+        for p, name in self.names.items():
+            if p.requires_grad:
+                continue
+            if self.stage == 3:  # this rank's partition, without the padding of the last one
+                size = p.ds_tensor.numel()
+                yield name, p.ds_tensor.flatten().narrow(0, 0, max(0, min(size, p.ds_numel - self.rank * size)))
+            elif self.rank == 0:  # zero1/2: every rank holds it whole
+                yield name, p.detach()
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -297,12 +308,13 @@ def fill_and_partition(ds_config: dict[str, Any], device: torch.device) -> Calla
 
     # In DeepSpeed's precision, as zero1/2's engine casts the whole model and zero.Init casts the
     # parameters built inside it (one filled outside is partitioned as it is): the optimizer keeps
-    # fp32 masters of the trainable partitions. Without bf16 / fp16, a frozen base keeps its dtype.
+    # fp32 masters of the trainable partitions. Without bf16 / fp16, a frozen parameter keeps the
+    # dtype the meta model gave it (lora.base_dtype for the adapted weights: cast_frozen_base).
     low = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else None
     low = torch.float16 if ds_config.get("fp16", {}).get("enabled") else low
 
     def place(param: nn.Parameter, full: torch.Tensor) -> None:
-        dtype = low or (torch.float32 if param.requires_grad else full.dtype)
+        dtype = low or (torch.float32 if param.requires_grad else param.dtype)
         filled = nn.Parameter(full.to(device=device, dtype=dtype), requires_grad=param.requires_grad)
         torch.utils.swap_tensors(param, filled)  # the same object: the model and optimizer keep it
         holder = nn.Module()
