@@ -238,6 +238,5 @@ def main() -> None:
     exit_process(code)  # every rank, saved and closed: no interpreter teardown under live gloo threads
 
 
-
 if __name__ == "__main__":
     main()

@@ -63,17 +63,20 @@ def build_strategy(cfg: Config) -> Strategy:
     """The strategy `parallel.strategy` names, bound to this process's rank and device (the
     config has passed config.check_run)."""
     world_size = env_world_size()
-    init_distributed(cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none")
+    started = init_distributed(cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none")
     device = pick_device(cfg.train.device)
     rank = env_rank()
     cls = strategy_class(cfg.parallel.strategy)
     if cfg.parallel.strategy == "none":
-        return cls(device, precision=cfg.precision)
-    if cfg.parallel.strategy == "fsdp":
-        return cls(device, rank, world_size, cfg.parallel, cfg.precision)
-    if cfg.parallel.strategy == "ddp":
-        return cls(device, rank, world_size, cfg.precision)
-    return cls(device, rank, world_size, cfg)
+        strategy = cls(device, precision=cfg.precision)
+    elif cfg.parallel.strategy == "fsdp":
+        strategy = cls(device, rank, world_size, cfg.parallel, cfg.precision)
+    elif cfg.parallel.strategy == "ddp":
+        strategy = cls(device, rank, world_size, cfg.precision)
+    else:
+        strategy = cls(device, rank, world_size, cfg)
+    strategy.owns_group = started
+    return strategy
 
 
 def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: Strategy) -> int:

@@ -38,17 +38,20 @@ def env_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(timeout_s: float = 600.0, single: bool = False) -> None:
+def init_distributed(timeout_s: float = 600.0, single: bool = False) -> bool:
     """Start the default process group from torchrun's environment (no-op on one process,
     unless `single`: then a group of one, for ddp / fsdp / zero1-3 run without torchrun).
 
     The timeout bounds every collective: a rank that dies leaves the others waiting at most
     this long before they fail with an error instead of hanging (torchrun usually ends them
     sooner, when it sees the dead rank).
+
+    Returns whether it started the group (False: one process, or a group the caller started,
+    which the run then leaves as it found it).
     """
     single = single and env_world_size() <= 1
     if dist.is_initialized() or (env_world_size() <= 1 and not single):
-        return
+        return False
     timeout = datetime.timedelta(seconds=timeout_s)
     if single:  # `python -m trainer parallel=zero2`: DeepSpeed, DDP and FSDP need a group
         for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -68,6 +71,7 @@ def init_distributed(timeout_s: float = 600.0, single: bool = False) -> None:
         **rendezvous,
         device_id=torch.device("cuda", env_local_rank()) if torch.cuda.is_available() else None,
     )
+    return True
 
 
 def _restart_scoped_store(timeout: datetime.timedelta) -> dist.Store | None:
