@@ -273,8 +273,18 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[float]
     from trainer.loop import train
 
     user = [f"train.num_threads={args.threads}", *args.overrides]
+    # diagnostics.sharpness.* keys of the command line go to the configurations with the sharpness on
+    # (the others would be refused: a key of a section that is off)
+    without_sharpness = [o for o in user if not o.startswith("diagnostics.sharpness.")]
     cfgs = {
-        name: compose([*user, *diagnostics_overrides(*flags), f"train.max_steps={WARMUP_STEPS + args.steps + 1}"], work)
+        name: compose(
+            [
+                *(user if flags[1] else without_sharpness),
+                *diagnostics_overrides(*flags),
+                f"train.max_steps={WARMUP_STEPS + args.steps + 1}",
+            ],
+            work,
+        )  # fmt: skip
         for name, flags in CONFIGS.items()
     }  # the last step is not timed: nothing is fetched after it
     cfgs[ESTIMATES] = compose(
