@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import QUICK, read_metrics, run_cli
 
+import trainer.loop
 import trainer.monitor
 import trainer.run
 from trainer.__main__ import compose_config, preflight
@@ -184,6 +185,21 @@ def test_spike_policy_rollback_reloads_and_skips_the_data(tmp_path: Path) -> Non
     first = {r["step"]: r["loss"] for r in rows[: steps.index(CORRUPT_STEP)]}
     again = {r["step"]: r["loss"] for r in rows[steps.index(CORRUPT_STEP) + 1 :]}
     assert all(first[s] != again[s] for s in (21, 22, 23))  # other data: the window was skipped
+
+
+def test_rollbacks_that_spike_again_stop_the_run(tmp_path: Path) -> None:
+    """z = 0.01 flags every step: each rollback to step 1 meets a spike at step 2 again (fresh data,
+    the same model). The run stops after monitor.spike.max_rollbacks of them instead of looping."""
+    cfg = config(
+        tmp_path, "train.max_steps=6", "monitor.spike.action=rollback", "monitor.spike.z=0.01",
+        "monitor.spike.warmup=1", "monitor.spike.max_rollbacks=2", "checkpoint.interval=1", "train.log_interval=1",
+    )  # fmt: skip
+    with pytest.raises(
+        trainer.loop.TrainingError, match=r"^spike at step 2 again after 2 rollbacks in a row to step_0+1 "
+    ):
+        train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 2, 2]  # the spike, then two rollbacks that spiked again
 
 
 def test_a_clean_run_raises_no_false_spike(tmp_path: Path) -> None:

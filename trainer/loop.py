@@ -267,6 +267,17 @@ def rollback(run: Run) -> None:
     good = run.strategy.broadcast_path(good)  # collective
     if good is None:
         raise TrainingError(f"spike at step {spiked_at} and no checkpoint to roll back to")
+    # In a row: to the same checkpoint, never getting past the last spike. Kept on the Run, in no
+    # checkpoint part (a rollback restores those), so the count survives its own rollbacks.
+    last, last_spike, count = run.rollbacks
+    in_a_row = count + 1 if last == good.name and spiked_at <= last_spike else 1
+    limit = run.cfg.monitor.spike.max_rollbacks
+    if in_a_row > limit:
+        raise TrainingError(
+            f"spike at step {spiked_at} again after {limit} rollbacks in a row to {good.name} (fresh data each "
+            "time): the model, not the data, is unstable there; lower optim.lr, or raise monitor.spike.z"
+        )
+    run.rollbacks = (good.name, spiked_at, in_a_row)
     run.checkpointer.load(good, run.parts(with_data=False))  # collective
     log.warning(f"spike at step {spiked_at}: rolled back to {good.name}, skipping the data since then")
 

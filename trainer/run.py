@@ -57,6 +57,7 @@ class Run:
     instruments: Instruments | None = None  # diagnostics.*: noise scale, sharpness
     n_params: tuple[int, int] = (0, 0)  # (all, without embeddings), counted on the meta model
     flops_per_token: int = 0  # GPT.flops_per_token at train.seq_len, counted on the meta model
+    rollbacks: tuple[str, int, int] = ("", 0, 0)  # the last rollback's checkpoint, its spiked step, how many in a row
 
     @property
     def global_batch(self) -> int:

@@ -396,10 +396,12 @@ class SpikeConfig:
     z: float = 6.0  # a value this many standard deviations above the baseline is a spike
     warmup: int = 20  # observations before spikes are flagged (the baseline settles first)
     action: str = "log"  # log (record only) | skip (drop the update) | rollback (last good checkpoint, skip the data)
+    max_rollbacks: int = 3  # rollbacks in a row to the same checkpoint (each spiking again) before the run stops
 
     def __post_init__(self) -> None:
         _require(self.z > 0, f"monitor.spike.z must be positive, got {self.z}")
         _require(self.warmup >= 0, f"monitor.spike.warmup must be >= 0, got {self.warmup}")
+        _require(self.max_rollbacks >= 1, f"monitor.spike.max_rollbacks must be >= 1, got {self.max_rollbacks}")
         _require(
             self.action in ("log", "skip", "rollback"),
             f"monitor.spike.action={self.action!r}: use log, skip or rollback",
