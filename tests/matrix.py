@@ -152,3 +152,24 @@ def overrides(feature: str, strategy: str | None) -> list[str]:
     if any(o.startswith("train.micro_batch_size=") for o in row):
         split = [o for o in split if not o.startswith("train.micro_batch_size=")]
     return [*BASE, *split, *row]
+
+
+def table(rows: list[dict]) -> str:
+    """The README's table from test_matrix's records: per cell the largest relative gap to one process
+    (the tolerance in the last column), or `refused`."""
+    cell = {(r["feature"], r["strategy"]): r for r in rows}
+    lines = ["| feature | " + " | ".join(STRATEGIES) + " | tolerance |", "|---" * (len(STRATEGIES) + 2) + "|"]
+    for feature in FEATURES:
+        marks = []
+        for strategy in STRATEGIES:
+            r = cell.get((feature.name, strategy))
+            marks.append("-" if r is None else "refused" if r["outcome"] == "refused" else f"{r['gap']:.1e}")
+        lines.append(f"| {feature.name} | " + " | ".join(marks) + f" | {feature.tolerance:g} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python tests/matrix.py MATRIX_JSONL [...]: the README's table
+    import json
+    import sys
+
+    print(table([json.loads(line) for path in sys.argv[1:] for line in open(path)]))
