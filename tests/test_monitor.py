@@ -202,6 +202,13 @@ def test_rollbacks_that_spike_again_stop_the_run(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 2, 2]  # the spike, then two rollbacks that spiked again
 
 
+def test_measuring_the_peak_leaves_the_global_rng_alone() -> None:
+    """A run that measures the CPU peak and one that reads it from the cache draw the same dropout masks."""
+    state = torch.get_rng_state()
+    trainer.monitor.measured_matmul_flops(64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_a_clean_run_raises_no_false_spike(tmp_path: Path) -> None:
     train(config(tmp_path, "train.max_steps=150", "train.log_interval=25"), tmp_path / "run")
     rows = read_metrics(tmp_path / "run")

@@ -389,7 +389,10 @@ def store_peak(path: Path, key: str, entry: dict[str, Any]) -> None:
 def measured_matmul_flops(n: int = MATMUL_SIZE, repeats: int = MATMUL_REPEATS) -> float:
     """Best-of-`repeats` rate of an n x n fp32 matmul on the CPU (the CPU's practical peak), on
     torch's current thread count: the best, since other processes can only slow a repeat down."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # A generator of its own: drawing from torch's global one would shift the run's dropout masks
+    # by whether this run measured or read the cache
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=generator), torch.randn(n, n, generator=generator)
     a @ b  # warm up
     best = math.inf
     for _ in range(repeats):

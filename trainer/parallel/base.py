@@ -281,9 +281,8 @@ class TorchStrategy(Strategy):
 
     def owned_params(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         for name, p in self.model.named_parameters():  # every rank owns all on none / ddp
-            if not quantized(p) and (
-                p.requires_grad or not trainable_only
-            ):  # a QLoRA base: frozen, and without the arithmetic the statistics use
+            # a QLoRA base: frozen, and without the arithmetic the statistics use
+            if not quantized(p) and (p.requires_grad or not trainable_only):
                 yield name, local(p.detach())
 
     def clip_and_step(self, grad_norm: torch.Tensor, max_norm: float) -> bool:
