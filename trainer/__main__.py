@@ -214,7 +214,8 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Entry point of `python -m trainer` and the `trainer` console script."""
+    """The command line, for in-process callers: returns, or raises SystemExit with the exit code.
+    `python -m trainer` and the `trainer` script end through `entry`, which exits the process."""
     try:
         args = parse_args(sys.argv[1:])
         if args is not None and args.help:
@@ -227,16 +228,23 @@ def main() -> None:
         if env_rank() == 0:  # one line, not one per rank
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    _run()
+
+
+def entry() -> None:
+    """Entry point of `python -m trainer` and the `trainer` console script: main, then the process ends
+    through exit_process (every rank saved and closed: no interpreter teardown under live gloo threads).
+    Never called in-process: it ends the caller's process too."""
     try:
-        _run()
+        main()
     except SystemExit as stop:  # sys.exit(2 / 3) above, Preempted (75), Hydra's exit after a traceback
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     else:
         code = 0
-    exit_process(code)  # every rank, saved and closed: no interpreter teardown under live gloo threads
+    exit_process(code)
 
 
 if __name__ == "__main__":
-    main()
+    entry()
