@@ -131,9 +131,19 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best-of-`repeats` rate of an n x n matmul in dtype on the CPU: trainer.monitor's
     measured_matmul_flops with a matrix big enough to be compute-bound (its 512 x 512 default
     read 0.16-0.25 TFLOP/s on this machine, below what the model's own step sustains), and in
-    each precision (bf16 matmuls run on their own units where the CPU has them)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up
+    each precision (bf16 matmuls run on their own units where the CPU has them). A CPU without
+    them emulates bf16 at ~1 GFLOP/s (one 1024 matmul took 2.4 s on this project's 2-core AMD
+    EPYC reference machine), so the size grows from 256 up to n only while one matmul takes under 50 ms: such a
+    rate is the same at any size."""
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        start = time.perf_counter()
+        a @ b  # warm up
+        if size >= n or time.perf_counter() - start > 0.05:
+            break
+        size *= 2
+    n = size
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
