@@ -128,13 +128,13 @@ def fused_adamw(device: torch.device) -> bool:
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-`repeats` rate of an n x n matmul in dtype on the CPU: trainer.monitor's
-    measured_matmul_flops with a matrix big enough to be compute-bound (its 512 x 512 default
-    read 0.16-0.25 TFLOP/s on this machine, below what the model's own step sustains), and in
-    each precision (bf16 matmuls run on their own units where the CPU has them). A CPU without
-    them emulates bf16 at ~1 GFLOP/s (one 1024 matmul took 2.4 s on this project's 2-core AMD
-    EPYC reference machine), so the size grows from 256 up to n only while one matmul takes under 50 ms: such a
-    rate is the same at any size."""
+    """Best-of-`repeats` rate of an n x n matmul in dtype on the CPU, in each precision (bf16 runs
+    on its own units where the CPU has them); trainer.monitor's measured_matmul_flops is the
+    run's fp32 MFU peak. n is large enough to be compute-bound where the CPU computes fast (a
+    512 x 512 one read 0.16-0.25 TFLOP/s on an earlier machine, below what the model's own step
+    sustained). A CPU without bf16 units emulates it at ~1 GFLOP/s (one 1024 matmul took 2.4 s on
+    this project's 2-core AMD EPYC machine), so the size grows from 256 up to n only while one
+    matmul takes under 50 ms: such a rate is the same at any size."""
     size = 256
     while True:
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
