@@ -14,6 +14,7 @@ live above the components they read, in trainer/preflight.py.
 from __future__ import annotations
 
 from trainer.config.schema import (
+    MODEL_TYPES,
     PRETRAINED_OVERRIDABLE,
     STRATEGIES,
     CheckpointConfig,
@@ -34,7 +35,7 @@ from trainer.config.schema import (
 from trainer.config.switches import check_switches
 
 __all__ = [
-    "PRETRAINED_OVERRIDABLE", "STRATEGIES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggerConfig",
+    "MODEL_TYPES", "PRETRAINED_OVERRIDABLE", "STRATEGIES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggerConfig",
     "LoraConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "SpikeConfig",
     "TrainConfig", "check_switches", "register_configs",
 ]  # fmt: skip

@@ -23,6 +23,10 @@ def _require(ok: bool, message: str) -> None:
 
 AUTO_CHUNK_VOCAB = 2048  # model.loss_chunk_size=null: fuse head and loss from this (padded) vocabulary up
 AUTO_CHUNK_TOKENS = 1024  # ... in chunks of this many tokens
+# Hugging Face model_types GPT imports and exports: one module each in trainer/model/families.
+MODEL_TYPES = (
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe",
+)  # fmt: skip
 
 
 @dataclass
@@ -42,7 +46,8 @@ class ModelConfig:
     intermediate_size: int | None = None  # MLP width; None means 4 * n_embd
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
-    mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | gelu_exact (erf, as nanoGPT) | swiglu (as Llama)
+    # gelu (tanh approximation, as GPT-2) | gelu_exact (erf, as nanoGPT) | swiglu (as Llama) | geglu (tanh GELU gate: Gemma)
+    mlp: str = "gelu"
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0  # RoPE base frequency
     rope_scaling: dict[str, Any] | None = None  # Llama 3 'llama3' scaling, as in HF config.json
@@ -58,14 +63,36 @@ class ModelConfig:
     loss_chunk_size: int | None = (
         None  # >0: head + cross-entropy fused over chunks of N tokens; 0: full logits; null: auto
     )
-    sliding_window: int | None = None  # a checkpoint's attention span (Mistral, Qwen2): see check_context
-    hf_model_type: str | None = None  # gpt2 | llama | mistral | qwen2, the HF architecture; None: from the layout
+    # Attention that slides: a local layer's query reads only the last sliding_window keys (itself included).
+    sliding_window: int | None = None  # the window; null: every layer attends to its whole context
+    # per layer "full_attention" | "sliding_attention" (Hugging Face's key); null with a window: every layer slides
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' RoPE base (no scaling); null: rope_theta
+    head_dim: int | None = None  # attention head size; null: n_embd / n_head (Qwen3 and Gemma set their own)
+    qk_norm: str = "none"  # none | head (RMSNorm over each head's q and k: Qwen3, Gemma 3) | full (OLMo 2)
+    # pre: x + f(norm(x)) | post: x + norm(f(x)) (OLMo 2) | sandwich: x + norm(f(norm(x))) (Gemma 2 / 3)
+    norm_placement: str = "pre"
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's 1 (its weights start at 0)
+    embed_scale: bool = False  # embeddings times sqrt(n_embd) (Gemma)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by its -1/2 power; null: head_dim's
+    attn_softcap: float | None = None  # scores -> c tanh(scores / c) before the softmax (Gemma 2)
+    final_softcap: float | None = None  # logits -> c tanh(logits / c) (Gemma 2)
+    fused_gate_up: bool = False  # swiglu / geglu: gate and up in one linear [gate | up] (Phi-3's gate_up_proj)
+    # Mixture of experts: n_experts > 0 makes the MLP of the layers moe_layers names (null: all) a sparse MLP
+    n_experts: int = 0  # experts per sparse MLP; 0: dense
+    n_experts_per_token: int = 2  # top-k experts each token is routed to
+    moe_intermediate_size: int | None = None  # an expert's width; null: intermediate_size
+    moe_norm_topk: bool = True  # renormalise the top-k routing weights to sum 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added to the step's loss
+    moe_layers: list[int] | None = None  # the blocks with a sparse MLP; null: every block
+    moe_impl: str = "auto"  # auto | grouped (torch._grouped_mm) | loop (one matmul per expert over its sorted tokens)
+    hf_model_type: str | None = None  # the HF architecture (trainer.model.families); None: from the layout
 
     def __post_init__(self) -> None:
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
             _require(getattr(self, key) > 0, f"model.{key} must be positive, got {getattr(self, key)}")
         _require(
-            self.n_embd % self.n_head == 0,
+            self.head_dim is not None or self.n_embd % self.n_head == 0,
             f"model.n_head={self.n_head} does not divide model.n_embd={self.n_embd}: "
             "choose n_head so that n_embd / n_head is a whole head size",
         )
@@ -77,13 +104,10 @@ class ModelConfig:
         )
         _require(self.norm in ("layernorm", "rmsnorm"), f"model.norm={self.norm!r}: use layernorm or rmsnorm")
         _require(
-            self.mlp in ("gelu", "gelu_exact", "swiglu"), f"model.mlp={self.mlp!r}: use gelu, gelu_exact or swiglu"
+            self.mlp in ("gelu", "gelu_exact", "swiglu", "geglu"),
+            f"model.mlp={self.mlp!r}: use gelu, gelu_exact, swiglu or geglu",
         )
         _require(self.position in ("learned", "rope"), f"model.position={self.position!r}: use learned or rope")
-        _require(
-            self.position != "rope" or (self.n_embd // self.n_head) % 2 == 0,
-            "model.position=rope needs an even head size (n_embd / n_head)",
-        )
         _require(
             self.attention_backend in ("auto", "flash", "efficient", "cudnn", "math", "flash_attn"),
             f"model.attention_backend={self.attention_backend!r}: use auto, flash, efficient, cudnn, math or flash_attn",
@@ -116,9 +140,70 @@ class ModelConfig:
             f"model.sliding_window must be positive or null, got {self.sliding_window}",
         )
         _require(
-            self.hf_model_type in (None, "gpt2", "llama", "mistral", "qwen2"),
-            f"model.hf_model_type={self.hf_model_type!r}: use gpt2, llama, mistral, qwen2 or null",
+            self.hf_model_type is None or self.hf_model_type in MODEL_TYPES,
+            f"model.hf_model_type={self.hf_model_type!r}: use one of {', '.join(MODEL_TYPES)} or null",
         )
+        self._check_families()
+
+    def _check_families(self) -> None:
+        """The switches later families (Qwen3, Gemma, Phi-3, OLMo 2, MoE) add: values that exist."""
+        _require(self.head_dim is None or self.head_dim > 0, f"model.head_dim must be positive, got {self.head_dim}")
+        _require(
+            self.position != "rope" or self.attn_head_dim % 2 == 0,
+            f"model.position=rope needs an even head size, got {self.attn_head_dim}",
+        )
+        _require(self.qk_norm in ("none", "head", "full"), f"model.qk_norm={self.qk_norm!r}: use none, head or full")
+        _require(
+            self.norm_placement in ("pre", "post", "sandwich"),
+            f"model.norm_placement={self.norm_placement!r}: use pre, post or sandwich",
+        )
+        _require(
+            self.layer_types is None or len(self.layer_types) == self.n_layer,
+            f"model.layer_types has {len(self.layer_types or [])} entries; it needs one per layer (n_layer={self.n_layer})",
+        )
+        bad = sorted(set(self.layer_types or []) - {"full_attention", "sliding_attention"})
+        _require(not bad, f"model.layer_types holds {bad}: use full_attention or sliding_attention")
+        _require(
+            not (self.layer_types and "sliding_attention" in self.layer_types and self.sliding_window is None),
+            "model.layer_types has sliding_attention layers but model.sliding_window is null: set the window",
+        )
+        for key in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"model.{key} must be positive or null, got {value}")
+        _require(
+            not self.fused_gate_up or self.mlp in ("swiglu", "geglu"),
+            "model.fused_gate_up needs a gated MLP: model.mlp=swiglu or geglu",
+        )
+        _require(self.n_experts >= 0, f"model.n_experts must be >= 0 (0: dense), got {self.n_experts}")
+        if self.n_experts:
+            _require(
+                1 <= self.n_experts_per_token <= self.n_experts,
+                f"model.n_experts_per_token={self.n_experts_per_token} must be between 1 and "
+                f"model.n_experts={self.n_experts}",
+            )
+            _require(self.mlp in ("swiglu", "geglu"), "model.n_experts > 0 needs a gated MLP: model.mlp=swiglu")
+            bad_layers = [i for i in self.moe_layers or [] if not 0 <= i < self.n_layer]
+            _require(not bad_layers, f"model.moe_layers {bad_layers} are not blocks of a {self.n_layer}-layer model")
+        _require(
+            self.moe_impl in ("auto", "grouped", "loop"), f"model.moe_impl={self.moe_impl!r}: use auto, grouped or loop"
+        )
+        _require(self.router_aux_loss_coef >= 0, "model.router_aux_loss_coef must be >= 0")
+
+    @property
+    def attn_head_dim(self) -> int:
+        """The attention head size: model.head_dim, else n_embd / n_head."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether block `layer` attends within model.sliding_window (layer_types; without them, every
+        layer when a window is set)."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block `layer` has a sparse (mixture-of-experts) MLP."""
+        return self.n_experts > 0 and (self.moe_layers is None or layer in self.moe_layers)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -141,18 +226,6 @@ class ModelConfig:
             return self.loss_chunk_size
         vocab = self.padded_vocab_size if self.vocab_size is not None else 0
         return AUTO_CHUNK_TOKENS if vocab >= AUTO_CHUNK_VOCAB else 0
-
-    def check_context(self) -> None:
-        """Raise ConfigError when block_size needs attention GPT lacks: a sliding window shorter than
-        the context. Called on the resolved config (after model.block_size applies), not in
-        __post_init__, so a checkpoint's config can be read and then cropped."""
-        window = self.sliding_window
-        _require(
-            window is None or window >= self.block_size,
-            f"model.block_size={self.block_size} exceeds the sliding window ({window} tokens) of "
-            f"model.pretrained={self.pretrained}, and sliding-window attention is not implemented: "
-            f"set model.block_size={window} or less",
-        )
 
 
 # ModelConfig fields that may be set together with model.pretrained; every other field is the
@@ -275,6 +348,7 @@ class ParallelConfig:
     zero_offload_optimizer: bool = False  # DeepSpeed: optimizer state and step on the CPU
     zero_offload_params: bool = False  # DeepSpeed zero3: parameters on the CPU between uses
     deepspeed_config: str | None = None  # a DeepSpeed JSON of your own; the harness's keys must agree with it
+    expert: int = 1  # expert parallelism: each rank of a group of this many holds 1/expert of each MoE layer's experts
 
     def __post_init__(self) -> None:
         _require(
@@ -283,6 +357,7 @@ class ParallelConfig:
         )
         _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
         _require(self.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0, got {self.fsdp_shard_size}")
+        _require(self.expert >= 1, f"parallel.expert must be >= 1 (1: no expert parallelism), got {self.expert}")
         _require(self.fsdp_prefetch >= 1, f"parallel.fsdp_prefetch must be >= 1, got {self.fsdp_prefetch}")
         _require(
             not self.zero_offload_params or self.strategy == "zero3",
