@@ -6,23 +6,27 @@ document), `encode`, `decode`, `encode_batch` (numpy arrays, for building the to
 and `fingerprint()` (a string that changes whenever the mapping does: it keys the caches).
 `encode(text)` adds what the model expects at the start of a text (a Llama 3 tokenizer's
 <|begin_of_text|>; nothing for GPT-2, bytes or the BPE); `add_special_tokens=False` adds nothing.
-A Hugging Face tokenizer (`PretrainedTokenizer`) also has bos / eos / pad ids, its chat template
-and `save(directory)`.
+A Hugging Face tokenizer (`PretrainedTokenizer`) also has bos / eos / pad ids, its chat template,
+its family's chat quirks (trainer.model.families: whether the template has a system turn, the tokens
+that end an assistant turn), the ids that stop generation, and `save(directory)`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from trainer.config import ConfigError, DataConfig
+from trainer.config import MODEL_TYPES, ConfigError, DataConfig
+
+if TYPE_CHECKING:
+    from trainer.model.families import ChatQuirks
 
 EOT_TOKEN = "<|endoftext|>"
 # Names tried, in order, for a tokenizer.json whose directory does not name its eos token.
@@ -150,10 +154,24 @@ class PretrainedTokenizer:
 
     name = "hf"
 
-    def __init__(self, hf: Any, eos_id: int):
+    def __init__(
+        self,
+        hf: Any,
+        eos_id: int,
+        model_type: str | None = None,
+        quirks: ChatQuirks | None = None,
+        extra_stop_ids: Iterable[int] = (),
+    ):
+        """model_type: the checkpoint's (its family's chat quirks apply unless `quirks` is given);
+        extra_stop_ids: more ids that end generation (generation_config.json's eos_token_id)."""
         self.hf = hf  # a transformers TokenizersBackend (PreTrainedTokenizerFast)
         self.backend: tokenizers.Tokenizer = hf.backend_tokenizer
         self.eos_id = self.eot_id = eos_id
+        self.model_type = model_type
+        self.chat_quirks = quirks if quirks is not None else chat_quirks(model_type)
+        # eos, then each end-of-turn token, then the checkpoint's: what trainer.generate and the
+        # run's closing sample stop at
+        self.stop_ids = stop_ids(eos_id, self.backend.token_to_id, self.chat_quirks, extra_stop_ids)
         self.bos_id: int | None = hf.bos_token_id
         self.pad_id: int | None = hf.pad_token_id
         largest = max(self.backend.get_vocab(with_added_tokens=True).values())
@@ -192,8 +210,13 @@ class PretrainedTokenizer:
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def save(self, directory: str | Path) -> None:
-        """save_pretrained: tokenizer.json, tokenizer_config.json (special tokens) and the chat template."""
+        """save_pretrained: tokenizer.json, tokenizer_config.json (special tokens) and the chat template;
+        and generation_config.json with the stop ids when there are more than eos, so that
+        trainer.generate (or a later run) stops at the end-of-turn tokens too."""
         self.hf.save_pretrained(str(directory))
+        if len(self.stop_ids) > 1:
+            config = {"eos_token_id": list(self.stop_ids)}
+            (Path(directory) / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # Files of which a Hugging Face tokenizer directory holds at least one.
@@ -274,7 +297,51 @@ def load_pretrained_tokenizer(directory: str, key: str = "data.tokenizer") -> Pr
         raise ConfigError(f"{key}={directory} names no end-of-text token: set eos_token in its tokenizer_config.json")
     if hf.eos_token_id is None:  # saved with the tokenizer, so export and generation find it
         hf.eos_token = hf.backend_tokenizer.id_to_token(eos)
-    return PretrainedTokenizer(hf, eos)
+    return PretrainedTokenizer(hf, eos, checkpoint_model_type(path), extra_stop_ids=generation_eos_ids(path))
+
+
+def chat_quirks(model_type: str | None) -> ChatQuirks:
+    """The chat quirks of model_type's family (trainer.model.families); the defaults (a system turn,
+    no end-of-turn tokens beyond eos) for a model_type without a family, or None."""
+    from trainer.model.families import ChatQuirks, family  # lazily: the registry imports every family
+
+    if model_type not in MODEL_TYPES:
+        return ChatQuirks()
+    try:
+        return family(model_type).chat
+    except ModuleNotFoundError as error:  # a family module not written yet
+        if not (error.name or "").startswith("trainer.model.families."):
+            raise
+        return ChatQuirks()
+
+
+def checkpoint_model_type(directory: Path) -> str | None:
+    """config.json's model_type in a checkpoint directory (a multimodal one's text_config's when
+    that is the family: Gemma 3's "gemma3" holds a "gemma3_text"), or None without one."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    model_type = config.get("model_type")
+    text_type = (config.get("text_config") or {}).get("model_type")
+    return text_type if model_type not in MODEL_TYPES and text_type in MODEL_TYPES else model_type
+
+
+def generation_eos_ids(directory: Path | None) -> list[int]:
+    """generation_config.json's eos_token_id in `directory` (one id or a list), [] without one."""
+    path = Path(directory) / "generation_config.json" if directory is not None else None
+    if path is None or not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if isinstance(i, int)]
+
+
+def stop_ids(
+    eos_id: int | None, token_id: Callable[[str], int | None], quirks: ChatQuirks, extra: Iterable[int] = ()
+) -> tuple[int, ...]:
+    """The ids that end generation, each once: eos, the family's end-of-turn tokens (those in the
+    vocabulary: token_id gives None for the others), then `extra`."""
+    ids = [eos_id, *(token_id(token) for token in quirks.end_of_turn), *extra]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
 
 
 def _fallback_eos(path: Path, backend: tokenizers.Tokenizer) -> int | None:
