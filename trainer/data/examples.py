@@ -6,10 +6,10 @@
                                                    /counts.bin   int64: each example's target tokens
                                                    /meta.json    counts: records, examples, skipped, tokens, targets
 
-The key hashes the source's identity, the tokenizer's fingerprint and the rendering settings, so a
-second run opens the arrays without rendering a record. Files are written under temporary names and
-renamed; meta.json, written last, marks a complete entry. Rows depend on train.seq_len and are
-computed when a split opens:
+The key hashes the source's identity, the tokenizer's fingerprint and the rendering settings (for
+chat records, the family's chat quirks too), so a second run opens the arrays without rendering a
+record. Files are written under temporary names and renamed; meta.json, written last, marks a
+complete entry. Rows depend on train.seq_len and are computed when a split opens:
 
     packed (data.packing)   whole examples, in order, greedily filling each row; the rest is padding
     padded                  one example per row
@@ -23,6 +23,7 @@ attention inside each example.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -73,6 +74,9 @@ def open_or_build_examples(
         "tokenizer": tokenizer.fingerprint(),
         "settings": settings,
     }
+    quirks = getattr(tokenizer, "chat_quirks", None)
+    if cfg.format == "chat" and quirks is not None:  # e.g. a family without a system role refuses records
+        identity["chat_quirks"] = dataclasses.asdict(quirks)
     name = getattr(tokenizer, "name", "tok")
     directory = cache_root / f"{source.name}-{cfg.format}-{name}-{digest(identity)}"
     meta = _read_meta(directory)

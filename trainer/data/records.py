@@ -3,16 +3,24 @@
     instruct  {prompt, response}: the prompt's ids (with the tokenizer's own BOS handling, or the chat
               template's user turn and generation prompt) + the response's ids + eos. Targets: the
               response and eos (and the prompt with data.train_on_prompt).
-    chat      {messages: [{role, content}, ...]}: the conversation rendered by the tokenizer's chat
-              template. Targets: each assistant turn's content and the template's end-of-turn token,
-              and an eos that ends the example.
+    chat      {messages: [{role, content, reasoning_content?}, ...]}: the conversation up to its last
+              assistant turn, rendered by the tokenizer's chat template. Targets: each assistant turn as
+              the template renders it (a reasoning block it keeps included) and the template's
+              end-of-turn token, and an eos that ends the example.
 
 Assistant turns are found without `{% generation %}` tags: rendering messages[:i] with the
-generation prompt and messages[:i+1] gives turn i's character span in the whole conversation (each
-render must be a prefix of it); the whole text is tokenized once, with offsets, and a token is a
-target when it starts inside an assistant span. The rendered text already holds the template's BOS,
-so it is tokenized without adding special tokens. targets[i] says whether token i is a target, that
-is, whether the model is trained to predict ids[i] from ids[:i].
+generation prompt gives where turn i starts in the whole conversation (that render must be a prefix
+of it), and messages[:i+1] where it ends, when that render is a prefix too. A template that renders
+a turn differently once later turns follow (Qwen3 drops the reasoning of turns before the last user
+message; Phi-3 ends only the whole conversation with eos) has the turn end at the first end-of-turn
+token after its start, the family's (ChatQuirks.end_of_turn) or eos, and must still hold its answer
+(a template that drops earlier answers is refused). The whole text is tokenized once, with offsets,
+and a token is a target when it starts inside an assistant span. The rendered text already holds
+the template's BOS, so it is tokenized without adding special tokens. targets[i] says whether token
+i is a target, that is, whether the model is trained to predict ids[i] from ids[:i].
+
+A family without a system turn (ChatQuirks.system_role false: Gemma) refuses a conversation with a
+system message, rather than train on whatever its template does with one.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data.sources import BadRecord
-from trainer.data.tokenizer import Tokenizer
+from trainer.data.tokenizer import Tokenizer, chat_quirks
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -113,6 +121,9 @@ def check_messages(messages: Any) -> None:
             raise BadRecord(f"message {i} has the unknown role {message['role']!r} (roles: {', '.join(ROLES)})")
         if not isinstance(message.get("content"), str):
             raise BadRecord(f"message {i} has content of type {type(message.get('content')).__name__}, not a string")
+        if not isinstance(message.get("reasoning_content", ""), str):
+            kind = type(message["reasoning_content"]).__name__
+            raise BadRecord(f"message {i} has reasoning_content of type {kind}, not a string")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("it has no assistant turn (nothing to train on)")
 
@@ -125,34 +136,85 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt
         raise BadRecord(f"the chat template refused it ({type(error).__name__}: {reason})") from error
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span [start, end) of each assistant turn: its
-    content and the template's end-of-turn marker (whitespace after the marker is left out)."""
+def check_system_role(tokenizer: Any, messages: list[dict[str, Any]]) -> None:
+    """BadRecord for a system message when the family has no system turn, saying what the template
+    would do with it and how to fix the record."""
+    quirks = getattr(tokenizer, "chat_quirks", None) or chat_quirks(None)
+    system = next((i for i, m in enumerate(messages) if m["role"] == "system"), None)
+    if quirks.system_role or system is None:
+        return
+    text = messages[system]["content"]
+    try:  # what the template itself does with one, for the message
+        rendered = _apply(tokenizer, [messages[system], {"role": "user", "content": "?"}], add_generation_prompt=True)
+        done = "folds it into the first user turn" if text.strip() in rendered else "drops it"
+    except BadRecord:
+        done = "refuses it"
+    family = getattr(tokenizer, "model_type", None) or "this model"
+    raise BadRecord(
+        f"message {system} is a system message, and {family} has no system role (its chat template {done}): "
+        "fold its text into the first user message, or drop it"
+    )
+
+
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, Any]], end_of_turn: tuple[str, ...] = ()
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span [start, end) of each assistant turn: what
+    the template renders after the generation prompt, through its end-of-turn marker (whitespace
+    after the marker left out). end_of_turn: the strings that end a turn the template renders
+    differently once later turns follow (the tokenizer's eos is tried too)."""
     full = _apply(tokenizer, messages, add_generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    starts = []
+    for i in turns:
         before = _apply(tokenizer, messages[:i], add_generation_prompt=True)
+        if not full.startswith(before):
+            raise _rewrites(f"messages[:{i}] with the generation prompt", i)
+        starts.append(len(before))
+    markers = [m for m in (*end_of_turn, tokenizer.decode([tokenizer.eot_id])) if m]
+    spans = []
+    for n, i in enumerate(turns):
+        start = starts[n]
         through = _apply(tokenizer, messages[: i + 1], add_generation_prompt=False).rstrip()
-        for prefix, what in ((before, f"messages[:{i}] with the generation prompt"), (through, f"messages[:{i + 1}]")):
-            if not full.startswith(prefix):
-                raise ConfigError(
-                    f"the tokenizer's chat template renders {what} as text that does not start the whole "
-                    "conversation (it rewrites earlier turns, e.g. drops their reasoning), so assistant turns "
-                    "cannot be located: use a template that renders conversations prefix by prefix"
-                )
-        spans.append((len(before), max(len(through), len(before))))
+        if full.startswith(through):
+            spans.append((start, max(len(through), start)))
+            continue
+        # Inside the conversation the template renders turn i otherwise (without its reasoning, or
+        # without the eos that ends a conversation): the turn ends at the first marker after its
+        # start, before the next turn starts, and must still hold its answer.
+        limit = starts[n + 1] if n + 1 < len(starts) else len(full)
+        found = [(at, marker) for marker in markers if (at := full.find(marker, start, limit)) >= 0]
+        if not found:
+            raise _rewrites(f"messages[:{i + 1}]", i, f"ends at none of its end-of-turn tokens ({', '.join(markers)})")
+        at, marker = min(found)
+        answer = messages[i]["content"].split("</think>")[-1].strip()
+        if answer not in full[start:at]:
+            raise _rewrites(f"messages[:{i + 1}]", i, "lacks its content")
+        spans.append((start, at + len(marker)))
     return full, spans
+
+
+def _rewrites(what: str, turn: int, problem: str = "") -> ConfigError:
+    inside = f", and inside it assistant turn {turn} {problem}" if problem else ""
+    fix = ", or name the family's end-of-turn token (ChatQuirks.end_of_turn)" if "end-of-turn" in problem else ""
+    return ConfigError(
+        f"the tokenizer's chat template renders {what} as text that does not start the whole conversation{inside} "
+        f"(it rewrites earlier turns), so assistant turn {turn} cannot be located: use a template that renders "
+        f"conversations prefix by prefix{fix}"
+    )
 
 
 def render_chat(record: Any, tokenizer: Any, cfg: DataConfig) -> Example:
     """The conversation through the chat template, up to the end of its last assistant turn (later
-    turns teach nothing), then eos unless the template ended the turn with it. Targets: the
-    assistant turns and that eos."""
+    turns teach nothing, and are left out before rendering: a template that drops the reasoning of
+    turns before the last user message keeps the last turn's), then eos unless the template ended
+    the turn with it. Targets: the assistant turns and that eos."""
     messages = field(record, "messages_field", cfg.messages_field)
     check_messages(messages)
-    full, spans = assistant_spans(tokenizer, messages)
+    check_system_role(tokenizer, messages)
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    quirks = getattr(tokenizer, "chat_quirks", None) or chat_quirks(None)
+    full, spans = assistant_spans(tokenizer, messages[: last + 1], quirks.end_of_turn)
     ids, offsets = tokenizer.encode_with_offsets(full[: spans[-1][1]])
     starts = np.asarray([start for start, _ in offsets], dtype=np.int64)
     targets = np.zeros(len(ids), dtype=bool)
