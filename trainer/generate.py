@@ -7,7 +7,9 @@ SOURCE is a run directory (its latest verified checkpoint) or one checkpoint dir
 strategy (see trainer.export). The tokenizer is the one the run saved (the checkpoint's
 `tokenizer` part), or the byte tokenizer for byte-level runs. A tokenizer with a chat template
 (a chat or instruct model) gets the prompt as one user turn with the generation prompt, unless
---raw. Generation stops at the tokenizer's end-of-sequence token or after --max-new-tokens.
+--raw. Generation stops after --max-new-tokens, or at a stop id: the tokenizer's end-of-sequence
+token, its family's end-of-turn tokens (trainer.model.families: Gemma's <end_of_turn>, Phi-3's
+<|end|>) and the eos_token_id list of a generation_config.json the run saved with its tokenizer.
 Temperature 0 is greedy. Errors: one line, exit code 2.
 """
 
@@ -16,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from trainer.data.tokenizer import ByteTokenizer
+from trainer.data.tokenizer import ByteTokenizer, chat_quirks, generation_eos_ids, stop_ids
 from trainer.export import ExportError, find_checkpoint, load_model, tokenizer_dir
 
 
@@ -36,6 +39,16 @@ def load_tokenizer(checkpoint: Path) -> Any:
     if ref.get("fingerprint") == "byte":
         return ByteTokenizer()
     raise ExportError(f"{checkpoint} names no saved tokenizer (a run from an older trainer, or synthetic data)")
+
+
+def stop_ids_of(checkpoint: Path, tokenizer: Any, model_type: str | None) -> tuple[int, ...]:
+    """The ids that end generation: the tokenizer's eos, the end-of-turn tokens of model_type's
+    family, and generation_config.json's eos_token_id in the run's tokenizer or the checkpoint
+    directory. A byte tokenizer has its eos alone."""
+    if not hasattr(tokenizer, "get_vocab"):  # bytes
+        return (tokenizer.eot_id,)
+    extra = generation_eos_ids(tokenizer_dir(checkpoint)) + generation_eos_ids(checkpoint)
+    return stop_ids(tokenizer.eos_token_id, tokenizer.get_vocab().get, chat_quirks(model_type), extra)
 
 
 def prompt_ids(tokenizer: Any, prompt: str, raw: bool) -> list[int]:
@@ -58,20 +71,25 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     raw: bool = False,
+    *,
+    stop: Collection[int] | None = None,
 ) -> str:
-    """The continuation of `prompt` (new text only), stopping at the tokenizer's eos."""
+    """The continuation of `prompt` (new text only), stopping at an id of `stop` (None: the
+    tokenizer's eos); the stop id itself is left out of the text."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eot_id  # HF or byte
+    if stop is None:
+        stop = (tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eot_id,)  # HF or byte
+    stop = [i for i in stop if i is not None]
     ids = prompt_ids(tokenizer, prompt, raw)
     if not ids:
         raise ExportError("the prompt encodes to no tokens: give a non-empty --prompt")
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
         torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, top_k=top_k,
-        generator=generator, eos_id=eos,
+        generator=generator, eos_id=stop or None,
     )  # fmt: skip
     new = out[0, len(ids) :].tolist()
-    if new and new[-1] == eos:
+    if new and new[-1] in stop:
         new = new[:-1]
     return tokenizer.decode(new)
 
@@ -93,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError("--max-new-tokens must be positive and --temperature at least 0")
         checkpoint = find_checkpoint(args.source)
         tokenizer = load_tokenizer(checkpoint)
-        model, _ = load_model(checkpoint)
+        model, info = load_model(checkpoint)
         model.to(args.device).eval()
+        stop = stop_ids_of(checkpoint, tokenizer, info["model_config"].get("hf_model_type"))
         text = generate(
-            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.raw
-        )
+            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.raw,
+            stop=stop,
+        )  # fmt: skip
     except (ExportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
