@@ -366,12 +366,13 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def sample(model: torch.nn.Module, tokenizer: Any, prompt: str, n_tokens: int, seed: int) -> str:
-    """A short continuation of prompt (temperature 0.8, top-k 50), seeded for repeatability."""
+    """A short continuation of prompt (temperature 0.8, top-k 50), seeded for repeatability; it stops
+    at the tokenizer's stop ids (eos and its family's end-of-turn tokens), or eos."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
     out = model.generate(
         torch.tensor([ids], device=device), n_tokens, temperature=0.8, top_k=50, generator=generator,
-        eos_id=tokenizer.eot_id,
+        eos_id=getattr(tokenizer, "stop_ids", tokenizer.eot_id),
     )  # fmt: skip
     return tokenizer.decode(out[0].tolist())
