@@ -189,6 +189,35 @@ def hf_mistral(tie: bool = False, **config):
     return hf_llama(tie, (transformers.MistralConfig, transformers.MistralForCausalLM), **config)
 
 
+def hf_family(model_type: str, **config):
+    """A random transformers model of a later family (qwen3, gemma3_text, gemma2, phi3, olmo2,
+    mixtral, qwen3_moe), tiny: 2 layers, GQA 4 / 2 heads, head size 16 (Qwen3 and Gemma: 24, unlike
+    hidden / heads), MoE 4 experts top-2; config overrides these defaults."""
+    import transformers
+
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-5, **HF_SPECIAL)  # fmt: skip
+    own_head = dict(head_dim=24)
+    moe = dict(num_experts_per_tok=2, router_aux_loss_coef=0.02)
+    families = {
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, own_head),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                        dict(own_head, query_pre_attn_scalar=20, sliding_window=6, layer_types=["sliding_attention",
+                             "full_attention"], rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                             "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                   dict(own_head, query_pre_attn_scalar=20, sliding_window=6, attn_logit_softcapping=5.0,
+                        final_logit_softcapping=3.0)),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(pad_token_id=0)),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(moe, num_local_experts=4)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                      dict(moe, **own_head, num_experts=4, moe_intermediate_size=40, norm_topk_prob=True)),
+    }  # fmt: skip
+    config_cls, model_cls, defaults = families[model_type]
+    return model_cls(config_cls(**{**common, **defaults, **config}))
+
+
 # -- tiny Hugging Face tokenizers, built locally (no hub) --------------------------------------------
 
 TINY_TOKENIZER_TEXT = """\

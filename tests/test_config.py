@@ -386,7 +386,11 @@ NON_DEFAULT = {
                      "original_max_position_embeddings": 16},
     "attention_backend": "math", "init_std": 0.01, "activation_checkpointing": "full",
     "activation_checkpointing_every": 2, "loss_chunk_size": 32, "qkv_bias": True, "sliding_window": 8,
-    "hf_model_type": "mistral", "vocab_multiple": 128,
+    "hf_model_type": "mistral", "vocab_multiple": 128, "layer_types": ["full_attention"] * 4,
+    "rope_local_theta": 1e4, "head_dim": 16, "qk_norm": "head", "norm_placement": "post", "norm_offset": 1.0,
+    "embed_scale": True, "query_pre_attn_scalar": 64.0, "attn_softcap": 50.0, "final_softcap": 30.0,
+    "fused_gate_up": True, "n_experts": 4, "n_experts_per_token": 1, "moe_intermediate_size": 64,
+    "moe_norm_topk": False, "router_aux_loss_coef": 0.01, "moe_layers": [0], "moe_impl": "loop",
 }  # fmt: skip
 
 

@@ -1,7 +1,7 @@
 """Parity with transformers: tiny random GPT-2 / Llama / Mistral / Qwen2 checkpoints imported into GPT
 give the same logits and the same gradient for every parameter (also for packed documents, each
 against transformers on that document alone); export_hf round-trips through transformers as the
-same architecture; a sliding window shorter than the context is refused."""
+same architecture; sliding windows shorter than the context are computed."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from helpers import hf_gpt2, hf_llama, hf_mistral, hf_qwen2  # noqa: E402
 
-from trainer.config import ConfigError, ModelConfig  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
 from trainer.model.gpt import rope_inv_freq  # noqa: E402
 from trainer.model.hf_import import (  # noqa: E402
@@ -28,7 +28,6 @@ from trainer.model.hf_import import (  # noqa: E402
     trim_vocab,
 )
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
-from trainer.preflight import resolve_model_config  # noqa: E402
 
 VOCAB, T = 101, 12
 
@@ -149,25 +148,21 @@ def test_packed_documents_match_transformers_on_each_document(case, tmp_path):
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-5 * scale, msg=name)
 
 
-def test_sliding_window_shorter_than_the_context_is_refused(tmp_path):
-    """Mistral's window (and Qwen2's, where use_sliding_window turns it on in some layer) must
-    cover block_size; a lower model.block_size makes the checkpoint usable, with parity."""
-    save_random(hf_mistral(sliding_window=16), tmp_path / "mistral")
-    save_random(hf_qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1), tmp_path / "qwen2")
+def test_sliding_windows_shorter_than_the_context_are_computed(tmp_path):
+    """Mistral's window (every layer) and Qwen2's (the layers from max_window_layers on, with
+    use_sliding_window) shorter than the 12 tokens: the same logits and gradients as transformers;
+    without use_sliding_window Qwen2 attends to everything."""
     save_random(hf_qwen2(use_sliding_window=False, sliding_window=16), tmp_path / "qwen2-off")
     assert load_hf_config(tmp_path / "qwen2-off").sliding_window is None
-    for name in ("mistral", "qwen2"):
-        path = tmp_path / name
-        assert load_hf_config(path).sliding_window == 16
-        fix = "set model.block_size=16 or less"
-        with pytest.raises(ConfigError, match=rf"model.block_size=32 exceeds the sliding window .*: {fix}$"):
-            load_pretrained(path)
-        with pytest.raises(ConfigError, match=fix):
-            resolve_model_config(ModelConfig(pretrained=str(path)), tokenizer_vocab=VOCAB)
-        resolved = resolve_model_config(ModelConfig(pretrained=str(path), block_size=16), tokenizer_vocab=VOCAB)
-        assert resolved.block_size == 16 and resolved.sliding_window == 16
-        cropped = load_pretrained(path, block_size=16)  # T = 12 tokens lie within the window
-        assert_parity(cropped, load_reference(path), resolved)
+    for name, model in [
+        ("mistral", hf_mistral(sliding_window=5)),
+        ("qwen2", hf_qwen2(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    ]:
+        save_random(model, tmp_path / name)
+        cfg = load_hf_config(tmp_path / name)
+        assert cfg.sliding_window == 5 and [cfg.is_sliding(i) for i in range(2)] == [name == "mistral", True]
+        assert cfg.layer_types == (None if name == "mistral" else ["full_attention", "sliding_attention"])
+        assert_parity(load_pretrained(tmp_path / name), load_reference(tmp_path / name), cfg)
 
 
 def test_config_fields(tmp_path):
@@ -301,11 +296,11 @@ def test_pretrained_weights_check_names_before_reading_any_tensor(tmp_path):
     v_proj = "model.layers.1.self_attn.v_proj.weight"
     lacking = {k: v for k, v in weight_map.items() if k != v_proj}
     index.write_text(json.dumps({"weight_map": lacking}))
-    with pytest.raises(ValueError, match=rf"lacks 1 tensors GPT needs, e.g. \['{v_proj}'\]"):
+    with pytest.raises(ValueError, match=rf"lacks 1 tensors its config.json implies, e.g. \['{v_proj}'\]"):
         pretrained_weights(tmp_path, cfg)
     extra = "model.layers.0.self_attn.extra.weight"
     index.write_text(json.dumps({"weight_map": weight_map | {extra: weight_map[v_proj]}}))
-    with pytest.raises(ValueError, match=rf"has 1 tensors GPT would drop, e.g. \['{extra}'\]"):
+    with pytest.raises(ValueError, match=rf"has 1 tensors its config.json does not account for, e.g. \['{extra}'\]"):
         pretrained_weights(tmp_path, cfg)
     # complete again: the names pass, and the stream fails only once it reads
     index.write_text(json.dumps({"weight_map": weight_map}))
@@ -355,7 +350,10 @@ def test_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(ValueError, match="model_type 'bert' unsupported; expected gpt2, llama"):
+    with pytest.raises(
+        ValueError,
+        match="model_type 'bert' unsupported; expected one of gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, olmo2, mixtral, qwen3_moe",
+    ):
         load_hf_config(tmp_path)
     hf_llama().config.to_json_file(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no weights; expected model.safetensors"):
@@ -413,7 +411,7 @@ def test_a_checkpoint_exports_back_to_its_own_architecture(case, tmp_path):
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     back = load_reference(tmp_path / "out")
     assert type(back) is type(original) and written["architectures"] == [type(original).__name__]
-    assert written.get("sliding_window") is None  # GPT attends to the whole (shorter) context
+    assert written.get("sliding_window") == getattr(original.config, "sliding_window", None)
     idx, _ = batch()
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, original(idx).logits, rtol=0, atol=1e-5)
@@ -421,7 +419,7 @@ def test_a_checkpoint_exports_back_to_its_own_architecture(case, tmp_path):
 
 def test_export_rejects_layouts_without_hf_equivalent(tmp_path):
     model = GPT(ModelConfig(vocab_size=VOCAB, position="rope", norm="layernorm"))
-    with pytest.raises(ValueError, match="matches no Hugging Face layout"):
+    with pytest.raises(ValueError, match="matches no Hugging Face family: gpt2 has no model.position='rope'"):
         export_hf(model, tmp_path)
     for kwargs, model_type in [
         (GPT2_EXPORT, "qwen2"),
@@ -429,7 +427,7 @@ def test_export_rejects_layouts_without_hf_equivalent(tmp_path):
         (dict(LLAMA_EXPORT, bias=True), "mistral"),
     ]:
         model = GPT(ModelConfig(**kwargs, hf_model_type=model_type))
-        with pytest.raises(ValueError, match=f"which hf_model_type={model_type} cannot hold"):
+        with pytest.raises(ValueError, match=f"cannot be written as hf_model_type={model_type}: {model_type} has"):
             export_hf(model, tmp_path)
 
 

@@ -170,10 +170,6 @@ class ModelConfig:
         for key in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"model.{key} must be positive or null, got {value}")
-        _require(
-            not self.fused_gate_up or self.mlp in ("swiglu", "geglu"),
-            "model.fused_gate_up needs a gated MLP: model.mlp=swiglu or geglu",
-        )
         _require(self.n_experts >= 0, f"model.n_experts must be >= 0 (0: dense), got {self.n_experts}")
         if self.n_experts:
             _require(
@@ -181,13 +177,21 @@ class ModelConfig:
                 f"model.n_experts_per_token={self.n_experts_per_token} must be between 1 and "
                 f"model.n_experts={self.n_experts}",
             )
-            _require(self.mlp in ("swiglu", "geglu"), "model.n_experts > 0 needs a gated MLP: model.mlp=swiglu")
             bad_layers = [i for i in self.moe_layers or [] if not 0 <= i < self.n_layer]
             _require(not bad_layers, f"model.moe_layers {bad_layers} are not blocks of a {self.n_layer}-layer model")
         _require(
             self.moe_impl in ("auto", "grouped", "loop"), f"model.moe_impl={self.moe_impl!r}: use auto, grouped or loop"
         )
         _require(self.router_aux_loss_coef >= 0, "model.router_aux_loss_coef must be >= 0")
+
+    def check_gated(self) -> None:
+        """The switches that need a gated MLP (checked once the whole model config is known, when
+        GPT is built: a checkpoint's mlp may come with it)."""
+        _require(
+            not (self.fused_gate_up or self.n_experts) or self.mlp in ("swiglu", "geglu"),
+            f"model.fused_gate_up / model.n_experts need a gated MLP, got model.mlp={self.mlp}: "
+            "use model.mlp=swiglu or geglu",
+        )
 
     @property
     def attn_head_dim(self) -> int:
@@ -239,6 +243,7 @@ PRETRAINED_OVERRIDABLE = (
     "activation_checkpointing",
     "activation_checkpointing_every",
     "loss_chunk_size",
+    "moe_impl",  # how the experts' matmuls run, not what they compute
     "vocab_multiple",  # the padding of the checkpoint's vocabulary (imported with zero rows, exported without)
 )
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from trainer.config import ConfigError, LoraConfig, ModelConfig
 from trainer.model.gpt import GPT
-from trainer.model.hf_import import _arch, _name_map
+from trainer.model.hf_import import _name_map, model_family
 
 KINDS = ("lora_A", "lora_B", "lora_magnitude")  # our adapter tensors: <module>.<kind>.<leaf>
 
@@ -50,10 +50,11 @@ def layout(cfg: ModelConfig) -> Layout:
     with torch.device("meta"):
         model = GPT(cfg)
     shapes = {name: p.shape for name, p in model.named_parameters()}
-    prefix = "transformer." if _arch(cfg) == "gpt2" else ""
+    prefix = model_family(cfg).prefix
     linears, tensors = [], {}
-    for ours, theirs, transpose in _name_map(cfg):
-        keys = [h if h.startswith(("model.", "lm_head")) else prefix + h for h in theirs]
+    for row in _name_map(cfg):
+        ours, transpose = row.ours, row.how == "conv1d"
+        keys = [h if h.startswith(("model.", "lm_head")) else prefix + h for h in row.theirs]
         module = ours.rsplit(".", 1)[0]
         in_blocks = ours.startswith("blocks.") and ours.endswith(".weight")
         if in_blocks and isinstance(model.get_submodule(module), nn.Linear):
@@ -70,7 +71,7 @@ def layout(cfg: ModelConfig) -> Layout:
 
 
 def _qkv_sizes(cfg: ModelConfig) -> list[int]:
-    hd, nkv = cfg.n_embd // cfg.n_head, cfg.n_kv_head or cfg.n_head
+    hd, nkv = cfg.attn_head_dim, cfg.n_kv_head or cfg.n_head
     return [cfg.n_head * hd, nkv * hd, nkv * hd]
 
 

@@ -1,17 +1,26 @@
-"""GPT: one decoder-only transformer class covering the GPT-2 and Llama (Mistral, Qwen2) layouts.
+"""GPT: one decoder-only transformer class covering every family trainer.model.families imports.
 
-Pre-norm blocks, `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))`. ModelConfig picks
-LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, multi-head or grouped-query
-attention, q / k / v biases, a tied or untied head. forward takes optional per-token positions
-(packed documents attend only within themselves); generate keeps a KV cache. Parameter names
-group by layer (see `param_group`), and `GPT.blocks` is exposed so strategies can shard and
-checkpoint one block at a time. Nothing here knows about ranks, precision policy or logging.
+Blocks are `x = x + attn(norm_1(x)); x = x + mlp(norm_2(x))` (pre-norm, GPT-2 / Llama), with
+the norms after the sublayers instead (model.norm_placement=post, OLMo 2) or on both sides
+(sandwich: norm_1_post / norm_2_post after, Gemma). ModelConfig picks small composable switches,
+never a family: LayerNorm or RMSNorm (with Gemma's 1 + weight offset), GELU, SwiGLU or GeGLU
+(gate and up fused or apart), learned positions or RoPE (Llama 3, linear and LongRoPE scaling; a
+second base for sliding layers), multi-head or grouped-query attention with its own head size,
+q / k norms per head or over the projection, q / k / v biases, sliding-window layers, attention
+and final-logit soft-capping, a custom score scale, scaled embeddings, a tied or untied head, and
+sparse mixture-of-experts MLPs (trainer.model.moe) with their load-balancing loss.
+
+forward takes optional per-token positions (packed documents attend only within themselves);
+generate keeps a KV cache. Parameter names group by layer (see `param_group`), and `GPT.blocks`
+is exposed so strategies can shard and checkpoint one block at a time. Nothing here knows about
+ranks, precision policy or logging.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Iterator
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -19,7 +28,7 @@ import torch.nn.functional as F
 
 from trainer.config import ModelConfig
 from trainer.model.attention import KVCache, LayerCache, causal_attention, document_mask
-from trainer.model.loss import cross_entropy_sum, linear_cross_entropy_sum
+from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
 # into parameter names; `param_group` drops them.
@@ -39,7 +48,8 @@ def param_group(name: str) -> str:
     if parts and parts[0] in ("head", "norm_f"):
         return "head"
     if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-        kind = {"attn": "attn", "mlp": "mlp", "norm_1": "norm", "norm_2": "norm"}.get(parts[2])
+        kind = {"attn": "attn", "mlp": "mlp", "norm_1": "norm", "norm_2": "norm", "norm_1_post": "norm",
+                "norm_2_post": "norm"}.get(parts[2])  # fmt: skip
         if kind is not None:
             return f"block.{parts[1]}.{kind}"
     raise ValueError(f"param_group: {name!r} is not a GPT parameter name")
@@ -51,16 +61,23 @@ def param_group(name: str) -> str:
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin tables, each (T, head_dim) or (B, 1, T, head_dim), fp32
 
 
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
-    """Inverse frequencies (head_dim / 2,) in fp32, with Llama 3 ('llama3') scaling if given."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
+    """Inverse frequencies (head_dim / 2,) in fp32, with 'llama3' or 'linear' scaling if given
+    (LongRoPE's depend on the sequence: see rope_at)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    kind = (scaling or {}).get("rope_type", "default")
     if kind == "default":
         return inv_freq
+    if kind == "linear":  # positions slowed by `factor` (Gemma 3's global layers)
+        return inv_freq / scaling["factor"]
+    if kind == "longrope":  # the short factors; rope_at switches to the long ones past the original context
+        return 1.0 / (torch.tensor(scaling["short_factor"], device=device) * theta**exponents)
     if kind != "llama3":
-        raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported (only 'llama3')")
+        raise ValueError(f"model.rope_scaling: rope_type {kind!r} is not supported (use one of {ROPE_TYPES})")
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -73,16 +90,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device=None
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_at(cfg: ModelConfig, positions: torch.Tensor) -> Rope:
+def rope_at(cfg: ModelConfig, positions: torch.Tensor, local: bool = False) -> Rope:
     """cos, sin tables in fp32 for positions (T,) -> (T, hd), or per row (B, T) -> (B, 1, T, hd),
-    which broadcasts over heads. Recomputed per forward: a few tiny kernels, and no buffers to
-    lose when a model is built on the meta device."""
-    inv_freq = rope_inv_freq(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, positions.device)
+    which broadcasts over heads. local: the sliding layers' tables where model.rope_local_theta
+    gives them their own base (Gemma 3: unscaled). Recomputed per forward: a few tiny kernels,
+    and no buffers to lose when a model is built on the meta device."""
+    hd, theta, scaling = cfg.attn_head_dim, cfg.rope_theta, cfg.rope_scaling
+    if local and cfg.rope_local_theta is not None:
+        theta, scaling = cfg.rope_local_theta, None
+    inv_freq = rope_inv_freq(hd, theta, scaling, positions.device)  # (hd/2,)
+    attention_factor = 1.0
+    if scaling and scaling.get("rope_type") == "longrope":
+        # LongRoPE (Phi-3): the long factors once the sequence (the largest position + 1, as
+        # transformers' dynamic update) passes the original context; cos and sin scaled by its
+        # attention factor. Chosen on the device: no host sync.
+        exponents = torch.arange(0, hd, 2, dtype=torch.int64, device=positions.device).float() / hd
+        long_freq = 1.0 / (torch.tensor(scaling["long_factor"], device=positions.device) * theta**exponents)
+        is_long = positions.max() + 1 > scaling["original_max_position_embeddings"]
+        inv_freq = torch.where(is_long, long_freq, inv_freq)
+        attention_factor = longrope_attention_factor(scaling)
     freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd)
     if positions.dim() == 2:
         emb = emb[:, None]  # (B, 1, T, hd)
+    if attention_factor != 1.0:
+        return emb.cos() * attention_factor, emb.sin() * attention_factor
     return emb.cos(), emb.sin()
+
+
+def longrope_attention_factor(scaling: dict) -> float:
+    """LongRoPE's cos / sin scale: attention_factor, else sqrt(1 + ln(factor) / ln(original context))."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> Rope:
@@ -101,28 +142,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # Layers
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight; statistics in (at least) fp32, as HF Llama."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight; statistics in (at least) fp32, as HF Llama. With an
+    offset (Gemma: 1) the scale is offset + weight, applied in fp32 before the cast, as Gemma."""
     dtype = x.dtype
     x = x.to(torch.promote_types(dtype, torch.float32))
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x * (offset + weight.to(x.dtype))).to(dtype)
     return weight * x.to(dtype)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.offset)
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The model's norm over `dim` features (default n_embd)."""
+    dim = dim or cfg.n_embd
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim, eps=cfg.norm_eps, offset=cfg.norm_offset)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 def has_qkv_bias(cfg: ModelConfig) -> bool:
@@ -131,18 +177,26 @@ def has_qkv_bias(cfg: ModelConfig) -> bool:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with a fused [q | k | v] projection and optional GQA / RoPE."""
+    """Causal self-attention with a fused [q | k | v] projection and optional GQA / RoPE, q / k
+    norms (per head or over the projection), a sliding window, a score scale and soft-cap."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.head_dim = hd = cfg.attn_head_dim
         self.backend = cfg.attention_backend
         self.dropout = cfg.dropout
-        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else None
+        self.scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+        self.softcap = cfg.attn_softcap
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * hd
         self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=has_qkv_bias(cfg))
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(self.n_head * hd, cfg.n_embd, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":  # head: over each head's hd features; full: over the whole projection
+            self.q_norm = make_norm(cfg, hd if cfg.qk_norm == "head" else self.n_head * hd)
+            self.k_norm = make_norm(cfg, hd if cfg.qk_norm == "head" else self.n_kv_head * hd)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -157,51 +211,80 @@ class Attention(nn.Module):
         B, T, C = x.shape
         hd, nh, nkv = self.head_dim, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached tokens', then these
         dropout_p = self.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.backend, dropout_p, mask)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        extra = {k: v for k, v in (("window", self.window), ("scale", self.scale), ("softcap", self.softcap)) if v}
+        y = causal_attention(q, k, v, self.backend, dropout_p, mask, **extra)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def gate_activation(cfg: ModelConfig):
+    """A gated MLP's activation: SiLU (swiglu) or tanh GELU (geglu, Gemma's gelu_pytorch_tanh)."""
+    return F.silu if cfg.mlp == "swiglu" else partial(F.gelu, approximate="tanh")
 
 
 class MLP(nn.Module):
     """GELU MLP (tanh approximation: GPT-2's gelu_new; gelu_exact: erf, several times cheaper on a
-    CPU in bf16) or SwiGLU: down(silu(gate(x)) * up(x)) as Llama."""
+    CPU in bf16) or gated: down(act(gate(x)) * up(x)) with SiLU (SwiGLU, Llama) or tanh GELU
+    (GeGLU, Gemma); model.fused_gate_up keeps gate and up in one linear [gate | up] (Phi-3)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = cfg.intermediate_size or 4 * cfg.n_embd
-        self.swiglu = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in ("swiglu", "geglu")
+        self.fused = cfg.fused_gate_up
         self.approximate = "none" if cfg.mlp == "gelu_exact" else "tanh"
-        if self.swiglu:
-            self.w_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-            self.w_up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        if self.gated:
+            self.act = gate_activation(cfg)
+            if self.fused:
+                self.w_gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
+            else:
+                self.w_gate = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+                self.w_up = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         else:
             self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.swiglu:
-            h = F.silu(self.w_gate(x)) * self.w_up(x)  # (B, T, hidden)
+        if self.gated:
+            gate, up = self.w_gate_up(x).chunk(2, dim=-1) if self.fused else (self.w_gate(x), self.w_up(x))
+            h = self.act(gate) * up  # (B, T, hidden)
         else:
             h = F.gelu(self.c_fc(x), approximate=self.approximate)  # (B, T, hidden)
         return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """One layer. norm_placement pre: x + f(norm(x)); post: x + norm(f(x)) (the same names,
+    norm_1 / norm_2, after the sublayers); sandwich: x + norm_post(f(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.placement = cfg.norm_placement
         self.norm_1 = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.norm_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe(layer):
+            from trainer.model.moe import SparseMLP  # the experts' module, on first use
+
+            self.mlp = SparseMLP(cfg)
+        else:
+            self.mlp = MLP(cfg)
+        if self.placement == "sandwich":
+            self.norm_1_post = make_norm(cfg)
+            self.norm_2_post = make_norm(cfg)
 
     def forward(
         self,
@@ -210,9 +293,14 @@ class Block(nn.Module):
         mask: torch.Tensor | None = None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), rope, mask, cache)
-        x = x + self.mlp(self.norm_2(x))
-        return x
+        if self.placement == "pre":
+            x = x + self.attn(self.norm_1(x), rope, mask, cache)
+            return x + self.mlp(self.norm_2(x))
+        if self.placement == "post":
+            x = x + self.norm_1(self.attn(x, rope, mask, cache))
+            return x + self.norm_2(self.mlp(x))
+        x = x + self.norm_1_post(self.attn(self.norm_1(x), rope, mask, cache))
+        return x + self.norm_2_post(self.mlp(self.norm_2(x)))
 
 
 class Embedding(nn.Module):
@@ -222,11 +310,14 @@ class Embedding(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)  # rows past vocab_size: padding, zero
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
+        self.scale = math.sqrt(cfg.n_embd) if cfg.embed_scale else None  # Gemma: times sqrt(n_embd)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) -> (B, T, C); positions: (T,) or (B, T), default 0 .. T - 1."""
         x = self.wte(idx)  # (B, T, C)
+        if self.scale is not None:  # the factor rounded to the weights' dtype, as Gemma
+            x = x * torch.tensor(self.scale, dtype=x.dtype)
         if self.wpe is not None:
             if positions is None:
                 positions = torch.arange(idx.size(1), device=idx.device)  # (T,)
@@ -251,9 +342,10 @@ class GPT(nn.Module):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("GPT needs model.vocab_size: resolve it from the tokenizer first")
+        cfg.check_gated()
         self.cfg = cfg
         self.embed = Embedding(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         # Tied: the logits reuse embed.wte.weight, so there is no separate head parameter.
         self.head = None
@@ -269,12 +361,12 @@ class GPT(nn.Module):
         init_std / sqrt(2 n_layer) so the residual stream's variance does not grow with depth.
         Wrapper components in `name` (activation checkpointing, DDP, ...) do not matter."""
         name, std = bare_name(name), self.cfg.init_std
-        if name.endswith("c_proj.weight"):
+        if name.endswith(("c_proj.weight", "mlp.w_down")):
             nn.init.normal_(tensor, 0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=generator)
         elif name.endswith("bias"):
             nn.init.zeros_(tensor)
-        elif "norm" in name:
-            nn.init.ones_(tensor)
+        elif "norm" in name:  # a norm's scale is offset + weight: one either way
+            nn.init.constant_(tensor, 1.0 - self.cfg.norm_offset if self.cfg.norm == "rmsnorm" else 1.0)
         else:
             nn.init.normal_(tensor, 0.0, std, generator=generator)
         if name in ("embed.wte.weight", "head.weight"):
@@ -311,19 +403,45 @@ class GPT(nn.Module):
         one starts (packed rows): RoPE / learned positions read them, and attention stays causal
         within each document. cache: generation's KVCache; idx continues the tokens it holds.
         """
+        cfg = self.cfg
         positions, mask = self._positions_and_mask(idx, positions, cache)
         x = self.embed(idx, positions)  # (B, T, C)
-        rope = rope_at(self.cfg, positions) if self.cfg.position == "rope" else None
+        ropes, masks = {}, {}  # per kind of layer (full / sliding): RoPE tables and packed-document masks
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, None if cache is None else cache.layers[i])  # (B, T, C)
+            local = cfg.is_sliding(i)
+            if local not in ropes:
+                ropes[local] = rope_at(cfg, positions, local) if cfg.position == "rope" else None
+                masks[local] = document_mask(positions, cfg.sliding_window) if local and mask is not None else mask
+            x = block(x, ropes[local], masks[local], None if cache is None else cache.layers[i])  # (B, T, C)
         x = self.norm_f(x)
         # The head's weight is read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3
         # (external parameter, found by DeepSpeed's parameter getter) have gathered it.
         weight = self.embed.wte.weight if self.head is None else self.head.weight  # (padded vocab, C)
         if targets is None:  # the real rows only (a contiguous slice): logits exactly the unpadded model's
-            return F.linear(x, weight[: self.cfg.vocab_size])  # (B, T, vocab)
-        loss = self._compiled_loss or head_loss
-        return loss(x, weight, targets, self.cfg.loss_chunk, self.cfg.vocab_size)
+            return softcap(F.linear(x, weight[: cfg.vocab_size]), cfg.final_softcap)  # (B, T, vocab)
+        if cfg.final_softcap:  # capped logits, then the loss: the full-logits path
+            loss = cross_entropy_sum(softcap(F.linear(x, weight), cfg.final_softcap), targets, cfg.vocab_size)
+        else:
+            loss = (self._compiled_loss or head_loss)(x, weight, targets, cfg.loss_chunk, cfg.vocab_size)
+        return loss + self._moe_aux_loss(targets)
+
+    def _moe_aux_loss(self, targets: torch.Tensor) -> torch.Tensor | float:
+        """In training, router_aux_loss_coef times the load-balancing loss of this forward's
+        sparse MLPs (transformers' load_balancing_loss_func over all of them), times the
+        micro-batch's target count: the caller's division by the batch's targets then weighs it
+        like the token loss, so one micro-batch gives transformers' loss + coef * aux."""
+        sparse = [b.mlp for b in self.blocks if hasattr(b.mlp, "router_logits")]
+        if not sparse or not self.training:
+            return 0.0
+        from trainer.model.moe import load_balancing_loss
+
+        aux = load_balancing_loss([m.router_logits for m in sparse], self.cfg.n_experts, self.cfg.n_experts_per_token)
+        self.moe_aux_loss = aux.detach()  # (), for the logs
+        if not self.cfg.router_aux_loss_coef:
+            return 0.0
+        return self.cfg.router_aux_loss_coef * aux * (targets != IGNORE_INDEX).sum()
+
+    moe_aux_loss: torch.Tensor | None = None  # the last training forward's load-balancing loss
 
     _compiled_loss = None  # set by compile_loss
 
@@ -383,6 +501,8 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) > self.cfg.block_size:
                 cache = None  # full: from here on, the cropped context
+            if cache is not None and self._rope_switches(cache.length, idx.size(1)):
+                cache = KVCache(len(self.blocks), self.cfg.block_size)  # every key re-rotated, as transformers
             if cache is not None:  # the prompt first, then one new token a step
                 logits = self(idx[:, cache.length :], cache=cache)[:, -1]  # (B, vocab)
             else:
@@ -397,6 +517,14 @@ class GPT(nn.Module):
                 break
         return idx
 
+    def _rope_switches(self, cached: int, length: int) -> bool:
+        """Whether LongRoPE moves to its long factors between the cached keys and a sequence of
+        `length`: the cached keys, rotated with the short ones, must be computed again."""
+        scaling = self.cfg.rope_scaling or {}
+        if scaling.get("rope_type") != "longrope":
+            return False
+        return cached <= scaling["original_max_position_embeddings"] < length
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, the vocabulary's padding rows included (they are stored, and the
         head's matmul runs over them). exclude_embeddings drops the lookup tables: wpe, and wte
@@ -409,11 +537,27 @@ class GPT(nn.Module):
                 n -= self.embed.wte.weight.numel()
         return n
 
+    def active_params(self, exclude_embeddings: bool = False) -> int:
+        """num_params with each sparse MLP counting only the experts a token uses (k of E)."""
+        n = self.num_params(exclude_embeddings)
+        cfg = self.cfg
+        for block in self.blocks:
+            if hasattr(block.mlp, "w_down"):  # a sparse MLP: its experts' weights are (E, ...) tensors
+                experts = sum(getattr(block.mlp, w).numel() for w in ("w_gate", "w_up", "w_down"))
+                n -= experts - experts * cfg.n_experts_per_token // cfg.n_experts
+        return n
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), PaLM appendix B:
-        6 N (matmuls with the weights) + 12 n_layer n_embd seq_len (attention scores and mix)."""
-        n = self.num_params(exclude_embeddings=True)
-        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+        6 N (matmuls with the weights a token uses: the active parameters of a mixture of
+        experts) + 12 n_layer (n_head head_dim) seq_len (attention scores and mix)."""
+        n = self.active_params(exclude_embeddings=True)
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.attn_head_dim * seq_len
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x itself without a cap."""
+    return x if not cap else torch.tanh(x / cap) * cap
 
 
 def head_loss(
