@@ -8,7 +8,7 @@ The checkpoint is verified against its manifest, GPT is rebuilt from the model p
 the weights are read without a process group: torch.distributed.checkpoint reshards a none /
 ddp / fsdp checkpoint of any world size into this one process; DeepSpeed's zero_to_fp32
 assembles the fp32 master weights of a zero1-3 checkpoint. DIR gets model.safetensors plus,
-with --hf (the default) and a Hugging Face layout (GPT-2, Llama, Mistral, Qwen2), a config.json
+with --hf (the default) and a Hugging Face family (trainer.model.families), a config.json
 for transformers' from_pretrained (tensors under Hugging Face names) with the tokenizer's real
 bos / eos / pad ids, the tokenizer files the run saved (the checkpoint's `tokenizer` part names
 them) and generation_config.json, so `transformers.pipeline("text-generation", model=DIR)` runs
@@ -105,6 +105,10 @@ def write_tokenizer(out: Path, tokenizer: Path | None, fingerprint: str | None) 
     generation = {k: v for k, v in ids.items() if v is not None}
     if generation.get("pad_token_id") is None and "eos_token_id" in generation:
         generation["pad_token_id"] = generation["eos_token_id"]  # generation only: padding of finished rows
+    saved = tokenizer / "generation_config.json" if tokenizer is not None else None
+    if saved is not None and saved.is_file():  # the run's stop ids: eos and the family's end-of-turn tokens
+        stops = json.loads(saved.read_text()).get("eos_token_id")
+        generation["eos_token_id"] = stops if stops is not None else generation.get("eos_token_id")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return " + tokenizer" if tokenizer is not None else ""
 

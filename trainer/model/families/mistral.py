@@ -4,7 +4,7 @@ sliding window when config.json sets sliding_window."""
 from __future__ import annotations
 
 from trainer.config import ModelConfig
-from trainer.model.families import Family, register
+from trainer.model.families import ChatQuirks, Family, register
 from trainer.model.families._common import LLAMA_SWITCHES, llama_config, llama_fields, llama_rows, mismatch
 from trainer.model.gpt import has_qkv_bias
 
@@ -23,4 +23,4 @@ def fits(cfg: ModelConfig) -> str | None:
     return mismatch(cfg, "mistral", **(LLAMA_SWITCHES | {"sliding_window": lambda w: True}))
 
 
-register(Family("mistral", "MistralForCausalLM", fields, config, llama_rows, fits))
+register(Family("mistral", "MistralForCausalLM", fields, config, llama_rows, fits, ChatQuirks(end_of_turn=("</s>",))))

@@ -6,7 +6,7 @@ weighted by router_aux_loss_coef."""
 from __future__ import annotations
 
 from trainer.config import ModelConfig
-from trainer.model.families import Family, Row, register
+from trainer.model.families import ChatQuirks, Family, Row, register
 from trainer.model.families._common import (
     LLAMA_SWITCHES,
     attention_rows,
@@ -65,4 +65,4 @@ def fits(cfg: ModelConfig) -> str | None:
     return mismatch(cfg, "mixtral", **(LLAMA_SWITCHES | {"sliding_window": any_value, "n_experts": any_value}))
 
 
-register(Family("mixtral", "MixtralForCausalLM", fields, config, rows, fits))
+register(Family("mixtral", "MixtralForCausalLM", fields, config, rows, fits, ChatQuirks(end_of_turn=("</s>",))))
