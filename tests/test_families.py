@@ -182,3 +182,23 @@ def test_a_family_refuses_a_switch_it_does_not_have():
         model_family(ModelConfig(**{**cfg.__dict__, "hf_model_type": None}))
     olmo2 = ModelConfig(**{**cfg.__dict__, "hf_model_type": None, "norm_placement": "post"})
     assert model_family(olmo2).model_type == "olmo2"  # the first family whose switches fit
+
+
+def test_gemma3_windows_of_1024_at_4096_tokens_match_transformers(tmp_path):
+    """Gemma 3's 1024-token windows at a 4096-token context (a sliding and a full layer, tiny width):
+    the logits equal transformers' (its SDPA path), and in the sliding layer a token 1024 or more
+    positions back does not reach the output (zero gradient)."""
+    config = dict(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                  sliding_window=1024, max_position_embeddings=8192)  # fmt: skip
+    save_random(hf_family("gemma3_text", **config), tmp_path)
+    ours = load_pretrained(tmp_path).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    idx = torch.randint(0, 101, (1, 4096), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx)[:, -64:], theirs(idx).logits[:, -64:], rtol=0, atol=1e-4)
+    x = torch.randn(1, 4096, 32, requires_grad=True)
+    sliding = ours.blocks[0].attn
+    assert sliding.window == 1024 and ours.blocks[1].attn.window is None
+    sliding(x, None)[0, -1].sum().backward()
+    reach = x.grad[0].abs().sum(-1)  # (T,) how much each input position moves the last output
+    assert reach[: 4096 - 1024].max() == 0 and reach[4096 - 1024 :].min() > 0
