@@ -181,7 +181,8 @@ def test_chat_quirks_fall_back_and_gemma3_names_its_text_family(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}})
     )
-    assert checkpoint_model_type(tmp_path) == "gemma3_text"  # a multimodal Gemma 3 checkpoint
+    assert checkpoint_model_type(tmp_path) == "gemma3"  # a multimodal Gemma 3 checkpoint: its own family
+    assert tokenizer_module.chat_quirks("gemma3") == tokenizer_module.chat_quirks("gemma3_text")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     assert checkpoint_model_type(tmp_path) == "qwen3" and checkpoint_model_type(tmp_path / "none") is None
 

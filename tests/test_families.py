@@ -50,7 +50,11 @@ def unfuse_experts(named: dict[str, torch.Tensor], model_type: str) -> dict[str,
 
 
 def reference_grads(theirs, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    return hf_to_trainer(unfuse_experts({k: p.grad for k, p in theirs.named_parameters()}, cfg.hf_model_type), cfg)
+    grads = unfuse_experts({k: p.grad for k, p in theirs.named_parameters()}, cfg.hf_model_type)
+    if cfg.hf_model_type == "gemma3":  # transformers 5 holds model.language_model.*, saves language_model.model.*
+        grads = {k.replace("model.language_model.", "language_model.model."): g for k, g in grads.items()}
+        grads = {k: g for k, g in grads.items() if k.startswith("language_model.")}
+    return hf_to_trainer(grads, cfg)
 
 
 CASES = {
@@ -202,3 +206,30 @@ def test_gemma3_windows_of_1024_at_4096_tokens_match_transformers(tmp_path):
     sliding(x, None)[0, -1].sum().backward()
     reach = x.grad[0].abs().sum(-1)  # (T,) how much each input position moves the last output
     assert reach[: 4096 - 1024].max() == 0 and reach[4096 - 1024 :].min() > 0
+
+
+def test_a_multimodal_gemma3_trains_its_text_model_and_exports_whole(tmp_path):
+    """Gemma 3's multimodal checkpoint (model_type gemma3): its text model imports with the same text
+    logits and gradients as transformers' Gemma3ForConditionalGeneration, and the export is that
+    class again, the vision tower copied unchanged and the logits equal."""
+    text = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20, sliding_window=6,
+                max_position_embeddings=32, rms_norm_eps=1e-5)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # fmt: skip
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    original = save_random(transformers.Gemma3ForConditionalGeneration(config), tmp_path / "in").eval()
+    cfg = load_hf_config(tmp_path / "in")
+    assert (cfg.hf_model_type, cfg.vocab_size, cfg.qk_norm, cfg.norm_placement) == ("gemma3", 101, "head", "sandwich")
+    ours = load_pretrained(tmp_path / "in")
+    assert_parity(ours, load_reference(tmp_path / "in"), cfg)
+    export_hf(ours, tmp_path / "out")
+    back = load_reference(tmp_path / "out")
+    assert type(back).__name__ == "Gemma3ForConditionalGeneration"
+    idx, _ = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, original(idx).logits, rtol=0, atol=1e-5)
+    theirs = dict(back.named_parameters())
+    for name, p in original.named_parameters():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            assert torch.equal(theirs[name], p), name

@@ -352,7 +352,7 @@ def test_errors_name_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(
         ValueError,
-        match="model_type 'bert' unsupported; expected one of gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, olmo2, mixtral, qwen3_moe",
+        match="model_type 'bert' unsupported; expected one of gpt2, llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3, phi3, olmo2, mixtral, qwen3_moe",
     ):
         load_hf_config(tmp_path)
     hf_llama().config.to_json_file(tmp_path / "config.json")

@@ -25,7 +25,8 @@ AUTO_CHUNK_VOCAB = 2048  # model.loss_chunk_size=null: fuse head and loss from t
 AUTO_CHUNK_TOKENS = 1024  # ... in chunks of this many tokens
 # Hugging Face model_types GPT imports and exports: one module each in trainer/model/families.
 MODEL_TYPES = (
-    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "mixtral", "qwen3_moe",
+    "gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3", "olmo2", "mixtral",
+    "qwen3_moe",
 )  # fmt: skip
 
 
@@ -408,6 +409,8 @@ class LoraConfig:
 
     Module names are Hugging Face's, so adapters map one-to-one onto PEFT's: Llama-family
     q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, GPT-2 c_attn c_proj c_fc, or all-linear.
+    Mixture-of-experts: the checkpoint's expert names (Mixtral w1 w3 w2, Qwen3-MoE gate_proj up_proj
+    down_proj) and the router `gate`, or target_parameters; see trainer/lora/experts.py.
     """
 
     enabled: bool = False  # lora=default sets it: adapters train, the base is frozen
@@ -415,6 +418,8 @@ class LoraConfig:
     alpha: float = 32.0  # scale = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # on the adapter's input
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # HF module names, or all-linear
+    # PEFT's target_parameters: transformers 5's fused experts, e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]
+    target_parameters: list[str] = field(default_factory=list)
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
     dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row
     train_modules: list[str] = field(default_factory=list)  # trained in full, e.g. [norm] or [lm_head]
@@ -429,7 +434,10 @@ class LoraConfig:
         _require(0.0 <= self.dropout < 1.0, f"lora.dropout={self.dropout} must be in [0, 1)")
         _require(self.base_dtype in ("bf16", "fp32"), f"lora.base_dtype={self.base_dtype!r}: use bf16 or fp32")
         _require(self.quantize_base in (None, "nf4"), f"lora.quantize_base={self.quantize_base!r}: use null or nf4")
-        _require(bool(self.target_modules), "lora.target_modules is empty: name modules (q_proj ...) or all-linear")
+        _require(
+            bool(self.target_modules or self.target_parameters),
+            "lora.target_modules is empty: name modules (q_proj ...) or all-linear",
+        )
 
 
 @dataclass
@@ -497,11 +505,18 @@ class MonitorConfig:
     peak_flops: float | None = (
         None  # FLOP/s for MFU; None: datasheet value of a known GPU, or a measured CPU matmul rate
     )
+    # A sparse block's router is flagged as collapsed (warning, moe/collapsed) when its busiest expert is
+    # among the top-k of at least this share of the step's tokens: 1 is every token, balanced routing k / E
+    moe_collapse_share: float = 0.9
 
     def __post_init__(self) -> None:
         _require(
             self.interval is None or self.interval > 0,
             f"monitor.interval must be positive (or null for every logged step), got {self.interval}",
+        )
+        _require(
+            0 < self.moe_collapse_share <= 1,
+            f"monitor.moe_collapse_share must be in (0, 1], got {self.moe_collapse_share}",
         )
 
 

@@ -50,10 +50,9 @@ def load_hf_config(path: str | Path) -> ModelConfig:
     hf = _read_config_json(path)
     fam = family(hf.get("model_type"), f"{path}/config.json")
     fields = fam.fields(hf, str(path))
+    vocab_size = fields.pop("vocab_size", None) or hf["vocab_size"]  # a multimodal one's: its text_config's
     name = Path(path).name or "pretrained"
-    return ModelConfig(
-        name=name, vocab_size=hf["vocab_size"], pretrained=str(path), hf_model_type=fam.model_type, **fields
-    )
+    return ModelConfig(name=name, vocab_size=vocab_size, pretrained=str(path), hf_model_type=fam.model_type, **fields)
 
 
 def model_family(cfg: ModelConfig) -> Family:
@@ -91,7 +90,11 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     """The config.json transformers needs to rebuild cfg as the architecture it came from."""
     fam = model_family(cfg)
     head = {"architectures": [fam.hf_class], "model_type": fam.model_type, "vocab_size": cfg.vocab_size}
-    return head | _special_token_ids(cfg) | fam.config(cfg)
+    config = head | _special_token_ids(cfg) | fam.config(cfg)
+    if "text_config" in config:  # a multimodal checkpoint: the vocabulary and the ids are its text model's
+        for key in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id"):
+            config.pop(key, None)
+    return config
 
 
 def _special_token_ids(cfg: ModelConfig) -> dict:
@@ -126,7 +129,8 @@ def _check_names(names: list[str], rows: list[Row], cfg: ModelConfig) -> None:
             "config.json and the weights disagree"
         )
     used = {h for row in rows for h in row.theirs} | ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    unused = [k for k in names if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    carried = model_family(cfg).carried
+    unused = [k for k in names if k not in used and not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(carried)]
     if unused:
         raise ValueError(
             f"checkpoint has {len(unused)} tensors its config.json does not account for, e.g. {unused[:3]}: "
@@ -310,9 +314,29 @@ def export_hf(model: GPT | Mapping[str, torch.Tensor], out_dir: str | Path, cfg:
         cfg = model.cfg
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     tensors = {k: v.cpu() for k, v in trainer_to_hf(state, cfg).items()}
+    tensors |= _carried_tensors(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = next(iter(tensors.values())).dtype
     config = hf_config_dict(cfg) | {"torch_dtype": str(dtype).removeprefix("torch.")}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _carried_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The source checkpoint's tensors GPT does not hold (Family.carried: a multimodal checkpoint's
+    vision tower), read from model.pretrained for the export."""
+    carried = model_family(cfg).carried
+    if not carried:
+        return {}
+    if not cfg.pretrained or not Path(cfg.pretrained).expanduser().is_dir():
+        raise ValueError(
+            f"exporting {cfg.hf_model_type} copies its {', '.join(carried)} tensors from the source checkpoint, "
+            f"but model.pretrained={cfg.pretrained} is not a directory here: put the checkpoint there"
+        )
+    files = _weight_files(Path(cfg.pretrained).expanduser())
+    return {
+        name: tensor
+        for file, names in files
+        for name, tensor in _read_file(file, [n for n in names if n.startswith(carried)])
+    }

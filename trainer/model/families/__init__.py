@@ -47,6 +47,9 @@ class Family:
     fits: Callable[[ModelConfig], str | None]  # why this family cannot hold a ModelConfig; None when it can
     chat: ChatQuirks = ChatQuirks()
     prefix: str = ""  # prepended to HF names on export (GPT-2's "transformer.")
+    # checkpoint tensors that are not GPT's (a multimodal checkpoint's vision tower): left out on
+    # import, copied from the source checkpoint (model.pretrained) on export
+    carried: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, Family] = {}
