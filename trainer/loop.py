@@ -28,6 +28,7 @@ from trainer.checkpoint import save_weights, step_dir_name
 from trainer.config import Config
 from trainer.loggers import Loggers, human, human_bytes, human_duration
 from trainer.lora.run import write_adapter
+from trainer.moe_monitor import ExpertWatch
 from trainer.monitor import Throughput, mfu_peak, peak_memory_gb, step_metrics
 from trainer.preemption import Preemption
 from trainer.run import Run, build_run
@@ -51,6 +52,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     preemption = Preemption(tc.preemption_signals).install()  # before building: a signal then counts too
     run = build_run(cfg, run_dir)
     resume(run)
+    experts = ExpertWatch.of(run.strategy.unwrapped(), cfg.monitor.moe_collapse_share)  # None: no sparse blocks
     # CPU: measured once per machine and cached; before start_loggers' barrier, so every rank's clock starts after it
     peak = mfu_peak(run.strategy.device, cfg.monitor.peak_flops)
     log.info(f"MFU peak: {peak}")
@@ -81,7 +83,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
             positions=positions, defer=defer, all_targets=run.data.train.all_targets,
-            noise_probe=run.instruments.probe_first_micro_batch,
+            noise_probe=run.instruments.probe_first_micro_batch, experts=experts,
         )  # fmt: skip
         if defer:  # nothing reads this step's figures now: the host runs ahead to the next batch
             state.advance(run.tokens_per_step)
@@ -244,6 +246,12 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
     if result.spiked:
         metrics.update(result.spike, **{"spike/action": cfg.monitor.spike.action})
         run.loggers.alert(f"spike at step {step}", json.dumps(result.spike))
+    if result.expert_load is not None:  # collective: the step's expert load summed over ranks
+        moe, collapse = result.expert_load.metrics(strategy, step, shares=bool(result.param_sumsq))
+        metrics.update(moe)
+        if collapse:
+            log.warning(collapse)
+            run.loggers.alert(f"expert collapse at step {step}", collapse)
     if step == state.step and (due(step, cfg.train.eval_interval) or step == cfg.train.max_steps):
         tc = cfg.train
         metrics["val_loss"] = evaluate(

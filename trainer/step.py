@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ import torch
 from trainer.model.loss import IGNORE_INDEX
 from trainer.monitor import SpikeWatch
 from trainer.parallel.base import Strategy, global_norm
+
+if TYPE_CHECKING:
+    from trainer.moe_monitor import ExpertLoad, ExpertWatch
 
 Sums = dict[str, torch.Tensor]  # parameter group -> sum of squares (0-dim, on device, reduced over ranks)
 
@@ -57,6 +60,7 @@ class StepResult:
     # diagnostics.noise_scale: (|mean gradient of the small batch|^2, its size in target tokens,
     # |step gradient|^2, the step's target tokens) (see Strategy.small_batch_sq)
     noise: tuple[float, float, float, float] | None = None
+    expert_load: ExpertLoad | None = None  # a mixture of experts' routing over the step, on device (moe_monitor)
 
     @property
     def spiked(self) -> bool:
@@ -121,6 +125,7 @@ def forward_backward(
     positions: torch.Tensor | None = None,
     all_targets: bool = False,
     probe: list[torch.Tensor] | None = None,
+    load: ExpertLoad | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over this rank's batch in accum_steps micro-batches.
 
@@ -135,6 +140,7 @@ def forward_backward(
     count is every rank's equal share of the global batch: no collective before the forward.
     probe (the noise scale's small batch): the first micro-batch's mean gradient's squared norm and
     its target count (Strategy.small_batch_sq) are appended to the list (device tensors).
+    load: each micro-batch's expert routing is added to it (on the device).
     """
     if all_targets:
         n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
@@ -150,6 +156,8 @@ def forward_backward(
             token_loss = strategy.model(xb, targets=yb, **extra)  # summed over this micro-batch's targets
             strategy.backward(token_loss / n_targets)
         loss_sum += token_loss.detach()
+        if load is not None:
+            load.add()
         if probing:
             probe += strategy.small_batch_sq((yb != IGNORE_INDEX).sum(), n_targets)  # collective
     return loss_sum, n_targets
@@ -169,6 +177,7 @@ def train_step(
     defer: bool = False,
     all_targets: bool = False,
     noise_probe: bool = False,
+    experts: ExpertWatch | None = None,
 ) -> StepResult:
     """One optimizer step on this rank's share (x, y) of the global batch (collective).
 
@@ -179,10 +188,12 @@ def train_step(
     are read by `StepResult.settle` (only where `strategy.steps_without_sync`, spikes only logged).
     all_targets: no target is masked (see forward_backward). noise_probe: also measure the first
     micro-batch's gradient (the noise scale's small batch; StepResult.noise; not with defer).
+    experts: a mixture of experts' sparse blocks: their routing over the step, StepResult.expert_load.
     """
     clock = _Clock()
     probe: list[torch.Tensor] | None = [] if noise_probe else None
-    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets, probe)
+    load = experts.start() if experts is not None else None
+    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets, probe, load)
     clock.lap("forward_backward")
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
@@ -190,7 +201,9 @@ def train_step(
     step_loss = strategy.all_reduce_sum(loss_sum, "loss sum") / n_targets  # collective
     summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
     if defer:
-        return deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
+        result = deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
+        result.expert_load = load
+        return result
     loss, norm, targets, *first = summary.tolist()  # host sync: once per step
     clock.lap("grad_stats")
     spiked, spike = spikes.check(loss, norm) if spikes is not None else (False, {})
@@ -209,7 +222,7 @@ def train_step(
     result = StepResult(
         loss=loss, grad_norm=norm, target_tokens=int(targets), lr=lr, stepped=stepped,
         non_finite=not drop and not stepped, spike=spike, grad_sumsq=grad_sumsq,
-        noise=(first[0], first[1], norm**2, targets) if first else None,
+        noise=(first[0], first[1], norm**2, targets) if first else None, expert_load=load,
     )  # fmt: skip
     if stats:
         result.param_sumsq = strategy.param_sumsq_by_group()
