@@ -1,15 +1,19 @@
-"""The expert load of a mixture-of-experts run (trainer/moe_monitor.py).
+"""The expert load of a mixture-of-experts run (trainer/moe_monitor.py) and its dashboard
+(trainer/report_moe.py).
 
 A real run logs, at every logged step, moe/aux_loss equal to the mean of its micro-batches'
 load-balancing losses recomputed from the router logits its forwards made, and moe/load/block.N /
 moe/load_max/block.N equal to the shares counted by hand from the same routing (recorded by hooks
 on the sparse blocks); a router forced to collapse is flagged once, naming the block and expert; 2
-ddp ranks log the load of one process on the same global batch.
+ddp ranks log the load of one process on the same global batch; the page draws a block x expert
+heatmap whose cells hold the logged shares, and in Chromium its slider shows an earlier step's.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -17,11 +21,14 @@ import pytest
 import torch
 from helpers import QUICK, read_metrics, run_cli, torchrun
 from omegaconf import OmegaConf
+from test_report import Elements, browser, chart, chromium_command  # noqa: F401  (browser: a fixture)
 
 from trainer.config import ConfigError, ModelConfig
 from trainer.model import GPT
 from trainer.model.moe import load_balancing_loss
 from trainer.moe_monitor import ExpertWatch, sparse_blocks
+from trainer.report import main as report_main
+from trainer.report_svg import group_order, viridis
 
 REPO = Path(__file__).resolve().parent.parent
 E, K = 4, 2  # experts, top k
@@ -226,3 +233,87 @@ def test_two_ddp_ranks_log_the_load_of_one_process(tmp_path: Path) -> None:
             assert a[f"moe/load_max/block.{block}"] == pytest.approx(
                 b[f"moe/load_max/block.{block}"], abs=E * 2.5 / slots
             )
+
+
+# -- the dashboard ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_page(moe_run: tuple[Path, list[dict]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The page of the MoE run beside a dense synthetic run."""
+    from test_report import synthetic_run
+
+    tmp = tmp_path_factory.mktemp("moe_page")
+    synthetic_run(tmp / "dense", steps=10)
+    page = tmp / "page.html"
+    assert report_main([str(moe_run[0]), str(tmp / "dense"), "--out", str(page)]) == 0
+    return page
+
+
+def cells(svg: Elements) -> list[list[float]]:
+    """An expert heatmap's cells' data-value, a row of E per block (the cells come row by row)."""
+    flat = [float(a["data-value"]) for a in svg.find("rect") if "data-expert" in a]
+    assert len(flat) == E * len(svg.find("g", **{"class": "hm-row"}))
+    return [flat[i : i + E] for i in range(0, len(flat), E)]
+
+
+def test_page_has_the_expert_heatmaps_of_the_moe_run_only(moe_page: Path, moe_run: tuple[Path, list[dict]]) -> None:
+    text, rows = moe_page.read_text(), read_metrics(moe_run[0])
+    page = Elements(text)
+    kinds = {a["id"]: a["data-chart"] for a in page.find("svg") if "data-chart" in a}
+    assert {k: v for k, v in kinds.items() if "moe" in v or "expert" in v} == {
+        "moe-aux-loss": "moe-aux-loss",
+        "moe-load-heatmap-0": "moe-load-heatmap",
+        "expert-heatmap-0": "expert-heatmap",
+    }  # run 0 is the MoE run; the dense run 1 has none, and is not said to be missing them
+    assert not page.find("p", **{"class": "nodata"})
+    experts = chart(text, "expert-heatmap-0")
+    assert [a["data-group"] for a in experts.find("g", **{"class": "hm-row"})] == [f"block.{b}" for b in SPARSE]
+    last = rows[-1]
+    assert cells(experts) == [last[f"moe/load/block.{b}"] for b in SPARSE]  # the last logged step's shares
+    hi = max(v for b in SPARSE for row in rows for v in row[f"moe/load/block.{b}"])
+    fills = [a["fill"] for a in experts.find("rect") if "data-expert" in a]
+    assert fills == [viridis(v / hi) for b in SPARSE for v in last[f"moe/load/block.{b}"]]
+    assert f"block.2 expert 3: {last['moe/load/block.2'][3]:.2%}" in text
+    history = chart(text, "moe-load-heatmap-0")
+    assert [a["data-group"] for a in history.find("g", **{"class": "hm-row"})] == ["block.0", "block.2"]
+    assert sorted(["block.10", "block.2.mlp", "block.2"], key=group_order) == ["block.2", "block.2.mlp", "block.10"]
+    (aux,) = json_data(text, "moe-aux-loss")["lines"]  # the MoE run's alone
+    assert aux["label"] == "run aux loss" and aux["y"] == pytest.approx([r["moe/aux_loss"] for r in rows], rel=1e-5)
+    data = json_data(text, "expert-heatmap-0")  # the slider's steps
+    assert data["steps"] == [1, 2, 3, 4] and data["shares"][0] == [rows[0][f"moe/load/block.{b}"] for b in SPARSE]
+
+
+def json_data(text: str, chart_id: str) -> dict:
+    start = text.index(f'<script type="application/json" data-for="{chart_id}">')
+    return json.loads(text[text.index(">", start) + 1 : text.index("</script>", start)])
+
+
+@pytest.mark.heavy
+def test_expert_heatmap_renders_and_its_slider_shows_each_logged_step(
+    moe_page: Path,
+    moe_run: tuple[Path, list[dict]],
+    browser: str,  # noqa: F811 (test_report's fixture)
+    tmp_path: Path,
+) -> None:
+    command = chromium_command(browser, tmp_path / "profile", "--enable-logging=stderr", "--v=0", "--dump-dom")
+    dom = subprocess.run([*command, moe_page.as_uri() + "#selftest"], capture_output=True, text=True, timeout=120)
+    body = Elements(dom.stdout).find("body")[0]
+    assert "data-errors" not in body and "Uncaught" not in dom.stderr, dom.stderr[-2000:]
+    assert body["data-rendered"] == body["data-charts"]  # every chart drew something
+    result = json.loads(body["data-selftest-experts"])["expert-heatmap-0"]
+    assert "error" not in result and result["size"][0] > 0 and result["size"][1] > 0 and result["slider"]
+    rows = read_metrics(moe_run[0])
+    hi = max(v for b in SPARSE for row in rows for v in row[f"moe/load/block.{b}"])
+    for state, row in ((result["last"], rows[-1]), (result["first"], rows[0]), (result["back"], rows[-1])):
+        assert state["step"] == f"step {row['step']}"
+        shown = state["cells"]  # a row per block: (data-value, fill, hover text) per expert
+        assert [len(r) for r in shown] == [E] * len(SPARSE)
+        for b, cells_of_block in zip(SPARSE, shown, strict=True):
+            shares = row[f"moe/load/block.{b}"]
+            assert [v for v, _, _ in cells_of_block] == shares
+            for (v, fill, tip), e in zip(cells_of_block, range(E), strict=True):
+                want = bytes.fromhex(viridis(v / hi)[1:])  # the page's colour, within rounding
+                assert max(abs(x - y) for x, y in zip(bytes.fromhex(fill[1:]), want, strict=True)) <= 1, (fill, v)
+                assert tip == f"block.{b} expert {e}: {100 * v:.2f}%"
+    assert result["first"]["cells"] != result["last"]["cells"]  # the slider changed what is shown

@@ -6,13 +6,15 @@
 // EMA over each per-step line with the raw line faint behind it. Without script the static SVG
 // stays. Loaded with #selftest, the page exercises all of this with synthetic events and writes
 // the results into <body data-selftest> (tests/test_report.py reads them with --dump-dom).
+// An expert-load heatmap (trainer/report_moe.py) gets a slider over the logged steps, whose shares
+// sit in its JSON; #selftest moves it to the first step and back (<body data-selftest-experts>).
 (function () {
   "use strict";
   const NS = "http://www.w3.org/2000/svg";
   const SELFTEST = location.hash === "#selftest";
   const STORE = "trainer.report";  // smoothing, zoom and hidden lines survive a --refresh reload
   const saved = load();
-  const charts = [];
+  const charts = [], experts = [];
   let smoothing = saved.smoothing || 0;
 
   // -- numbers and ticks (as trainer/report_svg.py: short, linear_ticks, log_ticks, padded) --------
@@ -310,11 +312,49 @@
     return c;
   }
 
+  // -- an expert-load heatmap: a slider over the logged steps -------------------------------------
+
+  function viridis(colors, t) {  // as trainer/report_svg.py's viridis: linear between the stops
+    t = Math.min(Math.max(t, 0), 1) * (colors.length - 1);
+    const i = Math.min(Math.floor(t), colors.length - 2), hex = (c, k) => parseInt(c.slice(1 + 2 * k, 3 + 2 * k), 16);
+    return "#" + [0, 1, 2].map((k) => {
+      const a = hex(colors[i], k), b = hex(colors[i + 1], k);
+      return Math.round(a + (b - a) * (t - i)).toString(16).padStart(2, "0");
+    }).join("");
+  }
+
+  function ExpertHeatmap(svg, data) {
+    const rows = Array.from(svg.querySelectorAll("g.hm-row"), (g) => g.querySelectorAll("rect"));
+    const label = svg.querySelector("text.expert-step"), last = data.steps.length - 1;
+    const controls = document.createElement("div");
+    controls.className = "expert-controls";
+    controls.innerHTML = '<label>step <input type="range" min="0" step="1"></label>';
+    const input = controls.querySelector("input");
+    input.max = last;
+    input.value = last;
+    svg.after(controls);
+    const c = {id: svg.id, svg: svg, data: data, input: input};
+    c.show = function (i) {  // the shares logged at the i-th step: colours, values and hover text
+      data.shares[i].forEach((shares, r) => shares.forEach((v, e) => {
+        const cell = rows[r][e];
+        cell.setAttribute("fill", viridis(data.colors, v / data.hi));
+        cell.setAttribute("data-value", v);
+        cell.querySelector("title").textContent = data.blocks[r] + " expert " + e + ": " + (100 * v).toFixed(2) + "%";
+      }));
+      label.textContent = "step " + data.steps[i];
+      input.value = i;
+    };
+    input.addEventListener("input", () => c.show(Number(input.value)));
+    controls.hidden = last === 0;  // one logged step: nothing to slide over
+    return c;
+  }
+
   // -- the page ------------------------------------------------------------------------------------
 
   document.querySelectorAll("script[type='application/json'][data-for]").forEach((block) => {
     const svg = document.getElementById(block.dataset.for);
     if (svg && svg.querySelector("g.plot")) charts.push(LineChart(svg, JSON.parse(block.textContent)));
+    if (svg && svg.dataset.chart === "expert-heatmap") experts.push(ExpertHeatmap(svg, JSON.parse(block.textContent)));
   });
   const slider = document.getElementById("smoothing"), shown = document.getElementById("smoothing-value");
   function smooth(weight) {
@@ -338,6 +378,35 @@
   document.body.dataset.rendered = drawn;
 
   if (SELFTEST) selftest();
+  if (SELFTEST) selftestExperts();
+
+  // -- #selftest of the expert-load heatmaps: what the cells hold at the last step, the first, and back --
+
+  function selftestExperts() {
+    const cells = (c) => Array.from(c.svg.querySelectorAll("g.hm-row"), (g) => Array.from(g.querySelectorAll("rect"),
+      (rect) => [Number(rect.getAttribute("data-value")), rect.getAttribute("fill"), rect.textContent]));
+    const state = (c) => ({step: c.svg.querySelector("text.expert-step").textContent, value: Number(c.input.value),
+                           cells: cells(c)});
+    const results = {};
+    for (const c of experts) {
+      const r = (results[c.id] = {});
+      try {
+        const box = c.svg.getBoundingClientRect();
+        r.size = [box.width, box.height];
+        r.slider = !c.input.closest("[hidden]");
+        r.last = state(c);
+        c.input.value = 0;
+        c.input.dispatchEvent(new Event("input"));
+        r.first = state(c);
+        c.input.value = c.input.max;
+        c.input.dispatchEvent(new Event("input"));
+        r.back = state(c);
+      } catch (e) {
+        r.error = String(e.stack || e);
+      }
+    }
+    document.body.dataset.selftestExperts = JSON.stringify(results);
+  }
 
   // -- #selftest: every line chart hovered, zoomed, smoothed and reset by synthetic mouse events ---
 

@@ -9,7 +9,10 @@ drawn as inline SVG by trainer/report_svg.py, runs overlaid: loss and val loss w
 markers; the global grad norm (log) with the clip threshold; per-group gradient norms and
 update ratios as heatmaps (group x step, log10 colour), one per run; tokens/s, MFU and step
 time; the gradient noise scale against the batch and the sharpness against 2 / lr (when the run
-switched diagnostics.* on). Nothing is fetched; a chart no run has data for is left out. With
+switched diagnostics.* on); for a mixture of experts (trainer/report_moe.py) the load-balancing
+loss with a mark where a router collapsed, each sparse block's busiest-expert load (block x step)
+and the expert load (block x expert) of the last logged step, with a slider over the earlier ones.
+Nothing is fetched; a chart no run has data for is left out. With
 script on, trainer/report.js (inlined) redraws the line charts: a hover cursor with every
 line's value, drag to zoom (double-click resets), EMA smoothing. --png also writes each chart as
 a PNG next to the page, drawn by matplotlib (trainer/report_png.py). --refresh N adds a meta
@@ -34,6 +37,7 @@ from typing import NamedTuple
 import yaml
 
 from trainer import report_svg as svg
+from trainer.report_moe import collapse_marks, expert_heatmap
 from trainer.report_svg import Chart, Line, Mark, el
 
 TEMPLATE = Path(__file__).with_name("report_template.html")  # the page and its CSS
@@ -222,7 +226,19 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
     wanted["sharpness/lambda_max"] = [
         svg.line_chart("sharpness", "Sharpness (top Hessian eigenvalue)", sharp, "λ", log=True)
     ]
-    optional = ("noise_scale/", "sharpness/")  # instruments a run switches on: not "missing" when off
+    # Mixture of experts (trainer/report_moe.py): the load-balancing loss with a mark where a router
+    # collapsed, and each run's expert load at its last logged step (a slider over the earlier ones).
+    aux = lines("moe/aux_loss", "aux loss")
+    marks = collapse_marks(runs)
+    wanted["moe/aux_loss"] = [svg.line_chart("moe-aux-loss", "Load-balancing loss", aux, "aux loss", marks=marks)]
+    lo, hi = 0.0, max(log_range(runs, "moe/load_max/")[1], math.log10(2))  # from balanced; 2x the mean or more
+    title = "Busiest expert's load over the mean, per sparse block"
+    wanted["moe/load_max/<block>"] = [
+        run_heatmap(f"moe-load-heatmap-{i}", "moe-load-heatmap", title, run, "moe/load_max/", lo, hi)
+        for i, run in enumerate(runs)
+    ]
+    wanted["moe/load/<block>"] = [expert_heatmap(f"expert-heatmap-{i}", run) for i, run in enumerate(runs)]
+    optional = ("noise_scale/", "sharpness/", "moe/")  # what a run switches on: not "missing" when off
     missing = [key for key, made in wanted.items() if not any(made) and not key.startswith(optional)]
     return [c for made in wanted.values() for c in made if c], missing
 

@@ -3,7 +3,8 @@
 Each chart the page shows (trainer/report_svg.py: its `plot`) is drawn again, no browser needed:
 lines with their dashes and dots, NaN / inf as red crosses at the bottom, reference lines across,
 spike marks as dashed verticals with their glyph; heatmaps in viridis over log10 of the value
-(grey: not logged, black: inf / NaN) with a colour bar in the values themselves.
+(grey: not logged, black: inf / NaN) with a colour bar in the values themselves; the expert load
+(trainer/report_moe.py) in viridis over the share, linear from 0.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LinearSegmentedColormap, LogNorm, Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullLocator
 
+from trainer.report_moe import ExpertPlot
 from trainer.report_svg import SPIKES, VIRIDIS, WIDTH, Chart, HeatPlot, LinePlot, log_ticks, short, step_ticks
 
 SCALE = 1.5  # PNG pixels per pixel of the chart on the page (640 wide -> 960)
-MARKERS = {"loss": "v", "grad_norm": "D"}  # matplotlib's nearest to SPIKES' glyphs ▼ and ◆
+MARKERS = {"loss": "v", "grad_norm": "D", "collapse": "o"}  # matplotlib's nearest to SPIKES' glyphs ▼, ◆, ●
 CMAP = LinearSegmentedColormap.from_list("report-viridis", VIRIDIS)  # the page's stops: PNG and page agree
 
 
@@ -86,6 +88,19 @@ def draw_heatmap(fig: Figure, plot: HeatPlot) -> None:
     log_axis(fig.colorbar(bar, ax=ax, fraction=0.04, pad=0.02).ax.yaxis, 10**plot.lo, 10**plot.hi)
 
 
+def draw_experts(fig: Figure, plot: ExpertPlot) -> None:
+    """Sparse blocks top to bottom, a column per expert, coloured by its share (linear from 0)."""
+    ax = fig.add_subplot()
+    image = ax.imshow(np.array(plot.shares), cmap=CMAP, vmin=0, vmax=plot.hi, aspect="auto", interpolation="nearest")
+    every = max(1, math.ceil(len(plot.blocks) / 30))
+    ax.set_yticks(range(0, len(plot.blocks), every), plot.blocks[::every], fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    ax.set_xlabel("expert")
+    ax.set_title(f"{plot.title} (step {plot.step:g})", fontsize=10, fontweight="bold")
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0%}"))
+
+
 def log_axis(axis: Axis, lo: float, hi: float) -> None:
     """The page's ticks on a log axis from LO to HI: decades, or 1-2-5 within a narrow range."""
     axis.set_ticks([t for t in log_ticks(math.log10(lo), math.log10(hi)) if lo <= t <= hi])
@@ -98,7 +113,8 @@ def write_pngs(charts: list[Chart], page: Path) -> list[Path]:
     pngs = []
     for chart in charts:
         fig = Figure(figsize=(WIDTH / 100, chart.height / 100), dpi=100 * SCALE, layout="constrained")
-        (draw_lines if isinstance(chart.plot, LinePlot) else draw_heatmap)(fig, chart.plot)
+        draw = {LinePlot: draw_lines, HeatPlot: draw_heatmap, ExpertPlot: draw_experts}[type(chart.plot)]
+        draw(fig, chart.plot)
         png = page.with_name(f"{page.stem}-{chart.id}.png")
         fig.savefig(png, facecolor="white")
         pngs.append(png)

@@ -22,7 +22,8 @@ VIRIDIS = ["#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#5
 WIDTH, PLOT_HEIGHT, LEFT = 640, 220, 64  # every chart's width; a line chart's plot height, left margin
 MAX_POINTS = 2000  # a longer line is thinned, keeping the extremes
 MAX_DATA_POINTS = 10_000  # the same for the JSON the page's script zooms into
-SPIKES = {"loss": ("▼", "loss spike"), "grad_norm": ("◆", "grad-norm spike")}  # mark kind: glyph, legend
+# mark kind: glyph, legend (collapse: a sparse block's router collapsed, trainer/report_moe.py)
+SPIKES = {"loss": ("▼", "loss spike"), "grad_norm": ("◆", "grad-norm spike"), "collapse": ("●", "expert collapse")}
 
 
 def color(i: int) -> str:
@@ -325,9 +326,11 @@ def line_chart(
 
 
 def group_order(name: str) -> tuple:
-    """Model order: embed, block.0.attn, block.0.mlp, block.0.norm, block.1.attn, ..., head."""
-    if match := re.fullmatch(r"block\.(\d+)\.(.+)", name):
-        return (1, int(match[1]), {"attn": 0, "mlp": 1, "norm": 2}.get(match[2], 3), match[2])
+    """Model order: embed, block.0.attn, block.0.mlp, block.0.norm, block.1.attn, ..., head (a whole
+    block, block.N, before its parts)."""
+    if match := re.fullmatch(r"block\.(\d+)(?:\.(.+))?", name):
+        part = match[2] or ""
+        return (1, int(match[1]), {"": -1, "attn": 0, "mlp": 1, "norm": 2}.get(part, 3), part)
     return {"embed": (0,), "head": (3,)}.get(name, (2, name))
 
 
