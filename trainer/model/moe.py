@@ -29,6 +29,8 @@ to the rank that owns its expert and the result back (two all-to-alls, and one f
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -157,15 +159,13 @@ class SparseMLP(nn.Module):
 
     def experts_loop(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """One gate, up and down matmul per expert over its contiguous slice of xs (S, H)."""
-        # unbind, not w[e] per expert: its backward stacks the experts' gradients into one (E, I, H)
-        # tensor, where each w[e]'s would make a zero (E, I, H) tensor of its own and add them up.
-        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
         outs, start = [], 0
-        for end, (w_gate, w_up, w_down) in zip(ends.tolist(), weights, strict=True):  # host sync: the bounds
+        bounds = ends.tolist()  # host sync: the bounds
+        for end, (w_gate, w_up, w_down) in zip(bounds, self.per_expert(), strict=True):
             if end > start:
                 h = xs[start:end]  # (S_e, H)
-                h = self.act(F.linear(h, w_gate)) * F.linear(h, w_up)  # (S_e, I)
-                outs.append(F.linear(h, w_down))  # (S_e, H)
+                h = self.act(self.expert_linear(h, w_gate)) * self.expert_linear(h, w_up)  # (S_e, I)
+                outs.append(self.expert_linear(h, w_down))  # (S_e, H)
             start = end
         # No rows (a rank no token was sent to): xs[:0] keeps the graph, so backward's all-to-all runs here too.
         return torch.cat(outs) if outs else xs[:0]
@@ -173,10 +173,31 @@ class SparseMLP(nn.Module):
     def experts_grouped(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
         """The same in three torch._grouped_mm calls; `ends` are its offsets."""
         dtype = compute_dtype(xs)  # _grouped_mm is not under autocast: cast by hand
-        w_gate, w_up, w_down = (w.to(dtype).transpose(-2, -1) for w in (self.w_gate, self.w_up, self.w_down))
+        w_gate, w_up, w_down = self.stacked(dtype)
         xs = xs.to(dtype)
-        h = self.act(torch._grouped_mm(xs, w_gate, offs=ends)) * torch._grouped_mm(xs, w_up, offs=ends)  # (S, I)
-        return torch._grouped_mm(h, w_down, offs=ends)  # (S, H)
+        h = self.act(self.grouped_linear(xs, w_gate, ends)) * self.grouped_linear(xs, w_up, ends)  # (S, I)
+        return self.grouped_linear(h, w_down, ends)  # (S, H)
+
+    # The expert matmuls' seams: the weights as each path takes them, and the matmul. trainer.lora's
+    # LoRAExperts overrides these four to add its adapters' low-rank terms; nothing else does.
+
+    def per_expert(self) -> Iterator[tuple[Any, Any, Any]]:
+        """Each expert's gate, up and down matrices (out, in), for expert_linear."""
+        # unbind, not w[e] per expert: its backward stacks the experts' gradients into one (E, I, H)
+        # tensor, where each w[e]'s would make a zero (E, I, H) tensor of its own and add them up.
+        return zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
+
+    def expert_linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        """x (S_e, in) -> (S_e, out) through one of per_expert's matrices."""
+        return F.linear(x, weight)
+
+    def stacked(self, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+        """Gate, up and down as grouped_linear takes them: (E, in, out) in dtype."""
+        return tuple(w.to(dtype).transpose(-2, -1) for w in (self.w_gate, self.w_up, self.w_down))
+
+    def grouped_linear(self, x: torch.Tensor, weight: Any, ends: torch.Tensor) -> torch.Tensor:
+        """x (S, in) -> (S, out), each expert's rows (ending at `ends`) through its matrix of `weight`."""
+        return torch._grouped_mm(x, weight, offs=ends)
 
     # -----------------------------------------------------------------------------------------
     # Expert parallelism
