@@ -296,7 +296,12 @@ def save_tiny_tokenizer(directory, style: str) -> int:
 
 WORDS = "the quick brown fox jumps over lazy dog capital of France is Paris two plus four hello story".split()
 EXAMPLES = 10  # records per file; at data.val_fraction=0.2 the last 2 are validation, the first 8 train
-FINETUNE_STYLES = {"gpt2": "gpt2", "llama": "llama3", "qwen2": "qwen2"}  # model -> tokenizer style
+FINETUNE_STYLES = {
+    "gpt2": "gpt2",
+    "llama": "llama3",
+    "qwen2": "qwen2",
+    "qwen3_moe": "qwen2",
+}  # model -> tokenizer style
 
 
 def phrase(i: int, n: int) -> str:
@@ -319,7 +324,7 @@ def chat_records() -> list[dict]:
 
 
 def build_finetune_dir(root):
-    """Per model (gpt2, llama, qwen2): a tiny random HF checkpoint with its tokenizer in root/<model>;
+    """Per model (gpt2, llama, qwen2, qwen3_moe): a tiny random HF checkpoint with its tokenizer in root/<model>;
     and root/instruct.jsonl, root/chat.jsonl. Returns root."""
     import json
 
@@ -329,7 +334,9 @@ def build_finetune_dir(root):
         "gpt2": lambda v: hf_gpt2(vocab_size=v, n_positions=128, n_embd=32, n_head=2),
         "llama": lambda v: hf_llama(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
         "qwen2": lambda v: hf_qwen2(vocab_size=v, hidden_size=32, intermediate_size=48, max_position_embeddings=128),
-    }
+        "qwen3_moe": lambda v: hf_family("qwen3_moe", vocab_size=v, hidden_size=32, intermediate_size=48, head_dim=8,
+                                         moe_intermediate_size=24, max_position_embeddings=128),
+    }  # fmt: skip
     for name, build in builders.items():
         vocab = save_tiny_tokenizer(root / name, FINETUNE_STYLES[name])
         torch.manual_seed(0)

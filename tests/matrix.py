@@ -3,7 +3,8 @@ features (rows), a list of strategies (columns), and for each cell what it must 
 process within the row's tolerance, or be refused in one line. Adding a feature or a strategy is
 adding one entry here. tests/test_matrix.py runs the cells; tests/matrix_worker.py trains them.
 
-Every cell fine-tunes the same tiny random Llama (tests/helpers.build_finetune_dir) on instruction
+Every cell fine-tunes the same tiny random Llama (tests/helpers.build_finetune_dir; the moe row a
+tiny Qwen3-MoE) on instruction
 records (prompts masked, rows padded: micro-batches and ranks hold unequal target counts) for
 STEPS steps of a global batch of GLOBAL_BATCH sequences, logging every step with the per-layer
 statistics, a checkpoint at STEPS // 2, evaluation and a short closing sample at the end. The
@@ -51,6 +52,7 @@ class Feature:
     why: str = ""
     refused: dict[str, str] = field(default_factory=dict)
     generate: bool = False  # also run `trainer.generate` on the run's checkpoint
+    model: str = "llama"  # the tiny checkpoint fine-tuned (a directory of tests/helpers.build_finetune_dir)
     spikes: bool = False  # the reference run must flag a spike (the row's policy acted)
 
     @property
@@ -123,6 +125,18 @@ FEATURES = [
         refused={s: ZERO_NO_SKIP for s in ZERO},
     ),  # fmt: skip
     Feature("prefetch_off", ("data.prefetch=false",)),
+    Feature(
+        "moe",
+        ("train.micro_batch_size=2",),
+        model="qwen3_moe",  # 4 experts top-2, the load-balancing loss in the loss (coef 0.02)
+        tolerance=1e-4,
+        why="the load-balancing loss is a function of each micro-batch's routing (as transformers' and "
+        "Megatron's), so every column keeps the reference's micro-batches of 2 sequences (with 4, the none "
+        "column's experts moved 1.1e-3 away). 1e-4: measured 1.4e-5 under zero3 on the least-routed "
+        "expert's weights (ZeRO-3 reduces each micro-batch's gradient as it is made, the reference sums "
+        "them first; that expert's gradient sums few tokens' terms), every other gap within 1e-5; a "
+        "flipped routing choice or a misplaced expert moves weights by 1e-3 or more",
+    ),  # fmt: skip
 ]
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -131,6 +145,7 @@ COVERING = {  # the default suite's cells: every feature once, every strategy at
     "plain": "ddp", "lora": "zero3", "dora": "fsdp", "qlora": "none", "activation_checkpointing": "zero2",
     "compile": "fsdp", "packed_chat": "zero3", "unequal_accumulation": "zero1", "bf16": "fsdp", "fp16": "ddp",
     "noise_scale": "ddp", "sharpness": "none", "spike_skip": "ddp", "spike_rollback": "fsdp", "prefetch_off": "none",
+    "moe": "zero3",
 }  # fmt: skip
 
 

@@ -29,7 +29,8 @@ import matrix  # noqa: E402
 
 def machine_overrides(finetune: Path, feature: str, out: Path) -> list[str]:
     data = "chat" if feature == "packed_chat" else "instruct"
-    return [f"model.pretrained={finetune / 'llama'}", f"data.path={finetune / f'{data}.jsonl'}",
+    model = matrix.BY_NAME[feature].model
+    return [f"model.pretrained={finetune / model}", f"data.path={finetune / f'{data}.jsonl'}",
             f"data.cache_dir={out / 'cache'}"]  # fmt: skip
 
 
