@@ -64,7 +64,10 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
     for logits in router_logits:  # each (N, E)
         probs = torch.softmax(logits, dim=-1)  # (N, E)
         experts = torch.topk(probs, top_k, dim=-1).indices  # (N, k)
-        counts = counts + torch.bincount(experts.flatten(), minlength=n_experts).float()
+        ones = torch.ones(
+            experts.numel(), dtype=torch.float32, device=device
+        )  # scatter_add: no host sync (bincount has one on CUDA)
+        counts = counts.scatter_add(0, experts.flatten(), ones)
         prob_sum = prob_sum + probs.float().sum(dim=0)
         rows += logits.shape[0]
     return n_experts * torch.sum((counts / rows) * (prob_sum / rows))
