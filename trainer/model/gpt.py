@@ -223,8 +223,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, nkv, S, hd): the cached tokens', then these
         dropout_p = self.dropout if self.training else 0.0
-        extra = {k: v for k, v in (("window", self.window), ("scale", self.scale), ("softcap", self.softcap)) if v}
-        y = causal_attention(q, k, v, self.backend, dropout_p, mask, **extra)  # (B, nh, T, hd)
+        y = causal_attention(
+            q, k, v, self.backend, dropout_p, mask, window=self.window, scale=self.scale, softcap=self.softcap
+        )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, nh * hd)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
