@@ -233,3 +233,18 @@ def test_a_multimodal_gemma3_trains_its_text_model_and_exports_whole(tmp_path):
     for name, p in original.named_parameters():
         if "vision_tower" in name or "multi_modal_projector" in name:
             assert torch.equal(theirs[name], p), name
+
+
+def test_a_tensor_whose_shape_config_json_does_not_imply_is_refused_before_reading(tmp_path):
+    """config.json and the weights disagree on a shape (an expert's width, q_norm's size): one line
+    naming the tensor and both shapes, from the safetensors header, before any tensor is read."""
+    save_random(CASES["qwen3_moe"](), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"moe_intermediate_size": 48}))
+    name = "model.layers.0.mlp.experts.0.gate_proj.weight"
+    with pytest.raises(ValueError, match=rf"^checkpoint tensor {name} has shape \(40, 64\), but config.json implies "
+                       r"\(48, 64\) for it: config.json and the weights disagree$"):  # fmt: skip
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"head_dim": 16}))
+    with pytest.raises(ValueError, match=r"self_attn.q_proj.weight has shape \(96, 64\), but config.json implies a 3"):
+        load_pretrained(tmp_path)

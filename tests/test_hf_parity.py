@@ -302,11 +302,11 @@ def test_pretrained_weights_check_names_before_reading_any_tensor(tmp_path):
     index.write_text(json.dumps({"weight_map": weight_map | {extra: weight_map[v_proj]}}))
     with pytest.raises(ValueError, match=rf"has 1 tensors its config.json does not account for, e.g. \['{extra}'\]"):
         pretrained_weights(tmp_path, cfg)
-    # complete again: the names pass, and the stream fails only once it reads
+    # complete again: the names pass, and the shapes are read next from the shards' headers (still
+    # before any tensor): the missing shard is named on the call
     index.write_text(json.dumps({"weight_map": weight_map}))
-    stream = pretrained_weights(tmp_path, cfg)
-    with pytest.raises(FileNotFoundError):
-        next(stream)
+    with pytest.raises(FileNotFoundError, match="model-000"):
+        pretrained_weights(tmp_path, cfg)
 
 
 def test_pretrained_weights_read_shards_as_the_stream_goes(tmp_path):

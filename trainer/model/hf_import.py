@@ -252,13 +252,63 @@ def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str
     each yielded once its HF pieces are read, file by file, so the whole model is never held: only
     pieces waiting for a partner in the next file (q, k, v of a layer split across shards).
     GPT-2's learned positions are cropped to cfg.block_size; the embedding and an untied head get
-    zero rows up to cfg.padded_vocab_size. Missing or unused tensors are reported (ValueError) on
-    the call, from the files' name lists, before any tensor is read."""
+    zero rows up to cfg.padded_vocab_size. Missing or unused tensors, and (safetensors) a tensor
+    whose shape config.json does not imply, are reported (ValueError) on the call, from the files'
+    names and headers, before any tensor is read."""
     path = Path(path).expanduser()
     files = _weight_files(path)
     rows = _name_map(cfg)
     _check_names([n.removeprefix("transformer.") for _, names in files for n in names], rows, cfg)
+    _check_shapes(files, rows, cfg)
     return _stream(files, rows, cfg)
+
+
+def _check_shapes(files: list[tuple[Path, list[str]]], rows: list[Row], cfg: ModelConfig) -> None:
+    """Raise (one line) when a safetensors tensor's shape (read from the file's header) is not the
+    one GPT's tensor built from config.json implies: config.json and the weights disagree."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file, names in files:
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                shapes |= {n.removeprefix("transformer."): tuple(f.get_slice(n).get_shape()) for n in names}
+    with torch.device("meta"):
+        expected = {name: tuple(p.shape) for name, p in GPT(cfg).named_parameters()}
+    for row in rows:
+        pieces = [shapes.get(h) for h in row.theirs]
+        if None in pieces:
+            continue  # not a safetensors file: torch.load reads it whole; load_state_dict checks it
+        want = list(expected[row.ours])
+        if row.ours in VOCAB_ROWS:
+            want[0] = cfg.vocab_size
+        elif row.ours == "embed.wpe.weight":
+            want[0] = pieces[0][0]  # learned positions are cropped to block_size (checked there)
+        got = _assembled_shape(pieces, row.how)
+        if got != tuple(want):
+            raise ValueError(
+                f"checkpoint tensor {row.theirs[0]} has shape {pieces[0]}, but config.json implies "
+                f"{_piece_shape(tuple(want), row, len(pieces))} for it: config.json and the weights disagree"
+            )
+
+
+def _assembled_shape(pieces: list[tuple[int, ...]], how: str) -> tuple[int, ...]:
+    if how == "cat":
+        return (sum(p[0] for p in pieces), *pieces[0][1:]) if all(p[1:] == pieces[0][1:] for p in pieces) else ()
+    if how == "stack":
+        return (len(pieces), *pieces[0]) if all(p == pieces[0] for p in pieces) else ()
+    return tuple(reversed(pieces[0])) if how == "conv1d" else pieces[0]
+
+
+def _piece_shape(ours: tuple[int, ...], row: Row, n: int) -> str:
+    """What one HF piece of GPT's tensor should be, for the message (q / k / v: their concatenation)."""
+    if row.how == "stack":
+        return str(ours[1:])
+    if row.how == "conv1d":
+        return str(tuple(reversed(ours)))
+    if row.how == "cat":
+        return f"a {n}-way split of {ours}"
+    return str(ours)
 
 
 def _stream(
