@@ -20,13 +20,18 @@ leaf being the HF module name's last part (q_proj, c_attn, down_proj, ...).
 | peft_io  | peft_state_dict, adapter_config, save_adapter, load_adapter                       |
 | qlora    | lora.quantize_base=nf4: the adapted base weights in torchao's NF4, quantised as the |
 |          | model is filled (quantizing_place), linear_nf4 / dequantize for the layer and merge |
+| experts  | LoRAExperts: a sparse MLP's experts adapted per expert, as PEFT's ParamWrapper does |
+|          | on transformers 5's fused gate_up_proj / down_proj (lora.target_parameters, or      |
+|          | the checkpoint's expert names in target_modules)                                    |
 """
 
+from trainer.lora.experts import LoRAExperts
 from trainer.lora.layer import LoRALinear, apply_lora, merge_lora, trainable_summary, with_adapter_init
 from trainer.lora.names import layout, scale_of
 from trainer.lora.peft_io import adapter_config, load_adapter, peft_state_dict, save_adapter
 
 __all__ = [
+    "LoRAExperts",
     "LoRALinear",
     "adapter_config",
     "apply_lora",

@@ -10,8 +10,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.config import LoraConfig, ModelConfig
-from trainer.lora.names import layout, scale_of, select_targets, select_trained, split_name
+from trainer.config import ConfigError, LoraConfig, ModelConfig
+from trainer.lora.experts import LoRAExperts, initial_expert_adapters, merge_experts
+from trainer.lora.names import (
+    HFExperts,
+    HFLinear,
+    is_router,
+    layout,
+    scale_of,
+    select_experts,
+    select_targets,
+    select_trained,
+    split_name,
+)
 from trainer.lora.qlora import dequantize, is_nf4, linear_nf4, quantize, quantize_parameter
 from trainer.model.build import WeightSource
 from trainer.model.gpt import GPT, bare_name
@@ -95,8 +106,9 @@ def _parameters(shapes: dict[str, tuple[int, ...]], device: torch.device) -> nn.
 
 
 def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str]:
-    """Replace each targeted nn.Linear of `model` (meta-device or real) by a LoRALinear, freeze every
-    parameter but the adapters and cfg.train_modules, and return the adapted HF module names.
+    """Replace each targeted nn.Linear of `model` (meta-device or real) by a LoRALinear and each sparse
+    MLP with targeted experts by a LoRAExperts, freeze every parameter but the adapters and
+    cfg.train_modules, and return the adapted HF module (expert parameter) names.
 
     Base parameters keep their names, objects and dtypes. Adapters are fp32, on the base's device;
     on a real model they are initialised here (as with_adapter_init does, seed: cfg.seed, else 0),
@@ -106,7 +118,17 @@ def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str
     if _adapted(model):
         raise ValueError("apply_lora: the model already has adapters")
     lay = layout(model.cfg)
-    targets = select_targets(lay, cfg.target_modules)
+    targets = select_targets(lay, cfg.target_modules, cfg.target_parameters)
+    experts = select_experts(lay, cfg.target_modules, cfg.target_parameters)
+    check_expert_settings(cfg, targets, experts)
+    by_mlp: dict[str, dict[str, int]] = {}  # our SparseMLP -> adapter leaf -> rank factor
+    for x, factor in experts.items():
+        by_mlp.setdefault(x.module, {})[x.leaf] = factor
+    for name, factors in by_mlp.items():
+        parent, child = name.rsplit(".", 1)
+        ranks = {leaf: factor * cfg.r for leaf, factor in factors.items()}
+        scales = {leaf: scale_of(cfg, factor) for leaf, factor in factors.items()}
+        setattr(model.get_submodule(parent), child, LoRAExperts(model.get_submodule(name), ranks, scales))
     by_module: dict[str, dict[str, tuple[int, int]]] = {}
     for x in targets:
         by_module.setdefault(x.module, {})[x.leaf] = (x.start, x.stop)
@@ -125,29 +147,62 @@ def apply_lora(model: GPT, cfg: LoraConfig, seed: int | None = None) -> list[str
         seed = (cfg.seed or 0) if seed is None else seed
         with torch.no_grad():
             for name, module in _adapted(model).items():
-                for key, value in _initial_adapters(name, module, module.weight, seed).items():
+                for key, value in _initial_adapters(name, module, getattr(module, _base_name(module)), seed).items():
                     module.get_parameter(key.removeprefix(name + ".")).copy_(value)
-                if module.quantize:
+                if isinstance(module, LoRALinear) and module.quantize:
                     quantize_parameter(module.weight)
-    return [x.hf_name for x in targets]
+    return [x.hf_name for x in targets] + [x.hf_name for x in experts]
 
 
-def _adapted(model: nn.Module) -> dict[str, LoRALinear]:
-    return {bare_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def check_expert_settings(cfg: LoraConfig, targets: list[HFLinear], experts: dict[HFExperts, int]) -> None:
+    """One line for what PEFT cannot hold on transformers 5's experts and routers (its ParamWrapper: no
+    dropout, no DoRA) or what this module does not do there (NF4 expert weights)."""
+    routers = [x for x in targets if is_router(x)]
+    if not experts and not routers:
+        return
+    what = "experts" if experts else "routers"
+    fix = "or target attention only (q_proj, k_proj, v_proj, o_proj)"
+    if cfg.dora:
+        raise ConfigError(f"lora.dora=true: PEFT has no DoRA for transformers 5's {what} (ParamWrapper); {fix}")
+    if cfg.dropout:
+        raise ConfigError(
+            f"lora.dropout={cfg.dropout}: PEFT's ParamWrapper, which adapts transformers 5's {what}, has no dropout; "
+            f"set lora.dropout=0, {fix}"
+        )
+    if cfg.quantize_base and experts:
+        raise ConfigError(f"lora.quantize_base={cfg.quantize_base} quantises linears, not stacked experts; {fix}")
 
 
-def _initial_adapters(module_name: str, module: LoRALinear, weight: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def _adapted(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
+    return {bare_name(n): m for n, m in model.named_modules() if isinstance(m, LoRALinear | LoRAExperts)}
+
+
+def _base_name(module: LoRALinear | LoRAExperts) -> str:
+    """The base tensor a module's adapters are streamed after (with_adapter_init); a LoRALinear's weight
+    also gives DoRA's magnitude."""
+    return "w_down" if isinstance(module, LoRAExperts) else "weight"
+
+
+def _generator(seed: int, a_name: str) -> torch.Generator:
+    """A's own generator, seeded by `seed` and its name: independent of order and rank."""
+    digest = hashlib.sha256(f"{seed}:{a_name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _initial_adapters(
+    module_name: str, module: LoRALinear | LoRAExperts, weight: torch.Tensor, seed: int
+) -> dict[str, torch.Tensor]:
     """The adapters' initial values (our names -> fp32 CPU tensors) as PEFT draws them: A Kaiming-uniform
     (a = sqrt 5), B zero, DoRA's magnitude the row norms of `weight` (full) as the module stores it
     (rounded to its dtype; quantised to NF4 and back on a QLoRA base).
     Each A comes from its own generator seeded by `seed` and its name: independent of order and rank."""
+    if isinstance(module, LoRAExperts):
+        return initial_expert_adapters(module_name, module, lambda a_name: _generator(seed, a_name))
     out, stored = {}, None
     for leaf, (start, stop) in module.slices.items():
         a_name = f"{module_name}.lora_A.{leaf}"
-        digest = hashlib.sha256(f"{seed}:{a_name}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         A = torch.empty(module.lora_A[leaf].shape)
-        out[a_name] = nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+        out[a_name] = nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=_generator(seed, a_name))
         out[f"{module_name}.lora_B.{leaf}"] = torch.zeros(module.lora_B[leaf].shape)
         if leaf in module.lora_magnitude:
             stored = _as_stored(module, weight) if stored is None else stored
@@ -174,7 +229,7 @@ def with_adapter_init(
     names, e.g. from load_adapter), which also replace the base tensors it names (train_modules).
     Adapter tensors in `weights` are dropped: a seeded random init (GPT.initial_weights) draws a
     tensor for every parameter of the model, adapters included, which would overwrite these."""
-    adapted = {f"{name}.weight": (name, module) for name, module in _adapted(model).items()}
+    adapted = {f"{name}.{_base_name(module)}": (name, module) for name, module in _adapted(model).items()}
     adapter = {bare_name(k): v for k, v in (adapter or {}).items()}
 
     def source(device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
@@ -203,9 +258,11 @@ def merge_lora(
     named_tensors: Mapping[str, torch.Tensor], model_cfg: ModelConfig, lora_cfg: LoraConfig
 ) -> dict[str, torch.Tensor]:
     """The plain model's state (our names, no adapter entries) with each adapter merged, every tensor
-    in fp32 (fp64 when given fp64): W_s + scale B_s A_s per slice; DoRA: m_s / ||that||_row times that."""
+    in fp32 (fp64 when given fp64): W_s + scale B_s A_s per slice; DoRA: m_s / ||that||_row times that;
+    experts: each expert's W_e + scale B_e A_e (its gate_up_proj's rows over w_gate, then w_up)."""
     lay = layout(model_cfg)
     rows = {(x.module, x.leaf): (x.start, x.stop) for x in lay.linears}
+    experts = {(x.module, x.leaf): x for x in lay.experts}
     tensors = {bare_name(k): v.detach() for k, v in named_tensors.items()}
     out = {
         k: v.to(torch.promote_types(v.dtype, torch.float32)).clone()
@@ -218,6 +275,11 @@ def merge_lora(
         if split is None or split[1] != "lora_A":
             continue
         module, _, leaf = split
+        if (module, leaf) in experts:
+            A, B = tensors[name], tensors[f"{module}.lora_B.{leaf}"]  # (E, R, in), (E, out, R)
+            factor = A.shape[1] // lora_cfg.r  # gate_up_proj named by the checkpoint's names: rank 2r
+            merge_experts(out, module, leaf, A.to(out[f"{module}.w_down"].dtype), B, scale_of(lora_cfg, factor))
+            continue
         start, stop = rows[module, leaf]
         weight = out[f"{module}.weight"]  # fp32 (or fp64) copy, (out, in)
         A, B = tensors[name].to(weight.dtype), tensors[f"{module}.lora_B.{leaf}"].to(weight.dtype)
