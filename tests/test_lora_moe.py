@@ -325,24 +325,6 @@ def test_what_peft_cannot_hold_is_one_config_error_line(bases, overrides, messag
     apply_lora(load_pretrained(bases["mixtral"]), lora(target_modules=ATTENTION, dora=True, dropout=0.1))  # fine
 
 
-def test_expert_parallelism_with_expert_adapters_is_refused_in_one_line(bases):
-    """parallel.expert shards w_gate / w_up / w_down, not the adapters on them: refused before anything
-    is built; attention-only adapters on the same run are fine."""
-    from trainer.config.load import compose_config
-    from trainer.lora.run import add_adapters
-
-    model_cfg = load_hf_config(bases["mixtral"])
-    for targets, refused in (("[all-linear]", True), ("[q_proj,v_proj]", False)):
-        cfg, _ = compose_config(["lora=default", f"lora.target_modules={targets}", "parallel.expert=2"])
-        with torch.device("meta"):
-            model = GPT(model_cfg)
-        if refused:
-            with pytest.raises(ConfigError, match=r"^parallel.expert=2 shards the experts but not adapters on them"):
-                add_adapters(model, lambda device: iter(()), cfg, model_cfg)
-        else:
-            add_adapters(model, lambda device: iter(()), cfg, model_cfg)
-
-
 # -- a real fine-tune ----------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,9 @@ activations, not the weights: each expert's rows get scale (x A_e^T) B_e^T besid
 (E, out, in) delta is ever made (PEFT folds the delta into the weight; the two agree to rounding).
 
 PEFT's ParamWrapper has no dropout and no DoRA; QLoRA's NF4 quantises linears' weights, not these
-stacked ones: apply_lora refuses all three with expert targets (check_expert_settings).
+stacked ones: apply_lora refuses all three with expert targets (check_expert_settings). Expert
+parallelism (SparseMLP.shard_experts) would shard the experts but not these adapters: preflight
+refuses parallel.expert with LoRA.
 """
 
 from __future__ import annotations

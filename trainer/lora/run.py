@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from trainer.config import Config, ConfigError, LoraConfig, ModelConfig
-from trainer.lora.experts import LoRAExperts
 from trainer.lora.layer import LoRALinear, apply_lora, with_adapter_init
 from trainer.lora.peft_io import load_adapter, save_adapter
 from trainer.lora.qlora import BLOCK_SIZE, quantizing_place
@@ -51,11 +50,6 @@ def add_adapters(
             train_modules=found.train_modules,
         )  # fmt: skip
     adapted = apply_lora(model, lora)
-    if cfg.parallel.expert > 1 and any(isinstance(m, LoRAExperts) for m in model.modules()):
-        raise ConfigError(
-            f"parallel.expert={cfg.parallel.expert} shards the experts but not adapters on them: use parallel.expert=1, "
-            "or target attention only (lora.target_modules=[q_proj,k_proj,v_proj,o_proj], lora.target_parameters=[])"
-        )
     if lora.quantize_base:
         check_quantizable(model)
     cast_frozen_base(model, BASE_DTYPES[lora.base_dtype], autocast=cfg.precision.dtype in ("bf16", "fp16"))
