@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 from helpers import hf_family, instruct_records, randomize_adapters, save_tiny_tokenizer  # noqa: E402
 from helpers import lora_run_args as args  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from trainer.config import ConfigError, LoraConfig  # noqa: E402
 from trainer.lora import apply_lora, load_adapter, peft_state_dict, save_adapter, with_adapter_init  # noqa: E402
@@ -164,6 +164,42 @@ def test_load_adapter_made_by_peft_gives_peft_logits(bases, case, tmp_path):
     x, _ = tokens()
     with torch.no_grad():
         close(model(x), theirs.eval()(x).logits)
+
+
+@pytest.mark.parametrize("family", EXPERT_NAMES)
+def test_a_per_expert_adapter_from_transformers_4_loads_as_peft_converts_it(bases, family, tmp_path):
+    """An adapter in transformers 4's layout (one lora_A / lora_B per expert and name, e.g.
+    model.layers.0.block_sparse_moe.experts.3.w1.lora_A.weight; made here by hand) loads into ours with
+    the logits PEFT 0.21 gives after its own conversion (gate and up fused block-diagonally)."""
+    model_cfg = load_hf_config(bases[family])
+    names, r = EXPERT_NAMES[family], 4
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
+    inter = model_cfg.moe_intermediate_size or model_cfg.intermediate_size
+    shapes = {
+        names[0]: (inter, model_cfg.n_embd),
+        names[1]: (inter, model_cfg.n_embd),
+        names[2]: (model_cfg.n_embd, inter),
+    }
+    g = torch.Generator().manual_seed(6)
+    tensors = {}
+    for layer in range(model_cfg.n_layer):
+        for expert in range(model_cfg.n_experts):
+            for name, (out, inp) in shapes.items():
+                key = f"base_model.model.model.layers.{layer}.{block}.experts.{expert}.{name}"
+                tensors[f"{key}.lora_A.weight"] = 0.3 * torch.randn(r, inp, generator=g)
+                tensors[f"{key}.lora_B.weight"] = 0.3 * torch.randn(out, r, generator=g)
+    peft.LoraConfig(r=r, lora_alpha=6, target_modules=names, task_type="CAUSAL_LM").save_pretrained(tmp_path)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    theirs = peft.PeftModel.from_pretrained(hf_model(bases[family]), tmp_path).eval()
+    loaded, lora_cfg = load_adapter(tmp_path, model_cfg)
+    assert lora_cfg.target_modules == sorted(names[:2]) and lora_cfg.target_parameters == ["down_proj"]
+    model = lora_model(bases[family], lora_cfg)
+    assert set(loaded) == {n for n, p in model.named_parameters() if p.requires_grad}
+    model.load_state_dict(loaded, strict=False)
+    x, _ = tokens()
+    with torch.no_grad():
+        close(model(x), theirs(x).logits)
+        assert (model(x) - load_pretrained(bases[family]).eval()(x)).abs().max() > 0.1  # the adapters count
 
 
 @pytest.mark.parametrize("family", EXPERT_NAMES)

@@ -10,7 +10,8 @@ and lora_B (out, R E) with expert e's B in columns e, e + E, e + 2E, ... (PEFT's
 A layer with both fused parameters adapted nests gate_up_proj's wrapper inside down_proj's:
 `experts.base_layer.lora_A.weight` is gate_up_proj's, `experts.lora_A.weight` down_proj's. An expert
 gate_up_proj named by the checkpoint's names has rank 2r and alpha 2 alpha, which rank_pattern /
-alpha_pattern say (`.*\\.gate_up_proj`), as PEFT writes them.
+alpha_pattern say (`.*\\.gate_up_proj`), as PEFT writes them. An adapter PEFT wrote on transformers 4,
+one per expert (`experts.{e}.w1.lora_A.weight` ...), is read fused as PEFT 0.21 fuses it on loading.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ def load_adapter(directory: str | Path, model_cfg: ModelConfig) -> tuple[dict[st
         raise ConfigError(f"{where}: PEFT options {bad} are not supported")
     lay = layout(model_cfg)
     experts = _file_experts(lay, config, where)
-    out, targets, trained = _our_tensors(_read_tensors(directory), lay, config["r"], experts, model_cfg, where)
+    tensors = _fuse_per_expert(_read_tensors(directory), experts, where)
+    out, targets, trained = _our_tensors(tensors, lay, config["r"], experts, model_cfg, where)
     routers = [x for x in lay.linears if x.hf_name in targets and is_router(x)]
     linears = targets - {x.hf_name for x in routers}
     plain = [x.hf_name for x in lay.linears if not is_router(x) and x.leaf not in expert_names(lay)]
@@ -250,6 +252,42 @@ def _file_experts(lay: Layout, config: dict, where: str) -> dict[HFExperts, int]
     except ConfigError as error:
         raise ConfigError(f"{where}: {error}") from None
     return {x: 2 if doubled and x.leaf == "gate_up_proj" else factor for x, factor in experts.items()}
+
+
+_PER_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.([^.]+)\.(lora_A|lora_B)\.weight")
+
+
+def _fuse_per_expert(tensors: dict[str, torch.Tensor], experts: dict[HFExperts, int], where: str) -> dict:
+    """An adapter PEFT wrote on transformers 4, one per expert (`<mlp>.experts.{e}.w1.lora_A.weight` ...),
+    in the fused form PEFT 0.21 converts it to for transformers 5 (its PeftConcatenate): per expert, the
+    A of gate and up stacked (2r, in) and their B block-diagonal (2I, 2r); other tensors as they are."""
+    pieces: dict[tuple[str, str, str], dict[int, torch.Tensor]] = {}  # (container, part, kind) -> expert -> tensor
+    out = {}
+    for key, tensor in tensors.items():
+        match = _PER_EXPERT.fullmatch(key.removeprefix(PEFT_PREFIX))
+        if match is None:
+            out[key] = tensor
+        else:
+            container, expert, part, kind = match.groups()
+            pieces.setdefault((transformers5_name(container), part, kind), {})[int(expert)] = tensor
+    for x in experts:
+        container = x.hf_name.rsplit(".", 1)[0]
+        found = {kind: [pieces.pop((container, part, kind), {}) for part in x.parts] for kind in ("lora_A", "lora_B")}
+        if not any(found["lora_A"]):
+            continue
+        if any(sorted(got) != list(range(x.n_experts)) for got in found["lora_A"] + found["lora_B"]):
+            raise ConfigError(f"{where}: {container}'s per-expert adapters do not cover its {x.n_experts} experts")
+        A = torch.stack([torch.cat([got[e] for got in found["lora_A"]]) for e in range(x.n_experts)])  # (E, R, in)
+        B = torch.stack([torch.block_diag(*[got[e] for got in found["lora_B"]]) for e in range(x.n_experts)])
+        nested = sum(y.hf_name.startswith(container + ".") for y in experts) == 2
+        for kind, tensor in (("lora_A", A), ("lora_B", B)):
+            out[PEFT_PREFIX + expert_module(x, nested) + PEFT_SUFFIX[kind]] = to_peft(kind, tensor)
+    if pieces:
+        (container, part, _), *_ = pieces
+        raise ConfigError(
+            f"{where}: adapters on {container}.{{e}}.{part}, which its adapter_config.json does not target"
+        )
+    return out
 
 
 def _our_tensors(
