@@ -9,6 +9,11 @@
 | zero2     | whole model, grad and optim state shards   | DeepSpeed ZeRO-2 (reduce-scatter)   |
 | zero3     | shards of all three                        | DeepSpeed ZeRO-3                    |
 
+Mixture-of-experts models run under every strategy (FSDP2 shards an (E, ., .) expert tensor on dim
+0, the experts; ZeRO partitions it flat like any other). Expert parallelism, `parallel.expert=N`
+(each rank of N holds 1/N of the experts, tokens exchanged by all-to-all: trainer/parallel/expert.py),
+runs with ddp.
+
 `build_strategy(cfg)` starts the process group and returns the strategy; `parallelize` then
 turns a model built on the meta device into the one this rank trains, in one documented order.
 """
@@ -72,7 +77,7 @@ def build_strategy(cfg: Config) -> Strategy:
     elif cfg.parallel.strategy == "fsdp":
         strategy = cls(device, rank, world_size, cfg.parallel, cfg.precision)
     elif cfg.parallel.strategy == "ddp":
-        strategy = cls(device, rank, world_size, cfg.precision)
+        strategy = cls(device, rank, world_size, cfg.precision, expert=cfg.parallel.expert)
     else:
         strategy = cls(device, rank, world_size, cfg)
     strategy.owns_group = started

@@ -44,6 +44,8 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str] = ""
     can_skip_step: ClassVar[bool] = True  # can drop one step's gradients (spike skip / rollback)
+    # parallel.expert > 1: the expert mesh and blocks (trainer/parallel/expert.py; ddp only)
+    experts: Any = None
 
     def __init__(
         self, device: torch.device, rank: int = 0, world_size: int = 1, precision: PrecisionConfig | None = None

@@ -30,6 +30,8 @@ class ModelState(abc.ABC):
         unwrapped = strategy.unwrapped()
         # Whole shapes: a ZeRO-3 partitioned parameter's own shape is empty (its ds_shape is the whole).
         self.shapes = {bare_name(n): list(getattr(p, "ds_shape", p.shape)) for n, p in unwrapped.named_parameters()}
+        if strategy.experts is not None:  # an expert block's whole tensor: what the checkpoint holds
+            self.shapes.update(strategy.experts.full_shapes)
         cfg = getattr(unwrapped, "cfg", None)
         self.info = {
             "strategy": strategy.name, "world_size": strategy.world_size, "shapes": self.shapes,
@@ -74,7 +76,10 @@ class DCPModelState(ModelState):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.strategy.model, self.strategy.optimizer, options=self._options())
-        return {"model": model_state, "optim": optim_state}
+        state = {"model": model_state, "optim": optim_state}
+        if self.strategy.experts is not None:  # each rank's expert blocks, saved once under the whole tensor
+            state = self.strategy.experts.to_dtensors(state)
+        return state
 
     def save_tensors(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -99,6 +104,8 @@ class DCPModelState(ModelState):
         state = self._state()
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
+        if self.strategy.experts is not None:
+            state = self.strategy.experts.to_local(state)
         set_state_dict(
             self.strategy.model, self.strategy.optimizer,
             model_state_dict=state["model"], optim_state_dict=state["optim"], options=self._options(),
