@@ -39,6 +39,7 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     check_switches(cfg)  # an optional section's keys while it is off (trainer/config/switches.py)
     _check_lora(cfg.lora, cfg.parallel.strategy)
     _check_launch(cfg, world_size, has_gpu)
+    _check_experts(cfg, world_size)
     _check_spike(cfg)
     _check_synthetic_splits(cfg)
     _check_model(cfg)
@@ -60,6 +61,58 @@ def _check_compile(cfg: Config) -> None:
         not (cfg.lora.enabled and cfg.lora.quantize_base),
         "train.compile=true with a 4-bit QLoRA base (lora.quantize_base=nf4) is not supported: set train.compile=false",
     )
+    n_experts = _resolved_model(cfg).n_experts
+    _require(
+        not n_experts,
+        f"train.compile=true with model.n_experts={n_experts} is not supported (a sparse MLP's experts run over "
+        "token slices whose sizes are data: the blocks' fullgraph compile cannot trace them): set train.compile=false",
+    )
+
+
+def _check_experts(cfg: Config, world_size: int) -> None:
+    """Expert parallelism (parallel.expert=N): a mixture-of-experts model whose experts split into N
+    equal blocks, over expert groups of N consecutive ranks, under the strategy that implements it."""
+    degree = cfg.parallel.expert
+    if degree == 1:
+        return
+    n_experts, strategy = _resolved_model(cfg).n_experts, cfg.parallel.strategy
+    _require(
+        n_experts > 0,
+        f"parallel.expert={degree} splits the experts of a mixture-of-experts model, and this model is dense "
+        "(model.n_experts=0): set model.n_experts, or parallel.expert=1",
+    )
+    _require(
+        n_experts % degree == 0,
+        f"parallel.expert={degree} does not divide model.n_experts={n_experts}: each rank of an expert group holds "
+        f"n_experts / expert of them; use a divisor of {n_experts}",
+    )
+    why = (
+        "one process holds every expert" if strategy == "none" else f"{strategy} shards them with the rest of the model"
+    )
+    _require(
+        strategy == "ddp",
+        f"parallel.expert={degree} runs with parallel=ddp, not parallel={strategy} ({why}): "
+        "use parallel=ddp, or parallel.expert=1",
+    )
+    _require(
+        world_size % degree == 0,
+        f"parallel.expert={degree} does not divide the world size {world_size}: expert groups are "
+        f"parallel.expert consecutive ranks; launch a multiple of {degree} processes",
+    )
+    _require(
+        not cfg.lora.enabled,
+        f"parallel.expert={degree} with LoRA is not supported: use lora=none, or parallel.expert=1",
+    )
+    _require(
+        not cfg.diagnostics.sharpness.enabled,
+        f"diagnostics.sharpness.enabled=true with parallel.expert={degree} is not supported (its gradients "
+        "would need the expert blocks' own reduction): turn it off, or use parallel.expert=1",
+    )
+
+
+def _resolved_model(cfg: Config) -> ModelConfig:
+    """model.* as the run will build it: with model.pretrained, over the checkpoint's config.json."""
+    return _over_checkpoint(cfg.model, _checkpoint_config(cfg.model)) if cfg.model.pretrained else cfg.model
 
 
 def _check_qat(cfg: Config) -> None:
