@@ -248,3 +248,18 @@ def test_a_tensor_whose_shape_config_json_does_not_imply_is_refused_before_readi
     (tmp_path / "config.json").write_text(json.dumps(config | {"head_dim": 16}))
     with pytest.raises(ValueError, match=r"self_attn.q_proj.weight has shape \(96, 64\), but config.json implies a 3"):
         load_pretrained(tmp_path)
+
+
+def test_the_run_refuses_disagreeing_weights_before_any_work(tmp_path):
+    """check_run (the preflight, before data or model are built) names the tensor."""
+    from trainer.__main__ import compose_config
+    from trainer.config import ConfigError
+    from trainer.preflight import check_run
+
+    save_random(CASES["olmo2"](), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 80}))
+    cfg, _ = compose_config([f"model.pretrained={tmp_path}", "train.seq_len=16"])
+    with pytest.raises(ConfigError, match=rf"^model.pretrained={tmp_path}: checkpoint tensor "
+                       r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), but config.json implies \(80, 64\)"):  # fmt: skip
+        check_run(cfg)

@@ -25,7 +25,7 @@ from trainer.config import (
 from trainer.config.schema import QuantConfig, _require
 from trainer.config.switches import check_switches, show
 from trainer.data.cache import split_point
-from trainer.model.hf_import import load_hf_config
+from trainer.model.hf_import import check_weights, load_hf_config
 from trainer.parallel import strategy_class
 from trainer.parallel.zero import merged_deepspeed_config
 
@@ -299,6 +299,10 @@ def _check_model(cfg: Config) -> None:
         )
         return
     checkpoint = _checkpoint_config(model)
+    try:  # names and shapes against config.json, from the index and the files' headers: no tensor read
+        check_weights(model.pretrained, checkpoint)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.pretrained={model.pretrained}: {error}") from error
     context = _over_checkpoint(model, checkpoint).block_size
     raise_it = f" or raise model.block_size up to {checkpoint.block_size}" if context < checkpoint.block_size else ""
     _require(

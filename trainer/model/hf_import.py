@@ -263,6 +263,15 @@ def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str
     return _stream(files, rows, cfg)
 
 
+def check_weights(path: str | Path, cfg: ModelConfig) -> None:
+    """Raise (one line) when the checkpoint's tensors (names from the index or the files' headers,
+    shapes from the safetensors headers) are not the ones cfg (its config.json) implies. Reads no tensor."""
+    files = _weight_files(Path(path).expanduser())
+    rows = _name_map(cfg)
+    _check_names([n.removeprefix("transformer.") for _, names in files for n in names], rows, cfg)
+    _check_shapes(files, rows, cfg)
+
+
 def _check_shapes(files: list[tuple[Path, list[str]]], rows: list[Row], cfg: ModelConfig) -> None:
     """Raise (one line) when a safetensors tensor's shape (read from the file's header) is not the
     one GPT's tensor built from config.json implies: config.json and the weights disagree."""
