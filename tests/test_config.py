@@ -429,9 +429,12 @@ def test_a_conflicting_architecture_field_is_refused_in_one_line(hf_checkpoints:
 def test_a_preset_that_agrees_with_its_checkpoint_passes(tmp_path: Path) -> None:
     import transformers
 
-    transformers.GPT2Config().save_pretrained(tmp_path)  # GPT-2 small's config.json; weights are not read
+    transformers.GPT2Config().save_pretrained(tmp_path)  # GPT-2 small's config.json; no weights
     cfg, _ = compose_config(["model=gpt2", f"model.pretrained={tmp_path}"])
-    check_run(cfg)
+    assert refusal(cfg) == (  # the preset agrees; the checkpoint's weights are checked next, and missing
+        f"model.pretrained={tmp_path}: {tmp_path}: no weights; expected model.safetensors, "
+        "model.safetensors.index.json or pytorch_model.bin"
+    )
     resolved = resolve_model_config(cfg.model, tokenizer_vocab=50257)
     assert (resolved.name, resolved.n_layer, resolved.n_embd, resolved.block_size) == ("gpt2", 12, 768, 1024)
     assert resolved.vocab_size == 50257 and resolved.pretrained == str(tmp_path)
