@@ -151,7 +151,10 @@ def test_export_runs_in_pipeline_with_the_harness_greedy_text(finetune_dir: Path
     tok = AutoTokenizer.from_pretrained(str(root / model))
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]  # eos, then the end of turn
+    stops = stops if isinstance(stops, list) else [stops]
+    assert stops[0] == tok.eos_token_id
+    assert tok.convert_ids_to_tokens(stops[1:]) == (["<|eot_id|>"] if model == "llama" else [])
 
     pipe = pipeline("text-generation", model=str(out))  # no tokenizer or any other argument
     prompt = "the quick brown fox"
