@@ -51,6 +51,22 @@ LLAMA = [
     "model.bias=false",
     "model.tie_embeddings=false",
 ]
+# Gemma 3's switches: head_dim != n_embd / n_head, q / k norms per head, sandwich norms scaling by 1 +
+# weight, GeGLU, scaled embeddings, a score scale, two sliding layers (window 32 < seq_len) and a
+# global one with their own RoPE bases, a tied head
+GEMMA = [
+    "model.norm=rmsnorm", "model.mlp=geglu", "model.position=rope", "model.bias=false", "model.n_layer=3",
+    "model.n_embd=96", "model.n_head=4", "model.n_kv_head=2", "model.head_dim=32", "model.intermediate_size=160",
+    "model.qk_norm=head", "model.norm_placement=sandwich", "model.norm_offset=1.0", "model.embed_scale=true",
+    "model.query_pre_attn_scalar=32", "model.sliding_window=32", "model.rope_local_theta=10000",
+    "model.layer_types=[sliding_attention,sliding_attention,full_attention]",
+]  # fmt: skip
+# Qwen3-MoE's: 8 experts of width 48, 2 per token, renormalised, a load-balancing loss, block 0 dense
+MOE = [
+    *LLAMA, "model.n_layer=3", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.head_dim=32",
+    "model.intermediate_size=128", "model.qk_norm=head", "model.n_experts=8", "model.n_experts_per_token=2",
+    "model.moe_intermediate_size=48", "model.moe_layers=[1,2]", "model.router_aux_loss_coef=0.01",
+]  # fmt: skip
 CASES: dict[str, list[str]] = {
     "gpt2-none": ["model.n_layer=4", "model.n_embd=128", "train.micro_batch_size=4", "train.seq_len=128"],
     "gpt2-full": ["model.n_layer=4", "model.n_embd=128", "train.micro_batch_size=4", "train.seq_len=128",
@@ -105,6 +121,18 @@ CASES: dict[str, list[str]] = {
     "llama-lora-mlp-only-bf16": [*LLAMA, "model.n_layer=3", "model.n_embd=128", "model.n_head=4",
                                  "train.micro_batch_size=2", "train.seq_len=128", "precision=bf16",
                                  "lora.enabled=true", "lora.target_modules=[up_proj,down_proj]"],
+    "gemma-like-bf16": [*GEMMA, "train.micro_batch_size=2", "train.seq_len=64", "precision=bf16"],
+    "gemma-like-lora-full-bf16": [*GEMMA, "train.micro_batch_size=2", "train.seq_len=64", "precision=bf16",
+                                  "lora.enabled=true", "model.activation_checkpointing=full"],
+    "moe-fp32": [*MOE, "train.micro_batch_size=2", "train.seq_len=64"],
+    "moe-lora-attention-bf16": [*MOE, "train.micro_batch_size=2", "train.seq_len=64", "precision=bf16",
+                                "lora.enabled=true", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    "moe-lora-attention-full-bf16": [*MOE, "train.micro_batch_size=2", "train.seq_len=128", "precision=bf16",
+                                     "lora.enabled=true", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+                                     "model.activation_checkpointing=full", "model.loss_chunk_size=64"],
+    "olmo-like-fused-fp32": [*LLAMA, "model.n_layer=3", "model.n_embd=64", "model.n_head=4", "model.head_dim=24",
+                             "model.intermediate_size=96", "model.qk_norm=full", "model.norm_placement=post",
+                             "model.fused_gate_up=true", "train.micro_batch_size=2", "train.seq_len=64"],
 }  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.estimate_check import CASES, SMALL, build, measure
+from benchmarks.estimate_check import CASES, GEMMA, MOE, SMALL, build, measure
 from trainer.__main__ import compose_config
 from trainer.config import ConfigError
 from trainer.estimate import count_parameters, estimate, model_shape, nf4_bytes
@@ -22,6 +22,7 @@ LLAMA_LIKE = [
     "model.vocab_size=300", "model.norm=rmsnorm", "model.mlp=swiglu", "model.position=rope", "model.bias=false",
     "model.tie_embeddings=false",
 ]  # fmt: skip
+GEMMA_LIKE, MOE_LIKE = [*GEMMA, "model.vocab_size=300"], [*MOE, "model.vocab_size=300"]
 RECIPE = [
     "model=llama3-8b", "lora.enabled=true", "lora.r=16", "lora.alpha=32",
     "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "train.micro_batch_size=2",
@@ -55,15 +56,55 @@ def independent_adapter_count(shape: list[str], lora: list[str]) -> int:
     return L * sum(per_target[t] for t in targets)
 
 
-@pytest.mark.parametrize("shape", [GPT2_LIKE, LLAMA_LIKE], ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize(
+    "shape", [GPT2_LIKE, LLAMA_LIKE, GEMMA_LIKE, MOE_LIKE], ids=["gpt2", "llama-gqa", "gemma", "moe"]
+)
 def test_parameter_count_is_the_built_models(shape: list[str]) -> None:
+    """Total, active (GPT.active_params), the experts' tensors and the FLOPs a token
+    (GPT.flops_per_token) are the built model's; the experts' written out by hand too."""
     from trainer.model import GPT
 
-    cfg = config(*shape)
-    params = estimate(cfg)["parameters"]
+    cfg = config(*shape, "train.seq_len=64")
+    est = estimate(cfg)
+    params = est["parameters"]
     model = GPT(model_shape(cfg))
     assert params["total"] == params["trainable"] == sum(p.numel() for p in model.parameters())
     assert params["adapters"] == params["frozen"] == 0
+    assert params["active"] == model.active_params() and est["run"]["flops_per_token"] == model.flops_per_token(64)
+    experts = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 3)
+    assert params["experts"] == params["experts_trainable"] == experts
+    if shape is MOE_LIKE:  # blocks 1 and 2 sparse: 8 experts' gate, up (48 x 64) and down (64 x 48); a token uses 2
+        assert experts == 2 * 8 * 3 * 48 * 64 and params["total"] - params["active"] == experts * 6 // 8
+        assert est["run"]["experts"] == {
+            "n_experts": 8, "per_token": 2, "intermediate_size": 48, "sparse_layers": 2, "expert_parallel": 1,
+        }  # fmt: skip
+    else:
+        assert params["active"] == params["total"] and est["experts"] is None and est["run"]["experts"] is None
+
+
+def test_experts_memory_is_apart() -> None:
+    """The experts' tensors' weights, gradients and AdamW state, per rank: full training in fp32,
+    frozen in bf16 under LoRA (attention adapters only), 1/2 of them on a rank with expert
+    parallelism over 2 ranks (parallel=ddp parallel.expert=2), and their share of every state."""
+    experts = 2 * 8 * 3 * 48 * 64
+    full = estimate(config(*MOE_LIKE))
+    assert full["experts"] == {
+        "weights_frozen": 0, "weights_trainable": 4 * experts, "master": 0, "gradients": 4 * experts,
+        "optimizer": 8 * experts,
+    }  # fmt: skip
+    lora = estimate(config(*MOE_LIKE, "precision=bf16", "lora.enabled=true", "lora.target_modules=[q_proj,v_proj]"))
+    assert lora["parameters"]["experts_trainable"] == 0
+    assert lora["experts"]["weights_frozen"] == 2 * experts and lora["experts"]["gradients"] == 0
+    ddp = estimate(config(*MOE_LIKE, "parallel=ddp", "parallel.expert=2"), world_size=2)
+    assert ddp["run"]["experts"]["expert_parallel"] == 2
+    assert ddp["experts"]["weights_trainable"] == 4 * experts / 2 and ddp["experts"]["optimizer"] == 8 * experts / 2
+    others = full["parameters"]["total"] - experts
+    assert (
+        ddp["bytes"]["weights_trainable"]
+        == 4 * (others + experts / 2)
+        == full["bytes"]["weights_trainable"] - 2 * experts
+    )
+    assert ddp["bytes"]["buffers"] == 4 * others  # DDP's buckets leave the sharded experts out
 
 
 @pytest.mark.parametrize(

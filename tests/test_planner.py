@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from benchmarks.estimate_check import SMALL, measure
+from benchmarks.estimate_check import GEMMA, MOE, SMALL, measure
 from trainer.__main__ import compose_config
 from trainer.estimate import count_parameters, estimate, model_shape, planner
 from trainer.estimate.cli import main
@@ -97,6 +97,23 @@ def test_flops_are_the_monitors() -> None:
     assert 1 / 3 < lora_costs.recompute("full", 4) < 1 / 2
 
 
+@pytest.mark.parametrize("shape", [GEMMA, MOE], ids=["gemma", "moe"])
+def test_flops_follow_the_switches(shape: list[str]) -> None:
+    """Full training with an own head size, q / k norms, sandwich norms, or sparse MLPs among dense
+    ones: the step is still GPT.flops_per_token's (a token's router and k of E experts), less the
+    norms; a block's attention and MLP are the blocks' means."""
+    from trainer.model import GPT
+
+    cfg = compose_config([*SMALL, *shape, "model.vocab_size=256", "train.seq_len=128"])[0]
+    m = model_shape(cfg)
+    model = GPT(m)
+    costs = analytic_costs(m, count_parameters(cfg, m), 128)
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    assert costs.step + 6 * norms == model.flops_per_token(128)
+    if shape is MOE:  # block 0 dense (3 x 64 x 128), blocks 1 and 2 a router (8 x 64) and 2 experts (3 x 64 x 48)
+        assert costs.mlp == 2 * (3 * 64 * 128 + 2 * (8 * 64 + 2 * 3 * 64 * 48)) / 3
+
+
 def test_the_plan_fits_when_measured() -> None:
     """A budget between two settings' peaks: the plan is the one with less recompute that fits, its
     measured peak (a CPU step under the profiler) is within the budget, and the cheaper setting
@@ -166,6 +183,19 @@ def test_measure_counts_one_block_as_the_estimate_does(
     for part in ("block", "attention", "mlp"):
         assert measured[part] == measured[f"analytic_{part}"] > 0
     assert measured["costs"].source.startswith("block timings measured on cpu")  # timings: not asserted
+
+
+@pytest.mark.parametrize(
+    "shape", [[*GEMMA, "precision=bf16"], [*MOE, "model.moe_layers=[0,2]"]], ids=["gemma-bf16", "moe-sparse-block-0"]
+)
+def test_measure_counts_a_gemma_or_sparse_block(shape: list[str]) -> None:
+    """--measure's one block (block 0 alone: its layer type, a sparse MLP when block 0 has one) saves
+    the bytes activation_bytes gives block 0, its attention and its MLP."""
+    cfg = compose_config([*SMALL, *shape, "model.vocab_size=256", "train.micro_batch_size=2", "train.seq_len=64"])[0]
+    m = model_shape(cfg)
+    measured = measure_block(cfg, m, count_parameters(cfg, m), repeats=1)
+    for part in ("block", "attention", "mlp"):
+        assert measured[part] == measured[f"analytic_{part}"] > 0
 
 
 def test_cli_measure(capsys: pytest.CaptureFixture) -> None:

@@ -6,14 +6,17 @@
 The config is composed as `python -m trainer` composes it, without the run checks (an estimate
 may describe a run the harness refuses, e.g. lora.quantize_base=nf4 with parallel=fsdp). Parameters are
 counted on GPT built on the meta device, with trainer.lora's adapters applied there as a run
-applies them (so the frozen base has the dtypes add_adapters gives it). Everything else is
-arithmetic on the shape, in bytes, per rank.
+applies them (so the frozen base has the dtypes add_adapters gives it): total and, for a mixture of
+experts, active (a token's k of E experts), the experts' (E, I, H) tensors with their weights,
+gradients and AdamW state apart, and the FLOPs a token (GPT.flops_per_token). Everything else is
+arithmetic on the shape, in bytes, per rank, following every GPT switch (head size, q / k norms,
+norm placement and offset, GeGLU, fused gate / up, sliding windows, sparse MLPs among dense ones).
 
 | module      | what                                                                              |
 |-------------|-----------------------------------------------------------------------------------|
-| parameters  | count_parameters (by what trains and how it is stored), nf4_bytes                 |
+| parameters  | count_parameters (by what trains and how it is stored; total, active, experts)    |
 | activations | what one micro-batch's forward keeps for backward, part by part                   |
-| memory      | weights, gradients, AdamW state under each sharding; the peak; estimate           |
+| memory      | weights, gradients, AdamW state under each sharding (the experts' apart); estimate |
 | planner     | --memory-budget: the checkpointing setting that fits at least recompute; --measure |
 | cli         | the table, --json, --memory-budget, main                                          |
 

@@ -18,6 +18,10 @@ from trainer.estimate.planner import parse_bytes, plan
 from trainer.estimate.planner import table as plan_table
 
 GIB = 2**30
+EXPERT_PARTS = (  # the experts' share of the model states, as the table names them
+    ("frozen", "weights_frozen"), ("trainable", "weights_trainable"), ("master", "master"), ("gradients", "gradients"),
+    ("AdamW", "optimizer"),
+)  # fmt: skip
 
 
 def _gib(n: float) -> str:
@@ -48,11 +52,19 @@ def table(est: dict[str, Any]) -> str:
         ("gathered weights", "gathered", "one block and the root, whole, while they run"),
         ("buffers", "buffers", "DDP's gradient buckets / DeepSpeed's reduce bucket"),
     ]
+    sizes = f"{params['total'] / 1e9:.3f}B parameters"
+    if run["experts"]:
+        x = run["experts"]
+        sizes += (
+            f" ({params['active'] / 1e9:.3f}B active: {x['per_token']} of {x['n_experts']} experts a token in "
+            f"{x['sparse_layers']} sparse layers; the experts' tensors {params['experts'] / 1e9:.3f}B)"
+        )
     lines = [
-        f"{run['model']}: {params['total'] / 1e9:.3f}B parameters, {params['trainable'] / 1e6:.2f}M trainable "
+        f"{run['model']}: {sizes}, {params['trainable'] / 1e6:.2f}M trainable "
         f"({100 * params['trainable'] / params['total']:.2f}%): {what}",
         f"parallel={run['strategy']} on {run['world_size']} rank(s), precision={run['precision']}, micro-batch "
-        f"{run['micro_batch_size']} x {run['seq_len']} tokens, checkpointing {ckpt}, loss {loss}",
+        f"{run['micro_batch_size']} x {run['seq_len']} tokens, checkpointing {ckpt}, loss {loss}; "
+        f"{run['flops_per_token'] / 1e9:.1f} GFLOP a token (6 x active weights + attention)",
         "",
         "| per rank | GiB | |",
         "|---|---:|---|",
@@ -60,11 +72,24 @@ def table(est: dict[str, Any]) -> str:
     for name, key, note in rows:
         if b[key] or key in ("weights_trainable", "gradients", "optimizer"):
             lines.append(f"| {name}{' (in host memory)' if key in host else ''} | {_gib(b[key])} | {note} |")
+    experts = est["experts"]
+    if experts:
+        parts = ", ".join(f"{name} {_gib(experts[key])}" for name, key in EXPERT_PARTS if experts[key])
+        ranks = run["experts"]["expert_parallel"]
+        share = f"1/{ranks} of them on a rank; " if ranks > 1 else ""
+        lines.append(f"| of which the experts' | {_gib(sum(experts.values()))} | {share}{parts or 'none'} |")
     per_block = f"a block keeps {_gib(act['block'])}"
     if act["checkpointed"]:
         per_block += f" ({_gib(act['block_checkpointed'])} checkpointed)"
     outside = _gib(act["front"] + act["back"])
     lines.append(f"| activations | {_gib(b['activations'])} | {per_block}; outside the blocks {outside} |")
+    if act["held"] or any(act["leak"]):
+        what = f"router logits {_gib(act['held'])}"
+        if any(act["leak"]):
+            what += f"; left by the checkpointed sparse blocks' recompute {_gib(sum(act['leak']))}"
+        lines.append(
+            f"| held by the sparse MLPs | {_gib(act['held'] + sum(act['leak']))} | {what} (not saved for backward) |"
+        )
     for moment, value in est["phases"].items():
         lines.append(f"| at the {moment.replace('_', ' ')} | {_gib(value)} | above the kept states |")
     lines.append(

@@ -15,7 +15,8 @@ k = 1 .. n_layer (blocks 0, k, 2k, ...: c = ceil(L / k) of them checkpointed). F
              appendix B: a matmul with P weights 2 P forward and 4 P backward (input and weight
              gradients; 2 P when the weight is frozen, as LoRA's base), attention's scores and mix
              4 T C forward and 8 T C backward; so full training's step is 6 N + 12 L C T (N the
-             matmul weights; norms, biases, DoRA's extras left out). Measured (--measure): the
+             matmul weights a token uses: a sparse MLP's router and k of its E experts; norms,
+             biases, DoRA's extras left out). Measured (--measure): the
              seconds of one block's forward and backward, and of its attention's and MLP's forward,
              timed on this machine at the config's micro-batch shape.
   plan       the candidate that fits the budget with the least recompute (ties: the smaller peak).
@@ -75,22 +76,32 @@ class Costs:
 
 
 def analytic_costs(m: ModelConfig, params: Parameters, seq_len: int) -> Costs:
-    """FLOPs per token (see the module docstring): full training's step is 6 N + 12 L C T."""
+    """FLOPs per token (see the module docstring): full training's step is 6 N + 12 L C T, N the
+    matmul weights a token uses (a sparse MLP's router and its k of E experts: GPT.active_params).
+    Blocks differ where dense MLPs sit among sparse ones: a block's attention and MLP are their means."""
     C, L, V = m.n_embd, m.n_layer, m.padded_vocab_size
-    hd, H = C // m.n_head, m.intermediate_size or 4 * C
-    Q, K = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
+    H, Q = m.intermediate_size or 4 * C, m.n_head * m.attn_head_dim
+    K = (m.n_kv_head or m.n_head) * m.attn_head_dim
     attention_weights = C * (Q + 2 * K) + Q * C  # c_attn (q | k | v), c_proj
-    mlp_weights = C * H * (3 if m.mlp == "swiglu" else 2)
-    adapters = {"attn": 0, "mlp": 0}
-    for ad in params.block_adapters:  # A (r x in) and B (out x r) per adapter
-        adapters[ad.module.split(".")[0]] += params.lora.r * (ad.in_features + ad.out_features)
-    attention = 2 * (attention_weights + adapters["attn"]) + 4 * seq_len * Q  # + scores and mix
-    mlp = 2 * (mlp_weights + adapters["mlp"])
-    forward = L * (attention + mlp) + 2 * V * C  # + the head
-    frozen = 0 if "block_linears" in params.trains else L * (attention_weights + mlp_weights)
+
+    def mlp_weights(layer: int) -> int:  # those a token multiplies by
+        if m.is_moe(layer):  # the router, and k experts' gate, up and down
+            return m.n_experts * C + m.n_experts_per_token * 3 * C * (m.moe_intermediate_size or H)
+        return C * H * (3 if m.mlp in ("swiglu", "geglu") else 2)
+
+    attention = mlp = weights = 0
+    for layer in range(L):
+        adapters = {"attn": 0, "mlp": 0}
+        for ad in params.layer_adapters[layer] if params.layer_adapters else params.block_adapters:
+            adapters[ad.module.split(".")[0]] += params.lora.r * (ad.in_features + ad.out_features)  # A and B
+        attention += 2 * (attention_weights + adapters["attn"]) + 4 * seq_len * Q  # + scores and mix
+        mlp += 2 * (mlp_weights(layer) + adapters["mlp"])
+        weights += attention_weights + mlp_weights(layer)
+    forward = attention + mlp + 2 * V * C  # + the head
+    frozen = 0 if "block_linears" in params.trains else weights
     frozen += 0 if "head" in params.trains else V * C
     step = 3 * forward - 2 * frozen  # backward = 2 forwards, less the frozen weights' gradients
-    return Costs(attention, mlp, attention + mlp, step, "analytic FLOPs (6N + 12LCT counting)")
+    return Costs(attention / L, mlp / L, (attention + mlp) / L, step, "analytic FLOPs (6N + 12LCT counting)")
 
 
 @dataclass(frozen=True)
@@ -310,7 +321,11 @@ def one_block(cfg: Config, m: ModelConfig, params: Parameters, device: torch.dev
     from trainer.parallel.base import materialize
     from trainer.precision import DTYPES
 
-    shape = replace(m, n_layer=1, activation_checkpointing="none", activation_checkpointing_every=1)
+    shape = replace(
+        m, n_layer=1, activation_checkpointing="none", activation_checkpointing_every=1,
+        layer_types=m.layer_types[:1] if m.layer_types else None,
+        moe_layers=None if m.moe_layers is None else [0] if m.is_moe(0) else [],
+    )  # fmt: skip
     with torch.device("meta"):
         model = GPT(shape)
     prefix = "blocks.0."
