@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The LoRA issue's single-GPU goals on one H100 / H200 (under 8 minutes): a random Llama-3-8B-shaped
-# base in bf16, rank-16 adapters on all seven projections, 2 x 4096 tokens, with and without
-# activation checkpointing, and QLoRA (NF4 base; needs torchao). Prints a table; writes
-# benchmarks/results/lora_gpu.json.
-#   bash benchmarks/lora_gpu.sh            # on the GPU machine
-#   bash benchmarks/lora_gpu.sh --smoke    # a tiny shape on the CPU: tests this script
+# The single-GPU LoRA recipes on one H100 / H200, each on a random base of its shape with synthetic
+# tokens: Llama 3 8B's goals (rank-16 adapters on all seven projections, 2 x 4096 tokens, with and
+# without activation checkpointing, and QLoRA: an NF4 base, needs torchao; under 8 minutes), then
+# experiment=qwen3-8b-lora / -qlora, gemma3-12b-lora / -qlora and qwen3-30b-a3b-lora / -qlora as they
+# ship, each peak set against trainer.estimate's. Prints a table; writes benchmarks/results/lora_gpu.json.
+#   bash benchmarks/lora_gpu.sh                              # every case, on the GPU machine
+#   bash benchmarks/lora_gpu.sh --cases qwen3-30b-a3b-lora   # some of them
+#   bash benchmarks/lora_gpu.sh --smoke                      # tiny shapes on the CPU: tests this script
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE=offline WANDB_SILENT=true
