@@ -23,6 +23,7 @@ import torch.distributed as dist
 from trainer.config import ModelConfig
 from trainer.model.moe import SparseMLP
 from trainer.parallel.dist import exit_process
+from trainer.parallel.expert import shard_experts
 
 CASES = {  # name: (ModelConfig overrides, route every token to the first half of the experts)
     "top2": ({}, False),
@@ -60,7 +61,7 @@ def case(overrides: dict, idle: bool) -> dict:
     G = torch.randn_like(X)  # the upstream gradient of each output
 
     sharded = copy.deepcopy(one)
-    sharded.shard_experts(dist.group.WORLD)
+    shard_experts(sharded, dist.group.WORLD)
 
     X_one = X.clone().requires_grad_()
     Y = one(X_one.flatten(0, 1))  # (R B, T, H): the ranks' batches one after another
@@ -89,7 +90,7 @@ def case(overrides: dict, idle: bool) -> dict:
 def refusal() -> str:
     """shard_experts' line for 3 experts over this group."""
     try:
-        SparseMLP(config(n_experts=3)).shard_experts(dist.group.WORLD)
+        shard_experts(SparseMLP(config(n_experts=3)), dist.group.WORLD)
     except ValueError as error:
         return str(error)
     return ""

@@ -14,7 +14,7 @@ activations, not the weights: each expert's rows get scale (x A_e^T) B_e^T besid
 
 PEFT's ParamWrapper has no dropout and no DoRA; QLoRA's NF4 quantises linears' weights, not these
 stacked ones: apply_lora refuses all three with expert targets (check_expert_settings). Expert
-parallelism (SparseMLP.shard_experts) would shard the experts but not these adapters: preflight
+parallelism (trainer.parallel.expert.shard_experts) would shard the experts but not these adapters: preflight
 refuses parallel.expert with LoRA.
 """
 

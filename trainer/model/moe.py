@@ -21,19 +21,18 @@ bf16), else the loop. Memory is O(N k (H + I)): no (N, E, H) or (N, E, I) tensor
 After each forward the module keeps `router_logits` (N, E) fp32 with their graph, for
 `load_balancing_loss`, and `last_topk` (N, k), detached, for `expert_load` / `load_max`.
 
-Expert parallelism (`shard_experts`) is the one place here that knows ranks: the router stays
-replicated, each rank keeps a contiguous block of experts, and forward sends every slot's token
-to the rank that owns its expert and the result back (two all-to-alls, and one for the counts).
+Expert parallelism lives in trainer.parallel.expert: it keeps a contiguous block of experts here
+(`keep_experts`) and installs `dispatch`, which sends every slot's token to the rank that owns its
+expert and the result back; the router stays replicated. Nothing in this module knows ranks.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -128,7 +127,9 @@ class SparseMLP(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, I, H))
         self.w_down = nn.Parameter(torch.empty(E, H, I))
         self.dropout = nn.Dropout(cfg.dropout)
-        self.expert_group: dist.ProcessGroup | None = None  # set by shard_experts
+        # expert parallelism: (mlp, rows sorted by global expert, their slice ends) -> the rows' outputs,
+        # each computed on the rank holding its expert (trainer.parallel.expert.shard_experts); None: all here
+        self.dispatch: Callable[[SparseMLP, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         self.router_logits: torch.Tensor | None = None  # (N, E) fp32, the last forward's
         self.last_topk: torch.Tensor | None = None  # (N, k), the last forward's
 
@@ -141,10 +142,7 @@ class SparseMLP(nn.Module):
         self.router_logits, self.last_topk = logits.float(), experts.detach()
         order, ends = sort_by_expert(experts.flatten(), self.n_experts)  # (N k,), (E,)
         xs = x[order // self.top_k]  # (N k, H): each slot's token, in expert order
-        if self.expert_group is None:
-            y = self.experts(xs, ends)  # (N k, H)
-        else:
-            y = self.parallel_experts(xs, ends)  # (N k, H)
+        y = self.experts(xs, ends) if self.dispatch is None else self.dispatch(self, xs, ends)  # (N k, H)
         y = y[order.argsort()].float() * weights.flatten()[:, None]  # (N k, H) fp32, in slot order
         y = y.view(*experts.shape, -1).sum(dim=1)  # (N, H)
         return self.dropout(y.to(x.dtype).view(shape))
@@ -203,53 +201,11 @@ class SparseMLP(nn.Module):
         return torch._grouped_mm(x, weight, offs=ends)
 
     # -----------------------------------------------------------------------------------------
-    # Expert parallelism
+    # Expert parallelism (trainer.parallel.expert installs it; nothing here knows ranks)
 
-    def shard_experts(self, group: dist.ProcessGroup) -> None:
-        """Keep only this rank's contiguous block of experts, [r E/N, (r + 1) E/N) for rank r of the
-        group's N; forward then exchanges tokens within the group. The router stays whole."""
-        size, rank = group.size(), group.rank()
-        if self.n_experts % size:
-            raise ValueError(f"expert parallelism: {self.n_experts} experts do not split evenly over {size} ranks")
-        n_local = self.n_experts // size
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep experts [start, stop) only (this rank's block under expert parallelism)."""
         for name in ("w_gate", "w_up", "w_down"):
             full = getattr(self, name)
-            shard = full.detach()[rank * n_local : (rank + 1) * n_local].clone()  # (E/N, ., .)
-            setattr(self, name, nn.Parameter(shard, requires_grad=full.requires_grad))
-        self.expert_group = group
-
-    def parallel_experts(self, xs: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """The same as `experts` for rows (S, H) sorted by global expert, whose slices end at `ends`
-        (E,), each row computed on the rank that owns its expert."""
-        group, n_local = self.expert_group, self.w_gate.shape[0]
-        ranks = group.size()
-        counts = torch.diff(ends.long(), prepend=ends.new_zeros(1, dtype=torch.long))  # (E,) rows per expert
-        received_counts = torch.empty_like(counts)  # (ranks * E/N,): from each rank, rows per expert of mine
-        dist.all_to_all_single(received_counts, counts, group=group)  # collective
-        send = counts.view(ranks, n_local).sum(1).tolist()  # host sync: the split sizes
-        receive = received_counts.view(ranks, n_local).sum(1).tolist()
-        # Sorted by expert is sorted by owning rank: contiguous blocks go out, and arrive grouped by
-        # source rank, then by my expert. Sort them by my expert alone for the local compute.
-        received = AllToAll.apply(xs, receive, send, group)  # (M, H)
-        local_ids = torch.arange(n_local, device=xs.device).repeat(ranks)  # (ranks * E/N,)
-        local_ids = local_ids.repeat_interleave(received_counts, output_size=sum(receive))  # (M,)
-        local_order, local_ends = sort_by_expert(local_ids, n_local)  # (M,), (E/N,)
-        ys = self.experts(received[local_order], local_ends)[local_order.argsort()]  # (M, H), as received
-        return AllToAll.apply(ys, send, receive, group)  # (S, H), back in the sender's order
-
-
-class AllToAll(torch.autograd.Function):
-    """all_to_all_single of rows with given splits; backward sends the gradients back the same way
-    (torch.distributed's own collective has no autograd)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)  # collective
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        return AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
+            block = full.detach()[start:stop].clone()  # (stop - start, ., .)
+            setattr(self, name, nn.Parameter(block, requires_grad=full.requires_grad))

@@ -1,6 +1,6 @@
 """Expert parallelism (`parallel.expert=N`): each rank of a group of N consecutive ranks holds 1/N of
 every sparse MLP's experts, and tokens travel to their expert's rank and back by all-to-all
-(trainer.model.moe.SparseMLP.shard_experts). Everything else stays data-parallel over all W ranks.
+(`shard_experts` below). Everything else stays data-parallel over all W ranks.
 
 The W ranks form a (W/N, N) mesh, dims ("replicate", "expert"): a row is an expert group (its N
 ranks split the experts: rank r of the row keeps experts [r E/N, (r + 1) E/N)); a column holds the
@@ -25,6 +25,7 @@ as it reads any other.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from trainer.model.gpt import bare_name
-from trainer.model.moe import SparseMLP
+from trainer.model.moe import SparseMLP, sort_by_expert
 from trainer.parallel.dist import collective
 
 EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # a SparseMLP's (E, ., .) tensors; its router stays whole
@@ -65,7 +66,7 @@ class ExpertParallel:
                 continue
             for weight in EXPERT_WEIGHTS:
                 self.full_shapes[bare_name(f"{module_name}.{weight}")] = list(getattr(module, weight).shape)
-            module.shard_experts(self.group)
+            shard_experts(module, self.group)
             for weight in EXPERT_WEIGHTS:
                 param = getattr(module, weight)
                 param.register_hook(self._arrived)  # see the module docstring: / N as gradients arrive
@@ -132,3 +133,54 @@ def _convert(experts: ExpertParallel, state: dict[str, Any], convert) -> dict[st
     optim = dict(state["optim"])
     optim["state"] = {name: tensors(name, values) for name, values in optim.get("state", {}).items()}
     return {**state, "model": model, "optim": optim}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokens to their experts' ranks and back
+
+
+def shard_experts(mlp: SparseMLP, group: dist.ProcessGroup) -> None:
+    """Keep only this rank's contiguous block of `mlp`'s experts, [r E/N, (r + 1) E/N) for rank r of
+    the group's N; its forward then exchanges tokens within the group. The router stays whole."""
+    size, rank = group.size(), group.rank()
+    if mlp.n_experts % size:
+        raise ValueError(f"expert parallelism: {mlp.n_experts} experts do not split evenly over {size} ranks")
+    n_local = mlp.n_experts // size
+    mlp.keep_experts(rank * n_local, (rank + 1) * n_local)
+    mlp.dispatch = functools.partial(exchange, group=group)
+
+
+def exchange(mlp: SparseMLP, xs: torch.Tensor, ends: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """SparseMLP.experts for rows (S, H) sorted by global expert, whose slices end at `ends` (E,),
+    each row computed on the rank that owns its expert."""
+    n_local, ranks = mlp.w_gate.shape[0], group.size()
+    counts = torch.diff(ends.long(), prepend=ends.new_zeros(1, dtype=torch.long))  # (E,) rows per expert
+    received_counts = torch.empty_like(counts)  # (ranks * E/N,): from each rank, rows per expert of mine
+    dist.all_to_all_single(received_counts, counts, group=group)  # collective
+    send = counts.view(ranks, n_local).sum(1).tolist()  # host sync: the split sizes
+    receive = received_counts.view(ranks, n_local).sum(1).tolist()
+    # Sorted by expert is sorted by owning rank: contiguous blocks go out, and arrive grouped by
+    # source rank, then by my expert. Sort them by my expert alone for the local compute.
+    received = AllToAll.apply(xs, receive, send, group)  # (M, H)
+    local_ids = torch.arange(n_local, device=xs.device).repeat(ranks)  # (ranks * E/N,)
+    local_ids = local_ids.repeat_interleave(received_counts, output_size=sum(receive))  # (M,)
+    local_order, local_ends = sort_by_expert(local_ids, n_local)  # (M,), (E/N,)
+    ys = mlp.experts(received[local_order], local_ends)[local_order.argsort()]  # (M, H), as received
+    return AllToAll.apply(ys, send, receive, group)  # (S, H), back in the sender's order
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows with given splits; backward sends the gradients back the same way
+    (torch.distributed's own collective has no autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)  # collective
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        return AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
