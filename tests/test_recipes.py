@@ -150,14 +150,8 @@ def checkpoint_dir(tmp_path, hf: dict) -> str:
     [
         *((e, PRESETS[p]) for e, p in RECIPES.items()),
         ("gemma3-12b-lora", {**GEMMA3_12B_IT, "text_config": GEMMA3_12B}),  # multimodal, text_config written out
-        pytest.param(
-            "gemma3-12b-lora", GEMMA3_12B_IT, id="gemma3-12b-it-as-published",
-            marks=pytest.mark.xfail(
-                strict=True, raises=ConfigError,
-                reason="families/_common.llama_fields reads a missing max_position_embeddings as 2048 (Gemma3TextConfig: "
-                "131072), so the published gemma-3-12b-it gets block_size 2048 < train.seq_len 4096",
-            ),
-        ),
+        # as published: its text_config has no max_position_embeddings (transformers' default, 131072, applies)
+        pytest.param("gemma3-12b-lora", GEMMA3_12B_IT, id="gemma3-12b-it-as-published"),
     ],
     ids=lambda v: v if isinstance(v, str) else v["model_type"],
 )  # fmt: skip

@@ -139,7 +139,9 @@ class SparseMLP(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, H)
         logits = self.router(x)  # (N, E)
         weights, experts = route(logits, self.top_k, self.norm_topk)  # (N, k) each
-        self.router_logits, self.last_topk = logits.float(), experts.detach()
+        if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward:
+            # the recompute's logits (with the graph of the recomputed block) would outlive backward
+            self.router_logits, self.last_topk = logits.float(), experts.detach()
         order, ends = sort_by_expert(experts.flatten(), self.n_experts)  # (N k,), (E,)
         xs = x[order // self.top_k]  # (N k, H): each slot's token, in expert order
         y = self.experts(xs, ends) if self.dispatch is None else self.dispatch(self, xs, ends)  # (N k, H)

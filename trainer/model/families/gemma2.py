@@ -11,7 +11,7 @@ from trainer.model.families.gemma3_text import CHAT, gemma_config, gemma_fields,
 
 
 def fields(hf: dict, path: str) -> dict:
-    return gemma_fields(hf, path, pattern=2)
+    return gemma_fields(hf, path, pattern=2, context=8192)
 
 
 def config(cfg: ModelConfig) -> dict:

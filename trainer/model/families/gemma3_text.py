@@ -29,9 +29,10 @@ NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layerno
 SHARED = dict(mlp="geglu", norm_placement="sandwich", norm_offset=1.0, embed_scale=True)
 
 
-def gemma_fields(hf: dict, path: str, pattern: int) -> dict:
+def gemma_fields(hf: dict, path: str, pattern: int, context: int = 131072) -> dict:
     """What Gemma 2 and 3 share; pattern: every pattern-th layer attends fully when config.json has
-    no layer_types (Gemma 2: 2, Gemma 3: sliding_window_pattern, 6)."""
+    no layer_types (Gemma 2: 2, Gemma 3: sliding_window_pattern, 6); context: transformers' default
+    max_position_embeddings (Gemma 3: 131072, Gemma 2: 8192)."""
     if hf.get("attention_bias", False) or hf.get("use_bidirectional_attention"):
         raise ValueError(f"{path}: attention_bias or use_bidirectional_attention is unsupported")
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
@@ -47,6 +48,7 @@ def gemma_fields(hf: dict, path: str, pattern: int) -> dict:
         base
         | SHARED
         | dict(
+            block_size=hf.get("max_position_embeddings", context),  # Gemma 3's text_config often omits it
             head_dim=hf.get("head_dim", 256),
             tie_embeddings=hf.get("tie_word_embeddings", True),
             query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
