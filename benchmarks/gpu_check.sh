@@ -3,10 +3,9 @@
 # harness, eager and compiled, against a plain PyTorch loop, transformers' model and
 # transformers.Trainer, for GPT-2 124M at seq 1024 and llama-1b at seq 2048 in bf16; a profile of
 # the GPT-2 step (top kernels, host syncs between log steps under set_sync_debug_mode); then the
-# LoRA goals (benchmarks/lora_gpu.sh); the later families' kernels (sliding-window and soft-capped
-# attention, the MoE grouped matmul: benchmarks/families_gpu.py). Writes
-# benchmarks/results/gpu_throughput_{gpt2,llama1b}.json, gpu_profile_gpt2{,_compile}.json,
-# lora_gpu.json and families_gpu.json.
+# Llama 3 8B LoRA goals (benchmarks/lora_gpu.sh's three Llama cases; the families' recipes and
+# kernels are benchmarks/families_gpu.sh). Writes benchmarks/results/gpu_throughput_{gpt2,llama1b}.json,
+# gpu_profile_gpt2{,_compile}.json and lora_gpu.json.
 #   bash benchmarks/gpu_check.sh             # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke     # tiny shapes on the CPU: tests this script
 set -euo pipefail
@@ -19,7 +18,6 @@ if [[ "${1:-}" == "--smoke" ]]; then
   python -m benchmarks.profile_step --n-layer 2 --n-embd 32 --n-head 2 --seq-len 16 --micro-batch 2 --device cpu \
     --warmup 1 --steps 2 --out "${OUT:-/tmp}/gpu_profile_smoke.json"
   bash benchmarks/lora_gpu.sh --smoke --steps 4 --out "${OUT:-/tmp}/lora_gpu_smoke.json" --runs "${OUT:-/tmp}/lora_gpu_runs"
-  python -m benchmarks.families_gpu --smoke --out "${OUT:-/tmp}/families_gpu_smoke.json"
   exit 0
 fi
 systems=(--systems trainer trainer_compile plain_torch hf_loop hf_trainer)
@@ -31,5 +29,4 @@ python -m benchmarks.profile_step --model gpt2 --seq-len 1024 --micro-batch 16 \
   --out benchmarks/results/gpu_profile_gpt2.json
 python -m benchmarks.profile_step --model gpt2 --seq-len 1024 --micro-batch 16 --compile \
   --out benchmarks/results/gpu_profile_gpt2_compile.json
-bash benchmarks/lora_gpu.sh
-python -m benchmarks.families_gpu --out benchmarks/results/families_gpu.json
+bash benchmarks/lora_gpu.sh --cases lora_checkpointed lora_no_checkpointing qlora_checkpointed
