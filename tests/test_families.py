@@ -263,3 +263,17 @@ def test_the_run_refuses_disagreeing_weights_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=rf"^model.pretrained={tmp_path}: checkpoint tensor "
                        r"model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), but config.json implies \(80, 64\)"):  # fmt: skip
         check_run(cfg)
+
+
+def test_flops_count_a_token_s_experts_and_a_sliding_layer_s_window():
+    """6 x the weights a token uses (k of E experts) + 12 x (n_head head_dim) x the keys each layer
+    reads (its window when shorter than the sequence)."""
+    cfg = ModelConfig(vocab_size=64, vocab_multiple=1, n_layer=2, n_head=2, n_embd=16, head_dim=8, mlp="swiglu",
+                      norm="rmsnorm", position="rope", bias=False, n_experts=4, n_experts_per_token=1,
+                      moe_intermediate_size=12, sliding_window=5, layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    with torch.device("meta"):
+        model = GPT(cfg)
+    experts = 2 * 3 * 4 * 12 * 16  # 2 layers x (gate, up, down) x E x I x H
+    assert model.active_params() == model.num_params() - experts * 3 // 4
+    non_embedding = model.active_params(exclude_embeddings=True)
+    assert model.flops_per_token(32) == 6 * non_embedding + 12 * 2 * 8 * (5 + 32)

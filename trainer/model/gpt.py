@@ -551,9 +551,11 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token (forward + backward), PaLM appendix B:
         6 N (matmuls with the weights a token uses: the active parameters of a mixture of
-        experts) + 12 n_layer (n_head head_dim) seq_len (attention scores and mix)."""
-        n = self.active_params(exclude_embeddings=True)
-        return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_head * self.cfg.attn_head_dim * seq_len
+        experts) + 12 (n_head head_dim) S per layer (attention scores and mix), S = seq_len, or the
+        window in a sliding layer when it is shorter."""
+        cfg = self.cfg
+        spans = [min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layer)]
+        return 6 * self.active_params(exclude_embeddings=True) + 12 * cfg.n_head * cfg.attn_head_dim * sum(spans)
 
 
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
