@@ -65,7 +65,6 @@ masks), attention_backend=math on a GPU (it keeps the T x T probabilities), soft
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -298,41 +297,6 @@ def router_bytes(f: Forward, x_bytes: int, x_grad: bool = True) -> int:
     return _linears(f, {"mlp.router": f.m.n_experts * f.m.n_embd}, f.m.n_embd, x_bytes, x_grad=x_grad)
 
 
-def recompute_leak(f: Forward, layer: int, parts: dict[str, int]) -> int:
-    """Bytes a checkpointed sparse block leaves behind after its backward, until the next forward,
-    where trainer.model.moe.SparseMLP stores `router_logits` (with their graph) in the checkpoint's
-    recompute too (recompute_keeps_router_graph): the recomputed graph up to the router stays
-    referenced, with the norms' and attention's tensors (full) or the router's (mlp) of that block."""
-    mode, m = f.m.activation_checkpointing, f.m
-    if not m.is_moe(layer) or mode not in ("full", "mlp") or not recompute_keeps_router_graph():
-        return 0
-    upstream = ("norm_1", "attention", "norm_1_post", "norm_2") if mode == "full" else ()
-    return sum(parts.get(k, 0) for k in upstream) + parts["_router"]
-
-
-@functools.cache
-def recompute_keeps_router_graph() -> bool:
-    """Whether a sparse MLP's recompute under activation checkpointing (in backward) replaces the
-    module's `router_logits` by the recomputed ones, graph and all: checked once, on a 2-expert MLP
-    of width 8 on the CPU (a few milliseconds; its own generator, the global RNG untouched)."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from trainer.model.moe import SparseMLP
-
-    cfg = ModelConfig(vocab_size=8, n_layer=1, n_head=1, n_embd=8, mlp="swiglu", n_experts=2, n_experts_per_token=1)
-    g = torch.Generator().manual_seed(0)
-    mlp = SparseMLP(cfg)
-    with torch.no_grad():
-        for p in mlp.parameters():
-            p.normal_(generator=g)
-    x = torch.randn(1, 4, 8, generator=g, requires_grad=True)
-    y = checkpoint(lambda t: mlp(t * 2), x, use_reentrant=False)  # the router's input made inside: as in a block
-    forward_logits = mlp.router_logits
-    y.sum().backward()
-    return mlp.router_logits is not forward_logits and mlp.router_logits.grad_fn is not None
-
-
 def backward_own(f: Forward, layer: int, parts: dict[str, int]) -> int:
     """Bytes block `layer`'s backward allocates itself at its largest, over what it keeps: the MLP's
     hidden gradients (2 N H a gated, N H a GELU; a sparse MLP's over its S = N k slots, with the
@@ -402,8 +366,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     norm / attention / mlp / block: block 0's, its input needing a gradient, without checkpointing;
     block_checkpointed: that block checkpointed; kept: each block's bytes, as checkpointed;
     in_backward: each block's while its backward runs (a checkpointed one rebuilt); own: what each
-    block's backward allocates itself (backward_own); leak: what each checkpointed sparse block leaves
-    behind after its backward (recompute_leak); front: the embedding's, RoPE tables, the masks;
+    block's backward allocates itself (backward_own); front: the embedding's, RoPE tables, the masks;
     back: the final norm's, the head's and the loss's (and the load-balancing loss's); loss: the part
     of back freed at the start of backward; held: the routers' logits the sparse MLPs hold (not
     saved for backward, alive through the step); total (what autograd saves, and front).
@@ -425,12 +388,11 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
 
     # Block 0 reads the embedding: under LoRA a frozen one, so its first parts need no gradient.
     # Other blocks' inputs always do (every block carries the same adapters).
-    pairs, own, leak, s, fp32_rope = [], [], [], f.s, set()
+    pairs, own, s, fp32_rope = [], [], f.s, set()
     for i in range(m.n_layer):
         p = block_bytes(f, i, s, x_grad=embedding_trains or i > 0)
         pairs.append(as_kept(p, i in wrapped, s))
         own.append(backward_own(f, i, p))
-        leak.append(recompute_leak(f, i, p) if i in wrapped else 0)
         q_fp32 = a == 4 or (m.qk_norm != "none" and norm_bytes(f, a)[1] == 4)
         if m.position == "rope" and q_fp32 and not (i in wrapped and mode in ("full", "attention")):
             fp32_rope.add(m.is_sliding(i) and m.rope_local_theta is not None)  # the tables this layer reads
@@ -454,7 +416,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     return dict(
         norm=parts["norm_1"], attention=parts["attention"], mlp=parts["mlp"], block=block,
         block_checkpointed=as_kept(parts, True, f.s)[0] if mode != "none" else block,
-        checkpointed=len(wrapped), kept=kept, in_backward=in_backward, own=own, leak=leak, front=front, back=back,
+        checkpointed=len(wrapped), kept=kept, in_backward=in_backward, own=own, front=front, back=back,
         loss=loss,
         held=sparse * N * m.n_experts * 4, total=sum(kept) + front + back,
     )  # fmt: skip

@@ -83,13 +83,8 @@ def table(est: dict[str, Any]) -> str:
         per_block += f" ({_gib(act['block_checkpointed'])} checkpointed)"
     outside = _gib(act["front"] + act["back"])
     lines.append(f"| activations | {_gib(b['activations'])} | {per_block}; outside the blocks {outside} |")
-    if act["held"] or any(act["leak"]):
-        what = f"router logits {_gib(act['held'])}"
-        if any(act["leak"]):
-            what += f"; left by the checkpointed sparse blocks' recompute {_gib(sum(act['leak']))}"
-        lines.append(
-            f"| held by the sparse MLPs | {_gib(act['held'] + sum(act['leak']))} | {what} (not saved for backward) |"
-        )
+    if act["held"]:
+        lines.append(f"| held by the sparse MLPs | {_gib(act['held'])} | router logits (not saved for backward) |")
     for moment, value in est["phases"].items():
         lines.append(f"| at the {moment.replace('_', ' ')} | {_gib(value)} | above the kept states |")
     lines.append(

@@ -126,10 +126,8 @@ def peak_phases(
     front activations, the blocks' before this one, this block's (rebuilt when checkpointed),
     the gradients of the head and of the blocks after it, and the backward's own tensors
     (activations.backward_own: the MLP's hidden gradients, the residual stream's) and, under NF4,
-    the largest adapted linear dequantised; the sparse MLPs' held router logits throughout, and what
-    the checkpointed sparse blocks after it left behind (activations.recompute_leak).
-    optimizer_step: every gradient, an fp32 square of the largest (the norm), the checkpointed
-    sparse blocks' leftovers, and AdamW's
+    the largest adapted linear dequantised; the sparse MLPs' held router logits throughout.
+    optimizer_step: every gradient, an fp32 square of the largest (the norm), and AdamW's
     temporaries: sqrt(v) for the whole partition under DeepSpeed (foreach), a few of the
     largest tensor on the CPU (single-tensor), none for the fused CUDA AdamW.
     """
@@ -157,9 +155,9 @@ def peak_phases(
                  "mlp.w_gate_up": 2 * C * H, "mlp.router": m.n_experts * C}  # fmt: skip
         adapters = [ad for layer in params.layer_adapters or (params.block_adapters,) for ad in layer]
         nf4 = max((numel.get(ad.module, C * H) for ad in adapters), default=0) * a  # the MLP's others: C H each
-    kept, during, own, leak = act["kept"], act["in_backward"], act["own"], act["leak"]
+    kept, during, own = act["kept"], act["in_backward"], act["own"]
     always = act["front"] + act["held"] + head_grad + nf4
-    backward = max(always + sum(kept[:i]) + during[i] + after[i] + own[i] + sum(leak[i + 1 :]) for i in range(L))
+    backward = max(always + sum(kept[:i]) + during[i] + after[i] + own[i] for i in range(L))
     strategy = cfg.parallel.strategy
     if strategy.startswith("zero"):
         optimizer_temp = states["optimizer"] / 2 if "optimizer" not in states["host"] else 0
@@ -168,7 +166,7 @@ def peak_phases(
     return {
         "loss": act["total"] + act["held"] + loss,
         "backward": backward,
-        "optimizer_step": (states["gradients"] if grads_here else 0) + optimizer_temp + 4 * params.largest + sum(leak),
+        "optimizer_step": (states["gradients"] if grads_here else 0) + optimizer_temp + 4 * params.largest,
     }
 
 
@@ -221,11 +219,11 @@ def estimate(cfg: Config, world_size: int = 1, vocab: int | None = None) -> dict
         "activations": act,
         "phases": phases,
         "peak": {"bytes": kept + phases[moment], "at": moment, "kept_states": kept},
-        "notes": notes(cfg, m, act, params.expert_adapters > 0),
+        "notes": notes(cfg, m, params.expert_adapters > 0),
     }  # fmt: skip
 
 
-def notes(cfg: Config, m: ModelConfig, act: dict | None = None, expert_adapters: bool = False) -> list[str]:
+def notes(cfg: Config, m: ModelConfig, expert_adapters: bool = False) -> list[str]:
     """What the estimate leaves out or assumes for this config, one line each."""
     out = []
     if m.dropout > 0:
@@ -247,11 +245,6 @@ def notes(cfg: Config, m: ModelConfig, act: dict | None = None, expert_adapters:
         out.append(
             "sliding-window layers through SDPA with a band mask (kept per layer in q's dtype; k and v repeated "
             "on CUDA); with Dao's flash-attn installed, `auto` runs it instead on Hopper: less than estimated"
-        )
-    if act and any(act["leak"]):
-        out.append(
-            "the checkpointed sparse blocks' recompute stays referenced by their router_logits (trainer.model.moe) "
-            "from their backward to the next forward: counted (activations.recompute_leak)"
         )
     if m.attn_softcap:
         out.append(
