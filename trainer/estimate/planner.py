@@ -78,7 +78,8 @@ class Costs:
 def analytic_costs(m: ModelConfig, params: Parameters, seq_len: int) -> Costs:
     """FLOPs per token (see the module docstring): full training's step is 6 N + 12 L C T, N the
     matmul weights a token uses (a sparse MLP's router and its k of E experts: GPT.active_params).
-    Blocks differ where dense MLPs sit among sparse ones: a block's attention and MLP are their means."""
+    Blocks differ where dense MLPs sit among sparse ones, and a sliding layer's scores span its window
+    (GPT.flops_per_token): a block's attention and MLP are their means."""
     C, L, V = m.n_embd, m.n_layer, m.padded_vocab_size
     H, Q = m.intermediate_size or 4 * C, m.n_head * m.attn_head_dim
     K = (m.n_kv_head or m.n_head) * m.attn_head_dim
@@ -94,7 +95,8 @@ def analytic_costs(m: ModelConfig, params: Parameters, seq_len: int) -> Costs:
         adapters = {"attn": 0, "mlp": 0}
         for ad in params.layer_adapters[layer] if params.layer_adapters else params.block_adapters:
             adapters[ad.module.split(".")[0]] += params.lora.r * (ad.in_features + ad.out_features)  # A and B
-        attention += 2 * (attention_weights + adapters["attn"]) + 4 * seq_len * Q  # + scores and mix
+        span = min(seq_len, m.sliding_window) if m.is_sliding(layer) else seq_len  # the keys a query reads
+        attention += 2 * (attention_weights + adapters["attn"]) + 4 * span * Q  # + scores and mix
         mlp += 2 * (mlp_weights(layer) + adapters["mlp"])
         weights += attention_weights + mlp_weights(layer)
     forward = attention + mlp + 2 * V * C  # + the head
