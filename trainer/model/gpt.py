@@ -431,7 +431,7 @@ class GPT(nn.Module):
         sparse MLPs (transformers' load_balancing_loss_func over all of them), times the
         micro-batch's target count: the caller's division by the batch's targets then weighs it
         like the token loss, so one micro-batch gives transformers' loss + coef * aux."""
-        sparse = [b.mlp for b in self.blocks if hasattr(b.mlp, "router_logits")]
+        sparse = [m for m in self.modules() if hasattr(m, "router_logits")]  # whatever wraps the blocks
         if not sparse or not self.training:
             return 0.0
         from trainer.model.moe import load_balancing_loss
@@ -542,9 +542,9 @@ class GPT(nn.Module):
         """num_params with each sparse MLP counting only the experts a token uses (k of E)."""
         n = self.num_params(exclude_embeddings)
         cfg = self.cfg
-        for block in self.blocks:
-            if hasattr(block.mlp, "w_down"):  # a sparse MLP: its experts' weights are (E, ...) tensors
-                experts = sum(getattr(block.mlp, w).numel() for w in ("w_gate", "w_up", "w_down"))
+        for module in self.modules():
+            if hasattr(module, "router_logits"):  # a sparse MLP: its experts' weights are (E, ...) tensors
+                experts = sum(getattr(module, w).numel() for w in ("w_gate", "w_up", "w_down"))
                 n -= experts - experts * cfg.n_experts_per_token // cfg.n_experts
         return n
 
