@@ -28,7 +28,7 @@ def loss_and_grads(model: GPT, x: torch.Tensor, positions: torch.Tensor | None =
     return loss.item(), {bare_name(name): p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 34 s; the matrix's covering cell compile x fsdp compiles a run by default
 def test_compiled_blocks_give_eager_loss_and_gradients() -> None:
     """fullgraph=True: a graph break anywhere in a block fails here. Activation checkpointing
     comes first, so the recompute is compiled too. Packed documents (positions) run the masked

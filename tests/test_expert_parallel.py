@@ -113,7 +113,7 @@ def test_export_of_an_expert_parallel_run_holds_whole_experts(trained: Path) -> 
     assert (got - want).abs().max() / want.abs().max() < FP32
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 18 s: the averaging across expert groups; 2 ranks in one group run by default
 def test_four_ranks_in_two_expert_groups_equal_one_process(tmp_path: Path) -> None:
     """parallel.expert=2 at 4 ranks: each block of experts is held by one rank of each group, and the
     copies' gradients are averaged across the groups (scaled so the average is the global batch's).

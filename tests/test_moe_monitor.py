@@ -211,7 +211,7 @@ def test_accumulating_a_micro_batch_has_no_host_sync_on_a_gpu() -> None:
     assert sum(metrics["moe/load/block.0"]) == pytest.approx(1.0)
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 12 s: the all-reduced counts (the reduction also runs, unchecked, in test_expert_parallel)
 def test_two_ddp_ranks_log_the_load_of_one_process(tmp_path: Path) -> None:
     """The same global batch of 8 rows: one process in 2 micro-batches of 4, or 2 ranks with one each."""
     args = [*MOE, "train.max_steps=2", "train.micro_batch_size=4", "train.global_batch_size=8",

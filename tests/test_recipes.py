@@ -224,6 +224,7 @@ def test_moe_recipe_header() -> None:
     assert f"AdamW state {more / GIB:.0f} GiB more" in text
 
 
+@pytest.mark.slow  # 42 s: each recipe's 2 steps on the CPU; the recipes' estimates are checked by default
 def test_lora_gpu_smoke_runs_every_recipe(tmp_path) -> None:
     """benchmarks/lora_gpu.py --smoke: each recipe (and the Llama 3 case) trains 2 steps through the real
     loop on a tiny shape of its family on the CPU, next to trainer.estimate's peak for the same overrides."""

@@ -204,6 +204,7 @@ def job_fields(slurm_env: dict[str, str], job_id: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in line.split() if "=" in item)
 
 
+@pytest.mark.slow  # 77 s: a preempted job's requeue; the signal handling itself runs by default (test_preemption)
 def test_sbatch_requeues_itself_after_usr1_and_the_run_loses_no_step(slurm_env, tmp_path: Path) -> None:
     """What `--signal=B:USR1@120` does before the time limit, sent by hand mid-run: the batch shell
     passes it on as SIGTERM to both torchruns and their ranks, the ranks stop after one agreed step,
