@@ -245,6 +245,32 @@ def test_activation_terms_move_as_they_should() -> None:
     assert doubled["block"] == pytest.approx(2 * plain["block"], rel=0.01)
 
 
+def test_sparse_block_backward_terms() -> None:
+    """A sparse block's backward over what it keeps (N = 128 tokens, C = 64, E = 8 experts, k = 2,
+    S = 256 slots; bf16, LoRA on the attention, so the router and experts are frozen). Block 1 reads
+    block 0's bf16 stream, block 2 block 1's fp32 one (the sparse MLP returns its fp32 input's dtype);
+    the MLP's input x (norm_2's output) is fp32. At the weighting's backward: the stream's gradient,
+    the weighted outputs' fp32 gradient, the mul's two products and the routing weights' gradient.
+    Rebuilt by a full checkpoint, the end of its recompute (y.float()): the stream's and the weighted
+    outputs' gradients, and SparseMLP.forward's locals: the logits, order and slice ends, the
+    gathered slots xs (fp32), the experts' outputs and their un-sorted copy, x, and the bf16 stream
+    after attention (block 1; block 2's is fp32, norm_2's x itself). A checkpointed block also holds
+    its input (a bf16 one beside norm_1's fp32 copy); the module keeps its top-k indices, which the
+    checkpointed block no longer saves; the load-balancing loss's logit gradients wait for their blocks."""
+    shape = [*MOE_LIKE, "train.micro_batch_size=2", "train.seq_len=64", "precision=bf16", "lora.enabled=true",
+             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]  # fmt: skip
+    N, C, E, k, S, a = 128, 64, 8, 2, 256, 2
+    plain = estimate(config(*shape))["activations"]
+    full = estimate(config(*shape, "model.activation_checkpointing=full"))["activations"]
+    for i, h in ((1, 2), (2, 4)):
+        assert plain["own"][i] == N * C * h + 3 * S * C * 4 + S * 4
+        rebuilt = N * E * a + S * 8 + E * 4 + S * C * 4 + 2 * S * C * a + N * C * 4 + (N * C * h if h != 4 else 0)
+        assert full["own"][i] == N * C * h + S * C * 4 + rebuilt
+    assert full["in_backward"][1:] == [plain["kept"][1] + N * C * 2, plain["kept"][2]]
+    assert plain["held"] == 2 * N * E * 4 and full["held"] == plain["held"] + 2 * N * k * 8
+    assert plain["waiting"] == full["waiting"] == [0, N * E * 4, 2 * N * E * 4]
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
 def test_sharding_divides_what_it_should(strategy: str) -> None:
     shape = [*LLAMA_LIKE, "precision=bf16"]

@@ -33,8 +33,10 @@ Gemma's 1 + weight (model.norm_offset); the linears' outputs are a.
                 tensors' half copies, E I C a each, under autocast), their hidden (3 S I a, the
                 product S I a when down trains) and the fp32 weighted outputs (S C 4). On CUDA in
                 bf16 (torch._grouped_mm) the slots are cast once for both gate and up. The router's
-                logits (N E 4) are held by the module until the next forward (`held`), and with
-                model.router_aux_loss_coef > 0 the load-balancing loss keeps its own softmax (N E 4).
+                logits (N E 4) and top-k indices (N k 8: the ones the block saves, unless it is
+                checkpointed) are held by the module until the next forward (`held`), and with
+                model.router_aux_loss_coef > 0 the load-balancing loss keeps its own softmax (N E 4);
+                its backward runs first, so each layer's logit gradient (N E 4) waits for its block's.
   adapter       (trainer.lora.LoRALinear) A's output (N r a) and A's input. LoRALinear casts x to
                 the adapters' dtype only outside autocast, so A reads x itself (shared with the
                 base) unless autocast casts an fp32 x: then its own half copy (N in a); a bf16 x
@@ -49,18 +51,21 @@ Gemma's 1 + weight (model.norm_offset); the linears' outputs are a.
                 half base under fp32 adapters: its fp32 copy (4 bytes a weight). An NF4 base
                 (trainer.lora.qlora.linear_nf4) is kept only in NF4 and dequantised again in
                 backward: no copy of it (DoRA's rows as for a base in lora.base_dtype).
-A checkpointed block keeps only its input (N C s); a checkpointed attention / MLP its input
-instead of its tensors. Outside the blocks: token ids (N 8) when the embedding trains, RoPE's fp32
-tables (per base: Gemma 3's sliding layers have their own) where an fp32 q reads them, a packed
-batch's boolean (B, T, T) masks (alive while forward runs), the final norm; the plain head keeps its
-input when it trains, the half copy of an fp32 head weight under autocast, the fp32 log-softmax
-(N V 4) and the targets (N 8); the chunked head (model.loss_chunk_size > 0) the fp32 gradients it
-computes in forward: the hidden's (N C 4) and, when the head trains, the head weight's (V C 4).
+A checkpointed block keeps only its input (N C s); a checkpointed attention / MLP its input instead
+of its tensors. Rebuilt for its backward, a block holds its input and its tensors again. Outside the
+blocks: token ids (N 8) when the embedding trains, RoPE's fp32 tables (per base: Gemma 3's sliding
+layers have their own) where an fp32 q reads them, a packed batch's boolean (B, T, T) masks (alive
+while forward runs), the final norm; the plain head keeps its input when it trains, the half copy of
+an fp32 head weight under autocast, the fp32 log-softmax (N V 4) and the targets (N 8); the chunked
+head (model.loss_chunk_size > 0) the fp32 gradients it computes in forward: the hidden's (N C 4)
+and, when the head trains, the head weight's (V C 4).
 LoRA with a frozen embedding: block 0's first norm keeps nothing (its input needs no gradient),
 and each part keeps nothing until a trained weight reaches it. Not modelled: model.dropout > 0 (its
 masks), attention_backend=math on a GPU (it keeps the T x T probabilities), soft-capped attention
 (Gemma 2: flex_attention on CUDA, explicit scores elsewhere), Dao's flash-attn package (which
-`auto` picks on Hopper when installed: no mask, no repeated k / v).
+`auto` picks on Hopper when installed: no mask, no repeated k / v), RoPE's fp32 tables that only
+checkpointed blocks read (their checkpoints hold them, unsaved, until backward is done), and the CPU
+RNG state each checkpoint keeps (5 kB, host memory).
 """
 
 from __future__ import annotations
@@ -203,6 +208,24 @@ def _linears(
     return kept
 
 
+def _reads_itself(f: Forward, modules: tuple[str, ...], x_bytes: int, trains: bool | None = None) -> bool:
+    """Whether the linears `modules` (or their adapters) keep the x of x_bytes they read itself, as
+    _linears counts it: a trained weight or an adapter without dropout reads it, and autocast does
+    not cast it to a copy of its own."""
+    if f.autocast and x_bytes != f.a:
+        return False
+    base = f.base_trains if trains is None else trains
+    return base or (not f.lora_dropout and any(ad.module in modules for ad in f.adapters))
+
+
+def _norm_keeps_x(f: Forward, x_bytes: int, x_grad: bool) -> bool:
+    """Whether a norm over x of x_bytes keeps x itself (not a copy): RMSNorm's fp32 x when x is fp32,
+    LayerNorm's input unless CUDA's autocast runs it in fp32 over a half x (see norm_bytes)."""
+    if f.m.norm == "rmsnorm":
+        return x_grad and x_bytes == 4
+    return (x_grad or f.norms_train) and (x_bytes == 4 or not (f.autocast and not f.cpu))
+
+
 def _trains(f: Forward, *modules: str) -> bool:
     """Whether a weight of these block linears trains: the base's, or an adapter's."""
     return f.base_trains or any(ad.module in modules for ad in f.adapters)
@@ -297,34 +320,74 @@ def router_bytes(f: Forward, x_bytes: int, x_grad: bool = True) -> int:
     return _linears(f, {"mlp.router": f.m.n_experts * f.m.n_embd}, f.m.n_embd, x_bytes, x_grad=x_grad)
 
 
-def backward_own(f: Forward, layer: int, parts: dict[str, int]) -> int:
+def backward_own(f: Forward, layer: int, parts: dict[str, int], recompute: str | None = None) -> int:
     """Bytes block `layer`'s backward allocates itself at its largest, over what it keeps: the MLP's
-    hidden gradients (2 N H a gated, N H a GELU; a sparse MLP's over its S = N k slots, with the
-    fp32 gradient of its weighted outputs and the slots' (S C)) and the residual stream's (2 N C 4);
-    or an RMSNorm's (about 5 fp32 copies of its input, N C 4 each, and the stream's): first, where a norm is the
-    block's last op (post / sandwich placement), or q's norm (model.qk_norm, over N Q) once the MLP
-    and the norms after the attention have freed what they keep (`parts`)."""
+    hidden gradients (2 N H a gated, N H a GELU) and the residual stream's (2 N C 4), a sparse MLP's
+    (sparse_backward_own; `recompute`: the activation_checkpointing mode that rebuilds it, if any);
+    or an RMSNorm's (about 5 fp32 copies of its input, N C 4 each, and the stream's): first, where a
+    norm is the block's last op (post / sandwich placement: the block output's gradient alone, N C in
+    its dtype), or q's norm (model.qk_norm, over N Q; 2 N C 4) once the MLP and the norms after the
+    attention have freed what they keep (`parts`)."""
     m, N, a, C = f.m, f.N, f.a, f.m.n_embd
     if m.is_moe(layer):
-        S, I = N * m.n_experts_per_token, m.moe_intermediate_size or m.intermediate_size or 4 * C  # noqa: E741
-        mlp = 2 * S * I * a + S * C * (4 + 2 * a) + 2 * N * C * 4
+        mlp = sparse_backward_own(f.at(layer), parts, recompute)
     else:
         H = m.intermediate_size or 4 * C
         mlp = (2 if m.mlp in ("swiglu", "geglu") else 1) * N * H * a + 2 * N * C * 4
     if m.norm != "rmsnorm":
         return mlp
-    stream = 2 * N * C * 4
-    last = 5 * N * C * 4 + stream if m.norm_placement != "pre" else 0  # the block's last op: nothing freed yet
-    q = 5 * N * m.n_head * m.attn_head_dim * 4 + stream if m.qk_norm != "none" else 0
+    # The block's last op (nothing freed yet) holds one stream gradient, the block output's (N C out).
+    last = 5 * N * C * 4 + N * C * parts["_out"] if m.norm_placement != "pre" else 0
+    q = 5 * N * m.n_head * m.attn_head_dim * 4 + 2 * N * C * 4 if m.qk_norm != "none" else 0
     freed = sum(parts.get(k, 0) for k in ("mlp", "norm_2", "norm_1_post", "norm_2_post"))
     return max(mlp, last, q - freed)
 
 
+def sparse_backward_own(f: Forward, parts: dict[str, int], recompute: str | None = None) -> int:
+    """Bytes a sparse MLP's backward (trainer.model.moe.SparseMLP) allocates at its largest over what
+    the block keeps, with S = N k slots, the stream after attention (_h) in h bytes and the MLP's
+    input x (_mlp_in) in o bytes. Two moments:
+
+      the weighting's backward  (y.float() * weights, its first node) the stream's gradient on the
+                 attention side (N C h), the weighted outputs' fp32 gradient (S C 4: the view's
+                 backward copies the (N, k, C) expansion of the sum's), the mul's two products, the
+                 expert outputs' gradient and the routing weights' before its sum over C (2 S C 4),
+                 and that sum (S 4). The experts' backward after it frees y.float() first.
+      the recompute's end       (activation checkpointing, `recompute` full or mlp) torch's
+                 non-reentrant checkpoint rebuilds the block up to its last saved tensor, y.float(),
+                 while the backward holds the stream's gradient (N C h) and the weighted outputs'
+                 (S C 4); SparseMLP.forward's locals are alive then, beyond what the block keeps:
+                 the router's logits (N E a), the sort's order (S 8) and slice ends (E 4), the
+                 gathered slots xs (S C o) unless the experts keep them as they are, the experts'
+                 concatenated outputs (S C a) and their un-sorted copy (S C a, kept itself in fp32),
+                 and, rebuilt by a full checkpoint, x (N C o) unless the router keeps it, and the
+                 stream after attention (N C h) unless the norm keeps it (_h_local). torch.cat's
+                 moment before it (the experts' outputs and their concatenation, the loop's last
+                 hidden product) is smaller in bf16 and a few kB larger in fp32.
+    """
+    m, N, a, C = f.m, f.N, f.a, f.m.n_embd
+    E, S = m.n_experts, N * m.n_experts_per_token
+    o = parts["_mlp_in"]
+    stream = N * C * parts["_h"]
+    weighting = stream + 3 * S * C * 4 + S * 4
+    if recompute not in ("full", "mlp"):
+        return weighting
+    experts = ("mlp.experts.w_gate", "mlp.experts.w_up")
+    local = N * E * a + S * 8 + E * 4 + S * C * a + (S * C * a if a != 4 else 0)
+    local += 0 if _reads_itself(f, experts, o, trains=f.experts_train) else S * C * o
+    if recompute == "full":  # an MLP checkpointed alone keeps x as its input
+        local += (0 if _reads_itself(f, ("mlp.router",), o) else N * C * o) + parts["_h_local"]
+    return max(weighting, stream + S * C * 4 + local)
+
+
 def block_bytes(f: Forward, layer: int = 0, s_in: int | None = None, x_grad: bool = True) -> dict[str, int]:
     """Block `layer`'s kept bytes by part, its input read in s_in bytes (default: the embedding's),
-    and (keys starting with _) the bytes of its attention's and MLP's inputs and of its output. x_grad
-    False: its input needs no gradient (block 0 reading a frozen embedding), so a part keeps nothing
-    until a trained weight (or a gradient) reaches it."""
+    and (keys starting with _) the bytes of its attention's and MLP's inputs, of the stream after
+    its attention (_h) and of its output; _in_kept: the bytes of its input that a part keeps as it is
+    (the first norm's fp32 x when x is fp32), _h_local: those of the stream after attention when
+    no part keeps it (a recompute holds it to the block's end). x_grad False: its input needs no
+    gradient (block 0 reading a frozen embedding), so a part keeps nothing until a trained weight
+    (or a gradient) reaches it."""
     m, f, a = f.m, f.at(layer), f.a
     s = f.s if s_in is None else s_in
     sparse = m.is_moe(layer)
@@ -333,15 +396,18 @@ def block_bytes(f: Forward, layer: int = 0, s_in: int | None = None, x_grad: boo
     parts, io = {}, {}
     if m.norm_placement == "post":  # x + norm_1(attn(x)); x + norm_2(mlp(x))
         parts["attention"], io["_attention_in"] = attention_bytes(f, s, x_grad, layer), s
+        io["_in_kept"] = f.N * m.n_embd * s if _reads_itself(f, ("attn.c_attn",), s) else 0
         attn_out = x_grad or attn_trains
         parts["norm_1"], o1 = norm_bytes(f, a, attn_out)
         s1, mlp_in = max(s, o1), attn_out or x_grad or f.norms_train
         parts["mlp"], io["_mlp_in"] = mlp(f, s1, mlp_in), s1
         io["_router"] = router_bytes(f, s1, mlp_in) if sparse else 0
+        io["_h"], io["_h_local"] = s1, 0  # the MLP reads the stream after attention itself
         parts["norm_2"], o2 = norm_bytes(f, s1 if sparse else a, True)
         io["_out"] = max(s1, o2)
         return parts | io
     parts["norm_1"], o1 = norm_bytes(f, s, x_grad)
+    io["_in_kept"] = f.N * m.n_embd * s if _norm_keeps_x(f, s, x_grad) else 0
     attention_in = x_grad or f.norms_train
     parts["attention"], io["_attention_in"] = attention_bytes(f, o1, attention_in, layer), o1
     attn_out = attention_in or attn_trains
@@ -351,6 +417,7 @@ def block_bytes(f: Forward, layer: int = 0, s_in: int | None = None, x_grad: boo
         s1 = max(s, p1)
     mlp_in = attn_out or x_grad  # the stream after attention
     parts["norm_2"], o2 = norm_bytes(f, s1, mlp_in)
+    io["_h"], io["_h_local"] = s1, 0 if _norm_keeps_x(f, s1, mlp_in) else f.N * m.n_embd * s1
     parts["mlp"], io["_mlp_in"] = mlp(f, o2, mlp_in or f.norms_train), o2
     io["_router"] = router_bytes(f, o2, mlp_in or f.norms_train) if sparse else 0
     out = o2 if sparse else a  # the sparse MLP returns x's dtype; the dense one c_proj's
@@ -368,8 +435,10 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     in_backward: each block's while its backward runs (a checkpointed one rebuilt); own: what each
     block's backward allocates itself (backward_own); front: the embedding's, RoPE tables, the masks;
     back: the final norm's, the head's and the loss's (and the load-balancing loss's); loss: the part
-    of back freed at the start of backward; held: the routers' logits the sparse MLPs hold (not
-    saved for backward, alive through the step); total (what autograd saves, and front).
+    of back freed at the start of backward; waiting: the load-balancing loss's gradients of the
+    router logits still waiting when each block's backward runs; held: what the sparse MLPs hold
+    (not saved for backward, alive through the step: their router logits, and the top-k indices of
+    a checkpointed one); total (what autograd saves, and front).
     """
     f = forward_spec(cfg, m, params)
     N, C, V, T, a = f.N, m.n_embd, m.padded_vocab_size, f.T, f.a  # the head's logits: padded columns too
@@ -384,7 +453,8 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
             return whole, whole
         part = {"attention": "attention", "mlp": "mlp"}.get(mode)
         kept = N * C * s_in if mode == "full" else whole - p[part] + N * C * p[f"_{part}_in"]
-        return kept, kept + (whole - N * C * s_in if mode == "full" else p[part])
+        # full: the input, held by the checkpoint, and the rebuilt block (which may keep the input itself)
+        return kept, kept + (whole - p["_in_kept"] if mode == "full" else p[part])
 
     # Block 0 reads the embedding: under LoRA a frozen one, so its first parts need no gradient.
     # Other blocks' inputs always do (every block carries the same adapters).
@@ -392,7 +462,7 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
     for i in range(m.n_layer):
         p = block_bytes(f, i, s, x_grad=embedding_trains or i > 0)
         pairs.append(as_kept(p, i in wrapped, s))
-        own.append(backward_own(f, i, p))
+        own.append(backward_own(f, i, p, mode if i in wrapped else None))
         q_fp32 = a == 4 or (m.qk_norm != "none" and norm_bytes(f, a)[1] == 4)
         if m.position == "rope" and q_fp32 and not (i in wrapped and mode in ("full", "attention")):
             fp32_rope.add(m.is_sliding(i) and m.rope_local_theta is not None)  # the tables this layer reads
@@ -408,6 +478,13 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
         head = (N * C * a if head_trains else 0) + (2 * V * C if f.autocast and f.head_bytes == 4 else 0)
     sparse = sum(m.is_moe(i) for i in range(m.n_layer))
     aux = sparse * N * m.n_experts * 4 + m.n_experts * 4 if sparse and m.router_aux_loss_coef > 0 else 0
+    # The module's router_logits (N E 4) and last_topk (N k 8): the top-k indices are the ones the block
+    # saves, unless a checkpoint (full / mlp) drops those; the recompute stores neither.
+    rebuilt = sum(m.is_moe(i) for i in wrapped) if mode in ("full", "mlp") else 0
+    held = sparse * N * m.n_experts * 4 + rebuilt * N * m.n_experts_per_token * 8
+    # The load-balancing loss's backward runs first: each sparse layer's router-logit gradient (N E 4)
+    # waits for its block's backward, so block i's runs with those of the sparse layers up to i.
+    waiting = [sum(m.is_moe(j) for j in range(i + 1)) * N * m.n_experts * 4 if aux else 0 for i in range(m.n_layer)]
     front = N * 8 if embedding_trains else 0  # token ids for the embedding's gradient
     front += len(fp32_rope) * 2 * (f.B if f.positions else 1) * T * m.attn_head_dim * 4  # cos, sin in fp32
     sliding = any(m.is_sliding(i) for i in range(m.n_layer))
@@ -417,6 +494,5 @@ def activation_bytes(cfg: Config, m: ModelConfig, params: Parameters) -> dict[st
         norm=parts["norm_1"], attention=parts["attention"], mlp=parts["mlp"], block=block,
         block_checkpointed=as_kept(parts, True, f.s)[0] if mode != "none" else block,
         checkpointed=len(wrapped), kept=kept, in_backward=in_backward, own=own, front=front, back=back,
-        loss=loss,
-        held=sparse * N * m.n_experts * 4, total=sum(kept) + front + back,
+        loss=loss, waiting=waiting, held=held, total=sum(kept) + front + back,
     )  # fmt: skip

@@ -84,7 +84,8 @@ def table(est: dict[str, Any]) -> str:
     outside = _gib(act["front"] + act["back"])
     lines.append(f"| activations | {_gib(b['activations'])} | {per_block}; outside the blocks {outside} |")
     if act["held"]:
-        lines.append(f"| held by the sparse MLPs | {_gib(act['held'])} | router logits (not saved for backward) |")
+        note = "router logits" + (", checkpointed ones' top-k indices" if act["checkpointed"] else "")
+        lines.append(f"| held by the sparse MLPs | {_gib(act['held'])} | {note} (not saved for backward) |")
     for moment, value in est["phases"].items():
         lines.append(f"| at the {moment.replace('_', ' ')} | {_gib(value)} | above the kept states |")
     lines.append(

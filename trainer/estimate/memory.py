@@ -123,10 +123,12 @@ def peak_phases(
     and of the logits (2 N V 4) and the head's gradient; chunked, one chunk's fp32 logits and
     their half copy, the half copy of an fp32 head weight, the half product summed into its
     gradient. backward: the largest moment of the blocks' backward, last block to first: the
-    front activations, the blocks' before this one, this block's (rebuilt when checkpointed),
-    the gradients of the head and of the blocks after it, and the backward's own tensors
-    (activations.backward_own: the MLP's hidden gradients, the residual stream's) and, under NF4,
-    the largest adapted linear dequantised; the sparse MLPs' held router logits throughout.
+    front activations, the blocks' before this one, this block's (rebuilt when checkpointed,
+    with its input), the gradients of the head and of the blocks after it, the backward's own
+    tensors (activations.backward_own: the MLP's hidden gradients, the residual stream's; a
+    sparse MLP's at its weighting's backward or, checkpointed, at the end of its recompute) and,
+    under NF4, the largest adapted linear dequantised; what the sparse MLPs hold throughout, and
+    the load-balancing loss's router-logit gradients still waiting for their blocks.
     optimizer_step: every gradient, an fp32 square of the largest (the norm), and AdamW's
     temporaries: sqrt(v) for the whole partition under DeepSpeed (foreach), a few of the
     largest tensor on the CPU (single-tensor), none for the fused CUDA AdamW.
@@ -155,9 +157,9 @@ def peak_phases(
                  "mlp.w_gate_up": 2 * C * H, "mlp.router": m.n_experts * C}  # fmt: skip
         adapters = [ad for layer in params.layer_adapters or (params.block_adapters,) for ad in layer]
         nf4 = max((numel.get(ad.module, C * H) for ad in adapters), default=0) * a  # the MLP's others: C H each
-    kept, during, own = act["kept"], act["in_backward"], act["own"]
+    kept, during, own, waiting = act["kept"], act["in_backward"], act["own"], act["waiting"]
     always = act["front"] + act["held"] + head_grad + nf4
-    backward = max(always + sum(kept[:i]) + during[i] + after[i] + own[i] for i in range(L))
+    backward = max(always + sum(kept[:i]) + during[i] + after[i] + own[i] + waiting[i] for i in range(L))
     strategy = cfg.parallel.strategy
     if strategy.startswith("zero"):
         optimizer_temp = states["optimizer"] / 2 if "optimizer" not in states["host"] else 0
