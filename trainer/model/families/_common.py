@@ -59,7 +59,8 @@ def rope_from_hf(hf: dict, params: dict | None = None) -> tuple[float, dict | No
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict:
-    """config.json's RoPE keys for cfg (both the transformers<5 and >=5 spellings)."""
+    """config.json's RoPE keys for cfg, in transformers<5's spelling (rope_theta, rope_scaling), which
+    transformers 5 reads too."""
     scaling = dict(cfg.rope_scaling) if cfg.rope_scaling else None
     return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
 
