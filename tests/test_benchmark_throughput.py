@@ -52,7 +52,7 @@ def test_hf_model_has_the_gpt_shape(layout: dict, hf_class: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == GPT(cfg).num_params()
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 16 s: the benchmark's every row; the harness's own throughput logging runs by default
 def test_tiny_run_reports_every_system_and_precision(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     flags = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",
@@ -115,7 +115,7 @@ def test_profile_step_names_the_top_operators(tmp_path: Path) -> None:
     assert f"| {kernels[0]['name']} |" in result.stdout
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 14 s: the benchmark's 2-rank rows
 def test_strategy_rows_run_the_harness_on_two_ranks(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     flags = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "16", "--micro-batch", "2",

@@ -167,7 +167,7 @@ def test_resume_on_two_ranks_is_exact(strategy: str, tmp_path: Path) -> None:
     assert_same_run(tmp_path / "resumed", tmp_path / "full")
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 16.5 s
 # zero1 shares zero2's optimizer class and checkpoint format in DeepSpeed; 1 -> 2 ranks ran here
 # too (19 s) and was dropped from the suite for time.
 @pytest.mark.parametrize(("stage", "saved_on", "resumed_on"), [("zero2", 2, 1)])

@@ -240,7 +240,7 @@ def test_unknown_strategy(gpt2_run: Path, tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("strategy", ["fsdp", "zero2"])
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero2", marks=pytest.mark.slow)])  # zero2: 13 s
 def test_two_rank_checkpoint_exports_whole(strategy: str, tmp_path: Path) -> None:
     """fsdp: DCP reshards 2 ranks' shards into one process; zero2: zero_to_fp32 joins partitions."""
     run_dir = tmp_path / "run"

@@ -78,7 +78,7 @@ def test_peft_loads_the_adapter_and_resume_is_bitwise(finetune_dir: Path, model:
     assert all(torch.equal(adapter(resumed)[k], v) for k, v in weights.items())
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 15 s; Llama's adapters under zero3 run by default (the matrix's covering lora x zero3)
 @pytest.mark.parametrize(
     "model,strategy",
     [("gpt2", "zero3")],  # Llama's adapters under every strategy: tests/matrix.py's lora and dora rows
