@@ -199,7 +199,7 @@ def test_gemma3_windows_of_1024_at_4096_tokens_match_transformers(tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
     idx = torch.randint(0, 101, (1, 4096), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours(idx)[:, -64:], theirs(idx).logits[:, -64:], rtol=0, atol=1e-4)
+        torch.testing.assert_close(ours(idx)[:, -64:], theirs(idx).logits[:, -64:], rtol=0, atol=1e-5)  # measured 0
     x = torch.randn(1, 4096, 32, requires_grad=True)
     sliding = ours.blocks[0].attn
     assert sliding.window == 1024 and ours.blocks[1].attn.window is None
