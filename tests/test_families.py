@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import test_hf_parity as hf_parity  # noqa: E402
 from helpers import hf_family  # noqa: E402
 from test_hf_parity import batch, load_reference, save_random  # noqa: E402
 
@@ -20,7 +21,7 @@ from trainer.config import MODEL_TYPES, ModelConfig  # noqa: E402
 from trainer.model import GPT, export_hf, load_hf_config, load_pretrained  # noqa: E402
 from trainer.model.families import FAMILIES, family  # noqa: E402
 from trainer.model.hf_import import hf_to_trainer, model_family  # noqa: E402
-from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum  # noqa: E402
+from trainer.model.loss import IGNORE_INDEX  # noqa: E402
 
 
 def unfuse_experts(named: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
@@ -94,18 +95,7 @@ def test_logits_and_gradients_match_transformers(case, tmp_path):
 
 def assert_parity(ours: GPT, theirs, cfg: ModelConfig) -> None:
     """test_hf_parity's check, with transformers' fused in-memory experts read under their saved names."""
-    ours.eval()
-    idx, targets = batch()
-    logits, ref = ours(idx), theirs(idx).logits
-    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
-    cross_entropy_sum(logits, targets).backward()
-    cross_entropy_sum(ref, targets).backward()
-    ref_grads = reference_grads(theirs, cfg)
-    assert set(ref_grads) == {n for n, _ in ours.named_parameters()}
-    for name, p in ours.named_parameters():
-        scale = ref_grads[name].abs().max().item()
-        assert scale > 0, name
-        torch.testing.assert_close(p.grad, ref_grads[name], rtol=0, atol=1e-5 * max(1.0, scale), msg=name)
+    hf_parity.assert_parity(ours, theirs, cfg, reference_grads)
 
 
 def test_longrope_switches_to_the_long_factors_past_the_original_context(tmp_path):

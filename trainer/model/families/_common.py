@@ -3,6 +3,8 @@ and config.json keys, and the check that a ModelConfig uses only switches a fami
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from trainer.config import ModelConfig
 from trainer.model.families import Row
 from trainer.model.gpt import has_qkv_bias
@@ -158,9 +160,15 @@ def expert_rows(cfg: ModelConfig, p: str, h: str, router: str, names: tuple[str,
     return rows
 
 
-def llama_rows(cfg: ModelConfig, norms: tuple[str, ...] = ()) -> list[Row]:
+LayerRows = Callable[[int, str, str], list[Row]]  # (layer, GPT's prefix, HF's prefix) -> that layer's rows
+
+
+def llama_rows(
+    cfg: ModelConfig, norms: tuple[str, ...] = (), attention: LayerRows | None = None, mlp: LayerRows | None = None
+) -> list[Row]:
     """The Llama layout's tensors (embedding, blocks, final norm); norms: the block norms' HF
-    names in GPT's order (default Llama's input_layernorm, post_attention_layernorm)."""
+    names in GPT's order (default Llama's input_layernorm, post_attention_layernorm); attention /
+    mlp: a family's own rows for a layer's sublayer (default Llama's q / k / v / o and gate / up / down)."""
     norms = norms or ("input_layernorm", "post_attention_layernorm")
     ours_norms = ("norm_1", "norm_2") if len(norms) == 2 else ("norm_1", "norm_1_post", "norm_2", "norm_2_post")
     kinds = ["weight", "bias"] if cfg.bias else ["weight"]
@@ -171,6 +179,6 @@ def llama_rows(cfg: ModelConfig, norms: tuple[str, ...] = ()) -> list[Row]:
         rows += [
             Row(f"{p}{ours}.weight", (f"{h}{theirs}.weight",)) for ours, theirs in zip(ours_norms, norms, strict=True)
         ]
-        rows += attention_rows(cfg, p, h, qkv_kinds, kinds)
-        rows += mlp_rows(p, h, kinds)
+        rows += attention(i, p, h) if attention else attention_rows(cfg, p, h, qkv_kinds, kinds)
+        rows += mlp(i, p, h) if mlp else mlp_rows(p, h, kinds)
     return rows + [Row("norm_f.weight", ("model.norm.weight",))]

@@ -9,10 +9,10 @@ from trainer.config import ModelConfig
 from trainer.model.families import ChatQuirks, Family, Row, register
 from trainer.model.families._common import (
     LLAMA_SWITCHES,
-    attention_rows,
     expert_rows,
     llama_config,
     llama_fields,
+    llama_rows,
     mismatch,
 )
 from trainer.model.gpt import has_qkv_bias
@@ -44,16 +44,7 @@ def config(cfg: ModelConfig) -> dict:
 
 
 def rows(cfg: ModelConfig) -> list[Row]:
-    out = [Row("embed.wte.weight", ("model.embed_tokens.weight",))]
-    for i in range(cfg.n_layer):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out += [
-            Row(f"{p}norm_1.weight", (f"{h}input_layernorm.weight",)),
-            Row(f"{p}norm_2.weight", (f"{h}post_attention_layernorm.weight",)),
-        ]
-        out += attention_rows(cfg, p, h, ["weight"], ["weight"])
-        out += expert_rows(cfg, p, f"{h}block_sparse_moe.", "gate", ("w1", "w3", "w2"))
-    return out + [Row("norm_f.weight", ("model.norm.weight",))]
+    return llama_rows(cfg, mlp=lambda i, p, h: expert_rows(cfg, p, f"{h}block_sparse_moe.", "gate", ("w1", "w3", "w2")))
 
 
 def fits(cfg: ModelConfig) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from trainer.config import ModelConfig
 from trainer.model.families import ChatQuirks, Family, Row, register
-from trainer.model.families._common import LLAMA_SWITCHES, llama_config, llama_fields, mismatch
+from trainer.model.families._common import LLAMA_SWITCHES, llama_config, llama_fields, llama_rows, mismatch
 from trainer.model.gpt import has_qkv_bias
 
 
@@ -25,18 +25,15 @@ def config(cfg: ModelConfig) -> dict:
 
 
 def rows(cfg: ModelConfig) -> list[Row]:
-    out = [Row("embed.wte.weight", ("model.embed_tokens.weight",))]
-    for i in range(cfg.n_layer):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out += [
-            Row(f"{p}norm_1.weight", (f"{h}input_layernorm.weight",)),
-            Row(f"{p}norm_2.weight", (f"{h}post_attention_layernorm.weight",)),
-            Row(f"{p}attn.c_attn.weight", (f"{h}self_attn.qkv_proj.weight",)),
-            Row(f"{p}attn.c_proj.weight", (f"{h}self_attn.o_proj.weight",)),
-            Row(f"{p}mlp.w_gate_up.weight", (f"{h}mlp.gate_up_proj.weight",)),
-            Row(f"{p}mlp.c_proj.weight", (f"{h}mlp.down_proj.weight",)),
-        ]
-    return out + [Row("norm_f.weight", ("model.norm.weight",))]
+    def attention(i: int, p: str, h: str) -> list[Row]:  # q / k / v already one tensor: GPT's c_attn as it is
+        return [Row(f"{p}attn.c_attn.weight", (f"{h}self_attn.qkv_proj.weight",)),
+                Row(f"{p}attn.c_proj.weight", (f"{h}self_attn.o_proj.weight",))]  # fmt: skip
+
+    def mlp(i: int, p: str, h: str) -> list[Row]:  # [gate | up] in one tensor: model.fused_gate_up
+        return [Row(f"{p}mlp.w_gate_up.weight", (f"{h}mlp.gate_up_proj.weight",)),
+                Row(f"{p}mlp.c_proj.weight", (f"{h}mlp.down_proj.weight",))]  # fmt: skip
+
+    return llama_rows(cfg, attention=attention, mlp=mlp)
 
 
 def fits(cfg: ModelConfig) -> str | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from trainer.config import ModelConfig
 from trainer.model.families import Family, Row, register
-from trainer.model.families._common import attention_rows, expert_rows, mismatch, mlp_rows
+from trainer.model.families._common import expert_rows, llama_rows, mismatch, mlp_rows
 from trainer.model.families.qwen3 import CHAT, SWITCHES
 from trainer.model.families.qwen3 import config as qwen3_config
 from trainer.model.families.qwen3 import fields as qwen3_fields
@@ -43,19 +43,12 @@ def config(cfg: ModelConfig) -> dict:
 
 
 def rows(cfg: ModelConfig) -> list[Row]:
-    out = [Row("embed.wte.weight", ("model.embed_tokens.weight",))]
-    for i in range(cfg.n_layer):
-        p, h = f"blocks.{i}.", f"model.layers.{i}."
-        out += [
-            Row(f"{p}norm_1.weight", (f"{h}input_layernorm.weight",)),
-            Row(f"{p}norm_2.weight", (f"{h}post_attention_layernorm.weight",)),
-        ]
-        out += attention_rows(cfg, p, h, ["weight"], ["weight"])
+    def mlp(i: int, p: str, h: str) -> list[Row]:
         if cfg.is_moe(i):
-            out += expert_rows(cfg, p, f"{h}mlp.", "gate", ("gate_proj", "up_proj", "down_proj"))
-        else:
-            out += mlp_rows(p, h, ["weight"])
-    return out + [Row("norm_f.weight", ("model.norm.weight",))]
+            return expert_rows(cfg, p, f"{h}mlp.", "gate", ("gate_proj", "up_proj", "down_proj"))
+        return mlp_rows(p, h, ["weight"])
+
+    return llama_rows(cfg, mlp=mlp)
 
 
 def fits(cfg: ModelConfig) -> str | None:
