@@ -431,9 +431,9 @@ class GPT(nn.Module):
         sparse MLPs (transformers' load_balancing_loss_func over all of them), times the
         micro-batch's target count: the caller's division by the batch's targets then weighs it
         like the token loss, so one micro-batch gives transformers' loss + coef * aux."""
-        sparse = [m for m in self.modules() if hasattr(m, "router_logits")]  # whatever wraps the blocks
-        if not sparse or not self.training:
+        if not self.cfg.n_experts or not self.training:  # a dense model pays nothing here
             return 0.0
+        sparse = [m for m in self.modules() if hasattr(m, "router_logits")]  # whatever wraps the blocks
         from trainer.model.moe import load_balancing_loss
 
         aux = load_balancing_loss([m.router_logits for m in sparse], self.cfg.n_experts, self.cfg.n_experts_per_token)
