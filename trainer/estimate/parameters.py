@@ -79,41 +79,7 @@ def count_parameters(cfg: Config, m: ModelConfig) -> Parameters:
     lora = add_adapters(model, lambda device: iter(()), cfg, m)[2] if cfg.lora.enabled else None
     nf4 = lora is not None and lora.quantize_base == "nf4"
     quantised = {id(module.weight) for module in model.modules() if isinstance(module, LoRALinear)} if nf4 else set()
-    n = dict(total=0, trainable=0, adapters=0, frozen=0, frozen_nf4=0, frozen_bytes=0, nf4_bytes=0, root=0, largest=0)
-    n |= dict(experts=0, experts_trainable=0, experts_bytes=0, expert_adapters=0)
-    blocks, block_trainables = [0] * m.n_layer, [0] * m.n_layer
-    dtypes: dict[str, int] = {}
-    expert_leaves: dict[str, None] = {}  # the adapted expert parameters (trainer.lora.experts), in order
-    for name, p in model.named_parameters():
-        name, numel = bare_name(name), p.numel()
-        pieces = name.split(".")
-        layer = int(pieces[1]) if pieces[0] == "blocks" else None
-        # SparseMLP's (E, ., .) tensors (not adapters of theirs)
-        expert = layer is not None and pieces[-1] in EXPERT_TENSORS and p.dim() == 3 and ".lora_" not in name
-        n["total"] += numel
-        n["root"] += numel if layer is None else 0
-        n["experts"] += numel if expert else 0
-        if layer is not None and ".lora_" in name and p.dim() == 3:  # an expert adapter's (E, ., .) A or B
-            n["expert_adapters"] += numel
-            expert_leaves[f"experts.{pieces[-1]}"] = None
-        if layer is not None:
-            blocks[layer] += numel
-        if p.requires_grad:
-            n["trainable"] += numel
-            n["adapters"] += numel if ".lora_" in name else 0
-            n["experts_trainable"] += numel if expert else 0
-            n["largest"] = max(n["largest"], numel)
-            if layer is not None:
-                block_trainables[layer] += numel
-        elif id(p) in quantised:
-            n["frozen_nf4"] += numel
-            n["nf4_bytes"] += nf4_bytes(numel, p.element_size())
-            n["frozen_bytes"] += nf4_bytes(numel, p.element_size())
-        else:
-            n["frozen"] += numel
-            n["frozen_bytes"] += numel * p.element_size()
-            n["experts_bytes"] += numel * p.element_size() if expert else 0
-            dtypes[DTYPE_NAMES[p.dtype]] = dtypes.get(DTYPE_NAMES[p.dtype], 0) + numel
+    n, blocks, block_trainables, dtypes, expert_leaves = _tally(model, quantised, m.n_layer)
     head = model.embed.wte if model.head is None else model.head
     block = model.blocks[0]
     linears = {name: module for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
@@ -148,6 +114,49 @@ def count_parameters(cfg: Config, m: ModelConfig) -> Parameters:
         active=model.active_params(), flops_per_token=model.flops_per_token(cfg.train.seq_len),
         expert_targets=tuple(expert_leaves),
     )  # fmt: skip
+
+
+def _tally(model: torch.nn.Module, quantised: set[int], n_layer: int) -> tuple[dict, list, list, dict, dict]:
+    """Per-parameter counts of a meta GPT: totals by kind (trainable, adapters, frozen, NF4, the
+    experts'), per block, frozen bytes and dtypes, and the adapted expert parameters in order."""
+    from trainer.model.gpt import bare_name
+
+    n = dict(total=0, trainable=0, adapters=0, frozen=0, frozen_nf4=0, frozen_bytes=0, nf4_bytes=0, root=0, largest=0)
+    n |= dict(experts=0, experts_trainable=0, experts_bytes=0, expert_adapters=0)
+    blocks, block_trainables = [0] * n_layer, [0] * n_layer
+    dtypes: dict[str, int] = {}
+    expert_leaves: dict[str, None] = {}  # the adapted expert parameters (trainer.lora.experts), in order
+    for name, p in model.named_parameters():
+        name, numel = bare_name(name), p.numel()
+        pieces = name.split(".")
+        layer = int(pieces[1]) if pieces[0] == "blocks" else None
+        # SparseMLP's (E, ., .) tensors (not adapters of theirs)
+        expert = layer is not None and pieces[-1] in EXPERT_TENSORS and p.dim() == 3 and ".lora_" not in name
+        n["total"] += numel
+        n["root"] += numel if layer is None else 0
+        n["experts"] += numel if expert else 0
+        if layer is not None and ".lora_" in name and p.dim() == 3:  # an expert adapter's (E, ., .) A or B
+            n["expert_adapters"] += numel
+            expert_leaves[f"experts.{pieces[-1]}"] = None
+        if layer is not None:
+            blocks[layer] += numel
+        if p.requires_grad:
+            n["trainable"] += numel
+            n["adapters"] += numel if ".lora_" in name else 0
+            n["experts_trainable"] += numel if expert else 0
+            n["largest"] = max(n["largest"], numel)
+            if layer is not None:
+                block_trainables[layer] += numel
+        elif id(p) in quantised:
+            n["frozen_nf4"] += numel
+            n["nf4_bytes"] += nf4_bytes(numel, p.element_size())
+            n["frozen_bytes"] += nf4_bytes(numel, p.element_size())
+        else:
+            n["frozen"] += numel
+            n["frozen_bytes"] += numel * p.element_size()
+            n["experts_bytes"] += numel * p.element_size() if expert else 0
+            dtypes[DTYPE_NAMES[p.dtype]] = dtypes.get(DTYPE_NAMES[p.dtype], 0) + numel
+    return n, blocks, block_trainables, dtypes, expert_leaves
 
 
 def nf4_bytes(numel: int, dtype_bytes: int = 2) -> int:
