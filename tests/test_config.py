@@ -41,21 +41,31 @@ def test_every_group_has_options() -> None:
     assert {group for group, _ in options} >= {"model", "data", "optim", "parallel", "precision", "logger"}
 
 
-@pytest.mark.parametrize("group,option", shipped_options())
-def test_every_shipped_config_composes(group: str, option: str) -> None:
+def option_overrides(group: str, option: str) -> list[str]:
+    """The overrides that choose a shipped option, with the keys it leaves required."""
     overrides = [f"{group}={option}"]
-    if group == "data" and option in ("files", "hf", "instruct", "chat"):
+    if group == "data" and option in ("files", "hf", "instruct", "chat", "preference", "prompts"):
         overrides.append("data.path=somewhere")
+    if group == "objective" and option in ("grpo", "rloo"):  # reward functions are required: no default
+        overrides.append("objective.rewards=[exact_match]")
     if group == "model":  # big presets have long contexts; the default seq_len fits them all
         overrides.append("train.seq_len=64")
-    cfg, _ = compose_config(overrides)
+    return overrides
+
+
+@pytest.mark.parametrize("group,option", shipped_options())
+def test_every_shipped_config_composes(group: str, option: str) -> None:
+    cfg, _ = compose_config(option_overrides(group, option))
     assert isinstance(cfg, Config)
     if group == "model":
         assert cfg.model.name == option
     if group == "data":
-        sources = {"files": "files", "hf": "hf", "synthetic": "synthetic", "instruct": "files", "chat": "files"}
+        records = ("instruct", "chat", "preference", "prompts")
+        sources = {"files": "files", "hf": "hf", "synthetic": "synthetic"} | dict.fromkeys(records, "files")
         assert cfg.data.source == sources.get(option, "stdlib")
-        assert cfg.data.format == {"instruct": "instruct", "chat": "chat"}.get(option, "text")
+        assert cfg.data.format == (option if option in records else "text")
+    if group == "objective":
+        assert cfg.objective.name == option
 
 
 def test_every_shipped_yaml_starts_with_its_command() -> None:
@@ -261,12 +271,7 @@ def test_a_section_off_with_its_keys_at_their_defaults_passes() -> None:
 
 @pytest.mark.parametrize("group,option", shipped_options())
 def test_every_shipped_config_sets_no_key_of_a_section_it_leaves_off(group: str, option: str) -> None:
-    overrides = [f"{group}={option}"]
-    if group == "data" and option in ("files", "hf", "instruct", "chat"):
-        overrides.append("data.path=somewhere")
-    if group == "model":
-        overrides.append("train.seq_len=64")
-    check_switches(compose_config(overrides)[0])
+    check_switches(compose_config(option_overrides(group, option))[0])
 
 
 @pytest.mark.parametrize("section", ["lora", "sharpness"])

@@ -52,6 +52,8 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
     preemption = Preemption(tc.preemption_signals).install()  # before building: a signal then counts too
     run = build_run(cfg, run_dir)
     resume(run)
+    if run.objective is not None:  # DPO's precomputed reference: after resume, before the first step
+        run.objective.before_training(run)
     experts = ExpertWatch.of(run.strategy.unwrapped(), cfg.monitor.moe_collapse_share)  # None: no sparse blocks
     # CPU: measured once per machine and cached; before start_loggers' barrier, so every rank's clock starts after it
     peak = mfu_peak(run.strategy.device, cfg.monitor.peak_flops)
@@ -74,7 +76,11 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
             close(run)
             raise preemption.exit(stop, saved, first_step)
         started = time.perf_counter()
-        x, y, positions = next_batch(run)
+        x = y = positions = batch = None
+        if run.objective is not None:  # read, or produced by a rollout (generation and rewards: GRPO)
+            batch = run.objective.batch(run)
+        else:
+            x, y, positions = next_batch(run)
         data_s = time.perf_counter() - started
         defer = can_defer(run, state.step + 1, first_step, callbacks)
         if not defer:
@@ -83,7 +89,7 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
             run.strategy, x, y, run.accum, cfg.optim.clip_grad_norm, spikes=run.spikes,
             spike_action=cfg.monitor.spike.action, stats=due(state.step + 1, cfg.monitor.interval or tc.log_interval),
             positions=positions, defer=defer, all_targets=run.data.train.all_targets,
-            noise_probe=run.instruments.probe_first_micro_batch, experts=experts,
+            noise_probe=run.instruments.probe_first_micro_batch, experts=experts, objective=run.objective, batch=batch,
         )  # fmt: skip
         if defer:  # nothing reads this step's figures now: the host runs ahead to the next batch
             state.advance(run.tokens_per_step)
@@ -160,6 +166,8 @@ def can_defer(run: Run, step: int, first_step: int, callbacks: tuple[Callback, .
     (compile time), the last, or LoRA's check after step 2."""
     cfg, tc = run.cfg, run.cfg.train
     if callbacks or cfg.monitor.spike.action != "log" or not run.strategy.steps_without_sync:
+        return False
+    if run.objective is not None:  # its figures (rewards, kl) are read every step
         return False
     if run.instruments.probe_first_micro_batch:  # the noise scale reads every step's norms
         return False
@@ -243,6 +251,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
     }  # fmt: skip
     if (scale := strategy.loss_scale()) is not None:
         metrics["loss_scale"] = scale
+    metrics.update(result.objective)
     if result.spiked:
         metrics.update(result.spike, **{"spike/action": cfg.monitor.spike.action})
         run.loggers.alert(f"spike at step {step}", json.dumps(result.spike))
@@ -254,9 +263,12 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
             run.loggers.alert(f"expert collapse at step {step}", collapse)
     if step == state.step and (due(step, cfg.train.eval_interval) or step == cfg.train.max_steps):
         tc = cfg.train
-        metrics["val_loss"] = evaluate(
-            strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device, strategy.autocast()
-        )
+        if run.objective is not None:  # collective: the objective's own validation figures
+            metrics.update(run.objective.evaluate(run))
+        else:
+            metrics["val_loss"] = evaluate(
+                strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device, strategy.autocast()
+            )
     run.loggers.log(metrics)
     if due(step, cfg.train.log_interval) or step == cfg.train.max_steps or result.spiked:
         run.loggers.write(console_line(metrics, cfg.train.max_steps, *run.loggers.timing(step, cfg.train.max_steps)))

@@ -26,6 +26,7 @@ from trainer.config.schema import QuantConfig, _require
 from trainer.config.switches import check_switches, show
 from trainer.data.cache import split_point
 from trainer.model.hf_import import check_weights, load_hf_config
+from trainer.objectives import check_objective
 from trainer.parallel import strategy_class
 from trainer.parallel.zero import merged_deepspeed_config
 
@@ -46,6 +47,7 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     _check_compile(cfg)
     _check_qat(cfg)
     _check_diagnostics(cfg, world_size)
+    check_objective(cfg)  # objective= against data= and train.compile (trainer/objectives/)
 
 
 def _check_compile(cfg: Config) -> None:

@@ -27,6 +27,7 @@ from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, bas
 from trainer.model import check_attention_backend, resolve_attention_backend
 from trainer.model.build import build_model
 from trainer.monitor import SpikeWatch
+from trainer.objectives import Objective, build_objective
 from trainer.parallel import Strategy, build_strategy, parallelize
 from trainer.parallel.dist import env_local_rank, env_world_size
 from trainer.precision import DTYPES
@@ -58,6 +59,7 @@ class Run:
     n_params: tuple[int, int] = (0, 0)  # (all, without embeddings), counted on the meta model
     flops_per_token: int = 0  # GPT.flops_per_token at train.seq_len, counted on the meta model
     rollbacks: tuple[str, int, int] = ("", 0, 0)  # the last rollback's checkpoint, its spiked step, how many in a row
+    objective: Objective | None = None  # dpo / grpo / rloo (None: sft, the step's own token loss)
 
     @property
     def global_batch(self) -> int:
@@ -78,6 +80,8 @@ class Run:
             parts["sampler"] = self.sampler
         if self.instruments is not None:
             parts.update(self.instruments.parts())
+        if self.objective is not None and self.objective.state_dict():
+            parts["objective"] = self.objective  # GRPO's generations kept for objective.iterations steps
         if self.lora is not None:
             base = self.lora.base["pretrained"]
             parts["lora"] = self.lora
@@ -94,6 +98,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
     set_tf32(tc.tf32)
+    objective = build_objective(cfg)  # dpo / grpo / rloo: reward functions imported (or refused) before any work
     strategy = build_strategy(cfg)
     data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
@@ -122,6 +127,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
     run.n_params, run.flops_per_token = n_params, flops_per_token
+    run.objective = objective
+    if run.objective is not None:
+        run.objective.setup_reference(run)  # a frozen copy for full fine-tuning (none under LoRA)
     run.instruments = Instruments(cfg, strategy, data.val)
     run.batches = Prefetcher(
         data.train, run.sampler, run.global_batch, rank=strategy.rank, world_size=strategy.world_size,

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 
 from trainer.model.loss import IGNORE_INDEX
+from trainer.objectives import split_batch
 from trainer.monitor import SpikeWatch
 from trainer.parallel.base import Strategy, global_norm
 
 if TYPE_CHECKING:
     from trainer.moe_monitor import ExpertLoad, ExpertWatch
+    from trainer.objectives import Batch, Objective
 
 Sums = dict[str, torch.Tensor]  # parameter group -> sum of squares (0-dim, on device, reduced over ranks)
 
@@ -61,6 +63,7 @@ class StepResult:
     # |step gradient|^2, the step's target tokens) (see Strategy.small_batch_sq)
     noise: tuple[float, float, float, float] | None = None
     expert_load: ExpertLoad | None = None  # a mixture of experts' routing over the step, on device (moe_monitor)
+    objective: dict[str, float] = field(default_factory=dict)  # a dpo / grpo step's own figures (rewards, kl, ...)
 
     @property
     def spiked(self) -> bool:
@@ -163,10 +166,30 @@ def forward_backward(
     return loss_sum, n_targets
 
 
+def objective_forward_backward(
+    strategy: Strategy, objective: Objective, batch: Batch, accum_steps: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """forward_backward for a dpo / grpo / rloo objective (trainer/objectives/): each micro-batch's loss
+    numerator is divided by the objective's count over the whole global batch (pairs, sequences or
+    completion tokens: one collective before the first forward), so accumulation and ranks change
+    nothing. Returns (this rank's summed numerators, the global count, this rank's metric sums)."""
+    count = strategy.all_reduce_sum(objective.count(batch).to(torch.float32), "objective count")  # collective
+    loss_sum = torch.zeros((), device=count.device)
+    sums: dict[str, torch.Tensor] = {}
+    for i, piece in enumerate(split_batch(batch, accum_steps)):
+        with strategy.micro_step(is_last=i == accum_steps - 1):
+            numerator, parts = objective.loss(strategy, piece)
+            strategy.backward(numerator / count)
+        loss_sum += numerator.detach()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0) + value.detach()
+    return loss_sum, count, sums
+
+
 def train_step(
     strategy: Strategy,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: torch.Tensor | None,
+    y: torch.Tensor | None,
     accum_steps: int,
     clip_grad_norm: float,
     *,
@@ -178,6 +201,8 @@ def train_step(
     all_targets: bool = False,
     noise_probe: bool = False,
     experts: ExpertWatch | None = None,
+    objective: Objective | None = None,
+    batch: Batch | None = None,
 ) -> StepResult:
     """One optimizer step on this rank's share (x, y) of the global batch (collective).
 
@@ -189,22 +214,38 @@ def train_step(
     all_targets: no target is masked (see forward_backward). noise_probe: also measure the first
     micro-batch's gradient (the noise scale's small batch; StepResult.noise; not with defer).
     experts: a mixture of experts' sparse blocks: their routing over the step, StepResult.expert_load.
+    objective (with batch, its named tensors; x and y unused): a dpo / grpo / rloo step; its figures
+    land in StepResult.objective, its loss is the objective's (not deferrable).
     """
     clock = _Clock()
     probe: list[torch.Tensor] | None = [] if noise_probe else None
     load = experts.start() if experts is not None else None
-    loss_sum, n_targets = forward_backward(strategy, x, y, accum_steps, positions, all_targets, probe, load)
+    sums: dict[str, torch.Tensor] = {}
+    if objective is not None:
+        loss_sum, count, sums = objective_forward_backward(strategy, objective, batch, accum_steps)
+        targets = sums.pop("target_tokens")
+    else:
+        loss_sum, count = forward_backward(strategy, x, y, accum_steps, positions, all_targets, probe, load)
     clock.lap("forward_backward")
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
     grad_norm = global_norm(grad_sumsq)
-    step_loss = strategy.all_reduce_sum(loss_sum, "loss sum") / n_targets  # collective
-    summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
+    if objective is not None:  # the loss sum, the target count and the metric sums in one collective
+        reduced = strategy.all_reduce_sum(torch.stack([loss_sum, targets, *sums.values()]), "loss and metric sums")
+        step_loss, n_targets = reduced[0] / count, reduced[1]
+        summary = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss), n_targets, count]), reduced[2:]])
+    else:
+        step_loss, n_targets = strategy.all_reduce_sum(loss_sum, "loss sum") / count, count  # collective
+        summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
     if defer:
         result = deferred_step(strategy, summary, grad_sumsq, clip_grad_norm, stats, clock)
         result.expert_load = load
         return result
     loss, norm, targets, *first = summary.tolist()  # host sync: once per step
+    figures = {}
+    if objective is not None:
+        figures = objective.metrics(dict(zip(sums, first[1:], strict=True)), first[0])
+        first = []
     clock.lap("grad_stats")
     spiked, spike = spikes.check(loss, norm) if spikes is not None else (False, {})
     drop = spiked and spike_action != "log"
@@ -222,7 +263,7 @@ def train_step(
     result = StepResult(
         loss=loss, grad_norm=norm, target_tokens=int(targets), lr=lr, stepped=stepped,
         non_finite=not drop and not stepped, spike=spike, grad_sumsq=grad_sumsq,
-        noise=(first[0], first[1], norm**2, targets) if first else None, expert_load=load,
+        noise=(first[0], first[1], norm**2, targets) if first else None, expert_load=load, objective=figures,
     )  # fmt: skip
     if stats:
         result.param_sumsq = strategy.param_sumsq_by_group()

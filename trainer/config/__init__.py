@@ -25,6 +25,7 @@ from trainer.config.schema import (
     LoraConfig,
     ModelConfig,
     MonitorConfig,
+    ObjectiveConfig,
     OptimConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -36,6 +37,6 @@ from trainer.config.switches import check_switches
 
 __all__ = [
     "MODEL_TYPES", "PRETRAINED_OVERRIDABLE", "STRATEGIES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggerConfig",
-    "LoraConfig", "ModelConfig", "MonitorConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "SpikeConfig",
+    "LoraConfig", "ModelConfig", "MonitorConfig", "ObjectiveConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "SpikeConfig",
     "TrainConfig", "check_switches", "register_configs",
 ]  # fmt: skip

@@ -280,7 +280,12 @@ class DataConfig:
     train_on_prompt: bool = False  # instruct: the prompt's tokens count toward the loss too (else response + eos)
     packing: bool = True  # instruct / chat: whole examples packed into rows of seq_len (else one per row, padded)
     document_mask: bool = True  # instruct / chat: batches carry positions so attention stays within an example
-    on_bad_record: str = "fail"  # instruct / chat: fail (error naming file and line) | skip (counted, reported)
+    on_bad_record: str = "fail"  # instruct / chat / preference / prompts: fail (error naming file and line) | skip (counted)
+    chosen_field: str = "chosen"  # preference: the preferred completion (a string, or a message list)
+    rejected_field: str = "rejected"  # preference: the other completion (a string, or a message list)
+    # preference: a pair longer than train.seq_len keeps its start (the completions' ends are cut) or its
+    # end (the prompt's start is cut); a pair whose completion is cut away entirely is skipped (counted) or refused
+    truncation: str = "keep_start"
     synthetic_vocab: int = 32  # synthetic: Markov chain alphabet size
     synthetic_tokens: int = 200_000  # synthetic: stream length
     synthetic_concentration: float = 0.3  # synthetic: Dirichlet concentration of transition rows
@@ -297,7 +302,11 @@ class DataConfig:
         )
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction={self.val_fraction} must be in (0, 0.5)")
         _require(
-            self.format in ("text", "instruct", "chat"), f"data.format={self.format!r}: use text, instruct or chat"
+            self.format in ("text", "instruct", "chat", "preference", "prompts"),
+            f"data.format={self.format!r}: use text, instruct, chat, preference or prompts",
+        )
+        _require(
+            self.truncation in ("keep_start", "keep_end"), f"data.truncation={self.truncation!r}: use keep_start or keep_end"
         )
         _require(
             self.format == "text" or self.source in ("files", "hf"),
@@ -438,6 +447,82 @@ class LoraConfig:
             bool(self.target_modules or self.target_parameters),
             "lora.target_modules is empty: name modules (q_proj ...) or all-linear",
         )
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a step minimises (trainer/objectives/): sft (next-token loss; the default), dpo (preference
+    pairs, data=preference), grpo / rloo (sampled completions scored by reward functions, data=prompts).
+    The reference model is the base with the adapters off under LoRA, else a frozen copy sharded like
+    the policy, or log-probs computed once before training (precompute_reference)."""
+
+    name: str = "sft"  # sft | dpo | grpo | rloo
+    beta: float = 0.1  # dpo: the preference temperature; grpo / rloo: the KL coefficient (0: no reference)
+    # dpo
+    loss: str = "sigmoid"  # dpo: sigmoid | ipo (length-averaged) | hinge | robust
+    label_smoothing: float = 0.0  # dpo robust (and sigmoid): the assumed share of flipped labels, in [0, 0.5)
+    precompute_reference: bool = False  # dpo: reference log-probs in one pass before training, kept with the data cache
+    # grpo / rloo
+    loss_type: str = "dapo"  # grpo: grpo (per-sequence mean) | dr_grpo (/ max_new_tokens) | dapo (per token)
+    num_generations: int = 8  # completions sampled per prompt (the group); train.micro_batch_size counts prompts
+    max_new_tokens: int = 256  # the longest completion
+    temperature: float = 1.0  # sampling temperature of the generations
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this much probability
+    top_k: int = 0  # sample among the k likeliest tokens (0: all)
+    rewards: list[str] = field(default_factory=list)  # FILE.py:function, pkg.module:function or a built-in
+    reward_weights: list[float] | None = None  # one per reward function (null: all 1)
+    scale_rewards: str = "group"  # grpo: advantages divided by the group's std (group), the batch's (batch), or not (none)
+    epsilon: float = 0.2  # the clipped ratio's lower bound 1 - epsilon
+    epsilon_high: float | None = None  # its upper bound 1 + epsilon_high (null: epsilon; DAPO uses 0.28)
+    iterations: int = 1  # optimizer steps on each batch of generations (the ratio moves away from 1 after the first)
+    generator: str = "harness"  # harness (the model's own KV-cache generation) | vllm (a GPU with vLLM installed)
+
+    def __post_init__(self) -> None:
+        _require(self.name in OBJECTIVES, f"objective={self.name!r} is not an objective: use {', '.join(OBJECTIVES)}")
+        _require(self.loss in DPO_LOSSES, f"objective.loss={self.loss!r}: use {', '.join(DPO_LOSSES)}")
+        _require(
+            self.loss_type in GRPO_LOSSES, f"objective.loss_type={self.loss_type!r}: use {', '.join(GRPO_LOSSES)}"
+        )
+        _require(self.beta >= 0, f"objective.beta={self.beta} must be >= 0")
+        _require(self.name != "dpo" or self.beta > 0, "objective.beta must be positive for dpo (0.1 is usual)")
+        _require(
+            0.0 <= self.label_smoothing < 0.5, f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)"
+        )
+        _require(
+            self.name not in ("grpo", "rloo") or self.num_generations >= 2,
+            f"objective.num_generations={self.num_generations}: {self.name} compares the completions of one "
+            "prompt with each other, so it needs at least 2 (8 is usual)",
+        )
+        _require(self.max_new_tokens > 0, f"objective.max_new_tokens must be positive, got {self.max_new_tokens}")
+        _require(self.temperature >= 0, f"objective.temperature={self.temperature} must be >= 0")
+        _require(0 < self.top_p <= 1, f"objective.top_p={self.top_p} must be in (0, 1]")
+        _require(self.top_k >= 0, f"objective.top_k={self.top_k} must be >= 0")
+        _require(self.epsilon > 0, f"objective.epsilon={self.epsilon} must be positive")
+        _require(
+            self.epsilon_high is None or self.epsilon_high > 0,
+            f"objective.epsilon_high={self.epsilon_high} must be positive or null",
+        )
+        _require(self.iterations >= 1, f"objective.iterations must be >= 1, got {self.iterations}")
+        _require(
+            self.scale_rewards in ("group", "batch", "none"),
+            f"objective.scale_rewards={self.scale_rewards!r}: use group, batch or none",
+        )
+        _require(self.generator in ("harness", "vllm"), f"objective.generator={self.generator!r}: use harness or vllm")
+        _require(
+            self.name not in ("grpo", "rloo") or bool(self.rewards),
+            f"objective={self.name} needs reward functions: objective.rewards=[FILE.py:function, ...] or a built-in "
+            "(exact_match:FIELD, format:REGEX, length:N)",
+        )
+        _require(
+            self.reward_weights is None or len(self.reward_weights) == len(self.rewards),
+            f"objective.reward_weights has {len(self.reward_weights or [])} weights for {len(self.rewards)} "
+            "objective.rewards: give one weight per reward function, or null",
+        )
+
+
+OBJECTIVES = ("sft", "dpo", "grpo", "rloo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust")
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 
 
 @dataclass
@@ -642,6 +727,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

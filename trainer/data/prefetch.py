@@ -88,9 +88,9 @@ class Prefetcher:
         # At interpreter exit (or when the prefetcher is collected) the thread stops between reads.
         self._finalizer = weakref.finalize(self, self._worker.stop) if self._worker else None
 
-    def next(self) -> Batch:
-        """The next global batch's share of this rank, on the device: (x, y, positions or None).
-        Advances the sampler by one global batch, as the plain path does. An exception the thread
+    def next_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The next global batch's share of this rank, on the device: every tensor the split's
+        get_batch returns (for the objectives' splits, named by their `fields`). Advances the sampler by one global batch, as the plain path does. An exception the thread
         raised reading this batch is raised here, as it was raised."""
         if self.closed:
             raise RuntimeError("this Prefetcher is closed")
@@ -109,7 +109,11 @@ class Prefetcher:
             if self.ahead is None:  # (re)start the copy from the sampler's state after this batch
                 self.ahead = copy.deepcopy(self.sampler)
             self.pending = self._worker.submit(self._read_ahead)
-        x, y, *positions = (self._to_device(t) for t in tensors)
+        return tuple(self._to_device(t) for t in tensors)
+
+    def next(self) -> Batch:
+        """The next global batch's share of this rank, on the device: (x, y, positions or None)."""
+        x, y, *positions = self.next_tensors()
         return x, y, positions[0] if positions else None
 
     def close(self) -> None:

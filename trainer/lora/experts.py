@@ -60,7 +60,12 @@ class LoRAExperts(SparseMLP):
 
     # -- the loop path: per expert, (weight, adapter) pairs; adapter = (A_e, B_e's rows, scale) or None
 
+    adapters_off = False  # set by trainer.lora.layer.adapters_off: the base experts alone
+
     def per_expert(self) -> Iterator[tuple[Any, Any, Any]]:
+        if self.adapters_off:
+            yield from (((g, None), (u, None), (d, None)) for g, u, d in super().per_expert())
+            return
         adapters = {leaf: zip(A.unbind(0), self.lora_B[leaf].unbind(0), strict=True) for leaf, A in self.lora_A.items()}
         for w_gate, w_up, w_down in super().per_expert():
             gate = up = down = None
@@ -88,6 +93,8 @@ class LoRAExperts(SparseMLP):
     def stacked(self, dtype: torch.dtype) -> tuple[Any, Any, Any]:
         w_gate, w_up, w_down = super().stacked(dtype)
         gate = up = down = None
+        if self.adapters_off:
+            return (w_gate, None), (w_up, None), (w_down, None)
         if "gate_up_proj" in self.lora_A:
             A, B = self._grouped_factors("gate_up_proj", dtype)  # (E, H, R'), (E, R', 2I)
             scale, rows = self.scales["gate_up_proj"], w_gate.shape[-1]

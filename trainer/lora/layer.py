@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
@@ -60,6 +61,8 @@ class LoRALinear(nn.Linear):
         self.lora_B = _parameters({leaf: (n, r) for leaf, n in rows.items()}, device)  # (rows, r)
         self.lora_magnitude = _parameters({leaf: (n,) for leaf, n in rows.items()} if dora else {}, device)
 
+    adapters_off = False  # set by `adapters_off(model)`: the base alone (a DPO / GRPO reference)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if is_nf4(self.weight):  # QLoRA: no dequantised copy of the base is kept for backward
@@ -68,6 +71,8 @@ class LoRALinear(nn.Linear):
             y = F.linear(x, self.weight, self.bias)  # (..., out)
         else:
             y = F.linear(x, self.weight.to(x.dtype), bias)  # (..., out)
+        if self.adapters_off:
+            return y
         pieces, end = [], 0  # y's rows, each adapted slice with its delta added (no in-place op)
         for leaf, (start, stop) in self.slices.items():
             if start > end:
@@ -98,6 +103,21 @@ class LoRALinear(nn.Linear):
         dora = ", dora" if len(self.lora_magnitude) else ""
         base = f", base={self.quantize}" if self.quantize else ""
         return f"{super().extra_repr()}, adapters={dict(self.slices)}, scale={self.scale:g}{dora}{base}"
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[int]:
+    """Within the block every adapter of `model` (LoRA, DoRA, QLoRA, expert adapters) is off: the model
+    computes its frozen base alone, as PEFT's `disable_adapter()`. The reference model of preference
+    and RL objectives under LoRA, with no second copy. Yields the number of adapted modules."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear | LoRAExperts)]
+    for module in adapted:
+        module.adapters_off = True
+    try:
+        yield len(adapted)
+    finally:
+        for module in adapted:
+            module.adapters_off = False
 
 
 def _parameters(shapes: dict[str, tuple[int, ...]], device: torch.device) -> nn.ParameterDict:

@@ -325,6 +325,7 @@ class KVCache:
     def __init__(self, n_layer: int, capacity: int):
         self.capacity = capacity
         self.layers = [LayerCache(capacity) for _ in range(n_layer)]
+        self.pad: torch.Tensor | None = None  # (B,) left padding of each row (batched prompts), or None
 
     @property
     def length(self) -> int:

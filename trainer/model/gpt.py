@@ -19,7 +19,7 @@ ranks, precision policy or logging.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from functools import partial
 
 import torch
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from trainer.config import ModelConfig
 from trainer.model.attention import KVCache, LayerCache, causal_attention, document_mask
-from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum
+from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum, linear_cross_entropy_sum, target_logps
 
 # Module names that wrappers (DDP, torch.compile, FSDP1, activation checkpointing, peft) insert
 # into parameter names; `param_group` drops them.
@@ -397,22 +397,32 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         *,
         cache: KVCache | None = None,
+        token_logps: bool = False,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab), or with targets (B, T) the summed token loss.
+        token_logps: with targets, each target's log-probability instead, (B, T) fp32, 0 where the
+        target is IGNORE_INDEX (preference and RL objectives; no load-balancing loss is added).
 
         positions: optional int64 (B, T), each token's position in its own document, 0 where
         one starts (packed rows): RoPE / learned positions read them, and attention stays causal
         within each document. cache: generation's KVCache; idx continues the tokens it holds.
         """
         cfg = self.cfg
-        positions, mask = self._positions_and_mask(idx, positions, cache)
+        padded = cache is not None and cache.pad is not None  # left-padded rows of batched generation
+        if padded:
+            positions, mask = padded_positions(cache.pad, cache.length, idx.size(1)), None
+        else:
+            positions, mask = self._positions_and_mask(idx, positions, cache)
         x = self.embed(idx, positions)  # (B, T, C)
         ropes, masks = {}, {}  # per kind of layer (full / sliding): RoPE tables and packed-document masks
         for i, block in enumerate(self.blocks):
             local = cfg.is_sliding(i)
             if local not in ropes:
                 ropes[local] = rope_at(cfg, positions, local) if cfg.position == "rope" else None
-                masks[local] = document_mask(positions, cfg.sliding_window) if local and mask is not None else mask
+                if padded:
+                    masks[local] = padded_mask(cache.pad, cache.length, idx.size(1), cfg.sliding_window if local else None)
+                else:
+                    masks[local] = document_mask(positions, cfg.sliding_window) if local and mask is not None else mask
             x = block(x, ropes[local], masks[local], None if cache is None else cache.layers[i])  # (B, T, C)
         x = self.norm_f(x)
         # The head's weight is read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3
@@ -420,6 +430,8 @@ class GPT(nn.Module):
         weight = self.embed.wte.weight if self.head is None else self.head.weight  # (padded vocab, C)
         if targets is None:  # the real rows only (a contiguous slice): logits exactly the unpadded model's
             return softcap(F.linear(x, weight[: cfg.vocab_size]), cfg.final_softcap)  # (B, T, vocab)
+        if token_logps:
+            return target_logps(x, weight, targets, cfg.loss_chunk, cfg.vocab_size, cfg.final_softcap)
         if cfg.final_softcap:  # capped logits, then the loss: the full-logits path
             loss = cross_entropy_sum(softcap(F.linear(x, weight), cfg.final_softcap), targets, cfg.vocab_size)
         else:
@@ -477,6 +489,10 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
         eos_id: int | Collection[int] | None = None,
         use_cache: bool = True,
+        *,
+        top_p: float = 1.0,
+        prompt_lengths: torch.Tensor | None = None,
+        all_done: Callable[[torch.Tensor], bool] | None = None,
     ) -> torch.Tensor:
         """Append up to max_new_tokens tokens to idx (B, T), each drawn from softmax(logits /
         temperature) over the top_k likeliest (temperature 0: greedy).
@@ -485,20 +501,36 @@ class GPT(nn.Module):
         generation stops once every row has one (one row: the ids end with its eos).
         use_cache: keep every layer's keys and values (KVCache), so a step runs one token; once
         the context fills block_size, each step reruns the cropped context, as without the cache.
+        top_p: nucleus sampling, the smallest set of likeliest tokens holding top_p of the probability.
+        prompt_lengths (B,): the rows of idx are prompts of these lengths, left-padded to idx's width
+        (batched generation): each row's positions start at 0 at its first real token and no query
+        reads a padding key (needs the cache and the whole sequence within block_size).
+        all_done(done) -> bool: whether generation stops, given the rows that produced an eos
+        (default: all of them); sharded models pass one that agrees across ranks (every rank must
+        run the same number of forwards).
         Every step goes through forward, where sharding wrappers gather the weights. Decoding runs
         eager even where the blocks are compiled (train.compile): its shapes change every token, and
         the blocks were compiled with fullgraph for training's fixed shapes.
         """
         with torch.compiler.set_stance("force_eager"):
-            return self._generate(idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache)
+            return self._generate(
+                idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done
+            )
 
-    def _generate(self, idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache) -> torch.Tensor:
+    def _generate(
+        self, idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done
+    ) -> torch.Tensor:
         stop = None  # (n_eos,) the ids that end a row
         if eos_id is not None:
             ids = sorted(eos_id) if isinstance(eos_id, set | frozenset) else eos_id  # int, sequence or tensor
             stop = torch.as_tensor(ids, device=idx.device).flatten()
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,) rows that produced an eos
         cache = KVCache(len(self.blocks), self.cfg.block_size) if use_cache else None
+        if prompt_lengths is not None:
+            if cache is None or idx.size(1) + max_new_tokens > self.cfg.block_size:
+                raise ValueError("left-padded prompts need the KV cache and prompt + new tokens within block_size")
+            cache.pad = idx.size(1) - prompt_lengths.to(idx.device)  # (B,) padding ids before each prompt
+        all_done = all_done or (lambda finished: bool(finished.all()))  # host sync
         for _ in range(max_new_tokens):
             if cache is not None and idx.size(1) > self.cfg.block_size:
                 cache = None  # full: from here on, the cropped context
@@ -509,12 +541,12 @@ class GPT(nn.Module):
             else:
                 logits = self(idx[:, -self.cfg.block_size :])[:, -1]  # (B, vocab)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision sampled in fp32
-            next_token = sample_token(logits, temperature, top_k, generator)  # (B, 1)
+            next_token = sample_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
             if stop is not None:
                 next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # finished rows repeat their eos
                 done |= torch.isin(next_token[:, 0], stop)
             idx = torch.cat((idx, next_token), dim=1)
-            if stop is not None and bool(done.all()):  # host sync: once a step, only with eos_id
+            if stop is not None and all_done(done):  # host sync (a collective where sharded): once a step
                 break
         return idx
 
@@ -558,6 +590,26 @@ class GPT(nn.Module):
         return 6 * self.active_params(exclude_embeddings=True) + 12 * cfg.n_head * cfg.attn_head_dim * sum(spans)
 
 
+def padded_positions(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
+    """Positions (B, T) of tokens start .. start + T - 1 of left-padded rows: each row counts from 0 at
+    its first real token (pad (B,) padding tokens before it); padding positions are 0."""
+    steps = torch.arange(start, start + T, device=pad.device)  # (T,)
+    return (steps[None, :] - pad[:, None]).clamp(min=0)
+
+
+def padded_mask(pad: torch.Tensor, start: int, T: int, window: int | None = None) -> torch.Tensor:
+    """Attention mask (B, 1, T, S), S = start + T, of queries start .. S - 1 over keys 0 .. S - 1 of
+    left-padded rows: causal (within `window` keys), never a padding key, and a padding query reads
+    itself alone (no empty row: no NaN in SDPA)."""
+    S = start + T
+    query = torch.arange(start, S, device=pad.device)[:, None]  # (T, 1)
+    key = torch.arange(S, device=pad.device)[None, :]  # (1, S)
+    allowed = (key <= query) & (key >= pad[:, None, None])  # (B, T, S)
+    if window is not None:
+        allowed &= query - key < window
+    return (allowed | (key == query)).unsqueeze(1)
+
+
 def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x itself without a cap."""
     return x if not cap else torch.tanh(x / cap) * cap
@@ -576,15 +628,25 @@ def head_loss(
 
 
 def sample_token(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """The next token (B, 1) from logits (B, vocab): argmax at temperature 0, else a draw from
-    softmax(logits / temperature) restricted to the top_k largest."""
+    softmax(logits / temperature) restricted to the top_k largest, then to the smallest set of
+    likeliest tokens whose probability reaches top_p (nucleus sampling; the likeliest always stays)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
-    if top_k is not None:
+    if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+        before = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - F.softmax(sorted_logits, dim=-1)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)  # mass before >= p
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)  # (B, 1)

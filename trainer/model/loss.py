@@ -167,3 +167,42 @@ def _chunk_loss_and_dlogits(
     dlogits.scatter_add_(1, t_c[:, None], torch.full_like(total, -1.0))
     dlogits.masked_fill_(ignored[:, None], 0.0)
     return loss, dlogits.to(w.dtype)
+
+
+def target_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 0,
+    vocab: int | None = None,
+    cap: float | None = None,
+) -> torch.Tensor:
+    """Each target's log-probability under the head: (B, T) fp32, log softmax(cap(hidden W^T))[target]
+    where targets is not IGNORE_INDEX, 0 elsewhere. The log-softmax runs in fp32 whatever the matmul's
+    dtype (half-precision log-probs give NaN rewards in DPO: trl #878).
+
+    hidden: (B, T, C); weight: (V, C), rows vocab.. padding (left out). chunk_size > 0: the head and
+    the log-softmax run chunk_size tokens at a time, each chunk recomputed in backward (activation
+    checkpointing), so only one (chunk, V) block of fp32 logits lives at once instead of (B*T, V).
+    """
+    weight = weight if vocab is None else weight[:vocab]
+    B, T, C = hidden.shape
+    flat, goal = hidden.reshape(B * T, C), targets.reshape(B * T)
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, weight)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return -F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="none")  # 0 at IGNORE_INDEX
+
+    if chunk_size <= 0 or B * T <= chunk_size:
+        return piece(flat, goal).reshape(B, T)
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for start in range(0, B * T, chunk_size):
+        h, t = flat[start : start + chunk_size], goal[start : start + chunk_size]
+        recompute = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        parts.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
+    return torch.cat(parts).reshape(B, T)

@@ -67,6 +67,13 @@ class Strategy(abc.ABC):
         """The plain GPT module (for generation, FLOPs and export)."""
         return self.model
 
+    def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        """A second, frozen model from a meta-device `model` and its `weights`, held as this strategy
+        holds the policy's weights (whole on each rank here; sharded by FSDP2 / ZeRO-3 there), in eval
+        mode and without gradients: the reference of a preference / RL objective in full fine-tuning."""
+        materialize(model, weights, self.device)
+        return model.requires_grad_(False).eval()
+
     # -- one optimizer step ----------------------------------------------------------------------
     @abc.abstractmethod
     def micro_step(self, is_last: bool, reduce: bool = False) -> contextlib.AbstractContextManager:

@@ -57,6 +57,12 @@ class FSDP(TorchStrategy):
         materialize(model, weights, home)
         return model
 
+    def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        model.requires_grad_(False)
+        apply_fsdp(model, self.mesh, self.cfg, DTYPES[self.precision.dtype])  # sharded like the policy
+        materialize(model, weights, torch.device("cpu") if self.cfg.fsdp_cpu_offload else self.device)
+        return model.eval()
+
     def sync_gradients(self, is_last: bool) -> contextlib.AbstractContextManager:
         # Before the boundary keep unsharded gradients locally: no reduce-scatter.
         self.model.set_requires_gradient_sync(is_last)

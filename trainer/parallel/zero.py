@@ -156,6 +156,21 @@ class DeepSpeedZero(Strategy):
     def unwrapped(self) -> nn.Module:
         return self.model.module
 
+    def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
+        """The frozen reference as TRL's prepare_deepspeed holds it: an engine without an optimizer
+        (ZeRO-3: partitioned as it is filled, gathered block by block in forward)."""
+        import deepspeed
+
+        model.requires_grad_(False)
+        config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        if self.stage == 3:
+            materialize(model, weights, self.device, place=fill_and_partition(config, self.device))
+        else:
+            config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": 0}
+            materialize(model, weights, self.device)
+        engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+        return engine.eval()
+
     @contextlib.contextmanager
     def micro_step(self, is_last: bool, reduce: bool = False) -> Iterator[None]:
         # reduce (the noise scale's small batch): DeepSpeed decides when it reduces, and where it

@@ -1,0 +1,184 @@
+"""Direct preference optimisation (Rafailov et al. 2023) and its variants (objective.loss: sigmoid,
+ipo, hinge, robust), on data=preference batches: rows 2k and 2k + 1 are pair k's chosen and rejected
+completions after the same prompt, one forward pass for both. A pair's log-probability is the sum of
+its completion tokens' log-probs in fp32. The step's loss is the sum of the pairs' losses over the
+global batch divided by its number of pairs (accumulation and ranks change nothing). Logged with
+TRL's names: rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
+logps/rejected.
+
+The reference: under LoRA the policy with its adapters off; else a frozen copy; or, with
+objective.precompute_reference, every pair's reference log-probs computed once before the first step
+(by the policy as it starts, which is the reference), stored beside the data cache and read back on
+resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from trainer.config import Config
+from trainer.model.loss import IGNORE_INDEX
+from trainer.objectives import Batch, Objective, evaluating, split_batch
+from trainer.objectives.losses import dpo_losses, dpo_rewards
+
+if TYPE_CHECKING:
+    from trainer.parallel import Strategy
+    from trainer.run import Run
+
+log = logging.getLogger("trainer")
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+class DPO(Objective):
+    name = "dpo"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        self.precompute = self.ocfg.precompute_reference
+
+    def needs_copy(self) -> bool:
+        return not self.lora and not self.precompute
+
+    def batch(self, run: Run) -> Batch:
+        return dict(zip(run.data.train.fields, run.batches.next_tensors(), strict=True))
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        return torch.tensor(batch["x"].size(0) / 2, device=batch["x"].device)  # pairs
+
+    def pair_logps(self, strategy: Strategy, piece: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed completion log-prob (rows,) for the policy (with grad) and the reference."""
+        x, y = piece["x"], piece["y"]
+        logps = strategy.model(x, targets=y, token_logps=True).sum(dim=1)  # (rows,) fp32
+        ref = piece.get("ref_logps")
+        if ref is None:
+            ref = self.reference_logps(strategy, x, y).sum(dim=1)
+        return logps, ref.to(logps)
+
+    def loss(self, strategy: Strategy, piece: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, ref = self.pair_logps(strategy, piece)
+        tokens = (piece["y"] != IGNORE_INDEX).sum(dim=1)  # (rows,) completion targets
+        losses, sums = self.pair_losses(logps, ref, tokens)
+        sums["target_tokens"] = tokens.sum().to(torch.float32)
+        return losses.sum(), sums
+
+    def pair_losses(
+        self, logps: torch.Tensor, ref: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses (pairs,) and the metric sums, from rows' log-probs laid out chosen, rejected."""
+        o = self.ocfg
+        chosen, rejected, ref_chosen, ref_rejected = logps[0::2], logps[1::2], ref[0::2], ref[1::2]
+        losses = dpo_losses(
+            chosen, rejected, ref_chosen, ref_rejected, loss=o.loss, beta=o.beta, label_smoothing=o.label_smoothing,
+            chosen_tokens=tokens[0::2], rejected_tokens=tokens[1::2],
+        )  # fmt: skip
+        reward_chosen, reward_rejected = dpo_rewards(chosen, rejected, ref_chosen, ref_rejected, o.beta)
+        values = (
+            reward_chosen, reward_rejected, (reward_chosen > reward_rejected).float(), reward_chosen - reward_rejected,
+            chosen.detach(), rejected.detach(),
+        )  # fmt: skip
+        return losses, {name: value.sum() for name, value in zip(METRICS, values, strict=True)}
+
+    def metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        return {name: sums[name] / count for name in METRICS}
+
+    @torch.no_grad()
+    def evaluate(self, run: Run) -> dict[str, float]:
+        """The DPO loss and reward figures over the first train.eval_batches micro-batches of validation
+        pairs (the same ones each time), every rank its share: val_loss, val_rewards/accuracies, ..."""
+        split, strategy, tc = run.data.val, run.strategy, run.cfg.train
+        n = min(len(split), tc.micro_batch_size * tc.eval_batches)
+        mine = np.arange(n)[strategy.rank :: strategy.world_size]
+        rounds = -(-n // (tc.micro_batch_size * strategy.world_size))  # every rank runs as many forwards
+        totals = torch.zeros(len(METRICS) + 2, device=strategy.device)
+        with evaluating(strategy.unwrapped()), strategy.autocast():
+            for r in range(rounds):
+                part = mine[r * tc.micro_batch_size : (r + 1) * tc.micro_batch_size]
+                piece = dict(zip(split.fields, split.get_batch(part if len(part) else mine[:1]), strict=True))
+                piece = {k: v.to(strategy.device) for k, v in piece.items()}
+                logps, ref = self.pair_logps(strategy, piece)
+                losses, sums = self.pair_losses(logps, ref, (piece["y"] != IGNORE_INDEX).sum(dim=1))
+                weight = 1.0 if len(part) else 0.0  # a rank out of pairs still joins the forwards
+                totals += weight * torch.stack([losses.sum(), *sums.values(), torch.tensor(len(losses), device=totals.device, dtype=totals.dtype)])
+        totals = strategy.all_reduce_sum(totals, "validation sums").tolist()  # collective
+        count = max(totals[-1], 1.0)
+        return {"val_loss": totals[0] / count} | {f"val_{k}": v / count for k, v in zip(METRICS, totals[1:-1], strict=True)}
+
+    # -- the precomputed reference ------------------------------------------------------------------
+    def before_training(self, run: Run) -> None:
+        if self.precompute:
+            for role, split in (("train", run.data.train), ("val", run.data.val)):
+                split.set_reference(self.precomputed(run, split, role))
+
+    def precomputed(self, run: Run, split, role: str) -> np.ndarray:
+        """Every row's reference log-prob (2 * pairs,) float32 of `split`: read from its file, or computed
+        now (every rank its share, summed over ranks) and written by rank 0, before any step."""
+        path = reference_file(run.cfg, split, role)
+        if path.exists():
+            values = np.load(path)
+            log.info(f"objective.precompute_reference: read {len(values)} reference log-probs from {path}")
+            return values
+        if run.state.step > 0:
+            raise RuntimeError(
+                f"{path} is gone, and the run is at step {run.state.step}: the reference cannot be computed again "
+                "from a policy that has trained; restore the file or start afresh"
+            )
+        strategy, micro = run.strategy, run.cfg.train.micro_batch_size
+        pairs = len(split)
+        values = torch.zeros(2 * pairs, device=strategy.device)
+        rounds = -(-pairs // (micro * strategy.world_size))
+        mine = np.arange(pairs)[strategy.rank :: strategy.world_size]
+        with evaluating(strategy.unwrapped()), strategy.autocast():
+            for r in range(rounds):
+                part = mine[r * micro : (r + 1) * micro]
+                x, y = (t.to(strategy.device) for t in split.get_batch(part if len(part) else mine[:1])[:2])
+                ref = self.reference_logps(strategy, x, y).sum(dim=1) if self.lora else self.policy_logps(strategy, x, y)
+                if len(part):
+                    rows = torch.from_numpy(np.stack([2 * part, 2 * part + 1], axis=1).reshape(-1)).to(strategy.device)
+                    values[rows] = ref.to(values)
+        values = strategy.all_reduce_sum(values, "reference log-probs").cpu().numpy().astype(np.float32)  # collective
+        if strategy.rank == 0:
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+            np.save(tmp, values)
+            os.replace(tmp, path)
+        strategy.barrier()  # collective
+        log.info(f"objective.precompute_reference: {len(values)} reference log-probs computed, stored in {path}")
+        return values
+
+    @torch.no_grad()
+    def policy_logps(self, strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return strategy.model(x, targets=y, token_logps=True).sum(dim=1)
+
+
+def reference_file(cfg: Config, split, role: str) -> Path:
+    """Where a split's precomputed reference log-probs live: beside its data cache, named by what
+    they depend on (the model's source and shape, the adapters it starts from, the precision, the rows)."""
+    identity = {
+        "model": {k: v for k, v in vars(cfg.model).items() if not k.startswith("_")},
+        "pretrained_mtime": _mtime(cfg.model.pretrained),
+        "lora_init_from": cfg.lora.init_from,
+        "seed": cfg.train.seed if cfg.model.pretrained is None else None,
+        "precision": cfg.precision.dtype,
+        "lora_base_dtype": cfg.lora.base_dtype if cfg.lora.enabled else None,
+        "split": [role, len(split), cfg.data.val_fraction],
+        "seq_len": cfg.train.seq_len,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(split.directory) / f"reference-{digest}.npy"
+
+
+def _mtime(path: str | None) -> float | None:
+    if not path:
+        return None
+    return max((p.stat().st_mtime for p in Path(path).glob("*.safetensors")), default=None)
+
+
+__all__ = ["DPO", "reference_file", "split_batch"]
