@@ -14,6 +14,9 @@ complete entry. Rows depend on train.seq_len and are computed when a split opens
     packed (data.packing)   whole examples, in order, greedily filling each row; the rest is padding
     padded                  one example per row
 
+Preference pairs (trainer/data/preference.py) share this cache through a Rendering of their own: two
+examples a record, cut to seq_len as they are rendered (seq_len keys their entry).
+
 An example longer than seq_len is truncated (and counted). A row's batch is x (its ids), y (y[t] is
 the next token of the same example where that token is a target, else IGNORE_INDEX: no target
 crosses an example boundary, padding has none) and, with data.document_mask, positions (each token's
@@ -62,17 +65,41 @@ class ExampleCache:
     hit: bool  # True when the entry already existed
 
 
+@dataclass
+class Rendering:
+    """How a format's records become examples: instruct / chat through make_renderer (the default);
+    preference pairs (trainer/data/preference.py) give two examples per record."""
+
+    settings: dict[str, Any]  # everything the rendering depends on: keys the cache entry, written to meta
+    fields: dict[str, str]  # the record fields read, by config key (for the no-usable-records error)
+    # Called only when the entry is missing, with the build's tally (counters it may add to, written to
+    # meta): a record -> one Example, or a list of them ([]: the record teaches nothing, counted as dropped).
+    renderer: Callable[[dict[str, Any]], Callable[[Any], Example | list[Example]]]
+
+
 def open_or_build_examples(
-    source: Source, tokenizer: Tokenizer, cfg: DataConfig, cache_root: Path, *, show_progress: bool
+    source: Source,
+    tokenizer: Tokenizer,
+    cfg: DataConfig,
+    cache_root: Path,
+    *,
+    show_progress: bool,
+    rendering: Rendering | None = None,
 ) -> ExampleCache:
     """Open the cache entry for (source, tokenizer, rendering settings), rendering the records first if
-    it is missing. Bad records fail (naming file and line) or, with data.on_bad_record=skip, are counted."""
-    settings = {key: getattr(cfg, key) for key in RENDER_SETTINGS} | {"on_bad_record": cfg.on_bad_record}
+    it is missing. Bad records fail (naming file and line) or, with data.on_bad_record=skip, are counted.
+    rendering: how records become examples (default: data.format's instruct / chat renderer)."""
+    if rendering is None:
+        rendering = Rendering(
+            settings={key: getattr(cfg, key) for key in RENDER_SETTINGS},
+            fields=required_fields(cfg),
+            renderer=lambda tally: make_renderer(cfg, tokenizer),  # a tokenizer without a needed template fails here
+        )
     identity = {
         "format": FORMAT_VERSION,
         "source": source.identity(),
         "tokenizer": tokenizer.fingerprint(),
-        "settings": settings,
+        "settings": rendering.settings | {"on_bad_record": cfg.on_bad_record},
     }
     quirks = getattr(tokenizer, "chat_quirks", None)
     if cfg.format == "chat" and quirks is not None:  # e.g. a family without a system role refuses records
@@ -82,7 +109,7 @@ def open_or_build_examples(
     meta = _read_meta(directory)
     hit = meta is not None
     if meta is None:
-        meta = _build(directory, source, tokenizer, cfg, show_progress)
+        meta = _build(directory, source, tokenizer, cfg, rendering, show_progress)
     ids = np.memmap(directory / "ids.bin", dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
     targets = np.memmap(directory / "targets.bin", dtype=np.uint8, mode="r", shape=(meta["tokens"],))
     offsets = np.fromfile(directory / "offsets.bin", dtype=np.int64)
@@ -106,17 +133,17 @@ def _read_meta(directory: Path) -> dict[str, Any] | None:
 
 
 def _build(
-    directory: Path, source: Source, tokenizer: Tokenizer, cfg: DataConfig, show_progress: bool
+    directory: Path, source: Source, tokenizer: Tokenizer, cfg: DataConfig, rendering: Rendering, show_progress: bool
 ) -> dict[str, Any]:
-    render = make_renderer(cfg, tokenizer)  # a tokenizer without a needed chat template fails here
+    start, tally = time.perf_counter(), {"records": 0, "skipped": 0, "first_skipped": []}
+    render = rendering.renderer(tally)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     tmp = {name: directory / f"{name}.tmp{os.getpid()}" for name in FILES}
-    start, tally = time.perf_counter(), {"records": 0, "skipped": 0, "first_skipped": []}
     offsets, counts, learned, frequencies = [0], [], [], np.zeros(tokenizer.vocab_size, dtype=np.int64)
     try:
         with open(tmp["ids.bin"], "wb") as ids_file, open(tmp["targets.bin"], "wb") as targets_file:
-            for example in _rendered(source, render, cfg, tally, show_progress):
+            for example in rendered_records(source, render, cfg, tally, show_progress):
                 example.ids.astype(dtype).tofile(ids_file)
                 example.targets.astype(np.uint8).tofile(targets_file)
                 offsets.append(offsets[-1] + len(example.ids))
@@ -126,9 +153,10 @@ def _build(
                     frequencies += np.bincount(np.concatenate(learned), minlength=tokenizer.vocab_size)
                     learned = []
         if len(offsets) == 1:
+            dropped = f", {tally['dropped']} with nothing to learn" if tally.get("dropped") else ""
             raise ConfigError(
                 f"{source.label} holds no usable {cfg.format} records ({tally['records']} read, {tally['skipped']} "
-                f"skipped as bad; fields read: {required_fields(cfg)})"
+                f"skipped as bad{dropped}; fields read: {rendering.fields})"
             )
         np.asarray(offsets, dtype=np.int64).tofile(tmp["offsets.bin"])
         np.asarray(counts, dtype=np.int64).tofile(tmp["counts.bin"])
@@ -143,7 +171,7 @@ def _build(
         "format": FORMAT_VERSION,
         "source": source.describe(),
         "tokenizer": tokenizer.fingerprint(),
-        "settings": {key: getattr(cfg, key) for key in RENDER_SETTINGS},
+        "settings": rendering.settings,
         **tally,
         "examples": len(offsets) - 1,
         "tokens": offsets[-1],
@@ -157,20 +185,19 @@ def _build(
     return meta
 
 
-def _rendered(
-    source: Source, render: Callable[[Any], Example], cfg: DataConfig, tally: dict[str, Any], show_progress: bool
-) -> Iterator[Example]:
-    """The examples of the source's records, in order; bad ones fail or (data.on_bad_record=skip)
-    are counted in tally and left out."""
+def rendered_records(
+    source: Source, render: Callable[[Any], Any], cfg: DataConfig, tally: dict[str, Any], show_progress: bool
+) -> Iterator[Any]:
+    """What `render` makes of each of the source's records, in order (a list is yielded item by item;
+    an empty one is counted in tally as dropped, with the first place); bad records (BadRecord) fail
+    or (data.on_bad_record=skip) are counted in tally and left out."""
     rendered = 0
     with tqdm(unit="rec", desc=f"rendering {cfg.format} records", disable=None if show_progress else True) as bar:
         for record, where in source.records():
             bar.update(1)
             tally["records"] += 1
             try:
-                yield render(record)
-                rendered += 1
-                continue
+                made = render(record)
             except MissingField as missing:
                 if rendered == 0:  # no record so far had the field: the setting is wrong, not the record
                     raise ConfigError(
@@ -180,6 +207,13 @@ def _rendered(
                 error: BadRecord = missing
             except BadRecord as bad:
                 error = bad
+            else:
+                rendered += 1
+                if isinstance(made, list) and not made:
+                    tally["dropped"] = tally.get("dropped", 0) + 1
+                    tally.setdefault("first_dropped", where)
+                yield from made if isinstance(made, list) else [made]
+                continue
             if cfg.on_bad_record != "skip":
                 raise ConfigError(
                     f"{where}: {error}: fix the record, or set data.on_bad_record=skip to skip such records"
