@@ -6,12 +6,15 @@ one `sampler = Sampler(len(data.train), cfg.train.seed)` per rank, and each step
 
 data.format=text gives PackedSplit windows of one token stream, (x, y). data.format=instruct / chat
 gives ExampleSplit rows of whole examples whose non-target tokens have IGNORE_INDEX targets, (x, y,
-positions) with data.document_mask. `data.tokenizer` is the model's own tokenizer (a
+positions) with data.document_mask. data.format=preference gives PreferenceSplit pairs, two rows each
+(chosen, rejected); data.format=prompts gives PromptSplit prompts, a batch being their indices. Each
+split's `fields` names what get_batch returns. `data.tokenizer` is the model's own tokenizer (a
 PretrainedTokenizer, which has `save(directory)`) when model.pretrained is set and data.tokenizer is null.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from trainer.config import ConfigError, DataConfig
 from trainer.data.cache import Source, cached_bpe, open_or_build, split_point, token_dtype, unigram_entropy
 from trainer.data.examples import ExampleSplit, open_or_build_examples, padding_id
 from trainer.data.packing import PackedSplit
+from trainer.data.preference import PreferenceSplit, check_preference_config, open_or_build_pairs
+from trainer.data.prompts import PromptRecord, PromptSplit, read_prompts
 from trainer.data.sampler import Sampler, shard_for_rank
 from trainer.data.sources import open_source
 from trainer.data.streaming import StreamingSplit, streaming_splits, validation_period
@@ -36,19 +41,24 @@ __all__ = [
     "Data",
     "ExampleSplit",
     "PackedSplit",
+    "PreferenceSplit",
     "PretrainedTokenizer",
+    "PromptRecord",
+    "PromptSplit",
     "Sampler",
     "Tokenizer",
     "build_data",
     "shard_for_rank",
 ]
 
-Split = PackedSplit | ExampleSplit | StreamingSplit
+Split = PackedSplit | ExampleSplit | StreamingSplit | PreferenceSplit | PromptSplit
 
 
 def target_tokens(split: Split) -> int:
-    """Tokens of a split that count toward the loss in one pass over its rows."""
-    return split.target_tokens if isinstance(split, ExampleSplit) else len(split) * split.seq_len
+    """Tokens of a split that count toward the loss in one pass over its rows (prompts: none, the
+    completions are sampled)."""
+    windows = isinstance(split, PackedSplit | StreamingSplit)
+    return len(split) * split.seq_len if windows else split.target_tokens
 
 
 @dataclass
@@ -58,14 +68,14 @@ class Data:
     tokenizer: Tokenizer
     train: Split
     val: Split
-    unigram_entropy: float  # nats/token of the train split's (instruct / chat: all targets') frequencies
+    unigram_entropy: float  # nats/token of the train split's (instruct / chat / preference: all targets') frequencies
     entropy_rate: float | None  # synthetic only: the loss floor, nats/token
     source: str  # e.g. "stdlib (/usr/lib/python3.11, 734 files)"
     documents: int | None
     cache: str  # "cache hit <dir>", "cache built in 1.2s: <dir>" or "not cached (generated)"
-    format: str = "text"  # text | instruct | chat
-    examples: int | None = None  # instruct / chat: examples in both splits
-    skipped: int = 0  # instruct / chat: bad records skipped (data.on_bad_record=skip)
+    format: str = "text"  # text | instruct | chat | preference | prompts
+    examples: int | None = None  # instruct / chat: examples in both splits; preference: pairs; prompts: prompts
+    skipped: int = 0  # instruct / chat / preference / prompts: bad records skipped (data.on_bad_record=skip)
 
     @property
     def vocab_size(self) -> int:
@@ -73,7 +83,7 @@ class Data:
 
     @property
     def truncated(self) -> int:
-        """Examples longer than train.seq_len, cut to it (instruct / chat)."""
+        """Examples longer than train.seq_len, cut to it (instruct / chat; preference: pairs)."""
         return sum(getattr(split, "truncated", 0) for split in (self.train, self.val))
 
     @property
@@ -101,6 +111,22 @@ class Data:
             )
         train, val = self.train, self.val
         skipped = f", {self.skipped:,} bad records skipped" if self.skipped else ""
+        if self.format == "prompts":
+            return (
+                f"data: {self.source}: prompts, {self.examples:,} prompts ({len(train):,} train / {len(val):,} val)"
+                f"{skipped}, {train.num_tokens + val.num_tokens:,} tokens (longest "
+                f"{max(train.max_prompt_tokens, val.max_prompt_tokens):,}), {vocab}; {self.cache}"
+            )
+        if self.format == "preference":
+            identical = f", {train.identical:,} with identical rows left out" if train.identical else ""
+            truncated = f", {self.truncated:,} truncated to seq_len {train.seq_len}" if self.truncated else ""
+            return (
+                f"data: {self.source}: preference, {self.examples:,} pairs ({len(train):,} train / {len(val):,} val)"
+                f"{skipped}{identical}{truncated}, {train.num_tokens + val.num_tokens:,} tokens, "
+                f"{sum(self.target_tokens):,} target tokens ({self.target_tokens[0]:,} train / "
+                f"{self.target_tokens[1]:,} val), {2 * self.examples:,} rows padded ({self.padding:.1%} padding), "
+                f"{vocab}; {self.cache}"
+            )
         empty = train.without_targets + val.without_targets
         truncated = (
             f", {self.truncated:,} truncated to seq_len {train.seq_len}"
@@ -126,18 +152,33 @@ class Data:
 
 
 def build_data(
-    cfg: DataConfig, seq_len: int, seed: int, *, rank: int = 0, pretrained: str | None = None, val_samples: int = 64
+    cfg: DataConfig,
+    seq_len: int,
+    seed: int,
+    *,
+    rank: int = 0,
+    pretrained: str | None = None,
+    val_samples: int = 64,
+    completion_room: int = 0,
 ) -> Data:
     """Build (or open from the caches) the train and validation splits that `cfg` names.
 
     pretrained: model.pretrained, whose own tokenizer is used when data.tokenizer is null. Settings
     that cannot work raise ConfigError before any tokenizing. Only rank 0 shows progress.
     data.streaming (text): nothing is tokenized ahead but the first `val_samples` validation windows.
+    completion_room (prompts): tokens each prompt must leave free within seq_len (objective.max_new_tokens).
     """
     show_progress = rank == 0
     if cfg.source == "synthetic":
         return _synthetic_data(cfg, seq_len, seed)
+    if cfg.format == "preference":
+        check_preference_config(cfg)
     choice = choose_tokenizer(cfg, pretrained)
+    if choice == "bpe" and cfg.format in ("preference", "prompts"):  # auto: a BPE would be trained on records
+        raise ConfigError(
+            f"data.format={cfg.format} needs the model's tokenizer: set model.pretrained=DIR or data.tokenizer=DIR "
+            "(or data.tokenizer=byte for a byte-level model)"
+        )
     cache_root = Path(cfg.cache_dir).expanduser()
     source = open_source(cfg, cache_root)
     if choice == "byte":
@@ -147,6 +188,10 @@ def build_data(
     else:
         key = "data.tokenizer" if cfg.tokenizer else "model.pretrained"
         tokenizer = load_pretrained_tokenizer(choice, key)
+    if cfg.format == "preference":
+        return _preference_data(cfg, source, tokenizer, seq_len, cache_root, show_progress)
+    if cfg.format == "prompts":
+        return _prompt_data(cfg, source, tokenizer, seq_len, completion_room, show_progress)
     if cfg.format != "text":
         return _example_data(cfg, source, tokenizer, seq_len, cache_root, show_progress)
     if cfg.streaming:
@@ -177,14 +222,7 @@ def _example_data(
     """Instruct / chat: the example cache, split by examples (validation: the last val_fraction)."""
     cache = open_or_build_examples(source, tokenizer, cfg, cache_root, show_progress=show_progress)
     examples = cache.meta["examples"]
-    held_out = int(examples * cfg.val_fraction)
-    if held_out == 0:
-        fix = (
-            f"raise data.val_fraction to {1 / examples:.3g} or more, or add records"
-            if 1 / examples < 0.5
-            else "add records"
-        )
-        raise ConfigError(f"the validation split holds none of the {examples} examples: {fix}")
+    held_out = _held_out(examples, cfg.val_fraction, "examples")
     layout = dict(packing=cfg.packing, document_mask=cfg.document_mask, pad_id=padding_id(tokenizer))
     train = ExampleSplit(cache, 0, examples - held_out, seq_len, **layout)
     val = ExampleSplit(cache, examples - held_out, examples, seq_len, **layout)
@@ -202,6 +240,64 @@ def _example_data(
         examples=examples,
         skipped=cache.meta["skipped"],
     )
+
+
+def _preference_data(
+    cfg: DataConfig, source: Source, tokenizer: Tokenizer, seq_len: int, cache_root: Path, show_progress: bool
+) -> Data:
+    """Preference pairs: the example cache, two examples a pair, split by pairs (validation: the last
+    val_fraction)."""
+    cache = open_or_build_pairs(source, tokenizer, cfg, seq_len, cache_root, show_progress=show_progress)
+    pairs = cache.meta["examples"] // 2
+    held_out = _held_out(pairs, cfg.val_fraction, "pairs")
+    pad_id = padding_id(tokenizer)
+    status = "cache hit" if cache.hit else f"cache built in {cache.meta['build_seconds']:.1f}s:"
+    return Data(
+        tokenizer=tokenizer,
+        train=PreferenceSplit(cache, 0, pairs - held_out, seq_len, pad_id=pad_id),
+        val=PreferenceSplit(cache, pairs - held_out, pairs, seq_len, pad_id=pad_id),
+        unigram_entropy=cache.meta["target_unigram_entropy"],
+        entropy_rate=None,
+        source=source.describe(),
+        documents=None,
+        cache=f"{status} {cache.directory}",
+        format="preference",
+        examples=pairs,
+        skipped=cache.meta["skipped"],
+    )
+
+
+def _prompt_data(
+    cfg: DataConfig, source: Source, tokenizer: Tokenizer, seq_len: int, completion_room: int, show_progress: bool
+) -> Data:
+    """Prompts, rendered at each start and kept in memory (validation: the last val_fraction)."""
+    start = time.perf_counter()
+    prompts, tally = read_prompts(source, tokenizer, cfg, seq_len, completion_room, show_progress=show_progress)
+    held_out = _held_out(len(prompts), cfg.val_fraction, "prompts")
+    return Data(
+        tokenizer=tokenizer,
+        train=PromptSplit(prompts[: len(prompts) - held_out], seq_len),
+        val=PromptSplit(prompts[len(prompts) - held_out :], seq_len),
+        unigram_entropy=float("nan"),  # no targets: the completions are sampled
+        entropy_rate=None,
+        source=source.describe(),
+        documents=None,
+        cache=f"not cached (rendered in {time.perf_counter() - start:.1f}s)",
+        format="prompts",
+        examples=len(prompts),
+        skipped=tally["skipped"],
+    )
+
+
+def _held_out(count: int, val_fraction: float, what: str) -> int:
+    """How many of `count` examples / pairs / prompts the validation split holds: at least one."""
+    held_out = int(count * val_fraction)
+    if held_out == 0:
+        fix = (
+            f"raise data.val_fraction to {1 / count:.3g} or more, or add records" if 1 / count < 0.5 else "add records"
+        )
+        raise ConfigError(f"the validation split holds none of the {count} {what}: {fix}")
+    return held_out
 
 
 def _streaming_data(
