@@ -512,7 +512,7 @@ def test_preview_cli(tokenizers, tmp_path):
 
 
 def test_data_config_checks():
-    with pytest.raises(ConfigError, match=r"^data.format='qa': use text, instruct or chat$"):
+    with pytest.raises(ConfigError, match=r"^data.format='qa': use text, instruct, chat, preference or prompts$"):
         DataConfig(format="qa")
     with pytest.raises(ConfigError, match=r"^data.format=chat reads records from data.path: use data=chat"):
         DataConfig(format="chat")  # data.source=stdlib

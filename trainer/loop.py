@@ -100,7 +100,8 @@ def train(cfg: Config, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> d
         check_skips(run)
         check_targets(run, result)
         run.instruments.after_step(result, state.step, result.lr, run.tokens_per_step)
-        if run.lora is not None and state.step == min(2, tc.max_steps):
+        # (not for sampled objectives: a batch whose rewards are all equal rightly moves nothing)
+        if run.lora is not None and state.step == min(2, tc.max_steps) and cfg.objective.name in ("sft", "dpo"):
             check_adapters_learn(run)
         if tc.compile and state.step == first_step:  # dynamo traces and inductor compiles in the first step
             log.info(f"torch.compile: the first step took {time.perf_counter() - started:.1f} s, compiling included")

@@ -179,6 +179,7 @@ def build_data_once_per_node(cfg: Config, strategy: Strategy) -> Data:
     build = lambda: build_data(  # noqa: E731
         cfg.data, cfg.train.seq_len, cfg.train.seed, rank=strategy.rank, pretrained=cfg.model.pretrained,
         val_samples=cfg.train.micro_batch_size * cfg.train.eval_batches,
+        completion_room=cfg.objective.max_new_tokens if cfg.objective.name in ("grpo", "rloo") else 0,
     )  # fmt: skip
     data, error = None, None
     if env_local_rank() == 0:

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from trainer.model.loss import IGNORE_INDEX
-from trainer.objectives import split_batch
 from trainer.monitor import SpikeWatch
+from trainer.objectives.base import split_batch
 from trainer.parallel.base import Strategy, global_norm
 
 if TYPE_CHECKING:
     from trainer.moe_monitor import ExpertLoad, ExpertWatch
-    from trainer.objectives import Batch, Objective
+    from trainer.objectives.base import Batch, Objective
 
 Sums = dict[str, torch.Tensor]  # parameter group -> sum of squares (0-dim, on device, reduced over ranks)
 

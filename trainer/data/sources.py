@@ -72,7 +72,21 @@ def required_fields(cfg: DataConfig) -> dict[str, str]:
         return {"prompt_field": cfg.prompt_field, "response_field": cfg.response_field}
     if cfg.format == "chat":
         return {"messages_field": cfg.messages_field}
+    if cfg.format == "preference":  # the prompt too for string records (message-list pairs hold theirs)
+        return {"chosen_field": cfg.chosen_field, "rejected_field": cfg.rejected_field}
+    if cfg.format == "prompts":  # a prompt or messages field, checked per record; every field is kept
+        return {}
     return {"text_field": cfg.text_field}
+
+
+def kept_columns(cfg: DataConfig, columns: list[str]) -> list[str]:
+    """The columns a dataset keeps for data.format: the fields it reads (prompts: all, for the rewards)."""
+    if cfg.format == "prompts":
+        return list(columns)
+    keep = list(required_fields(cfg).values())
+    if cfg.format == "preference" and cfg.prompt_field in columns:
+        keep.append(cfg.prompt_field)
+    return keep
 
 
 def _json_list(text: str, path: Path) -> Iterator[tuple[Any, int]]:
@@ -264,7 +278,10 @@ class HFSource:
                 raise ConfigError(
                     f"data.{key}={name!r} is not a column of {self.label}: its columns are {columns} (set data.{key})"
                 )
-        dataset = dataset.select_columns(list(required_fields(cfg).values()))
+        if columns is not None:
+            dataset = dataset.select_columns(kept_columns(cfg, columns))
+        elif cfg.format not in ("preference", "prompts"):  # columns unknown ahead (a stream): the fields read
+            dataset = dataset.select_columns(list(required_fields(cfg).values()))
         if cfg.max_documents is not None:
             if isinstance(dataset, datasets.Dataset):
                 dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))

@@ -26,16 +26,22 @@ import torch
 
 from trainer.config import Config
 from trainer.model.loss import IGNORE_INDEX
-from trainer.objectives import Batch, Objective, evaluating, split_batch
+from trainer.objectives.base import Batch, Objective, Run, evaluating, split_batch
 from trainer.objectives.losses import dpo_losses, dpo_rewards
 
 if TYPE_CHECKING:
     from trainer.parallel import Strategy
-    from trainer.run import Run
 
 log = logging.getLogger("trainer")
 
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 class DPO(Objective):
@@ -107,10 +113,14 @@ class DPO(Objective):
                 logps, ref = self.pair_logps(strategy, piece)
                 losses, sums = self.pair_losses(logps, ref, (piece["y"] != IGNORE_INDEX).sum(dim=1))
                 weight = 1.0 if len(part) else 0.0  # a rank out of pairs still joins the forwards
-                totals += weight * torch.stack([losses.sum(), *sums.values(), torch.tensor(len(losses), device=totals.device, dtype=totals.dtype)])
+                totals += weight * torch.stack(
+                    [losses.sum(), *sums.values(), torch.tensor(len(losses), device=totals.device, dtype=totals.dtype)]
+                )
         totals = strategy.all_reduce_sum(totals, "validation sums").tolist()  # collective
         count = max(totals[-1], 1.0)
-        return {"val_loss": totals[0] / count} | {f"val_{k}": v / count for k, v in zip(METRICS, totals[1:-1], strict=True)}
+        return {"val_loss": totals[0] / count} | {
+            f"val_{k}": v / count for k, v in zip(METRICS, totals[1:-1], strict=True)
+        }
 
     # -- the precomputed reference ------------------------------------------------------------------
     def before_training(self, run: Run) -> None:
@@ -140,7 +150,9 @@ class DPO(Objective):
             for r in range(rounds):
                 part = mine[r * micro : (r + 1) * micro]
                 x, y = (t.to(strategy.device) for t in split.get_batch(part if len(part) else mine[:1])[:2])
-                ref = self.reference_logps(strategy, x, y).sum(dim=1) if self.lora else self.policy_logps(strategy, x, y)
+                ref = (
+                    self.reference_logps(strategy, x, y).sum(dim=1) if self.lora else self.policy_logps(strategy, x, y)
+                )
                 if len(part):
                     rows = torch.from_numpy(np.stack([2 * part, 2 * part + 1], axis=1).reshape(-1)).to(strategy.device)
                     values[rows] = ref.to(values)

@@ -26,7 +26,7 @@ import torch
 from trainer.config import Config
 from trainer.data.examples import padding_id
 from trainer.model.loss import IGNORE_INDEX
-from trainer.objectives import Batch, Objective, evaluating, split_batch
+from trainer.objectives.base import Batch, Objective, Run, evaluating, split_batch
 from trainer.objectives.losses import (
     STD_EPS,
     clipped_objective,
@@ -40,7 +40,6 @@ from trainer.objectives.rewards import combine, load_rewards, score
 
 if TYPE_CHECKING:
     from trainer.parallel import Strategy
-    from trainer.run import Run
 
 
 class GRPO(Objective):
@@ -69,9 +68,7 @@ class GRPO(Objective):
         self.buffer, self.uses = self.rollout(run, run.data.train, indices.tolist(), run.state.step), 1
         return self.buffer
 
-    def generate(
-        self, run: Run, prompts: list[list[int]], step: int, temperature: float
-    ) -> list[list[int]]:
+    def generate(self, run: Run, prompts: list[list[int]], step: int, temperature: float) -> list[list[int]]:
         """One completion per prompt (ids, through the first stop id), sampled in one left-padded batch."""
         strategy, tokenizer, o = run.strategy, run.data.tokenizer, self.ocfg
         width = max(map(len, prompts))
@@ -79,7 +76,9 @@ class GRPO(Objective):
         idx = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=strategy.device)
         lengths = torch.tensor([len(p) for p in prompts], device=strategy.device)
         stop = list(getattr(tokenizer, "stop_ids", None) or [tokenizer.eot_id])
-        generator = torch.Generator(strategy.device).manual_seed(hash((run.cfg.train.seed, step, strategy.rank)) % 2**63)
+        generator = torch.Generator(strategy.device).manual_seed(
+            hash((run.cfg.train.seed, step, strategy.rank)) % 2**63
+        )
         agree = None
         if strategy.world_size > 1:  # collective: every rank runs as many forwards (sharded weights)
             agree = lambda done: strategy.all_reduce_sum((~done).sum().float(), "generation").item() == 0  # noqa: E731
@@ -111,7 +110,9 @@ class GRPO(Objective):
             if o.beta > 0:
                 batch["ref_logps"] = self.by_pieces(run, lambda a, b: self.reference_logps(strategy, a, b), x, y)
             if o.iterations > 1 or (self.name == "rloo" and o.beta > 0):
-                batch["old_logps"] = self.by_pieces(run, lambda a, b: strategy.model(a, targets=b, token_logps=True), x, y)
+                batch["old_logps"] = self.by_pieces(
+                    run, lambda a, b: strategy.model(a, targets=b, token_logps=True), x, y
+                )
         mask = (y != IGNORE_INDEX).to(torch.float32)
         scored = torch.nan_to_num(rewards, nan=0.0)
         if self.name == "rloo":
@@ -134,7 +135,10 @@ class GRPO(Objective):
     @staticmethod
     def global_std(strategy: Strategy, values: torch.Tensor) -> torch.Tensor:
         """The standard deviation (Bessel-corrected) of values over every rank's rows (collective)."""
-        s = strategy.all_reduce_sum(torch.stack([values.sum(), (values**2).sum(), torch.tensor(float(values.numel()), device=values.device)]), "reward std")
+        s = strategy.all_reduce_sum(
+            torch.stack([values.sum(), (values**2).sum(), torch.tensor(float(values.numel()), device=values.device)]),
+            "reward std",
+        )
         n = s[2]
         return ((s[1] - s[0] ** 2 / n) / (n - 1).clamp(min=1)).clamp(min=0).sqrt()
 
@@ -149,7 +153,19 @@ class GRPO(Objective):
         per_function = [torch.nansum(columns[:, j]) for j in range(columns.size(1))]
         counts = [(~torch.isnan(columns[:, j])).sum().float() for j in range(columns.size(1))]
         length = torch.tensor(float(sum(map(len, completions))), device=device)
-        values = torch.stack([r.sum(), (r**2).sum(), valid.sum().float(), zero_std, torch.tensor(float(grouped.size(0)), device=device), length, torch.tensor(float(len(completions)), device=device), *per_function, *counts])
+        values = torch.stack(
+            [
+                r.sum(),
+                (r**2).sum(),
+                valid.sum().float(),
+                zero_std,
+                torch.tensor(float(grouped.size(0)), device=device),
+                length,
+                torch.tensor(float(len(completions)), device=device),
+                *per_function,
+                *counts,
+            ]
+        )
         v = strategy.all_reduce_sum(values, "rollout figures").tolist()  # collective
         n = max(v[2], 1.0)
         mean = v[0] / n
@@ -174,7 +190,11 @@ class GRPO(Objective):
         logps = strategy.model(piece["x"], targets=piece["y"], token_logps=True)  # (rows, T) fp32
         old = piece.get("old_logps", logps.detach())
         advantages = piece["advantages"]
-        sums = {"completion_tokens": mask.sum(), "target_tokens": mask.sum(), "rows": torch.tensor(float(mask.size(0)), device=mask.device)}
+        sums = {
+            "completion_tokens": mask.sum(),
+            "target_tokens": mask.sum(),
+            "rows": torch.tensor(float(mask.size(0)), device=mask.device),
+        }
         if self.name == "rloo":
             per_sequence, active = clipped_objective(
                 (logps * mask).sum(dim=1), (old * mask).sum(dim=1), advantages, o.epsilon, self.epsilon_high
@@ -214,7 +234,10 @@ class GRPO(Objective):
         scores = score(self.rewards, [r.text for r in records], texts, completions, [r.fields for r in records])
         rewards = torch.nan_to_num(combine(scores, self.rewards), nan=0.0).to(strategy.device)
         owned = float(strategy.rank < n)  # a rank without validation prompts joined the forwards only
-        total = strategy.all_reduce_sum(torch.stack([rewards.sum() * owned, torch.tensor(len(records) * owned, device=strategy.device)]), "validation reward")
+        total = strategy.all_reduce_sum(
+            torch.stack([rewards.sum() * owned, torch.tensor(len(records) * owned, device=strategy.device)]),
+            "validation reward",
+        )
         return {"val_reward/mean": (total[0] / total[1].clamp(min=1)).item()}
 
 
