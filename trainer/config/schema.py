@@ -280,7 +280,8 @@ class DataConfig:
     train_on_prompt: bool = False  # instruct: the prompt's tokens count toward the loss too (else response + eos)
     packing: bool = True  # instruct / chat: whole examples packed into rows of seq_len (else one per row, padded)
     document_mask: bool = True  # instruct / chat: batches carry positions so attention stays within an example
-    on_bad_record: str = "fail"  # instruct / chat / preference / prompts: fail (error naming file and line) | skip (counted)
+    # instruct / chat / preference / prompts: fail (an error naming file and line) | skip (counted, reported)
+    on_bad_record: str = "fail"
     chosen_field: str = "chosen"  # preference: the preferred completion (a string, or a message list)
     rejected_field: str = "rejected"  # preference: the other completion (a string, or a message list)
     # preference: a pair longer than train.seq_len keeps its start (the completions' ends are cut) or its
@@ -306,7 +307,8 @@ class DataConfig:
             f"data.format={self.format!r}: use text, instruct, chat, preference or prompts",
         )
         _require(
-            self.truncation in ("keep_start", "keep_end"), f"data.truncation={self.truncation!r}: use keep_start or keep_end"
+            self.truncation in ("keep_start", "keep_end"),
+            f"data.truncation={self.truncation!r}: use keep_start or keep_end",
         )
         _require(
             self.format == "text" or self.source in ("files", "hf"),
@@ -471,7 +473,9 @@ class ObjectiveConfig:
     top_k: int = 0  # sample among the k likeliest tokens (0: all)
     rewards: list[str] = field(default_factory=list)  # FILE.py:function, pkg.module:function or a built-in
     reward_weights: list[float] | None = None  # one per reward function (null: all 1)
-    scale_rewards: str = "group"  # grpo: advantages divided by the group's std (group), the batch's (batch), or not (none)
+    scale_rewards: str = (
+        "group"  # grpo: advantages divided by the group's std (group), the batch's (batch), or not (none)
+    )
     epsilon: float = 0.2  # the clipped ratio's lower bound 1 - epsilon
     epsilon_high: float | None = None  # its upper bound 1 + epsilon_high (null: epsilon; DAPO uses 0.28)
     iterations: int = 1  # optimizer steps on each batch of generations (the ratio moves away from 1 after the first)
@@ -480,9 +484,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         _require(self.name in OBJECTIVES, f"objective={self.name!r} is not an objective: use {', '.join(OBJECTIVES)}")
         _require(self.loss in DPO_LOSSES, f"objective.loss={self.loss!r}: use {', '.join(DPO_LOSSES)}")
-        _require(
-            self.loss_type in GRPO_LOSSES, f"objective.loss_type={self.loss_type!r}: use {', '.join(GRPO_LOSSES)}"
-        )
+        _require(self.loss_type in GRPO_LOSSES, f"objective.loss_type={self.loss_type!r}: use {', '.join(GRPO_LOSSES)}")
         _require(self.beta >= 0, f"objective.beta={self.beta} must be >= 0")
         _require(self.name != "dpo" or self.beta > 0, "objective.beta must be positive for dpo (0.1 is usual)")
         _require(

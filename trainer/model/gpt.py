@@ -420,7 +420,9 @@ class GPT(nn.Module):
             if local not in ropes:
                 ropes[local] = rope_at(cfg, positions, local) if cfg.position == "rope" else None
                 if padded:
-                    masks[local] = padded_mask(cache.pad, cache.length, idx.size(1), cfg.sliding_window if local else None)
+                    masks[local] = padded_mask(
+                        cache.pad, cache.length, idx.size(1), cfg.sliding_window if local else None
+                    )
                 else:
                     masks[local] = document_mask(positions, cfg.sliding_window) if local and mask is not None else mask
             x = block(x, ropes[local], masks[local], None if cache is None else cache.layers[i])  # (B, T, C)
