@@ -184,6 +184,7 @@ def will_use_gpu(cfg: Config) -> bool:
 def _run(cfg: DictConfig) -> None:
     from trainer.checkpoint import CheckpointWriteError
     from trainer.loop import TrainingError, train
+    from trainer.objectives.rewards import RewardError
     from trainer.parallel.dist import CollectiveError
     from trainer.preemption import Preempted
 
@@ -202,7 +203,8 @@ def _run(cfg: DictConfig) -> None:
         if env_rank() == 0:
             print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)
-    except CollectiveError as error:  # this rank's own line (which collective, waiting for whom): each says it
+    # this rank's own line (which collective, waiting for whom; which reward function failed on its completions)
+    except (CollectiveError, RewardError) as error:
         logging.getLogger("trainer").error(str(error))
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(3)

@@ -67,7 +67,9 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.cfg.train.seq_len
+        """Positions a step runs: seq_len per row (a DPO pair is two rows, a GRPO prompt num_generations)."""
+        rows = {"dpo": 2, "grpo": self.cfg.objective.num_generations, "rloo": self.cfg.objective.num_generations}
+        return self.global_batch * rows.get(self.cfg.objective.name, 1) * self.cfg.train.seq_len
 
     def parts(self, with_data: bool = True) -> dict[str, Any]:
         """The named Stateful parts of a checkpoint, the model first (it checks the checkpoint fits
@@ -141,7 +143,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         f"model: {model_cfg.name} {n_params[0] / 1e6:.2f}M params "
         f"({n_params[1] / 1e6:.2f}M without embeddings) | parallel={strategy.name} "
         f"on {strategy.world_size} rank(s), device {strategy.device}, {cfg.precision.dtype} | global batch "
-        f"{run.global_batch} sequences = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
+        f"{run.global_batch} {batch_unit(cfg)} = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
         f"ranks = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
         + (f" | torch.compile: {len(unwrapped.blocks)} blocks" if tc.compile else "")
@@ -149,6 +151,14 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     if lora is not None:
         log.info(describe_lora(run))
     return run
+
+
+def batch_unit(cfg: Config) -> str:
+    """What train.micro_batch_size counts under cfg.objective (a DPO pair is two rows)."""
+    o = cfg.objective
+    if o.name in ("grpo", "rloo"):
+        return f"prompts (x{o.num_generations} completions)"
+    return "pairs" if o.name == "dpo" else "sequences"
 
 
 def describe_lora(run: Run) -> str:

@@ -462,7 +462,8 @@ class ObjectiveConfig:
     beta: float = 0.1  # dpo: the preference temperature; grpo / rloo: the KL coefficient (0: no reference)
     # dpo
     loss: str = "sigmoid"  # dpo: sigmoid | ipo (length-averaged) | hinge | robust
-    label_smoothing: float = 0.0  # dpo robust (and sigmoid): the assumed share of flipped labels, in [0, 0.5)
+    # dpo robust, and sigmoid (conservative DPO; TRL 1.16's sigmoid ignores it): the share of flipped labels
+    label_smoothing: float = 0.0
     precompute_reference: bool = False  # dpo: reference log-probs in one pass before training, kept with the data cache
     # grpo / rloo
     loss_type: str = "dapo"  # grpo: grpo (per-sequence mean) | dr_grpo (/ max_new_tokens) | dapo (per token)

@@ -49,5 +49,9 @@ def check_objective(cfg: Config) -> None:
     if name == "sft" and data in ("preference", "prompts"):
         fix = "objective=dpo" if data == "preference" else "objective=grpo (or rloo)"
         raise ConfigError(f"data.format={data} has no next-token targets for objective=sft: set {fix}")
+    if name in ("grpo", "rloo"):  # each reward function imported now: a bad one stops the run before any work
+        from trainer.objectives.rewards import load_rewards
+
+        load_rewards(cfg.objective.rewards, cfg.objective.reward_weights)
     if name != "sft" and cfg.train.compile:
         raise ConfigError(f"objective={name} with train.compile=true is not supported yet: set train.compile=false")

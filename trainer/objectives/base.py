@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.lora.layer import adapters_off
 
 if TYPE_CHECKING:
@@ -62,11 +62,20 @@ class Objective:
 
     def setup_reference(self, run: Run) -> None:
         """Build the frozen copy when the run needs one (full fine-tuning, reference on the fly)."""
-        if self.needs_copy():
-            from trainer.model.build import build_model
+        if not self.needs_copy():
+            return
+        from trainer.model.build import build_model
 
-            model, weights = build_model(run.model_cfg, run.cfg.train.seed, run.cfg.quant)  # meta: no memory yet
-            self.copy = run.strategy.frozen_copy(model, weights)
+        strategy = run.strategy
+        model, weights = build_model(run.model_cfg, run.cfg.train.seed, run.cfg.quant)  # meta: no memory yet
+        shards = strategy.world_size if strategy.name in ("fsdp", "zero3") else 1
+        need = model.num_params() * (2 if run.cfg.precision.dtype in ("bf16", "fp16") else 4) / shards
+        if strategy.device.type == "cuda":
+            check_copy_fits(self.name, need, torch.cuda.mem_get_info(strategy.device)[0])
+        try:
+            self.copy = strategy.frozen_copy(model, weights)
+        except torch.OutOfMemoryError:
+            check_copy_fits(self.name, need, 0)
 
     @torch.no_grad()
     def reference_logps(self, strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,6 +87,24 @@ class Objective:
             raise RuntimeError("no reference model: full fine-tuning needs the frozen copy (setup_reference)")
         with adapters_off(strategy.unwrapped()):
             return strategy.model(x, targets=y, token_logps=True)
+
+
+def check_copy_fits(objective: str, need: float, free: float) -> None:
+    """Refuse (one line, with the fix) a full fine-tuning run whose frozen reference copy (`need` bytes
+    per rank) does not fit in the `free` device memory left after the policy (10% kept spare)."""
+    if need <= 0.9 * free:
+        return
+    fix = (
+        "set objective.precompute_reference=true (the reference log-probs computed once before training, "
+        "no copy), or train LoRA adapters (lora=default: the reference is the base with the adapters off)"
+        if objective == "dpo"
+        else "train LoRA adapters (lora=default: the reference is the base with the adapters off), or set "
+        "objective.beta=0 (no KL, no reference)"
+    )
+    raise ConfigError(
+        f"objective={objective} in full fine-tuning keeps a frozen reference copy of the model: {need / 2**30:.1f} "
+        f"GiB per rank, and this device has {free / 2**30:.1f} GiB free after the policy: {fix}"
+    )
 
 
 def split_batch(batch: Batch, pieces: int) -> list[Batch]:
