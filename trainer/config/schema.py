@@ -480,7 +480,6 @@ class ObjectiveConfig:
     epsilon: float = 0.2  # the clipped ratio's lower bound 1 - epsilon
     epsilon_high: float | None = None  # its upper bound 1 + epsilon_high (null: epsilon; DAPO uses 0.28)
     iterations: int = 1  # optimizer steps on each batch of generations (the ratio moves away from 1 after the first)
-    generator: str = "harness"  # harness (the model's own KV-cache generation) | vllm (a GPU with vLLM installed)
 
     def __post_init__(self) -> None:
         _require(self.name in OBJECTIVES, f"objective={self.name!r} is not an objective: use {', '.join(OBJECTIVES)}")
@@ -510,7 +509,6 @@ class ObjectiveConfig:
             self.scale_rewards in ("group", "batch", "none"),
             f"objective.scale_rewards={self.scale_rewards!r}: use group, batch or none",
         )
-        _require(self.generator in ("harness", "vllm"), f"objective.generator={self.generator!r}: use harness or vllm")
         _require(
             self.name not in ("grpo", "rloo") or bool(self.rewards),
             f"objective={self.name} needs reward functions: objective.rewards=[FILE.py:function, ...] or a built-in "
