@@ -385,8 +385,12 @@ class GPT(nn.Module):
         so it serves a meta-built or sharded model: the values depend on seed and device type
         alone, the same on every rank. Names are the unwrapped model's (see bare_name)."""
         generator = torch.Generator(device).manual_seed(seed)
-        for name, p in self.named_parameters():
-            tensor = torch.empty(p.shape, dtype=torch.float32, device=device)
+        # Every shape read before the first tensor is drawn: ZeRO-3 partitions a parameter as soon as
+        # it is filled (its shape becomes (0,)), and a consumer may fill one parameter (a LoRA base)
+        # before this generator reaches the next (its adapters): a shape read late would draw nothing.
+        shapes = [(name, getattr(p, "ds_shape", p.shape)) for name, p in self.named_parameters()]
+        for name, shape in shapes:
+            tensor = torch.empty(shape, dtype=torch.float32, device=device)
             self.init_parameter(name, tensor, generator)
             yield bare_name(name), tensor
 

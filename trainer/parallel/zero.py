@@ -169,7 +169,8 @@ class DeepSpeedZero(Strategy):
             config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": 0}
             materialize(model, weights, self.device)
         engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
-        return engine.eval()
+        engine.eval()  # (DeepSpeedEngine.eval returns None, not the engine)
+        return engine
 
     @contextlib.contextmanager
     def micro_step(self, is_last: bool, reduce: bool = False) -> Iterator[None]:
