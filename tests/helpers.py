@@ -312,6 +312,14 @@ def instruct_records() -> list[dict]:
     return [{"prompt": f"Q{i}: {phrase(i, 3)}?", "response": phrase(i + 1, 2 + i % 4)} for i in range(EXAMPLES)]
 
 
+def preference_records() -> list[dict]:
+    """instruct_records' prompts, the response chosen over another record's (a different length)."""
+    return [
+        {"prompt": f"Q{i}: {phrase(i, 3)}?", "chosen": phrase(i + 1, 2 + i % 4), "rejected": phrase(i + 5, 1 + i % 3)}
+        for i in range(EXAMPLES)
+    ]
+
+
 def chat_records() -> list[dict]:
     records = []
     for i in range(EXAMPLES):
@@ -325,7 +333,7 @@ def chat_records() -> list[dict]:
 
 def build_finetune_dir(root):
     """Per model (gpt2, llama, qwen2, qwen3_moe): a tiny random HF checkpoint with its tokenizer in root/<model>;
-    and root/instruct.jsonl, root/chat.jsonl. Returns root."""
+    and root/instruct.jsonl, root/chat.jsonl, root/preference.jsonl. Returns root."""
     import json
 
     import torch
@@ -341,6 +349,7 @@ def build_finetune_dir(root):
         vocab = save_tiny_tokenizer(root / name, FINETUNE_STYLES[name])
         torch.manual_seed(0)
         build(vocab).save_pretrained(root / name)
-    for kind, records in (("instruct", instruct_records()), ("chat", chat_records())):
+    records_of = {"instruct": instruct_records(), "chat": chat_records(), "preference": preference_records()}
+    for kind, records in records_of.items():
         (root / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root

@@ -53,6 +53,7 @@ class Feature:
     refused: dict[str, str] = field(default_factory=dict)
     generate: bool = False  # also run `trainer.generate` on the run's checkpoint
     model: str = "llama"  # the tiny checkpoint fine-tuned (a directory of tests/helpers.build_finetune_dir)
+    data: str = "instruct"  # the records it trains on (root/<data>.jsonl of tests/helpers.build_finetune_dir)
     spikes: bool = False  # the reference run must flag a spike (the row's policy acted)
 
     @property
@@ -96,7 +97,7 @@ FEATURES = [
         "test_compile's bound)",
         refused={s: r"train.compile=true with parallel=zero\d is not supported" for s in ZERO},
     ),  # fmt: skip
-    Feature("packed_chat", ("data=chat", "data.packing=true", "data.document_mask=true")),
+    Feature("packed_chat", ("data=chat", "data.packing=true", "data.document_mask=true"), data="chat"),
     Feature("unequal_accumulation", ("train.micro_batch_size=1",)),
     Feature("bf16", ("precision=bf16",), tolerance=0.1, why=HALF),
     Feature(
@@ -137,6 +138,11 @@ FEATURES = [
         "them first; that expert's gradient sums few tokens' terms), every other gap within 1e-5; a "
         "flipped routing choice or a misplaced expert moves weights by 1e-3 or more",
     ),  # fmt: skip
+    # DPO (objective=dpo): the global batch counts pairs, each two rows; the loss is normalised by the
+    # global batch's pairs. Under LoRA the reference is the policy with its adapters off; in full
+    # fine-tuning a frozen copy held as the strategy holds the policy (FSDP2 shards, ZeRO-3 partitions).
+    Feature("dpo", ("objective=dpo", "data=preference", "lora=default", "lora.r=4"), data="preference"),
+    Feature("dpo_full", ("objective=dpo", "data=preference", "optim.lr=1e-3"), data="preference"),
 ]
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -145,7 +151,7 @@ COVERING = {  # the default suite's cells: every feature once, every strategy at
     "plain": "ddp", "lora": "zero3", "dora": "fsdp", "qlora": "none", "activation_checkpointing": "zero2",
     "compile": "fsdp", "packed_chat": "zero3", "unequal_accumulation": "zero1", "bf16": "fsdp", "fp16": "ddp",
     "noise_scale": "ddp", "sharpness": "none", "spike_skip": "ddp", "spike_rollback": "fsdp", "prefetch_off": "none",
-    "moe": "zero3",
+    "moe": "zero3", "dpo": "none", "dpo_full": "ddp",
 }  # fmt: skip
 
 

@@ -28,8 +28,7 @@ import matrix  # noqa: E402
 
 
 def machine_overrides(finetune: Path, feature: str, out: Path) -> list[str]:
-    data = "chat" if feature == "packed_chat" else "instruct"
-    model = matrix.BY_NAME[feature].model
+    data, model = matrix.BY_NAME[feature].data, matrix.BY_NAME[feature].model
     return [f"model.pretrained={finetune / model}", f"data.path={finetune / f'{data}.jsonl'}",
             f"data.cache_dir={out / 'cache'}"]  # fmt: skip
 
