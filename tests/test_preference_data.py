@@ -258,6 +258,28 @@ def test_reference_log_probs_join_the_batch(tmp_path):
         train.get_batch(np.array([8]))
 
 
+def test_packed_pairs_share_rows_whole_with_their_own_positions(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    plain = build_data(cfg_for(tmp_path, path, tokenizer="byte"), 64, 0).train
+    packed = build_data(cfg_for(tmp_path, path, tokenizer="byte", packing=True), 128, 0).train  # rows of 64 each
+    assert packed.fields == ("x", "y", "positions", "sequence") and len(packed) < packed.pairs == plain.pairs == 8
+    held = packed.pairs_of(np.arange(len(packed)))
+    assert np.concatenate(held).tolist() == list(range(8))  # whole pairs, in order
+    x, y, positions, sequence = packed.get_batch(np.arange(len(packed)))
+    px, py = plain.get_batch(np.arange(8))
+    for b, pairs in enumerate(held):
+        t = 0
+        for j, pair in enumerate(np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1).tolist()):
+            n = int(plain.rows.lengths[pair])
+            assert torch.equal(x[b, t : t + n], px[pair, :n]) and torch.equal(y[b, t : t + n - 1], py[pair, : n - 1])
+            assert positions[b, t : t + n].tolist() == list(range(n)) and (sequence[b, t : t + n] == j).all()
+            t += n
+        assert (sequence[b, t:] == -1).all() and (y[b, t:] == IGNORE_INDEX).all()
+    packed.set_reference(np.arange(16, dtype=np.float32))
+    *_, ref = packed.get_batch(np.array([0]))
+    assert ref[0, : 2 * len(held[0])].tolist() == list(range(2 * len(held[0])))
+
+
 def test_second_build_is_a_cache_hit(tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     first = build_data(cfg_for(tmp_path, path, tokenizer="byte"), 64, 0)
@@ -285,10 +307,8 @@ def test_second_build_is_a_cache_hit(tmp_path, monkeypatch):
 
 def test_preference_settings_refused(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3])
-    with pytest.raises(
-        ConfigError, match=r"^data.packing=true is not supported with data=preference .*: set data.packing=false$"
-    ):
-        build_data(cfg_for(tmp_path, path, tokenizer="byte", packing=True), 64, 0)
+    with pytest.raises(ConfigError, match=r"^data.packing=true with data=preference needs data.document_mask=true"):
+        build_data(cfg_for(tmp_path, path, tokenizer="byte", packing=True, document_mask=False), 64, 0)
     with pytest.raises(
         ConfigError, match=r"validation split holds none of the 3 pairs: raise data.val_fraction to 0.333"
     ):

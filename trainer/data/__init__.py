@@ -120,11 +120,14 @@ class Data:
         if self.format == "preference":
             identical = f", {train.identical:,} with identical rows left out" if train.identical else ""
             truncated = f", {self.truncated:,} truncated to seq_len {train.seq_len}" if self.truncated else ""
+            rows = f"{2 * self.examples:,} rows padded"
+            if train.packing:
+                rows = f"packed whole into {len(train) + len(val):,} rows (each sequence at most seq_len // 2)"
             return (
-                f"data: {self.source}: preference, {self.examples:,} pairs ({len(train):,} train / {len(val):,} val)"
+                f"data: {self.source}: preference, {self.examples:,} pairs ({train.pairs:,} train / {val.pairs:,} val)"
                 f"{skipped}{identical}{truncated}, {train.num_tokens + val.num_tokens:,} tokens, "
                 f"{sum(self.target_tokens):,} target tokens ({self.target_tokens[0]:,} train / "
-                f"{self.target_tokens[1]:,} val), {2 * self.examples:,} rows padded ({self.padding:.1%} padding), "
+                f"{self.target_tokens[1]:,} val), {rows} ({self.padding:.1%} padding), "
                 f"{vocab}; {self.cache}"
             )
         empty = train.without_targets + val.without_targets
@@ -254,8 +257,8 @@ def _preference_data(
     status = "cache hit" if cache.hit else f"cache built in {cache.meta['build_seconds']:.1f}s:"
     return Data(
         tokenizer=tokenizer,
-        train=PreferenceSplit(cache, 0, pairs - held_out, seq_len, pad_id=pad_id),
-        val=PreferenceSplit(cache, pairs - held_out, pairs, seq_len, pad_id=pad_id),
+        train=PreferenceSplit(cache, 0, pairs - held_out, seq_len, pad_id=pad_id, packing=cfg.packing),
+        val=PreferenceSplit(cache, pairs - held_out, pairs, seq_len, pad_id=pad_id, packing=cfg.packing),
         unigram_entropy=cache.meta["target_unigram_entropy"],
         entropy_rate=None,
         source=source.describe(),

@@ -33,11 +33,12 @@ import torch
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data.cache import Source
-from trainer.data.examples import ExampleCache, ExampleSplit, Rendering, open_or_build_examples
+from trainer.data.examples import ExampleCache, ExampleSplit, Rendering, open_or_build_examples, pack_rows
 from trainer.data.records import Example, _apply, _text, check_messages, check_system_role, field
 from trainer.data.sampler import Sampler
 from trainer.data.sources import BadRecord
 from trainer.data.tokenizer import Tokenizer
+from trainer.model.loss import IGNORE_INDEX
 
 SETTINGS = ("format", "prompt_field", "chosen_field", "rejected_field", "chat_template", "truncation")
 log = logging.getLogger("trainer")
@@ -45,11 +46,22 @@ log = logging.getLogger("trainer")
 
 def check_preference_config(cfg: DataConfig) -> None:
     """Settings preference data cannot honour, refused before any work."""
-    if cfg.packing:
+    if cfg.packing and not cfg.document_mask:
         raise ConfigError(
-            "data.packing=true is not supported with data=preference (each pair is two rows, one example "
-            "each, compared with each other): set data.packing=false"
+            "data.packing=true with data=preference needs data.document_mask=true (a pair's log-probs must not "
+            "read the other pairs packed into its row): set data.document_mask=true, or data.packing=false"
         )
+
+
+def row_budget(cfg: DataConfig, seq_len: int) -> int:
+    """The tokens each of a pair's rows may hold: seq_len, or with data.packing half of it (a pair's two
+    rows share one packed row, whole)."""
+    return seq_len // 2 if cfg.packing else seq_len
+
+
+def budget_name(cfg: DataConfig, budget: int) -> str:
+    """The row budget as the user set it, for messages."""
+    return f"train.seq_len={2 * budget} // 2 (data.packing)" if cfg.packing else f"train.seq_len={budget}"
 
 
 def open_or_build_pairs(
@@ -57,7 +69,8 @@ def open_or_build_pairs(
 ) -> ExampleCache:
     """The cache entry of the source's pairs (rendered and truncated to seq_len on a miss); warns once
     (when show_progress) about pairs left out for identical rows."""
-    settings = {key: getattr(cfg, key) for key in SETTINGS} | {"seq_len": seq_len}
+    seq_len = row_budget(cfg, seq_len)
+    settings = {key: getattr(cfg, key) for key in SETTINGS} | {"seq_len": seq_len, "packing": cfg.packing}
     quirks = getattr(tokenizer, "chat_quirks", None)
     if quirks is not None:  # a family without a system role refuses conversations with one
         settings["chat_quirks"] = dataclasses.asdict(quirks)
@@ -68,7 +81,7 @@ def open_or_build_pairs(
     if identical and show_progress:
         log.warning(
             f"{identical:,} preference pairs have identical chosen and rejected rows (the same completion, or the "
-            f"same once truncated to train.seq_len={seq_len}): left out, as their DPO gradient is zero; the first: "
+            f"same once truncated to {budget_name(cfg, seq_len)}): left out, as their DPO gradient is zero; the first: "
             f"{cache.meta['first_dropped']}"
         )
     return cache
@@ -87,7 +100,7 @@ def _pair_renderer(tally: dict[str, Any], tokenizer: Tokenizer, cfg: DataConfig,
                 tally["cut_away"] += 1
                 raise BadRecord(
                     f"its prompt of {len(prompt)} tokens leaves no room for its {name} completion within "
-                    f"train.seq_len={seq_len} (data.truncation=keep_start): raise train.seq_len, set "
+                    f"{budget_name(cfg, seq_len)} (data.truncation=keep_start): raise train.seq_len, set "
                     "data.truncation=keep_end, or shorten the prompt"
                 )
         (chosen, chosen_cut), (rejected, rejected_cut) = rows
@@ -189,16 +202,26 @@ class PreferenceSplit:
     """Pairs [first, last) of a preference cache. A batch of n pairs is (x, y), int64 (2n, seq_len)
     (row 2k: pair indices[k]'s chosen, 2k+1: its rejected; y[t] is x[t+1] where that token is a
     completion target, else IGNORE_INDEX), and after set_reference a third tensor, (2n,) float32: the
-    rows' reference log-probs."""
+    rows' reference log-probs.
+
+    packing=True (data.packing): whole pairs (chosen then rejected, each at most seq_len // 2 tokens)
+    packed in order into rows of seq_len, and the split's units are those rows. A batch of n rows is
+    (x, y, positions, sequence), (n, seq_len): positions count each sequence from 0 (the document mask
+    keeps every sequence to itself), sequence is 2j / 2j + 1 on the tokens of the row's j-th pair's
+    chosen / rejected and -1 on padding; after set_reference, ref_logps (n, S) holds each sequence's
+    reference log-prob at its sequence index (S = 2 x the most pairs a row of the batch holds)."""
 
     all_targets = False  # prompt and padding targets are IGNORE_INDEX
-    packing = False
-    document_mask = False  # one example per row: no positions
 
-    def __init__(self, cache: ExampleCache, first: int, last: int, seq_len: int, *, pad_id: int):
-        # Examples were cut to seq_len when rendered: the rows are them, padded.
-        self.rows = ExampleSplit(cache, 2 * first, 2 * last, seq_len, packing=False, document_mask=False, pad_id=pad_id)
+    def __init__(self, cache: ExampleCache, first: int, last: int, seq_len: int, *, pad_id: int, packing: bool = False):
+        # Examples were cut (to seq_len, or seq_len // 2 packed) when rendered: the rows are them, padded.
+        self.packing = self.document_mask = packing
+        width = seq_len // 2 if packing else seq_len
+        self.rows = ExampleSplit(cache, 2 * first, 2 * last, width, packing=False, document_mask=False, pad_id=pad_id)
+        self.pad_id = pad_id
         self.pairs = last - first
+        lengths = self.rows.lengths[0::2] + self.rows.lengths[1::2]  # (pairs,) both rows of each pair
+        self.row_firsts = pack_rows(lengths, seq_len) if packing else np.arange(self.pairs + 1)
         self.seq_len = seq_len
         self.directory = cache.directory  # the cache entry: reference log-probs may be kept there
         self.target_tokens = self.rows.target_tokens  # completion tokens of both rows of every pair
@@ -207,12 +230,16 @@ class PreferenceSplit:
         self.truncated = int(((truncated >= first) & (truncated < last)).sum())  # pairs of this split cut
         self.skipped = cache.meta["cut_away"]  # pairs of the whole source skipped as cut away by truncation
         self.identical = cache.meta.get("dropped", 0)  # pairs of the whole source left out for identical rows
-        self.fields: tuple[str, ...] = ("x", "y")
+        self.fields: tuple[str, ...] = ("x", "y", "positions", "sequence") if packing else ("x", "y")
         self.reference: np.ndarray | None = None  # (2 * pairs,) float32
 
     def __len__(self) -> int:
-        """Number of pairs."""
-        return self.pairs
+        """Number of units a batch draws from: pairs (rows when packed)."""
+        return len(self.row_firsts) - 1
+
+    def pairs_of(self, units: np.ndarray) -> list[np.ndarray]:
+        """The pair indices each unit holds, in order (a pair alone, unpacked)."""
+        return [np.arange(self.row_firsts[u], self.row_firsts[u + 1]) for u in np.asarray(units).tolist()]
 
     def sampler(self, seed: int) -> Sampler:
         """The order the loop draws this split's pairs in: seeded epochs of shuffled indices."""
@@ -221,7 +248,9 @@ class PreferenceSplit:
     @property
     def padding(self) -> float:
         """Share of the rows' positions that are padding."""
-        return self.rows.padding
+        if not self.packing:
+            return self.rows.padding
+        return 1 - float(self.rows.lengths.sum()) / max(len(self) * self.seq_len, 1)
 
     def set_reference(self, values: np.ndarray) -> None:
         """The reference model's log-prob of each row's completion, (2 * pairs,) float32 in row order
@@ -230,15 +259,42 @@ class PreferenceSplit:
         if values.shape != (2 * self.pairs,):
             raise ValueError(f"reference log-probs must have shape ({2 * self.pairs},), got {values.shape}")
         self.reference = values.astype(np.float32)
-        self.fields = ("x", "y", "ref_logps")
+        self.fields = (*self.fields[: 4 if self.packing else 2], "ref_logps")
 
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Pairs `indices` as (x, y) int64 (2n, seq_len), and ref_logps (2n,) float32 after set_reference."""
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= self.pairs)):
-            raise IndexError(f"pair indices must be a 1-D array in [0, {self.pairs})")
+        if indices.ndim != 1 or (len(indices) and (indices.min() < 0 or indices.max() >= len(self))):
+            raise IndexError(f"pair indices must be a 1-D array in [0, {len(self)})")
+        if self.packing:
+            return self._packed_batch(indices)
         rows = np.stack([2 * indices, 2 * indices + 1], axis=1).reshape(-1)  # (2n,) chosen, rejected, ...
         x, y = self.rows.get_batch(rows)
         if self.reference is None:
             return x, y
         return x, y, torch.from_numpy(self.reference[rows])
+
+    def _packed_batch(self, units: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Packed rows `units`: (x, y, positions, sequence) and ref_logps (see the class docstring)."""
+        shape = (len(units), self.seq_len)
+        x, y = np.full(shape, self.pad_id, dtype=np.int64), np.full(shape, IGNORE_INDEX, dtype=np.int64)
+        positions, sequence = np.zeros(shape, dtype=np.int64), np.full(shape, -1, dtype=np.int64)
+        held = self.pairs_of(units)
+        S = 2 * max((len(pairs) for pairs in held), default=1)
+        reference = np.zeros((len(units), S), dtype=np.float32)
+        for b, pairs in enumerate(held):
+            t = 0
+            for j, rows in enumerate(np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1).tolist()):
+                ids, targets = self.rows.example(rows)
+                n = int(self.rows.lengths[rows])
+                ids, targets = ids[:n], targets[:n]
+                x[b, t : t + n] = ids
+                y[b, t : t + n - 1] = np.where(targets[1:], ids[1:], IGNORE_INDEX)
+                positions[b, t : t + n] = np.arange(n)
+                sequence[b, t : t + n] = j
+                if self.reference is not None:
+                    reference[b, j] = self.reference[rows]
+                t += n
+            positions[b, t:] = np.arange(self.seq_len - t)  # the padding run: one more document
+        batch = tuple(torch.from_numpy(a) for a in (x, y, positions, sequence))
+        return (*batch, torch.from_numpy(reference)) if self.reference is not None else batch

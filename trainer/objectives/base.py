@@ -78,15 +78,15 @@ class Objective:
             check_copy_fits(self.name, need, 0)
 
     @torch.no_grad()
-    def reference_logps(self, strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def reference_logps(self, strategy: Strategy, x: torch.Tensor, y: torch.Tensor, **extra: Any) -> torch.Tensor:
         """The reference's per-token log-probs (B, T) of targets y (0 where ignored), without grad:
-        the policy with its adapters off under LoRA, else the frozen copy."""
+        the policy with its adapters off under LoRA, else the frozen copy. extra: positions (packed rows)."""
         if self.copy is not None:
-            return self.copy(x, targets=y, token_logps=True)
+            return self.copy(x, targets=y, token_logps=True, **extra)
         if not self.lora:
             raise RuntimeError("no reference model: full fine-tuning needs the frozen copy (setup_reference)")
         with adapters_off(strategy.unwrapped()):
-            return strategy.model(x, targets=y, token_logps=True)
+            return strategy.model(x, targets=y, token_logps=True, **extra)
 
 
 def check_copy_fits(objective: str, need: float, free: float) -> None:

@@ -58,20 +58,38 @@ class DPO(Objective):
         return dict(zip(run.data.train.fields, run.batches.next_tensors(), strict=True))
 
     def count(self, batch: Batch) -> torch.Tensor:
+        if "sequence" in batch:  # packed rows: a row's pairs are numbered 0 .. k - 1 (sequences 0 .. 2k - 1)
+            return ((batch["sequence"].amax(dim=1) + 1) // 2).sum().to(torch.float32)
         return torch.tensor(batch["x"].size(0) / 2, device=batch["x"].device)  # pairs
 
-    def pair_logps(self, strategy: Strategy, piece: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's summed completion log-prob (rows,) for the policy (with grad) and the reference."""
+    def pair_logps(
+        self, strategy: Strategy, piece: Batch, reference: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each sequence's summed completion log-prob (2P,), laid out chosen, rejected, ..., for the policy
+        (with grad) and the reference, and its completion's target count (2P,). reference=False: the
+        policy's stand in for the reference's (precomputing them before the first step, full fine-tuning)."""
         x, y = piece["x"], piece["y"]
-        logps = strategy.model(x, targets=y, token_logps=True).sum(dim=1)  # (rows,) fp32
-        ref = piece.get("ref_logps")
+        extra = {"positions": piece["positions"]} if "positions" in piece else {}
+        logps = strategy.model(x, targets=y, token_logps=True, **extra)  # (B, T) fp32
+        ref = piece.get("ref_logps")  # (B,) or, packed, (B, S)
+        ref_tokens = None
         if ref is None:
-            ref = self.reference_logps(strategy, x, y).sum(dim=1)
-        return logps, ref.to(logps)
+            ref_tokens = self.reference_logps(strategy, x, y, **extra) if reference else logps.detach()
+        tokens = (y != IGNORE_INDEX).to(torch.float32)
+        if "sequence" not in piece:  # a row per sequence
+            ref = ref if ref is not None else ref_tokens.sum(dim=1)
+            return logps.sum(dim=1), ref.to(logps), tokens.sum(dim=1)
+        sequence = piece["sequence"]  # (B, T): 2j / 2j + 1 on pair j's chosen / rejected tokens, -1 on padding
+        S = ref.size(1) if ref is not None else 2 * ((int(sequence.max()) + 2) // 2)  # host sync (packed, on the fly)
+        sums = [per_sequence(v, sequence, S) for v in (logps, tokens, torch.ones_like(tokens))]
+        if ref is None:
+            ref = per_sequence(ref_tokens, sequence, S)
+        present = sums[2][:, 0::2] > 0  # (B, S / 2): the pair slots a row fills
+        pick = lambda v: torch.stack([v[:, 0::2][present], v[:, 1::2][present]], dim=1).reshape(-1)  # noqa: E731
+        return pick(sums[0]), pick(ref.to(logps)), pick(sums[1])
 
     def loss(self, strategy: Strategy, piece: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logps, ref = self.pair_logps(strategy, piece)
-        tokens = (piece["y"] != IGNORE_INDEX).sum(dim=1)  # (rows,) completion targets
+        logps, ref, tokens = self.pair_logps(strategy, piece)  # (2P,) each
         losses, sums = self.pair_losses(logps, ref, tokens)
         sums["target_tokens"] = tokens.sum().to(torch.float32)
         return losses.sum(), sums
@@ -110,8 +128,7 @@ class DPO(Objective):
                 part = mine[r * tc.micro_batch_size : (r + 1) * tc.micro_batch_size]
                 piece = dict(zip(split.fields, split.get_batch(part if len(part) else mine[:1]), strict=True))
                 piece = {k: v.to(strategy.device) for k, v in piece.items()}
-                logps, ref = self.pair_logps(strategy, piece)
-                losses, sums = self.pair_losses(logps, ref, (piece["y"] != IGNORE_INDEX).sum(dim=1))
+                losses, sums = self.pair_losses(*self.pair_logps(strategy, piece))
                 weight = 1.0 if len(part) else 0.0  # a rank out of pairs still joins the forwards
                 totals += weight * torch.stack(
                     [losses.sum(), *sums.values(), torch.tensor(len(losses), device=totals.device, dtype=totals.dtype)]
@@ -142,20 +159,21 @@ class DPO(Objective):
                 "from a policy that has trained; restore the file or start afresh"
             )
         strategy, micro = run.strategy, run.cfg.train.micro_batch_size
-        pairs = len(split)
-        values = torch.zeros(2 * pairs, device=strategy.device)
-        rounds = -(-pairs // (micro * strategy.world_size))
-        mine = np.arange(pairs)[strategy.rank :: strategy.world_size]
+        values = torch.zeros(2 * split.pairs, device=strategy.device)
+        rounds = -(-len(split) // (micro * strategy.world_size))  # every rank runs as many forwards
+        mine = np.arange(len(split))[strategy.rank :: strategy.world_size]
         with evaluating(strategy.unwrapped()), strategy.autocast():
             for r in range(rounds):
-                part = mine[r * micro : (r + 1) * micro]
-                x, y = (t.to(strategy.device) for t in split.get_batch(part if len(part) else mine[:1])[:2])
-                ref = (
-                    self.reference_logps(strategy, x, y).sum(dim=1) if self.lora else self.policy_logps(strategy, x, y)
-                )
-                if len(part):
-                    rows = torch.from_numpy(np.stack([2 * part, 2 * part + 1], axis=1).reshape(-1)).to(strategy.device)
-                    values[rows] = ref.to(values)
+                units = mine[r * micro : (r + 1) * micro]
+                batch = split.get_batch(units if len(units) else mine[:1])
+                piece = {k: v.to(strategy.device) for k, v in zip(split.fields, batch, strict=False)}
+                piece.pop("ref_logps", None)
+                with torch.no_grad():  # LoRA: the adapters off (an init_from adapter too); else the policy as it starts
+                    _, ref, _ = self.pair_logps(strategy, piece, reference=self.lora)
+                if len(units):
+                    pairs = np.concatenate(split.pairs_of(units))
+                    rows = torch.from_numpy(np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1))
+                    values[rows.to(strategy.device)] = ref.to(values)
         values = strategy.all_reduce_sum(values, "reference log-probs").cpu().numpy().astype(np.float32)  # collective
         if strategy.rank == 0:
             tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
@@ -165,9 +183,11 @@ class DPO(Objective):
         log.info(f"objective.precompute_reference: {len(values)} reference log-probs computed, stored in {path}")
         return values
 
-    @torch.no_grad()
-    def policy_logps(self, strategy: Strategy, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return strategy.model(x, targets=y, token_logps=True).sum(dim=1)
+
+def per_sequence(values: torch.Tensor, sequence: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, S): values (B, T) summed over each row's tokens of each sequence index (-1: none)."""
+    kept = torch.where(sequence >= 0, values, torch.zeros_like(values))
+    return values.new_zeros(values.size(0), S).scatter_add(1, sequence.clamp(min=0), kept)
 
 
 def reference_file(cfg: Config, split, role: str) -> Path:
