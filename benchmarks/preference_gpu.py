@@ -83,16 +83,17 @@ def estimate_rows(overrides: list[str]) -> dict[str, Any]:
     return estimate(compose_config([*overrides, *row_overrides(cfg)])[0])
 
 
-def kv_cache_bytes(m, rows: int, dtype_bytes: int) -> int:
+def kv_cache_bytes(m, rows: int, positions: int, dtype_bytes: int) -> int:
     """GPT.generate's KV cache (trainer.model.attention.KVCache): keys and values of (rows, n_kv_head,
-    model.block_size, head_dim) per layer, allocated whole at the first token in the compute dtype."""
-    return m.n_layer * 2 * (m.n_kv_head or m.n_head) * m.attn_head_dim * m.block_size * rows * dtype_bytes
+    positions, head_dim) per layer, positions = min(block_size, prompt width + max_new_tokens), allocated
+    whole at the first token in the compute dtype."""
+    return m.n_layer * 2 * (m.n_kv_head or m.n_head) * m.attn_head_dim * positions * rows * dtype_bytes
 
 
-def prompt_logits_bytes(m, rows: int, prompt_width: int, dtype_bytes: int) -> int:
-    """The prompt pass's logits (rows, prompt width, vocab) in the compute dtype: GPT.generate takes the last
-    position's only after the whole pass."""
-    return rows * prompt_width * m.vocab_size * dtype_bytes
+def prompt_logits_bytes(m, rows: int, dtype_bytes: int) -> int:
+    """The prompt pass's logits in the compute dtype: the last position's only (GPT.forward's
+    logits_to_keep=1), (rows, 1, vocab)."""
+    return rows * m.vocab_size * dtype_bytes
 
 
 def rollout_bytes(cfg, est: dict[str, Any]) -> dict[str, float]:
@@ -103,8 +104,8 @@ def rollout_bytes(cfg, est: dict[str, Any]) -> dict[str, float]:
     tc, o = cfg.train, cfg.objective
     a = 2 if cfg.precision.dtype in ("bf16", "fp16") else 4
     rows = tc.micro_batch_size * est["run"]["accumulation"] * o.num_generations  # one rank: parallel=none
-    kv = kv_cache_bytes(cfg.model, rows, a)
-    logits = prompt_logits_bytes(cfg.model, rows, tc.seq_len - o.max_new_tokens, a)
+    kv = kv_cache_bytes(cfg.model, rows, min(cfg.model.block_size, tc.seq_len), a)  # prompt room + max_new_tokens
+    logits = prompt_logits_bytes(cfg.model, rows, a)
     kept = est["peak"]["kept_states"]
     return {"rows": rows, "kv_cache": kv, "prompt_logits": logits, "kept_states": kept, "total": kept + kv + logits}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -34,9 +33,9 @@ def test_rollout_bytes_are_what_generation_allocates(monkeypatch: pytest.MonkeyP
     with torch.no_grad():
         model.generate(idx, 6, prompt_lengths=lengths)
     held = sum(t.numel() * t.element_size() for layer in caches[0].layers for t in (layer.k, layer.v))
-    assert len(caches) == 1 and held == kv_cache_bytes(m, rows=3, dtype_bytes=4) == 3 * 2 * 2 * 8 * 40 * 3 * 4
-    assert logits[0].shape == (3, 9, 97) and logits[0].nbytes == prompt_logits_bytes(m, 3, 9, 4)
-    assert kv_cache_bytes(replace(m, block_size=20), 3, 4) == held // 2  # sized by block_size, not the rows' use
+    positions = 9 + 6  # the prompt width and the new tokens, not block_size (40)
+    assert len(caches) == 1 and held == kv_cache_bytes(m, 3, positions, 4) == 3 * 2 * 2 * 8 * positions * 3 * 4
+    assert logits[0].shape == (3, 1, 97) and logits[0].nbytes == prompt_logits_bytes(m, 3, 4)  # the last position
 
 
 def test_grpo_case_adds_a_reward_that_differs_within_a_group(tmp_path) -> None:

@@ -127,9 +127,10 @@ def listed_groups(text: str) -> dict[str, list[str]]:
 
 def test_config_groups_list_their_yaml_options(default_help: str) -> None:
     groups = listed_groups(default_help)
-    assert list(groups) == ["model", "data", "optim", "parallel", "precision", "lora", "logger", "experiment"]
+    expected = ["model", "data", "optim", "parallel", "precision", "lora", "logger", "objective", "experiment"]
+    assert list(groups) == expected
     chosen = {"model": "tiny", "data": "stdlib", "optim": "adamw", "parallel": "none", "precision": "fp32"}
-    chosen |= {"lora": "none", "logger": "default"}
+    chosen |= {"lora": "none", "logger": "default", "objective": "sft"}
     for group, options in groups.items():
         shipped = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
         assert [option.rstrip("*") for option in options] == shipped, group

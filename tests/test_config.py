@@ -48,6 +48,8 @@ def option_overrides(group: str, option: str) -> list[str]:
         overrides.append("data.path=somewhere")
     if group == "objective" and option in ("grpo", "rloo"):  # reward functions are required: no default
         overrides.append("objective.rewards=[exact_match]")
+    if group == "experiment" and option.endswith(("-dpo-lora", "-grpo-lora")):  # their data needs a path
+        overrides.append("data.path=somewhere")
     if group == "model":  # big presets have long contexts; the default seq_len fits them all
         overrides.append("train.seq_len=64")
     return overrides

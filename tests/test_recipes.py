@@ -298,11 +298,6 @@ def test_grpo_recipe_composes() -> None:
     check_objective(cfg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="configs/config.yaml lists _self_ after `experiment: null`, so its own optim.lr=2e-3, warmup_steps=40 and "
-    "train.max_steps=600 override every recipe's; the fix: _self_ before experiment in its defaults",
-)
 @pytest.mark.parametrize("experiment, lr, warmup, steps", [("llama3-8b-dpo-lora", 2e-5, 50, 1000),
                                                            ("qwen3-8b-grpo-lora", 1e-5, 10, 500)])  # fmt: skip
 def test_objective_recipe_keeps_its_schedule(experiment: str, lr: float, warmup: int, steps: int) -> None:
@@ -350,7 +345,7 @@ def test_objective_recipe_fits_one_gpu_as_its_header_says(experiment: str) -> No
         rollout = rollout_bytes(cfg, est)
         m, o = cfg.model, cfg.objective
         assert rollout["rows"] == 64 and rollout["kv_cache"] == 36 * 2 * 8 * 128 * 2 * 1536 * 64  # layers, k+v, heads
-        assert rollout["prompt_logits"] == 64 * 512 * 151936 * 2 and m.block_size == cfg.train.seq_len
+        assert rollout["prompt_logits"] == 64 * 151936 * 2 and m.block_size == cfg.train.seq_len  # the last position
         assert rollout["total"] / GIB < 80e9 / GIB - 8
-        assert f"{rollout['kv_cache'] / GIB:.1f} GiB" in text and f"{rollout['prompt_logits'] / GIB:.1f} GiB" in text
+        assert f"{rollout['kv_cache'] / GIB:.1f} GiB" in text
         assert f"{rollout['total'] / GIB:.1f} GiB with the kept states" in text and o.max_new_tokens == 1024

@@ -402,10 +402,13 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         token_logps: bool = False,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab), or with targets (B, T) the summed token loss.
         token_logps: with targets, each target's log-probability instead, (B, T) fp32, 0 where the
         target is IGNORE_INDEX (preference and RL objectives; no load-balancing loss is added).
+        logits_to_keep: without targets, the logits of the last this many positions only (generation
+        needs the last: a long prompt's (B, T, vocab) logits are never built); 0: all.
 
         positions: optional int64 (B, T), each token's position in its own document, 0 where
         one starts (packed rows): RoPE / learned positions read them, and attention stays causal
@@ -435,6 +438,7 @@ class GPT(nn.Module):
         # (external parameter, found by DeepSpeed's parameter getter) have gathered it.
         weight = self.embed.wte.weight if self.head is None else self.head.weight  # (padded vocab, C)
         if targets is None:  # the real rows only (a contiguous slice): logits exactly the unpadded model's
+            x = x[:, -logits_to_keep:] if logits_to_keep else x
             return softcap(F.linear(x, weight[: cfg.vocab_size]), cfg.final_softcap)  # (B, T, vocab)
         if token_logps:
             return target_logps(x, weight, targets, cfg.loss_chunk, cfg.vocab_size, cfg.final_softcap)
@@ -531,7 +535,10 @@ class GPT(nn.Module):
             ids = sorted(eos_id) if isinstance(eos_id, set | frozenset) else eos_id  # int, sequence or tensor
             stop = torch.as_tensor(ids, device=idx.device).flatten()
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # (B,) rows that produced an eos
-        cache = KVCache(len(self.blocks), self.cfg.block_size) if use_cache else None
+        # The cache holds what this call can reach (the prompt and the new tokens), not block_size: a
+        # 40k-token model sampling 1k tokens after a short prompt keeps 1k-odd positions per row.
+        capacity = min(self.cfg.block_size, idx.size(1) + max_new_tokens)
+        cache = KVCache(len(self.blocks), capacity) if use_cache else None
         if prompt_lengths is not None:
             if cache is None or idx.size(1) + max_new_tokens > self.cfg.block_size:
                 raise ValueError("left-padded prompts need the KV cache and prompt + new tokens within block_size")
@@ -541,11 +548,11 @@ class GPT(nn.Module):
             if cache is not None and idx.size(1) > self.cfg.block_size:
                 cache = None  # full: from here on, the cropped context
             if cache is not None and self._rope_switches(cache.length, idx.size(1)):
-                cache = KVCache(len(self.blocks), self.cfg.block_size)  # every key re-rotated, as transformers
+                cache = KVCache(len(self.blocks), capacity)  # every key re-rotated, as transformers
             if cache is not None:  # the prompt first, then one new token a step
-                logits = self(idx[:, cache.length :], cache=cache)[:, -1]  # (B, vocab)
+                logits = self(idx[:, cache.length :], cache=cache, logits_to_keep=1)[:, -1]  # (B, vocab)
             else:
-                logits = self(idx[:, -self.cfg.block_size :])[:, -1]  # (B, vocab)
+                logits = self(idx[:, -self.cfg.block_size :], logits_to_keep=1)[:, -1]  # (B, vocab)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision sampled in fp32
             next_token = sample_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
             if stop is not None:
