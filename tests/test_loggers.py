@@ -238,8 +238,8 @@ def test_a_sweep_job_logs_its_lines_and_names_its_wandb_run(tmp_path: Path) -> N
     job = sweep / "0"
     lines = done.stdout.splitlines()
     name = "synthetic-n_layer2-n_embd64-seq_len32-no_bias-max_steps4-lr0.003"  # the sweeper writes 3e-3 as 0.003
-    tags = ["data=synthetic", "experiment=synthetic", "logger=default", "lora=none", "model=tiny", "optim=adamw",
-            "parallel=none", "precision=fp32"]  # fmt: skip
+    tags = ["data=synthetic", "experiment=synthetic", "logger=default", "lora=none", "model=tiny", "objective=sft",
+            "optim=adamw", "parallel=none", "precision=fp32"]  # fmt: skip
     offline = next((job / "wandb").glob("offline-run-*"))
     assert f"run dir: {job} | logs: {job / 'logs' / 'rank0.log'}" in lines
     assert f"train.resume=auto: no checkpoint in {job / 'checkpoints'}: starting fresh" in lines
