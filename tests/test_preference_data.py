@@ -372,3 +372,21 @@ def test_bad_prompts_fail_in_one_line(tokenizers, tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"question": "q"}])
     with pytest.raises(ConfigError, match=r"^data.prompt_field='prompt' is not a field of .*c.jsonl line 1"):
         build_data(cfg_for(tmp_path, path, "prompts", tokenizer="byte"), 64, 0)
+
+
+def test_preview_shows_pairs_and_prompts(tmp_path, capsys):
+    from trainer.data.preview import main
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    base = ["data.tokenizer=byte", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2", "--n", "1"]
+    assert main(["data=preference", f"data.path={pairs}", *base]) == 0
+    out = capsys.readouterr().out
+    assert "--- pair 0, chosen:" in out and "--- pair 0, rejected:" in out
+    assert "What is 0 plus 0?⟦It is 0." in out and "What is 0 plus 0?⟦No idea." in out
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {i}", "answer": str(i)} for i in range(10)])
+    assert main(["data=prompts", f"data.path={prompts}", *base]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "--- prompt 0: 5 tokens; fields {'answer': '0'}\nsay 0" in out
+        and "prompts, 10 prompts (8 train / 2 val)" in out
+    )

@@ -4,7 +4,8 @@ Composes the config exactly as `python -m trainer` does (same overrides, e.g. `d
 data.path=/data/chats.jsonl model.pretrained=/models/llama`), builds the data (filling the caches
 a run would use), then prints a few examples with the tokens that count toward the loss marked
 (⟦like this⟧, or in colour on a terminal) and the counts: examples, tokens, target tokens,
-truncated, skipped, rows, padding share. Errors: one line, exit code 2.
+truncated, skipped, rows, padding share. Preference data shows pairs (both rows, completions
+marked), prompts their text and the fields the rewards get. Errors: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ def show_examples(data: Data, n: int, colour: bool) -> list[str]:
             x, _ = data.train.get_batch(np.array([row]))[:2]
             lines += [f"--- window {row} (every token is a target)", data.tokenizer.decode(x[0].tolist())]
         return lines
+    if data.format == "preference":
+        return show_pairs(data, n, colour)
+    if data.format == "prompts":
+        for i in range(min(n, len(data.train))):
+            record = data.train.prompt(i)
+            lines += [
+                f"--- prompt {i}: {len(record.ids)} tokens; fields {record.fields}",
+                data.tokenizer.decode(record.ids),
+            ]
+        return lines
     split = data.train
     for i in range(min(n, split.num_examples)):
         ids, targets = split.example(i)
@@ -50,9 +61,24 @@ def show_examples(data: Data, n: int, colour: bool) -> list[str]:
     return lines
 
 
+def show_pairs(data: Data, n: int, colour: bool) -> list[str]:
+    """Up to n preference pairs of the train split: each row (prompt + chosen, prompt + rejected) with its
+    completion's tokens marked, as the run's rows hold them (truncated)."""
+    lines, rows = [], data.train.rows
+    for i in range(min(n, data.train.pairs)):
+        for side, row in (("chosen", 2 * i), ("rejected", 2 * i + 1)):
+            ids, targets = rows.example(row)
+            kept = int(rows.lengths[row])
+            lines.append(f"--- pair {i}, {side}: {kept} tokens, {int(targets[1:kept].sum())} targets")
+            lines.append(marked(data.tokenizer, ids[:kept], targets[:kept], colour))
+    return lines
+
+
 def counts(data: Data) -> list[str]:
     """The numbers a run reports, one per line."""
     train, val = data.train, data.val
+    if data.format in ("preference", "prompts"):
+        return [data.describe()]
     rows = f"{len(train) + len(val):,} ({len(train):,} train / {len(val):,} val) of {train.seq_len} tokens"
     if data.format == "text":
         documents = f"{data.documents:,}" if data.documents is not None else "-"
@@ -82,7 +108,10 @@ def load(overrides: list[str]) -> Data:
         cfg, _ = compose_config(overrides)
     except Exception as error:  # Hydra and OmegaConf raise many types; all end here as one line
         raise ConfigError(_one_line(error)) from error
-    return build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, pretrained=cfg.model.pretrained)
+    room = cfg.objective.max_new_tokens if cfg.objective.name in ("grpo", "rloo") else 0
+    return build_data(
+        cfg.data, cfg.train.seq_len, cfg.train.seed, pretrained=cfg.model.pretrained, completion_room=room
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
