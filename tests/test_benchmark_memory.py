@@ -131,7 +131,7 @@ def test_model_flags_override_a_shipped_config() -> None:
         memory.build_model_config(memory.parse_args(["--model", "no-such-model"]))
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 17 s of torchrun + DeepSpeed: the benchmark is measured, its test asserts the layout
 @pytest.mark.deepspeed
 def test_zero2_on_two_ranks_partitions_grads_and_adam_state(tmp_path: Path) -> None:
     shape = {"vocab_size": 256, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 64}

@@ -49,7 +49,7 @@ def finite(value: object, where: str) -> None:
         assert where.endswith("_0.9_at_step"), where
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 12-16 s: the benchmark itself runs in the second tier
 def test_quick_mode_writes_finite_curves_summaries_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "preference.json"
     done = subprocess.run(

@@ -136,7 +136,7 @@ def test_an_async_save_holds_the_state_of_its_step(device: str, tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(loaded_moments, moments, strict=True))
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # every matrix cell resumes too (the covering subset runs by default)
 # Here: both ranks' files in the manifest and a resume through the CLI. async: one process here, 2
 # ranks in test_faults.
 @pytest.mark.parametrize("strategy", ["fsdp"])  # every strategy's resume: each cell of tests/matrix.py

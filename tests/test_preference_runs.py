@@ -148,3 +148,26 @@ def test_grpo_run_raises_a_verifiable_reward(toy: Path) -> None:
     assert last > first + 0.1, (first, last)
     assert all(0 < r["time/generation_share"] < 1 and r["kl"] >= 0 for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # the copy is the policy before its first step
+
+
+@pytest.mark.slow
+def test_rloo_reuses_its_generations_for_objective_iterations_steps(toy: Path) -> None:
+    """objective.iterations=2: every other step samples; the step after trains on the same completions
+    (same rewards, no generation time) with the ratio away from 1, so the clip can bite."""
+    result = run_cli(
+        "objective=rloo", "data=prompts", f"data.path={toy / 'prompts.jsonl'}", f"model.pretrained={toy / 'llama'}",
+        "train.seq_len=32", "train.micro_batch_size=2", "objective.num_generations=4", "objective.max_new_tokens=8",
+        f"objective.rewards=[{toy / 'even.py'}:even]", "objective.iterations=2", "train.max_steps=4",
+        "train.log_interval=1", "train.eval_interval=100", "optim.lr=1e-2", "optim.warmup_steps=0",
+        "logger.wandb=false", f"data.cache_dir={toy / 'cache'}", "data.val_fraction=0.1", "train.sample_tokens=0",
+        f"hydra.run.dir={toy / 'rloo'}", cwd=toy,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(toy / "rloo")
+    totals = [0, *(row["target_tokens"] for row in rows)]  # the log's running count
+    trained = [b - a for a, b in zip(totals[:-1], totals[1:], strict=True)]  # per step
+    for step, (first, second) in ((0, rows[0:2]), (2, rows[2:4])):
+        assert first["time/generation_s"] > 0 and second["time/generation_s"] == 0.0
+        assert second["reward/mean"] == first["reward/mean"] and trained[step + 1] == trained[step]
+        assert first["clip_ratio"] == 0.0  # the first use: the ratio is exactly 1
+        assert second["loss"] != 0.0  # RLOO's advantages sum to 0 per group: only a moved ratio makes a loss

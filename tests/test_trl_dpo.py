@@ -159,7 +159,7 @@ def test_rows_hold_trls_tokens_and_targets(sides):
 def test_pair_logps_match_trl(sides):
     """Each row's summed completion log-prob, policy and reference, as TRL's compute_ref_log_probs gives them."""
     trainer = sides.trainer
-    ours, ours_ref = harness_dpo(sides, "sigmoid").pair_logps(sides.strategy, {"x": sides.x, "y": sides.y})
+    ours, ours_ref, _ = harness_dpo(sides, "sigmoid").pair_logps(sides.strategy, {"x": sides.x, "y": sides.y})
     theirs = interleaved(torch.cat(trainer.compute_ref_log_probs(trainer.model, sides.inputs)))
     theirs_ref = interleaved(torch.cat(trainer.compute_ref_log_probs(trainer.ref_model, sides.inputs)))
     torch.testing.assert_close(ours.detach(), theirs, rtol=1e-5, atol=1e-5)
