@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import hf_llama, read_metrics, run_cli, save_tiny_tokenizer
+from helpers import hf_llama, read_metrics, run_cli, save_tiny_tokenizer, torchrun
 
 from trainer.config import ConfigError
 from trainer.config.load import compose_config
@@ -171,3 +171,24 @@ def test_rloo_reuses_its_generations_for_objective_iterations_steps(toy: Path) -
         assert second["reward/mean"] == first["reward/mean"] and trained[step + 1] == trained[step]
         assert first["clip_ratio"] == 0.0  # the first use: the ratio is exactly 1
         assert second["loss"] != 0.0  # RLOO's advantages sum to 0 per group: only a moved ratio makes a loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_grpo_rollouts_run_on_two_sharded_ranks(toy: Path, strategy: str) -> None:
+    """GRPO under torchrun with sharded weights: every rank samples its own prompts (the ranks stop
+    generating together: each forward gathers weights on all of them), the KL's reference is the adapters
+    off, the held-out greedy reward is summed over ranks."""
+    result = torchrun(
+        "-m", "trainer", f"parallel={strategy}", "objective=grpo", "data=prompts", f"data.path={toy / 'prompts.jsonl'}",
+        f"model.pretrained={toy / 'llama'}", "lora=default", "lora.base_dtype=fp32", "train.seq_len=32",
+        "train.micro_batch_size=2", "objective.num_generations=4", "objective.max_new_tokens=8", "objective.beta=0.04",
+        f"objective.rewards=[{toy / 'even.py'}:even]", "train.max_steps=2", "train.log_interval=1",
+        "train.eval_interval=2", "logger.wandb=false", f"data.cache_dir={toy / 'cache'}", "data.val_fraction=0.1",
+        "train.sample_tokens=0", f"hydra.run.dir={toy / ('grpo-' + strategy)}", cwd=toy,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(toy / f"grpo-{strategy}")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["global_batch"] == 4  # 2 prompts on each of 2 ranks
+    assert 0 <= rows[1]["val_reward/mean"] <= 1 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert all(0 < r["completion_length/mean"] <= 8 for r in rows)
