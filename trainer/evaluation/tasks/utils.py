@@ -1,0 +1,20 @@
+"""Dataset loader for the tiny local tasks: data_files in a task YAML are named relative to this folder.
+
+lm_eval 0.4.13 hands `dataset_kwargs` straight to `datasets.load_dataset`, which resolves a relative
+`data_files` path against the current working directory, not the YAML's. So each task names
+`custom_dataset: !function utils.load_local_json` (lm_eval imports utils.py from the YAML's folder) and
+this function anchors the paths here. lm_eval calls it as `custom_dataset(**metadata, **dataset_kwargs)`.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_local_json(data_files: dict[str, str], **metadata: Any) -> datasets.DatasetDict:
+    """Load json / jsonl `data_files` ({split: file name relative to this folder}); metadata is ignored."""
+    files = {split: str(HERE / name) for split, name in data_files.items()}
+    return datasets.load_dataset("json", data_files=files)
