@@ -13,6 +13,7 @@ import torch
 from helpers import hf_gpt2, save_tiny_tokenizer
 
 pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.slow  # lm_eval indexes its whole task registry (~10 s) before the tasks run
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "trainer" / "evaluation" / "tasks"
 TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
