@@ -71,3 +71,27 @@ def test_bad_input_is_one_line_before_the_model_loads(tmp_path: Path, capsys) ->
     assert main([str(tmp_path), "--tasks", "tiny_mcc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task 'tiny_mcc' (close: tiny_mc" in err[0] and "--include-path" in err[0]
+
+
+def test_all_checkpoints_scores_every_kept_step(finetune_dir, tmp_path: Path, capsys) -> None:
+    """A LoRA run keeping checkpoints at steps 1 and 2: one row per task metric, one column per step; each
+    step's scores are that checkpoint's own (its adapters over the base)."""
+    import json
+
+    from helpers import lora_run_args, run_cli
+
+    from trainer.evaluate import main
+
+    run = tmp_path / "run"
+    args = lora_run_args(finetune_dir, "gpt2", "train.max_steps=2", "checkpoint.interval=1", "checkpoint.keep=4")
+    done = run_cli(*args, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "all.json"
+    assert main([str(run), "--all-checkpoints", "--tasks", "tiny_mc", "--limit", "6", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| task | metric | step 1 | step 2 |" in table and "| tiny_mc | acc,none |" in table
+    entries = json.loads(out.read_text())
+    assert [e["step"] for e in entries] == [1, 2] and all(e["n-samples"]["tiny_mc"]["effective"] == 6 for e in entries)
+    single = tmp_path / "one.json"
+    assert main([entries[1]["source"], "--tasks", "tiny_mc", "--limit", "6", "--out", str(single)]) == 0
+    assert json.loads(single.read_text())["results"] == entries[1]["results"]

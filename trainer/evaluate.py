@@ -2,6 +2,7 @@
 
     python -m trainer.evaluate SOURCE --tasks NAME[,NAME...] [--include-path DIR] [--limit N]
                                [--num-fewshot K] [--batch-size B] [--out FILE] [--device cpu]
+    python -m trainer.evaluate RUN --all-checkpoints --tasks ...   # every kept checkpoint: task x step
 
 SOURCE is a run directory (its latest verified checkpoint), one checkpoint of any strategy (a LoRA
 run's adapters over their base: no export needed) or a Hugging Face directory (config.json +
@@ -101,6 +102,31 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, tasks: list[str], manager: 
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, **options)
 
 
+def all_checkpoints(run: Path) -> list[Path]:
+    """A run's kept checkpoints (complete ones), oldest first."""
+    from trainer.checkpoint import CheckpointStore
+
+    found = sorted(CheckpointStore(run).complete(), key=lambda p: p.name)
+    if not found:
+        raise EvaluateError(f"--all-checkpoints: {run} holds no checkpoint (a run directory has checkpoints/step_*)")
+    return found
+
+
+def step_table(rows: list[tuple[int, dict]]) -> str:
+    """Task x metric (rows) by checkpoint step (columns), from each step's lm_eval results."""
+    keys = sorted(
+        {(t, m) for _, r in rows for t, ms in r["results"].items() for m, v in ms.items()
+         if "_stderr" not in m and isinstance(v, int | float)}
+    )  # fmt: skip
+    lines = ["| task | metric | " + " | ".join(f"step {step}" for step, _ in rows) + " |"]
+    lines.append("|---|---|" + "---|" * len(rows))
+    for task, metric in keys:
+        values = [r["results"].get(task, {}).get(metric) for _, r in rows]
+        cells = [f"{v:.4g}" if isinstance(v, int | float) else "-" for v in values]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m trainer.evaluate`; returns the exit code."""
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.splitlines()[0])
@@ -112,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="lm_eval's results JSON (default: not written)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--all-checkpoints", action="store_true", help="score every kept checkpoint of a run")
     args = parser.parse_args(argv)
     try:
         if importlib.util.find_spec("lm_eval") is None:
@@ -119,26 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         manager = task_manager(args.include_path)
         check_tasks(manager, tasks)
-        model, tokenizer, name = load_source(args.source)
-        results = evaluate(
-            model, tokenizer, tasks, manager, limit=args.limit, num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size, device=args.device,
-        )  # fmt: skip
+        sources = all_checkpoints(args.source) if args.all_checkpoints else [args.source]
+        options = dict(limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device)
+        scored = []
+        for source in sources:
+            model, tokenizer, name = load_source(source)
+            scored.append((name, evaluate(model, tokenizer, tasks, manager, **options)))
     except EvaluateError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 2
     from lm_eval.utils import make_table
 
-    print(f"{name}:\n{make_table(results)}")
+    kept = [{key: r[key] for key in KEPT if key in r} | {"source": name} for name, r in scored]
+    if args.all_checkpoints:
+        steps = [(json.loads((Path(name) / "meta.json").read_text())["step"], r) for name, r in scored]
+        print(step_table(steps))
+        for entry, (step, _) in zip(kept, steps, strict=True):
+            entry["step"] = step
+    else:
+        print(f"{scored[0][0]}:\n{make_table(scored[0][1])}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        kept = {
-            key: results[key]
-            for key in ("results", "versions", "n-shot", "higher_is_better", "n-samples")
-            if key in results
-        }
-        args.out.write_text(json.dumps(kept, indent=2, default=str) + "\n")
+        args.out.write_text(json.dumps(kept if args.all_checkpoints else kept[0], indent=2, default=str) + "\n")
     return 0
+
+
+KEPT = ("results", "versions", "n-shot", "higher_is_better", "n-samples")  # of lm_eval's results, what --out writes
 
 
 if __name__ == "__main__":
