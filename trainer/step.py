@@ -186,6 +186,21 @@ def objective_forward_backward(
     return loss_sum, count, sums
 
 
+def objective_summary(
+    strategy: Strategy,
+    loss_sum: torch.Tensor,
+    targets: torch.Tensor,
+    count: torch.Tensor,
+    sums: Sums,
+    grad_norm: torch.Tensor,
+) -> torch.Tensor:
+    """An objective step's figures for the host: loss, norm, targets, count, then its metric sums (the
+    loss sum, the target count and the metric sums reduced in one collective)."""
+    reduced = strategy.all_reduce_sum(torch.stack([loss_sum, targets, *sums.values()]), "loss and metric sums")
+    step_loss = reduced[0] / count
+    return torch.cat([torch.stack([step_loss, grad_norm.to(step_loss), reduced[1], count]), reduced[2:]])
+
+
 def train_step(
     strategy: Strategy,
     x: torch.Tensor | None,
@@ -230,10 +245,8 @@ def train_step(
     strategy.unscale_gradients()
     grad_sumsq = strategy.grad_sumsq_by_group()  # reduced across ranks by the strategy
     grad_norm = global_norm(grad_sumsq)
-    if objective is not None:  # the loss sum, the target count and the metric sums in one collective
-        reduced = strategy.all_reduce_sum(torch.stack([loss_sum, targets, *sums.values()]), "loss and metric sums")
-        step_loss, n_targets = reduced[0] / count, reduced[1]
-        summary = torch.cat([torch.stack([step_loss, grad_norm.to(step_loss), n_targets, count]), reduced[2:]])
+    if objective is not None:
+        summary = objective_summary(strategy, loss_sum, targets, count, sums, grad_norm)
     else:
         step_loss, n_targets = strategy.all_reduce_sum(loss_sum, "loss sum") / count, count  # collective
         summary = torch.stack([step_loss, grad_norm.to(step_loss), n_targets.to(step_loss), *(probe or [])])
