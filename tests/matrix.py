@@ -143,6 +143,13 @@ FEATURES = [
     # fine-tuning a frozen copy held as the strategy holds the policy (FSDP2 shards, ZeRO-3 partitions).
     Feature("dpo", ("objective=dpo", "data=preference", "lora=default", "lora.r=4"), data="preference"),
     Feature("dpo_full", ("objective=dpo", "data=preference", "optim.lr=1e-3"), data="preference"),
+    # In-loop downstream evaluation (eval.*): lm_eval's three output types on the shipped tiny tasks and
+    # a held-out file's perplexity, at step 2 (before the mid-run checkpoint: the resume must still be
+    # bitwise) and 4; each rank scores its share, the eval/* figures must equal one process's.
+    Feature(
+        "eval",
+        ("eval.tasks=[tiny_mc,tiny_gen,tiny_rolling]", "eval.limit=6", "eval.interval=2", "eval.batch_size=3"),
+    ),  # fmt: skip
 ]
 BY_NAME = {f.name: f for f in FEATURES}
 
@@ -151,7 +158,7 @@ COVERING = {  # the default suite's cells: every feature once, every strategy at
     "plain": "ddp", "lora": "zero3", "dora": "fsdp", "qlora": "none", "activation_checkpointing": "zero2",
     "compile": "fsdp", "packed_chat": "zero3", "unequal_accumulation": "zero1", "bf16": "fsdp", "fp16": "ddp",
     "noise_scale": "ddp", "sharpness": "none", "spike_skip": "ddp", "spike_rollback": "fsdp", "prefetch_off": "none",
-    "moe": "zero3", "dpo": "none", "dpo_full": "none",
+    "moe": "zero3", "dpo": "none", "dpo_full": "none", "eval": "zero3",
 }  # fmt: skip
 
 

@@ -29,8 +29,9 @@ import matrix  # noqa: E402
 
 def machine_overrides(finetune: Path, feature: str, out: Path) -> list[str]:
     data, model = matrix.BY_NAME[feature].data, matrix.BY_NAME[feature].model
+    held_out = [f"eval.files=[{finetune / 'chat.jsonl'}]"] if feature == "eval" else []  # text it never trains on
     return [f"model.pretrained={finetune / model}", f"data.path={finetune / f'{data}.jsonl'}",
-            f"data.cache_dir={out / 'cache'}"]  # fmt: skip
+            f"data.cache_dir={out / 'cache'}", *held_out]  # fmt: skip
 
 
 def start_group() -> None:

@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 COVERING = covering()
 SWEEP = [cell for cell in cells() if cell not in COVERING]
-COMPARED = ("loss", "val_loss", "grad_norm", "grad_norm/", "param_norm/", "update_ratio/")
+COMPARED = ("loss", "val_loss", "grad_norm", "grad_norm/", "param_norm/", "update_ratio/", "eval/")
+TIMES = ("eval/time_s",)  # wall-clock: present in both, never compared
 EXACT = ("step", "skipped_steps", "spike/count", "tokens", "target_tokens")
 PRESENT = ("noise_scale/", "sharpness/")  # estimators whose small batch differs by strategy: only present
 
@@ -112,7 +113,7 @@ def metric_gaps(got_rows: list[dict], want_rows: list[dict]) -> dict[str, float]
     assert [r["step"] for r in got_rows] == [r["step"] for r in want_rows]
     worst: dict[str, float] = {}
     for got, want in zip(got_rows, want_rows, strict=True):
-        keys = lambda row: {k for k in row if k.startswith(COMPARED)}  # noqa: E731
+        keys = lambda row: {k for k in row if k.startswith(COMPARED) and k not in TIMES}  # noqa: E731
         assert keys(got) == keys(want), sorted(keys(got) ^ keys(want))
         for key in keys(want):
             worst[key] = max(worst.get(key, 0.0), gap(got[key], want[key]))
@@ -135,6 +136,12 @@ def check_cell(feature: str, strategy: str, runs: Runs, finetune: Path, tmp_path
     assert model_line(got / "full") == model_line(want / "full")  # the parameter counts (zero3's are partitioned)
     if row.spikes:
         assert any(r["spike/count"] for r in read_metrics(want / "full")), "the reference flagged no spike"
+    if any(o.startswith("eval.tasks=") for o in row.overrides):  # the eval rows exist (and are compared below)
+        evaluated = {r["step"]: r for r in read_metrics(want / "full") if "eval/time_s" in r}
+        assert sorted(evaluated) == [MID, MID * 2], sorted(evaluated)
+        for r in evaluated.values():
+            assert {"eval/tiny_mc/acc", "eval/tiny_gen/exact_match_strip", "eval/tiny_rolling/word_perplexity",
+                    "eval/ppl/chat"} <= set(r), sorted(r)  # fmt: skip
     gaps = metric_gaps(read_metrics(got / "full"), read_metrics(want / "full"))
     gaps |= {
         f"weights:{k}": v for k, v in tensor_gaps(final_weights(got / "full"), final_weights(want / "full")).items()

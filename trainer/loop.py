@@ -174,7 +174,7 @@ def can_defer(run: Run, step: int, first_step: int, callbacks: tuple[Callback, .
         return False
     sharpness = cfg.diagnostics.sharpness.interval if cfg.diagnostics.sharpness.enabled else 0
     intervals = (tc.log_interval, tc.eval_interval, cfg.monitor.interval or tc.log_interval, cfg.checkpoint.interval)
-    intervals += (sharpness,)
+    intervals += (sharpness, run.downstream.interval if run.downstream is not None else 0)
     special = {first_step, tc.max_steps} | ({min(2, tc.max_steps)} if run.lora is not None else set())
     return step not in special and not any(due(step, interval) for interval in intervals)
 
@@ -202,7 +202,11 @@ def due(step: int, interval: int) -> bool:
 def should_log(run: Run, result: StepResult) -> bool:
     tc, step = run.cfg.train, run.state.step
     measured = run.instruments is not None and run.instruments.sharpness_step == step
-    return due(step, tc.log_interval) or step == tc.max_steps or bool(result.param_sumsq) or result.spiked or measured
+    downstream = run.downstream is not None and run.downstream.due(step, tc.max_steps)
+    return (
+        due(step, tc.log_interval) or step == tc.max_steps or bool(result.param_sumsq) or result.spiked or measured
+        or downstream
+    )  # fmt: skip
 
 
 def check_skips(run: Run) -> None:
@@ -270,9 +274,13 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
             metrics["val_loss"] = evaluate(
                 strategy.model, run.data.val, tc.micro_batch_size, tc.eval_batches, strategy.device, strategy.autocast()
             )
+    if step == state.step and run.downstream is not None and run.downstream.due(step, cfg.train.max_steps):
+        metrics.update(run.downstream.evaluate(run))  # collective: eval.tasks and eval.files, with eval/time_s
     run.loggers.log(metrics)
     if due(step, cfg.train.log_interval) or step == cfg.train.max_steps or result.spiked:
         run.loggers.write(console_line(metrics, cfg.train.max_steps, *run.loggers.timing(step, cfg.train.max_steps)))
+    if "eval/time_s" in metrics:
+        run.loggers.write(eval_line(step, metrics))
     if meter is not None:
         meter.reset()
     return metrics
@@ -370,6 +378,17 @@ def console_line(metrics: dict[str, Any], max_steps: int, elapsed_s: float, eta_
     if metrics.get("spike/loss") or metrics.get("spike/grad_norm"):
         parts.append(f"SPIKE ({metrics['spike/action']})")
     return " | ".join(parts)
+
+
+def eval_line(step: int, metrics: dict[str, Any]) -> str:
+    """The downstream evaluation for the console: each task's figures (with their stderr), the files'
+    perplexities and the time it took."""
+    parts = []
+    for key, value in metrics.items():
+        if key.startswith("eval/") and "_stderr" not in key and key != "eval/time_s":
+            stderr = metrics.get(key + "_stderr")
+            parts.append(f"{key[5:]} {value:.4g}" + (f" ± {stderr:.2g}" if stderr else ""))
+    return f"eval at step {step}: " + " | ".join(parts) + f" | {metrics['eval/time_s']:.1f} s"
 
 
 class TrainingError(RuntimeError):

@@ -48,6 +48,28 @@ def check_run(cfg: Config, world_size: int = 1, has_gpu: bool = False) -> None:
     _check_qat(cfg)
     _check_diagnostics(cfg, world_size)
     check_objective(cfg)  # objective= against data= and train.compile (trainer/objectives/)
+    _check_eval(cfg)
+
+
+def _check_eval(cfg: Config) -> None:
+    """eval.*: a key that only the tasks (or the tasks and files) read is not set without them, the
+    files exist, and the tasks are known with their data (trainer/evaluation/inloop.check_eval)."""
+    from trainer.config import EvalConfig
+    from trainer.evaluation.inloop import check_eval
+
+    ec, default = cfg.eval, EvalConfig()
+    for key, needs in (("include_path", "tasks"), ("limit", "tasks"), ("num_fewshot", "tasks"),
+                       ("apply_chat_template", "tasks"), ("batch_size", "enabled"), ("interval", "enabled")):  # fmt: skip
+        if getattr(ec, key) != getattr(default, key) and not getattr(ec, needs):
+            what = "eval.tasks is empty" if needs == "tasks" else "eval.tasks and eval.files are empty"
+            raise ConfigError(
+                f"eval.{key}={show(getattr(ec, key))} is set but {what}, so nothing would read it: name the tasks "
+                "with eval.tasks=[...] (or held-out text with eval.files=[...]), or drop the key"
+            )
+    for path in ec.files:
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"eval.files: {path} is not a file: list held-out text files (eval.files=[a.txt,b.txt])")
+    check_eval(ec)
 
 
 def _check_compile(cfg: Config) -> None:

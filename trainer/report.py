@@ -27,6 +27,7 @@ import argparse
 import html
 import json
 import math
+import re
 import string
 import sys
 import time
@@ -238,9 +239,34 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
         for i, run in enumerate(runs)
     ]
     wanted["moe/load/<block>"] = [expert_heatmap(f"expert-heatmap-{i}", run) for i, run in enumerate(runs)]
+    # Downstream evaluation (eval.*): a chart per task with its metrics (perplexities on a log axis),
+    # and one for the held-out files' perplexities (eval/ppl/<file>)
+    for task, metrics in eval_metrics(runs).items():
+        values = [v for run in runs for m in metrics for _, v in run.points(f"eval/{task}/{m}") if math.isfinite(v)]
+        log_axis = bool(values) and min(values) > 0 and max(values) > 100 * min(values)  # perplexities beside bits
+        title = "Held-out perplexity (eval.files)" if task == "ppl" else f"Downstream: {task}"
+        drawn = []  # as the step-time chart: one run, a colour per metric; several, a colour per run, a dash per metric
+        for j, metric in enumerate(metrics):
+            dash = ("", "6,3", "2,2", "1,3")[j % 4] if several else ""
+            drawn += lines(f"eval/{task}/{metric}", metric, dash, dots=True, color="" if several else svg.color(j))
+        kind = "eval-" + re.sub(r"[^A-Za-z0-9_-]", "-", task)
+        wanted[f"eval/{task}/<metric>"] = [svg.line_chart(kind, title, drawn, "score", log=log_axis)]
     optional = ("noise_scale/", "sharpness/", "moe/")  # what a run switches on: not "missing" when off
     missing = [key for key, made in wanted.items() if not any(made) and not key.startswith(optional)]
     return [c for made in wanted.values() for c in made if c], missing
+
+
+def eval_metrics(runs: list[Run]) -> dict[str, list[str]]:
+    """{task: its metrics} of the eval/<task>/<metric> keys any run logs (their stderr and eval/time_s aside)."""
+    found: dict[str, list[str]] = {}
+    for run in runs:
+        for row in run.rows:
+            for key in row:
+                if key.startswith("eval/") and key.count("/") >= 2 and not key.endswith("_stderr"):
+                    task, _, metric = key[5:].rpartition("/")
+                    if metric not in found.setdefault(task, []):
+                        found[task].append(metric)
+    return found
 
 
 def summary(runs: list[Run]) -> str:

@@ -22,6 +22,7 @@ from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import Data, Sampler, build_data
 from trainer.data.prefetch import Prefetcher
 from trainer.diagnostics.instruments import Instruments
+from trainer.evaluation.inloop import Downstream
 from trainer.loggers import Loggers, log_files
 from trainer.lora.run import AdapterPart, BaseRef, add_adapters, base_place, base_reference
 from trainer.model import check_attention_backend, resolve_attention_backend
@@ -60,6 +61,7 @@ class Run:
     flops_per_token: int = 0  # GPT.flops_per_token at train.seq_len, counted on the meta model
     rollbacks: tuple[str, int, int] = ("", 0, 0)  # the last rollback's checkpoint, its spiked step, how many in a row
     objective: Objective | None = None  # dpo / grpo / rloo (None: sft, the step's own token loss)
+    downstream: Downstream | None = None  # eval.tasks / eval.files (None: neither)
 
     @property
     def global_batch(self) -> int:
@@ -105,6 +107,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
     tokenizer = save_tokenizer(data, run_dir, strategy.rank)
+    downstream = Downstream.build(cfg, data.tokenizer)  # eval.*: tasks loaded (or refused) before the model
     dtype, masked = DTYPES[cfg.precision.dtype], bool(getattr(data.train, "document_mask", False))
     backend = resolve_attention_backend(model_cfg.attention_backend, strategy.device, dtype, masked, model_cfg.dropout)
     if backend != model_cfg.attention_backend:  # auto on Hopper with FA3 installed
@@ -129,7 +132,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
     run.n_params, run.flops_per_token = n_params, flops_per_token
-    run.objective = objective
+    run.objective, run.downstream = objective, downstream
     if run.objective is not None:
         run.objective.setup_reference(run)  # a frozen copy for full fine-tuning (none under LoRA)
     run.instruments = Instruments(cfg, strategy, data.val)

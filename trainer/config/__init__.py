@@ -21,6 +21,7 @@ from trainer.config.schema import (
     Config,
     ConfigError,
     DataConfig,
+    EvalConfig,
     LoggerConfig,
     LoraConfig,
     ModelConfig,
@@ -36,7 +37,7 @@ from trainer.config.schema import (
 from trainer.config.switches import check_switches
 
 __all__ = [
-    "MODEL_TYPES", "PRETRAINED_OVERRIDABLE", "STRATEGIES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggerConfig",
+    "MODEL_TYPES", "PRETRAINED_OVERRIDABLE", "STRATEGIES", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "LoggerConfig",
     "LoraConfig", "ModelConfig", "MonitorConfig", "ObjectiveConfig", "OptimConfig", "ParallelConfig", "PrecisionConfig", "SpikeConfig",
     "TrainConfig", "check_switches", "register_configs",
 ]  # fmt: skip

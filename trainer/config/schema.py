@@ -7,6 +7,7 @@ section at a time; rules that span sections and components are in trainer/prefli
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -714,6 +715,46 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Downstream evaluation during training (trainer/evaluation/): lm-evaluation-harness tasks and
+    perplexity on held-out text files, every `interval` steps and at the last step. Tasks need the
+    optional extra: pip install -e ".[eval]"."""
+
+    # lm_eval task (or group / tag) names: its registry, the shipped tiny tasks (trainer/evaluation/tasks)
+    # and the YAMLs under include_path; logged as eval/<task>/<metric> (and <metric>_stderr)
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None  # a directory of task YAMLs with local data files
+    limit: int | None = None  # at most this many documents per task (null: all)
+    num_fewshot: int | None = None  # few-shot examples per prompt (null: each task's own)
+    apply_chat_template: bool = False  # prompts through the tokenizer's chat template (lm_eval's flag)
+    batch_size: int = 8  # requests per forward on each rank
+    interval: int | None = None  # steps between evaluations (null: train.eval_interval); also at the last step
+    # held-out text files: token perplexity over train.seq_len windows, logged as eval/ppl/<file stem>
+    files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0, f"eval.batch_size must be positive, got {self.batch_size}")
+        _require(self.limit is None or self.limit > 0, f"eval.limit must be positive or null, got {self.limit}")
+        _require(
+            self.num_fewshot is None or self.num_fewshot >= 0,
+            f"eval.num_fewshot must be >= 0 or null, got {self.num_fewshot}",
+        )
+        _require(
+            self.interval is None or self.interval > 0,
+            f"eval.interval must be positive or null (null: train.eval_interval), got {self.interval}",
+        )
+        stems = [Path(f).stem for f in self.files]
+        _require(
+            len(set(stems)) == len(stems),
+            f"eval.files={self.files}: two files share a name ({stems}); each is logged as eval/ppl/<file stem>",
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.files)
+
+
+@dataclass
 class Config:
     """One run. Each field is a config group (`model=`, `data=`, ...) or a section (`train.*`)."""
 
@@ -729,6 +770,7 @@ class Config:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -18,3 +18,10 @@ def load_local_json(data_files: dict[str, str], **metadata: Any) -> datasets.Dat
     """Load json / jsonl `data_files` ({split: file name relative to this folder}); metadata is ignored."""
     files = {split: str(HERE / name) for split, name in data_files.items()}
     return datasets.load_dataset("json", data_files=files)
+
+
+def process_gen(doc: dict, results: list[str]) -> dict[str, float]:
+    """tiny_gen's figures from its filtered reply: exact_match (the reply is the answer, as lm_eval's
+    exact_match with no options) and reply_chars (its length in characters)."""
+    reply = results[0]
+    return {"exact_match": float(reply == doc["answer"]), "reply_chars": float(len(reply))}
