@@ -183,7 +183,24 @@ class HarnessLM(HFLM):
                 context.to(self.device), max_length - context.size(1), temperature=temperature,
                 top_k=kwargs.get("top_k"), top_p=float(kwargs.get("top_p") or 1.0),
                 eos_id=[eos] if eos is not None else None, prompt_lengths=lengths,
+                stopped=self._stop_check(stop, context.size(1)),
             )  # fmt: skip
+
+    def _stop_check(self, stop: list[str], width: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """The rows whose generated text (after the `width` context columns) holds a stop string: HFLM
+        cuts every reply at its first stop string, so nothing generated after one changes the answer
+        and the row can end there (as lm_eval's `hf` model's stopping criteria end it)."""
+        if not stop:
+            return None
+
+        def stopped(idx: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+            hit = done.clone().cpu()
+            for row in torch.nonzero(~hit).flatten().tolist():
+                text = self.tok_decode(idx[row, width:].tolist(), skip_special_tokens=False)
+                hit[row] = any(s in text for s in stop)
+            return hit
+
+        return stopped
 
 
 def per_document(obj: Any) -> bool:

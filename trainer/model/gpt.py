@@ -503,6 +503,7 @@ class GPT(nn.Module):
         top_p: float = 1.0,
         prompt_lengths: torch.Tensor | None = None,
         all_done: Callable[[torch.Tensor], bool] | None = None,
+        stopped: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Append up to max_new_tokens tokens to idx (B, T), each drawn from softmax(logits /
         temperature) over the top_k likeliest (temperature 0: greedy).
@@ -518,18 +519,22 @@ class GPT(nn.Module):
         all_done(done) -> bool: whether generation stops, given the rows that produced an eos
         (default: all of them); sharded models pass one that agrees across ranks (every rank must
         run the same number of forwards).
+        stopped(idx, done) -> (B,) bool: the rows that hit a stop sequence by now (lm_eval's `until`
+        strings, checked on the decoded text); such a row ends as an eos row does.
         Every step goes through forward, where sharding wrappers gather the weights. Decoding runs
         eager even where the blocks are compiled (train.compile): its shapes change every token, and
         the blocks were compiled with fullgraph for training's fixed shapes.
         """
         with torch.compiler.set_stance("force_eager"):
             return self._generate(
-                idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done
-            )
+                idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done,
+                stopped,
+            )  # fmt: skip
 
     def _generate(
-        self, idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done
-    ) -> torch.Tensor:
+        self, idx, max_new_tokens, temperature, top_k, generator, eos_id, use_cache, top_p, prompt_lengths, all_done,
+        stopped,
+    ) -> torch.Tensor:  # fmt: skip
         stop = None  # (n_eos,) the ids that end a row
         if eos_id is not None:
             ids = sorted(eos_id) if isinstance(eos_id, set | frozenset) else eos_id  # int, sequence or tensor
@@ -555,11 +560,15 @@ class GPT(nn.Module):
                 logits = self(idx[:, -self.cfg.block_size :], logits_to_keep=1)[:, -1]  # (B, vocab)
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half precision sampled in fp32
             next_token = sample_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
+            ends = stop is not None or stopped is not None
+            if ends:
+                next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # finished rows repeat their end
             if stop is not None:
-                next_token = torch.where(done[:, None], idx[:, -1:], next_token)  # finished rows repeat their eos
                 done |= torch.isin(next_token[:, 0], stop)
             idx = torch.cat((idx, next_token), dim=1)
-            if stop is not None and all_done(done):  # host sync (a collective where sharded): once a step
+            if stopped is not None:
+                done |= stopped(idx, done).to(done.device)
+            if ends and all_done(done):  # host sync (a collective where sharded): once a step
                 break
         return idx
 
