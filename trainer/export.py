@@ -11,9 +11,9 @@ assembles the fp32 master weights of a zero1-3 checkpoint. DIR gets model.safete
 with --hf (the default) and a Hugging Face family (trainer.model.families), a config.json
 for transformers' from_pretrained (tensors under Hugging Face names) with the tokenizer's real
 bos / eos / pad ids, the tokenizer files the run saved (the checkpoint's `tokenizer` part names
-them) and generation_config.json, so `transformers.pipeline("text-generation", model=DIR)` runs
-as it is (the vocabulary's padding rows, model.vocab_multiple, are dropped: transformers gets the
-checkpoint's shapes); otherwise the tensors keep GPT's names and shapes and trainer_config.json
+them; a byte run saved none and gets ByteTokenizer.hf()'s) and generation_config.json, so
+`transformers.pipeline("text-generation", model=DIR)` runs as it is (the vocabulary's padding
+rows, model.vocab_multiple, are dropped: transformers gets the checkpoint's shapes); otherwise the tensors keep GPT's names and shapes and trainer_config.json
 holds the ModelConfig. DIR is written as DIR.tmp, then renamed; an existing non-empty DIR is
 refused unless --force. Errors: one line, exit code 2.
 """
@@ -94,12 +94,17 @@ def special_ids(tokenizer: Path | None, fingerprint: str | None) -> dict[str, in
 
 
 def write_tokenizer(out: Path, tokenizer: Path | None, fingerprint: str | None) -> str:
-    """Tokenizer files, the special ids in config.json, and generation_config.json; returns what, in words."""
+    """Tokenizer files, the special ids in config.json, and generation_config.json; returns what, in words.
+    A byte run saved no tokenizer (bytes need no files to train): its files are ByteTokenizer.hf()'s."""
     ids = special_ids(tokenizer, fingerprint)
     if tokenizer is not None:
         for file in tokenizer.iterdir():
             if file.is_file() and file.name != "fingerprint.txt":
                 shutil.copy2(file, out / file.name)
+    elif fingerprint == "byte":
+        from trainer.data.tokenizer import ByteTokenizer
+
+        ByteTokenizer().hf().save_pretrained(str(out))
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(config | ids, indent=2) + "\n")
     generation = {k: v for k, v in ids.items() if v is not None}
@@ -110,7 +115,7 @@ def write_tokenizer(out: Path, tokenizer: Path | None, fingerprint: str | None) 
         stops = json.loads(saved.read_text()).get("eos_token_id")
         generation["eos_token_id"] = stops if stops is not None else generation.get("eos_token_id")
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    return " + tokenizer" if tokenizer is not None else ""
+    return " + tokenizer" if tokenizer is not None or fingerprint == "byte" else ""
 
 
 def load_model(checkpoint: Path) -> tuple[GPT, dict]:

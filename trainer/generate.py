@@ -5,12 +5,12 @@
 
 SOURCE is a run directory (its latest verified checkpoint) or one checkpoint directory, of any
 strategy (see trainer.export). The tokenizer is the one the run saved (the checkpoint's
-`tokenizer` part), or the byte tokenizer for byte-level runs. A tokenizer with a chat template
-(a chat or instruct model) gets the prompt as one user turn with the generation prompt, unless
---raw. Generation stops after --max-new-tokens, or at a stop id: the tokenizer's end-of-sequence
-token, its family's end-of-turn tokens (trainer.model.families: Gemma's <end_of_turn>, Phi-3's
-<|end|>) and the eos_token_id list of a generation_config.json the run saved with its tokenizer.
-Temperature 0 is greedy. Errors: one line, exit code 2.
+`tokenizer` part), or for byte-level runs the byte tokenizer as a transformers one. A tokenizer
+with a chat template (a chat or instruct model) gets the prompt as one user turn with the
+generation prompt, unless --raw. Generation stops after --max-new-tokens, or at a stop id: the
+tokenizer's end-of-sequence token, its family's end-of-turn tokens (trainer.model.families:
+Gemma's <end_of_turn>, Phi-3's <|end|>) and the eos_token_id list of a generation_config.json
+the run saved with its tokenizer. Temperature 0 is greedy. Errors: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
-from trainer.data.tokenizer import ByteTokenizer, chat_quirks, generation_eos_ids, stop_ids
+from trainer.data.tokenizer import ByteTokenizer, chat_quirks, generation_eos_ids, stop_ids, to_hf
 from trainer.export import ExportError, find_checkpoint, load_model, tokenizer_dir
 
 
 def load_tokenizer(checkpoint: Path) -> Any:
-    """The tokenizer the checkpoint's run trained with (transformers' fast tokenizer, or bytes)."""
+    """The tokenizer the checkpoint's run trained with, as transformers' fast tokenizer (a byte run
+    saved none: ByteTokenizer.hf(), the same ids)."""
     directory = tokenizer_dir(checkpoint)
     if directory is not None:
         from transformers import AutoTokenizer
@@ -37,16 +38,19 @@ def load_tokenizer(checkpoint: Path) -> Any:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     ref = json.loads((checkpoint / "meta.json").read_text())["parts"].get("tokenizer") or {}
     if ref.get("fingerprint") == "byte":
-        return ByteTokenizer()
+        return to_hf(ByteTokenizer())
+    if str(ref.get("fingerprint")).startswith("identity-"):
+        raise ExportError(
+            f"{checkpoint} trained on synthetic data, which has no text tokenizer: text generation and downstream "
+            "tasks need a run with data=... and a text tokenizer"
+        )
     raise ExportError(f"{checkpoint} names no saved tokenizer (a run from an older trainer, or synthetic data)")
 
 
 def stop_ids_of(checkpoint: Path, tokenizer: Any, model_type: str | None) -> tuple[int, ...]:
     """The ids that end generation: the tokenizer's eos, the end-of-turn tokens of model_type's
     family, and generation_config.json's eos_token_id in the run's tokenizer or the checkpoint
-    directory. A byte tokenizer has its eos alone."""
-    if not hasattr(tokenizer, "get_vocab"):  # bytes
-        return (tokenizer.eot_id,)
+    directory."""
     extra = generation_eos_ids(tokenizer_dir(checkpoint)) + generation_eos_ids(checkpoint)
     return stop_ids(tokenizer.eos_token_id, tokenizer.get_vocab().get, chat_quirks(model_type), extra)
 
@@ -78,7 +82,7 @@ def generate(
     tokenizer's eos); the stop id itself is left out of the text."""
     device = next(model.parameters()).device
     if stop is None:
-        stop = (tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eot_id,)  # HF or byte
+        stop = (tokenizer.eos_token_id,)
     stop = [i for i in stop if i is not None]
     ids = prompt_ids(tokenizer, prompt, raw)
     if not ids:

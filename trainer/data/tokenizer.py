@@ -8,7 +8,8 @@ and `fingerprint()` (a string that changes whenever the mapping does: it keys th
 <|begin_of_text|>; nothing for GPT-2, bytes or the BPE); `add_special_tokens=False` adds nothing.
 A Hugging Face tokenizer (`PretrainedTokenizer`) also has bos / eos / pad ids, its chat template,
 its family's chat quirks (trainer.model.families: whether the template has a system turn, the tokens
-that end an assistant turn), the ids that stop generation, and `save(directory)`.
+that end an assistant turn), the ids that stop generation, and `save(directory)`. `to_hf` gives any
+text tokenizer as a transformers one (bytes included), for lm_eval and export.
 """
 
 from __future__ import annotations
@@ -62,6 +63,31 @@ class ByteTokenizer:
 
     def fingerprint(self) -> str:
         return "byte"
+
+    def hf(self) -> Any:
+        """The same mapping as a transformers PreTrainedTokenizerFast (for lm_eval, export, transformers):
+        a BPE with no merges over GPT-2's byte alphabet, ordered so that byte b is id b, and
+        <|endoftext|> (id 256) as eos. It adds no special tokens, and `split_special_tokens` keeps the
+        literal text "<|endoftext|>" as its 13 bytes, as `encode` does: every text gets `encode(text)`."""
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {char: byte for byte, char in byte_alphabet().items()}
+        backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens([tokenizers.AddedToken(EOT_TOKEN, special=True)])  # the next id: 256
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token=EOT_TOKEN, split_special_tokens=True,
+            clean_up_tokenization_spaces=False,  # decode gives the text back, " ." and all
+        )  # fmt: skip
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (the characters of ByteLevel's pre-tokenizer output):
+    printable Latin-1 bytes stand for themselves, the others get chr(256), chr(257), ... in order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}  # "!".."~", "¡".."¬", "®".."ÿ"
+    others = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(others)) for b in range(256)}
 
 
 class IdentityTokenizer:
@@ -120,10 +146,7 @@ class HFTokenizer:
 
     def save(self, directory: str | Path) -> None:
         """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json) for export."""
-        from transformers import PreTrainedTokenizerFast
-
-        eot = self.backend.id_to_token(self.eot_id)
-        PreTrainedTokenizerFast(tokenizer_object=self.backend, eos_token=eot).save_pretrained(str(directory))
+        to_hf(self).save_pretrained(str(directory))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -217,6 +240,29 @@ class PretrainedTokenizer:
         if len(self.stop_ids) > 1:
             config = {"eos_token_id": list(self.stop_ids)}
             (Path(directory) / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def to_hf(tokenizer: Any) -> Any:
+    """The transformers tokenizer of a harness tokenizer (lm_eval's HFLM and export need one): bytes ->
+    ByteTokenizer.hf(), the BPE trained here -> its backend with <|endoftext|> as eos, a pretrained
+    one -> its own; a transformers tokenizer is returned as it is. Synthetic ids have no text."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.hf()
+    if isinstance(tokenizer, HFTokenizer):
+        from transformers import PreTrainedTokenizerFast
+
+        eos = tokenizer.backend.id_to_token(tokenizer.eot_id)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend, eos_token=eos)
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.hf
+    if isinstance(tokenizer, IdentityTokenizer):
+        raise ValueError(
+            "synthetic data has no text tokenizer: downstream tasks need data=... with a text tokenizer "
+            "(data.source=stdlib, files or hf)"
+        )
+    if hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "apply_chat_template"):  # already transformers'
+        return tokenizer
+    raise ValueError(f"{type(tokenizer).__name__} is not a tokenizer of this harness or of transformers")
 
 
 # Files of which a Hugging Face tokenizer directory holds at least one.
