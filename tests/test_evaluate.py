@@ -1,6 +1,7 @@
 """trainer.evaluate: lm_eval's task machinery on the harness's model gives lm_eval's `hf` model's numbers
 on the same weights, for each output type (multiple choice, rolling loglikelihood, generate-until),
-GPT-2 and Llama layouts, batch sizes 1 and 4; bad input is one line before the model loads."""
+GPT-2 and Llama layouts, batch sizes 1 and 4, with and without a chat template, and for a byte-level
+run against its export; bad input is one line before the model loads (more in test_evaluate_checks.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,26 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of 10 steps with the byte tokenizer (which saves no tokenizer files), one layer: ~2 s."""
+    from helpers import TINY_TOKENIZER_TEXT
+
+    from trainer.__main__ import compose_config
+    from trainer.loop import train
+
+    root = tmp_path_factory.mktemp("byte_run")
+    (root / "corpus.txt").write_text(TINY_TOKENIZER_TEXT * 20)
+    cfg, _ = compose_config([
+        "data=files", f"data.path={root / 'corpus.txt'}", "data.tokenizer=byte", f"data.cache_dir={root / 'cache'}",
+        "logger.wandb=false", "logger.progress_bar=false", "train.max_steps=10", "train.sample_tokens=0",
+        "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=64", "train.seq_len=64",
+        "train.micro_batch_size=4",
+    ])  # fmt: skip
+    train(cfg, root / "run")
+    return root / "run"
+
+
 def scores(results: dict) -> dict[str, float]:
     """Every numeric metric of every task (stderr included), keyed task/metric."""
     return {f"{task}/{k}": v for task, metrics in results["results"].items() for k, v in metrics.items()
@@ -52,13 +73,86 @@ def test_the_harness_model_scores_as_lm_evals_hf_model(checkpoints, model: str, 
         model="hf", model_args=f"pretrained={checkpoints[model]},dtype=float32", tasks=TASKS, task_manager=manager,
         batch_size=batch_size, device="cpu",
     )  # fmt: skip
-    a, b = scores(ours), scores(theirs)
+    assert_same_scores(scores(ours), scores(theirs))
+
+
+def assert_same_scores(a: dict[str, float], b: dict[str, float]) -> None:
+    """The same metrics, each equal within fp32 noise (NaN where the other is NaN)."""
     assert a.keys() == b.keys() and len(a) >= 6
     for key, value in b.items():
         if math.isnan(value):
             assert math.isnan(a[key]), key
         else:
             assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_chat_template_scores_as_lm_evals_hf_model(checkpoints, batch_size: int) -> None:
+    """apply_chat_template with one few-shot example as turns: the Llama tokenizer's template (it starts with
+    {{ bos_token }}, which the tokenizer would add too) gives both models the same prompts, and they score
+    them alike, request by request. lm_eval applies no template to rolling loglikelihood (its text is
+    the document as it is), so tiny_rolling checks only that the option leaves it alone."""
+    import lm_eval
+
+    from trainer.evaluate import evaluate, load_source, task_manager
+
+    manager, options = task_manager([]), dict(batch_size=batch_size, num_fewshot=1, limit=8, log_samples=True)
+    model, tokenizer, _ = load_source(checkpoints["llama"])
+    ours = evaluate(model, tokenizer, TASKS, manager, apply_chat_template=True, **options)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={checkpoints['llama']},dtype=float32", tasks=TASKS, task_manager=manager,
+        device="cpu", apply_chat_template=True, fewshot_as_multiturn=True, **options,
+    )  # fmt: skip
+    assert_same_scores(scores(ours), scores(theirs))
+    mc_prompt = ours["samples"]["tiny_mc"][0]["arguments"][0][0]
+    assert mc_prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n")
+    assert mc_prompt.count("<|start_header_id|>assistant") == 2  # the example's answer turn, then the prompt's
+    for task in TASKS:
+        a, b = ours["samples"][task], theirs["samples"][task]
+        assert [s["arguments"] for s in a] == [s["arguments"] for s in b], task
+        for x, y in zip(a, b, strict=True):
+            assert_same_responses(x["resps"], y["resps"])
+
+
+def assert_same_responses(a: list, b: list) -> None:
+    """One sample's responses: log-likelihoods equal within fp32 noise, generated text and flags exactly."""
+    if isinstance(b, list | tuple):
+        assert isinstance(a, list | tuple) and len(a) == len(b), (a, b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_responses(x, y)
+    elif isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    else:
+        assert a == b
+
+
+def test_a_byte_level_run_evaluates_and_its_export_scores_alike(byte_run: Path, tmp_path: Path, capsys) -> None:
+    """trainer.evaluate takes a byte run's directory (its tokenizer: ByteTokenizer.hf()); the export writes
+    that tokenizer beside the weights, and lm_eval's `hf` model on the export gives the run's numbers."""
+    import json
+
+    import lm_eval
+    from transformers import AutoTokenizer
+
+    from trainer.evaluate import evaluate, load_source, main, task_manager
+    from trainer.export import main as export
+
+    out = tmp_path / "scores.json"
+    assert main([str(byte_run), "--tasks", "tiny_mc", "--limit", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n-samples"]["tiny_mc"]["effective"] == 4
+    exported = tmp_path / "export"
+    assert export([str(byte_run), "--out", str(exported)]) == 0
+    assert "(GPT2LMHeadModel) + tokenizer + generation_config.json" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(str(exported), local_files_only=True)
+    assert tokenizer.encode(" Paris é🎉\n") == list(" Paris é🎉\n".encode()) and tokenizer.eos_token_id == 256
+    assert json.loads((exported / "config.json").read_text())["eos_token_id"] == 256
+    manager = task_manager([])
+    ours = evaluate(*load_source(byte_run)[:2], TASKS, manager, limit=6, batch_size=4)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={exported},dtype=float32", tasks=TASKS, task_manager=manager, limit=6,
+        batch_size=4, device="cpu",
+    )  # fmt: skip
+    assert_same_scores(scores(ours), scores(theirs))
 
 
 def test_bad_input_is_one_line_before_the_model_loads(tmp_path: Path, capsys) -> None:
