@@ -207,7 +207,6 @@ def test_main_refuses_missing_task_data_in_one_line_before_the_source_is_read(
 ) -> None:
     import trainer.evaluate as evaluate
 
-    monkeypatch.setattr(evaluate, "task_manager", lambda include: manager_of(*include))  # not the whole registry
     tasks = copied_task(tmp_path / "tasks")
     code = evaluate.main([str(tmp_path / "no_such_run"), "--tasks", "copied_mc", "--include-path", str(tasks)])
     err = capsys.readouterr().err.strip().splitlines()
@@ -279,7 +278,6 @@ def test_main_refuses_an_endless_generation_before_the_model_loads(tmp_path: Pat
     """The source's tokenizer (no eos) is read, its weights never are: config.json names no model file."""
     import trainer.evaluate as evaluate
 
-    monkeypatch.setattr(evaluate, "task_manager", lambda include: manager_of(*include))
     tasks = generate_task(tmp_path / "tasks", "endless_gen", "generation_kwargs:\n  until: []\n")
     source = tmp_path / "hf"
     from transformers import PreTrainedTokenizerFast
@@ -299,7 +297,6 @@ def test_main_refuses_an_endless_generation_before_the_model_loads(tmp_path: Pat
 def test_fewshot_as_multiturn_without_a_chat_template_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     import trainer.evaluate as evaluate
 
-    monkeypatch.setattr(evaluate, "task_manager", lambda include: manager_of(*include))
     assert evaluate.main([str(tmp_path), "--tasks", "tiny_mc", "--fewshot-as-multiturn"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --fewshot-as-multiturn needs --apply-chat-template (turns exist only in a chat template)"

@@ -168,6 +168,14 @@ def test_refusals(overrides: list[str], message: str) -> None:
     assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
+def test_local_tasks_skip_indexing_the_registry() -> None:
+    from trainer.evaluate import task_manager
+
+    assert sorted(task_manager([], ["tiny_mc", "tiny_tasks"]).all_tasks) == [
+        "tiny_gen", "tiny_mc", "tiny_rolling", "tiny_tasks"]  # fmt: skip
+
+
+@pytest.mark.slow  # indexes lm_eval's whole registry (~15 s)
 def test_a_missing_task_is_refused_before_the_run(tmp_path: Path) -> None:
     """A task name only the registry could hold: the whole registry is searched (seconds), then one line."""
     done = run_cli("eval.tasks=[tiny_mcq]", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

@@ -36,20 +36,6 @@ log = logging.getLogger("trainer")
 FEWSHOT_SEED = 1234  # lm_eval's default fewshot_random_seed (and its torch / numpy seeds); random's is 0
 
 
-def manager_for(tasks: list[str], include_path: str | None) -> Any:
-    """lm_eval's TaskManager knowing `tasks`: over the shipped tasks and include_path alone when they
-    hold them all (indexing lm_eval's whole registry takes seconds), else over the registry too."""
-    from lm_eval.tasks import TaskManager
-
-    from trainer.evaluate import SHIPPED_TASKS, task_manager
-
-    include = [include_path] if include_path else []
-    local = TaskManager(include_path=[str(SHIPPED_TASKS), *include], include_defaults=False)
-    if all(task in local.all_tasks for task in tasks):
-        return local
-    return task_manager(include)
-
-
 def check_eval(cfg: EvalConfig) -> Any:
     """The eval.* section before anything is built: lm_eval installed, include_path a directory, every
     task known and its local data present. Returns the TaskManager (None without tasks); raises
@@ -67,10 +53,9 @@ def check_eval(cfg: EvalConfig) -> Any:
     from trainer import evaluate as cli
 
     try:
-        manager = manager_for(cfg.tasks, cfg.include_path)
+        manager = cli.task_manager([cfg.include_path] if cfg.include_path else [], cfg.tasks)
         cli.check_tasks(manager, cfg.tasks)
-        if hasattr(cli, "check_task_data"):
-            cli.check_task_data(manager, cfg.tasks)
+        cli.check_task_data(manager, cfg.tasks)
     except cli.EvaluateError as error:
         message = str(error).replace("--include-path DIR", "eval.include_path=DIR")
         raise ConfigError(f"eval.tasks: {message}") from error
@@ -102,7 +87,10 @@ class Downstream:
                  manager: Any) -> None:  # fmt: skip
         self.cfg, self.interval, self.seq_len = cfg, interval, seq_len
         self.hf_tokenizer, self.tokenizer = hf_tokenizer, tokenizer
-        self.loaded = manager.load(cfg.tasks) if cfg.tasks else None
+        self.loaded = None
+        if cfg.tasks:
+            with quiet_lm_eval(logging.ERROR):  # not its note on each local task's custom_dataset metadata
+                self.loaded = manager.load(cfg.tasks)
         self.files = {Path(f).stem: Path(f).expanduser().read_text(encoding="utf-8") for f in cfg.files}
 
     @classmethod
@@ -123,11 +111,10 @@ class Downstream:
                 raise ConfigError(f"eval.tasks: {error}") from error
             from trainer import evaluate as cli
 
-            if hasattr(cli, "check_generation"):
-                try:
-                    cli.check_generation(manager, ec.tasks, hf)
-                except cli.EvaluateError as error:
-                    raise ConfigError(f"eval.tasks: {error}") from error
+            try:
+                cli.check_generation(manager, ec.tasks, hf)
+            except cli.EvaluateError as error:
+                raise ConfigError(f"eval.tasks: {error}") from error
         return cls(ec, ec.interval or cfg.train.eval_interval, cfg.train.seq_len, hf, tokenizer, manager)
 
     def due(self, step: int, max_steps: int) -> bool:
@@ -237,21 +224,21 @@ def configure_task(task: Any, num_fewshot: int | None, rank: int, world_size: in
 
 
 @contextlib.contextmanager
-def quiet_lm_eval():
-    """No INFO lines and no per-task progress bars from lm_eval in the training log."""
+def quiet_lm_eval(level: int = logging.WARNING):
+    """No lm_eval lines under `level` and no per-task progress bars in the training log."""
     import functools
 
     import lm_eval.api.task
     from tqdm import tqdm
 
     logger, bars = logging.getLogger("lm_eval"), lm_eval.api.task.tqdm
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    before = logger.level
+    logger.setLevel(level)
     lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
         lm_eval.api.task.tqdm = bars
 
 
