@@ -295,6 +295,21 @@ def test_a_resumed_run_keeps_the_newest_row_of_each_step(tmp_path: Path) -> None
     assert [row["step"] for row in run.spikes] == [4]  # the spike stays marked
 
 
+def test_downstream_evaluation_gets_a_chart_per_task(tmp_path: Path) -> None:
+    rows = [{"step": s, "loss": 4.0 - s / 10} for s in range(1, 7)]
+    for row, acc in ((rows[2], 0.25), (rows[5], 0.5)):
+        row.update({"eval/tiny_mc/acc": acc, "eval/tiny_mc/acc_stderr": 0.1, "eval/tiny_rolling/word_perplexity": 900.0,
+                    "eval/tiny_rolling/bits_per_byte": 2.0, "eval/ppl/notes": 12.0, "eval/time_s": 0.5})  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main([str(tmp_path)]) == 0
+    page = Elements((tmp_path / "report.html").read_text())
+    charts = {a["id"]: a for a in page.find("svg")}
+    assert {"eval-tiny_mc", "eval-tiny_rolling", "eval-ppl"} <= set(charts)
+    html = (tmp_path / "report.html").read_text()
+    assert "Downstream: tiny_mc" in html and "Held-out perplexity (eval.files)" in html
+    assert "acc_stderr" not in html.split('id="eval-tiny_mc"')[1].split("</svg>")[0]  # stderr is not a line
+
+
 def test_group_order() -> None:
     names = ["head", "block.10.attn", "block.2.norm", "embed", "block.2.attn", "block.2.mlp"]
     expected = ["embed", "block.2.attn", "block.2.mlp", "block.2.norm", "block.10.attn", "head"]
