@@ -82,7 +82,7 @@ def generate(
     tokenizer's eos); the stop id itself is left out of the text."""
     device = next(model.parameters()).device
     if stop is None:
-        stop = (tokenizer.eos_token_id,)
+        stop = (tokenizer.eos_token_id if hasattr(tokenizer, "eos_token_id") else tokenizer.eot_id,)  # HF or ours
     stop = [i for i in stop if i is not None]
     ids = prompt_ids(tokenizer, prompt, raw)
     if not ids:
