@@ -71,6 +71,23 @@ if [[ "${has_resume}" -eq 0 ]]; then
     overrides+=("train.resume=auto")
 fi
 
+# HSDP across nodes: with parallel=fsdp on several nodes, shard within each node and replicate across
+# the nodes (parallel.replicate = the node count: the device mesh (replicate, shard)), so every
+# all-gather and reduce-scatter stays on a node's fast links and only the replicas' all-reduce of
+# gradient shards crosses nodes. The caller's parallel.replicate or parallel.fsdp_shard_size wins;
+# so does a strategy chosen elsewhere (an experiment's config: pass parallel.replicate yourself).
+has_fsdp=0
+has_mesh=0
+for arg in "${overrides[@]}"; do
+    [[ "${arg#++}" == parallel=fsdp || "${arg#++}" == parallel.strategy=fsdp ]] && has_fsdp=1
+    [[ "${arg#++}" == parallel.replicate=* || "${arg#++}" == parallel.fsdp_shard_size=* ]] && has_mesh=1
+done
+# (An elastic NNODES=MIN:MAX keeps flat sharding: its node count, and so the mesh, can change.)
+if [[ "${has_fsdp}" -eq 1 && "${has_mesh}" -eq 0 && "${NNODES}" =~ ^[0-9]+$ && "${NNODES}" -gt 1 ]]; then
+    overrides+=("parallel.replicate=${NNODES}")
+    echo "multi_node: parallel=fsdp on ${NNODES} nodes: HSDP, parallel.replicate=${NNODES} (shard within a node)" >&2
+fi
+
 echo "multi_node: $(hostname -s) joins ${RDZV_ID} at ${MASTER_ADDR}:${MASTER_PORT}" \
     "(${NNODES} nodes x ${NPROC} processes, backend ${RDZV_BACKEND}, max restarts ${MAX_RESTARTS})" >&2
 

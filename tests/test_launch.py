@@ -173,9 +173,34 @@ def test_multi_node_uses_c10d_rendezvous(tmp_path: Path):
     assert flag(args, "--rdzv-id") == "job7"
     assert flag(args, "--max-restarts") == "3"
     assert "--node-rank" not in args  # c10d assigns node ranks; torchrun would ignore it
-    # train.resume=auto added: a restarted group continues from the newest checkpoint.
-    expected = ["parallel=fsdp", "hydra.run.dir=/shared/r", "train.resume=auto"]
-    assert args[-5:] == ["-m", "trainer", *expected]
+    # train.resume=auto added: a restarted group continues from the newest checkpoint; fsdp on 2 nodes
+    # shards within a node and replicates across the two (HSDP).
+    expected = ["parallel=fsdp", "hydra.run.dir=/shared/r", "train.resume=auto", "parallel.replicate=2"]
+    assert args[-6:] == ["-m", "trainer", *expected]
+    assert "HSDP, parallel.replicate=2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "given,nnodes,added",
+    [
+        (["parallel=fsdp", "parallel.replicate=4"], "2", False),  # the caller's mesh
+        (["parallel=fsdp", "parallel.fsdp_shard_size=16"], "2", False),
+        (["parallel=ddp"], "2", False),  # not fsdp
+        (["parallel=fsdp"], "1", False),  # one node: flat sharding
+        (["parallel=fsdp"], "1:4", False),  # elastic: the node count can change
+        (["++parallel.strategy=fsdp"], "3", True),
+    ],
+)
+def test_multi_node_hsdp_only_for_fsdp_on_a_fixed_number_of_nodes(tmp_path: Path, given, nnodes, added) -> None:
+    python = make_stub(tmp_path, "python")
+    env = {"PYTHON": str(python), "NNODES": nnodes, "NPROC": "8", "MASTER_ADDR": "node0"}
+    result = run_script("launch/multi_node.sh", given, env)
+    assert result.returncode == 0, result.stderr
+    args, _ = recorded(tmp_path, "python")
+    assert (f"parallel.replicate={nnodes}" in args) == added
+    assert sum(a.startswith("parallel.replicate=") for a in args) == (
+        1 if added else given.count("parallel.replicate=4")
+    )
 
 
 @pytest.mark.parametrize(
@@ -297,8 +322,9 @@ def test_sbatch_one_torchrun_per_node_with_rendezvous_on_first_node(tmp_path: Pa
     assert flag(args, "--rdzv-id") == "123456"
     assert flag(args, "--max-restarts") == "3"
     # A requeued job keeps its id, so the same run dir, and train.resume=auto continues it.
-    assert args[-5:] == [
-        "-m", "trainer", "parallel=fsdp", "hydra.run.dir=runs/trainer-123456", "train.resume=auto"
+    assert args[-6:] == [
+        "-m", "trainer", "parallel=fsdp", "hydra.run.dir=runs/trainer-123456", "train.resume=auto",
+        "parallel.replicate=2",  # fsdp on 2 nodes: HSDP, sharded within a node
     ]  # fmt: skip
     assert srun_env["OMP_NUM_THREADS"] == "4"  # 32 CPUs / 8 processes
     assert srun_env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

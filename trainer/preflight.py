@@ -212,6 +212,11 @@ def _check_launch(cfg: Config, world_size: int, has_gpu: bool) -> None:
         f'parallel={strategy} needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)',
     )
     cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
+    _require(
+        cfg.parallel.replicate == 1 or strategy == "fsdp",
+        f"parallel.replicate={cfg.parallel.replicate} (HSDP: FSDP shards replicated across groups) needs "
+        f"parallel=fsdp, not parallel={strategy}",
+    )
     if strategy == "fsdp":
         _check_fsdp(cfg.parallel, world_size, has_gpu)
     if strategy.startswith("zero"):
@@ -223,6 +228,16 @@ def _check_fsdp(cfg: ParallelConfig, world_size: int, has_gpu: bool) -> None:
         not cfg.fsdp_cpu_offload or has_gpu,
         "parallel.fsdp_cpu_offload=true needs a GPU (FSDP2 offloads GPU shards to the CPU; "
         "on the CPU they are there already): drop it or run on GPUs",
+    )
+    _require(
+        world_size % cfg.replicate == 0,
+        f"parallel.replicate={cfg.replicate} does not divide the world size {world_size}: replicate x shard "
+        "must be the world size (on several nodes: replicate = the node count)",
+    )
+    _require(
+        cfg.replicate == 1 or cfg.fsdp_shard_size in (0, world_size // cfg.replicate),
+        f"parallel.replicate={cfg.replicate} and parallel.fsdp_shard_size={cfg.fsdp_shard_size} disagree at "
+        f"world size {world_size} (replicate x shard = world size): set one of them",
     )
     shard = cfg.fsdp_shard_size or world_size
     _require(

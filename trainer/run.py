@@ -145,7 +145,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     log.info(
         f"model: {model_cfg.name} {n_params[0] / 1e6:.2f}M params "
         f"({n_params[1] / 1e6:.2f}M without embeddings) | parallel={strategy.name} "
-        f"on {strategy.world_size} rank(s), device {strategy.device}, {cfg.precision.dtype} | global batch "
+        f"on {strategy.world_size} rank(s)"
+        + (f", mesh {mesh}" if (mesh := strategy.describe_mesh()) else "")
+        + f", device {strategy.device}, {cfg.precision.dtype} | global batch "
         f"{run.global_batch} {batch_unit(cfg)} = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
         f"ranks = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")

@@ -255,10 +255,13 @@ class DataConfig:
     """Where text or records come from and how they become token sequences (and, for fine-tuning
     records, which tokens count toward the loss)."""
 
-    source: str = "stdlib"  # stdlib | files | hf | synthetic
+    source: str = "stdlib"  # stdlib | files | hf | synthetic | shards (made by python -m trainer.data.prepare)
     # files / hf: a .jsonl/.json/.parquet/.csv/.txt file, a glob (/data/part-*.jsonl), a directory or a
-    # Dataset.save_to_disk folder; hf also a dataset name
+    # Dataset.save_to_disk folder; hf also a dataset name; shards: the directory prepare wrote
     path: str | None = None
+    # shards: several shard directories sampled by weight, [{name: web, path: DIR, weight: 0.7}, ...] (instead
+    # of data.path); tokens drawn from each are logged as data/tokens/<name>
+    mixture: list[dict[str, Any]] = field(default_factory=list)
     hf_config: str | None = None  # hf: the dataset's configuration name
     hf_split: str = "train"  # hf: the dataset split to read
     text_field: str = "text"  # text format, records with fields (.jsonl/.json/.parquet/.csv, hf): the text
@@ -295,8 +298,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.source in ("stdlib", "files", "hf", "synthetic"),
-            f"data.source={self.source!r}: use stdlib, files, hf or synthetic",
+            self.source in ("stdlib", "files", "hf", "synthetic", "shards"),
+            f"data.source={self.source!r}: use stdlib, files, hf, synthetic or shards",
         )
         _require(
             self.source not in ("files", "hf") or bool(self.path),
@@ -324,6 +327,33 @@ class DataConfig:
             f"data.synthetic_concentration={self.synthetic_concentration} must be positive",
         )
         _require(self.synthetic_tokens > 0, f"data.synthetic_tokens={self.synthetic_tokens} must be positive")
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """data=shards: text windows, data.path or data.mixture (named, positive weights), not streamed."""
+        _require(
+            not self.mixture or self.source == "shards",
+            "data.mixture samples shard directories: use data=shards (make them with python -m trainer.data.prepare)",
+        )
+        if self.source != "shards":
+            return
+        _require(self.format == "text", f"data=shards holds token windows, not data.format={self.format} records")
+        _require(not self.streaming, "data=shards reads finished shards: drop data.streaming")
+        _require(not (self.path and self.mixture), "data=shards reads data.path or data.mixture, not both: drop one")
+        names = []
+        for entry in self.mixture:
+            _require(
+                isinstance(entry, dict) and set(entry) == {"name", "path", "weight"},
+                f"data.mixture entry {entry}: each source is {{name: NAME, path: DIR, weight: W}}",
+            )
+            name, weight = str(entry["name"]), entry["weight"]
+            _require(bool(name) and "/" not in name, f"data.mixture name {name!r}: a non-empty name without '/'")
+            _require(name not in names, f"data.mixture names {name!r} twice: give each source its own name")
+            _require(
+                isinstance(weight, int | float) and not isinstance(weight, bool) and weight > 0,
+                f"data.mixture source {name!r}: weight={weight} must be a number > 0",
+            )
+            names.append(name)
 
 
 @dataclass
@@ -362,6 +392,9 @@ class ParallelConfig:
     fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3-like); False: ZeRO-2-like
     fsdp_cpu_offload: bool = False  # keep sharded parameters, gradients and optimizer state in CPU memory
     fsdp_shard_size: int = 0  # hybrid sharding: shard within groups of this many ranks, replicate across (0: all)
+    # HSDP: replicate the fsdp shards across this many groups (shard within each: world size / replicate
+    # ranks); the device mesh (replicate, shard). On several nodes, the node count (the launch scripts)
+    replicate: int = 1
     fsdp_prefetch: int = 1  # blocks whose all-gather is issued ahead (forward and backward); 1: FSDP2's own default
     zero_offload_optimizer: bool = False  # DeepSpeed: optimizer state and step on the CPU
     zero_offload_params: bool = False  # DeepSpeed zero3: parameters on the CPU between uses
@@ -376,6 +409,7 @@ class ParallelConfig:
         _require(self.timeout_s > 0, f"parallel.timeout_s must be positive, got {self.timeout_s}")
         _require(self.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0, got {self.fsdp_shard_size}")
         _require(self.expert >= 1, f"parallel.expert must be >= 1 (1: no expert parallelism), got {self.expert}")
+        _require(self.replicate >= 1, f"parallel.replicate must be >= 1 (1: no replication), got {self.replicate}")
         _require(self.fsdp_prefetch >= 1, f"parallel.fsdp_prefetch must be >= 1, got {self.fsdp_prefetch}")
         _require(
             not self.zero_offload_params or self.strategy == "zero3",

@@ -67,6 +67,10 @@ class Strategy(abc.ABC):
         """The plain GPT module (for generation, FLOPs and export)."""
         return self.model
 
+    def describe_mesh(self) -> str | None:
+        """The device mesh in words for the start line, where there is more than one flat group (None)."""
+        return None
+
     def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
         """A second, frozen model from a meta-device `model` and its `weights`, held as this strategy
         holds the policy's weights (whole on each rank here; sharded by FSDP2 / ZeRO-3 there), in eval

@@ -41,14 +41,21 @@ class FSDP(TorchStrategy):
     def __init__(self, device: torch.device, rank: int, world_size: int, cfg: ParallelConfig, precision=None) -> None:
         super().__init__(device, rank, world_size, precision)
         self.cfg = cfg
-        shard = cfg.fsdp_shard_size or world_size
+        shard = world_size // cfg.replicate if cfg.replicate > 1 else cfg.fsdp_shard_size or world_size
         if shard == world_size:
             self.mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
-        else:  # hybrid: shard inside groups of `shard` ranks, replicate across the groups
+        else:  # HSDP: shard inside groups of `shard` ranks, replicate across the groups
             self.mesh = init_device_mesh(
                 device.type, (world_size // shard, shard), mesh_dim_names=("replicate", "shard")
             )
         self.shard_group = self.mesh["shard"].get_group()
+
+    def describe_mesh(self) -> str | None:
+        """The device mesh in words, for the start line: 'replicate 2 x shard 4 (HSDP)' or 'shard 8'."""
+        sizes = dict(zip(self.mesh.mesh_dim_names, self.mesh.shape, strict=True))
+        text = " x ".join(f"{name} {size}" for name, size in sizes.items())
+        return text + (" (HSDP: all-gathers and reduce-scatters within a shard group, one all-reduce across "
+                       "replicas)" if "replicate" in sizes else "")  # fmt: skip
 
     def parallelize(self, model: nn.Module, weights: WeightSource) -> nn.Module:
         # Shard first, on the meta device; then each rank allocates and fills its shards only.

@@ -101,15 +101,25 @@ class DCPModelState(ModelState):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        optimizer = self.strategy.optimizer
+        # How this run's optimizer computes (a fused CPU / GPU kernel, foreach) is its own, not state: a
+        # checkpoint written by another strategy (FSDP's unfused AdamW, loaded by parallel=none's fused one)
+        # must not switch it, or the step would take the wrong kernel's arguments.
+        kernels = [{k: g[k] for k in OPTIMIZER_KERNEL if k in g} for g in optimizer.param_groups]
         state = self._state()
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
         if self.strategy.experts is not None:
             state = self.strategy.experts.to_local(state)
         set_state_dict(
-            self.strategy.model, self.strategy.optimizer,
+            self.strategy.model, optimizer,
             model_state_dict=state["model"], optim_state_dict=state["optim"], options=self._options(),
         )  # fmt: skip
+        for group, kept in zip(optimizer.param_groups, kernels, strict=True):
+            group.update(kept)
+
+
+OPTIMIZER_KERNEL = ("fused", "foreach", "capturable", "differentiable")  # param_group keys that pick the kernel
 
 
 def read_info(directory: Path) -> dict[str, Any]:
