@@ -233,6 +233,7 @@ def _initial_adapters(
 def _as_stored(module: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
     """The full base weight as `module` stores it, in fp32 on the CPU: rounded to its dtype, or (QLoRA)
     quantised to NF4 and back, as run.base_place / apply_lora will store it."""
+    weight = weight.full() if hasattr(weight, "rows") else weight  # a checkpoint's tensor not read yet
     if is_nf4(weight):
         return dequantize(weight).float().cpu()
     weight = weight.detach().to(module.weight.dtype)

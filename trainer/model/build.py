@@ -28,5 +28,6 @@ def build_model(cfg: ModelConfig, seed: int, quant: QuantConfig | None = None) -
 
         add_fake_quantization(model, quant)
     if cfg.pretrained:
-        return model, lambda device: pretrained_weights(cfg.pretrained, cfg)
+        # lazy: each tensor read when the strategy places it, a shard reading only its rows
+        return model, lambda device: pretrained_weights(cfg.pretrained, cfg, lazy=True)
     return model, lambda device: model.initial_weights(seed, device)

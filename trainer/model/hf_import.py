@@ -247,19 +247,24 @@ def read_hf_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: t for file, names in files for name, t in _read_file(file, names)}
 
 
-def pretrained_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def pretrained_weights(
+    path: str | Path, cfg: ModelConfig, lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
     """GPT's tensors (our names; CPU; the checkpoint's dtype) streamed from a local HF checkpoint,
     each yielded once its HF pieces are read, file by file, so the whole model is never held: only
     pieces waiting for a partner in the next file (q, k, v of a layer split across shards).
     GPT-2's learned positions are cropped to cfg.block_size; the embedding and an untied head get
     zero rows up to cfg.padded_vocab_size. Missing or unused tensors, and (safetensors) a tensor
     whose shape config.json does not imply, are reported (ValueError) on the call, from the files'
-    names and headers, before any tensor is read."""
+    names and headers, before any tensor is read. lazy (safetensors files only): each tensor a
+    CheckpointTensor, read when and as far as its consumer asks (a shard reads its rows only)."""
     path = Path(path).expanduser()
     files = _weight_files(path)
     rows = _name_map(cfg)
     _check_names([n.removeprefix("transformer.") for _, names in files for n in names], rows, cfg)
     _check_shapes(files, rows, cfg)
+    if lazy and all(file.suffix == ".safetensors" for file, _ in files):
+        return _lazy_rows(files, rows, cfg)
     return _stream(files, rows, cfg)
 
 
@@ -318,6 +323,92 @@ def _piece_shape(ours: tuple[int, ...], row: Row, n: int) -> str:
     if row.how == "cat":
         return f"a {n}-way split of {ours}"
     return str(ours)
+
+
+class CheckpointTensor:
+    """One of GPT's tensors as a safetensors checkpoint holds it, read on demand: `rows(start, stop)`
+    reads only those rows of GPT's tensor through safetensors slices of its pieces (a Conv1D weight's
+    columns, the q / k / v pieces the range overlaps, the experts in it), `full()` all of it. Rows past
+    the vocabulary (padding) are zeros; learned positions past block_size are never read. A strategy that
+    holds a shard of the tensor reads only its shard (trainer.parallel.base.shard_of); `BYTES_READ` counts
+    the bytes this process has read through it."""
+
+    def __init__(self, ours: str, pieces: list[tuple[Path, str]], how: str, shape: tuple[int, ...],
+                 dtype: torch.dtype, cfg: ModelConfig) -> None:  # fmt: skip
+        self.ours, self.pieces, self.how, self.dtype = ours, pieces, how, dtype
+        self.real = cfg.vocab_size if ours in VOCAB_ROWS else shape[0]  # rows the checkpoint holds (unpadded)
+        self.shape = (cfg.padded_vocab_size, *shape[1:]) if ours in VOCAB_ROWS else shape
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        global BYTES_READ
+        stop = min(stop, self.shape[0])
+        real_stop = max(min(stop, self.real), start)
+        parts = []
+        if real_stop > start:
+            if self.how == "stack":  # one piece per row (expert)
+                for file, name in self.pieces[start:real_stop]:
+                    with safe_open(file, framework="pt") as f:
+                        parts.append(f.get_tensor(name)[None])
+            elif self.how == "cat":  # the pieces' row ranges, end to end
+                offset = 0
+                for file, name in self.pieces:
+                    with safe_open(file, framework="pt") as f:
+                        piece = f.get_slice(name)
+                        n = piece.get_shape()[0]
+                        lo, hi = max(start - offset, 0), min(real_stop - offset, n)
+                        if lo < hi:
+                            parts.append(piece[lo:hi])
+                        offset += n
+            else:
+                ((file, name),) = self.pieces
+                with safe_open(file, framework="pt") as f:
+                    piece = f.get_slice(name)
+                    parts.append(piece[:, start:real_stop].t() if self.how == "conv1d" else piece[start:real_stop])
+        tensor = torch.cat(parts) if parts else torch.empty(0, *self.shape[1:], dtype=self.dtype)
+        BYTES_READ += tensor.numel() * tensor.element_size()
+        if stop > real_stop:  # the vocabulary's padding rows
+            tensor = torch.cat([tensor, tensor.new_zeros(stop - real_stop, *self.shape[1:])])
+        return tensor.contiguous()
+
+
+BYTES_READ = 0  # bytes read through CheckpointTensor in this process
+
+
+def as_tensor(tensor: torch.Tensor | CheckpointTensor) -> torch.Tensor:
+    """A weight source's tensor, read whole when it is still a CheckpointTensor."""
+    return tensor.full() if isinstance(tensor, CheckpointTensor) else tensor
+
+
+def _lazy_rows(
+    files: list[tuple[Path, list[str]]], rows: list[Row], cfg: ModelConfig
+) -> Iterator[tuple[str, CheckpointTensor]]:
+    """pretrained_weights for safetensors checkpoints: each GPT tensor as a CheckpointTensor (nothing read)."""
+    from safetensors import safe_open
+
+    where: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
+    for file, stored in files:
+        with safe_open(file, framework="pt") as f:
+            for name in stored:
+                piece = f.get_slice(name)
+                dtype = getattr(torch, DTYPE_NAMES.get(piece.get_dtype(), "float32"))
+                where[name.removeprefix("transformer.")] = (file, name, tuple(piece.get_shape()), dtype)
+    for row in rows:
+        pieces = [where[h] for h in row.theirs]
+        shape = _assembled_shape([p[2] for p in pieces], row.how)
+        if row.ours == "embed.wpe.weight":
+            if cfg.block_size > shape[0]:
+                raise ValueError(f"block_size={cfg.block_size} exceeds the checkpoint's {shape[0]} positions")
+            shape = (cfg.block_size, *shape[1:])
+        yield row.ours, CheckpointTensor(row.ours, [(p[0], p[1]) for p in pieces], row.how, shape, pieces[0][3], cfg)
+
+
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+               "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # fmt: skip
 
 
 def _stream(

@@ -406,7 +406,9 @@ def materialize(
             name = bare_name(name)
             if name not in params:
                 raise ValueError(f"initial weights name {name!r}, which the model does not have")
-            place(params[name], full)
+            # a checkpoint's tensor not read yet (CheckpointTensor) is read here: its rows only, for a
+            # shard; whole for a custom `place` (ZeRO-3, QLoRA)
+            place(params[name], full if place is _copy_into_local_part else whole(full))
             filled.add(name)
     missing = sorted(params.keys() - filled)
     if missing:
@@ -417,11 +419,26 @@ def _copy_into_local_part(param: nn.Parameter, full: torch.Tensor) -> None:
     local(param).copy_(shard_of(full, param))
 
 
+def whole(tensor: Any) -> torch.Tensor:
+    """A weight source's tensor, read whole if it is a checkpoint's tensor not read yet (CheckpointTensor)."""
+    return tensor.full() if hasattr(tensor, "rows") else tensor
+
+
 def shard_of(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a full tensor for `param`: all of it, or its DTensor shard."""
+    """This rank's part of a full tensor for `param`: all of it, or its DTensor shard. A checkpoint's
+    tensor not read yet (trainer.model.hf_import.CheckpointTensor) is read only as far as this rank's
+    part goes, when that part is a range of rows (FSDP2's dim-0 shards, replicated or not)."""
     if not hasattr(param, "device_mesh"):
-        return full
+        return whole(full)
     from torch.distributed.tensor import distribute_tensor
+
+    if hasattr(full, "rows"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        if tuple(shape[1:]) == tuple(param.shape[1:]) and all(o == 0 for o in offset[1:]):
+            return full.rows(offset[0], offset[0] + shape[0]).to(device=param.device, dtype=param.dtype)
+        full = full.full()
 
     full = full.to(device=param.device, dtype=param.dtype)
     # src_data_rank=None: every rank holds the same full tensor, so each slices its own part
