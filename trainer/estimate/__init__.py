@@ -2,6 +2,7 @@
 
     python -m trainer.estimate model=llama3-8b lora=default train.micro_batch_size=2 train.seq_len=4096
     python -m trainer.estimate model=gpt2 parallel=fsdp precision=bf16 --world-size 8 --json
+    python -m trainer.estimate model=llama3-8b precision=bf16 train.seq_len=8192 --gpus 1024
 
 The config is composed as `python -m trainer` composes it, without the run checks (an estimate
 may describe a run the harness refuses, e.g. lora.quantize_base=nf4 with parallel=fsdp). Parameters are
@@ -18,9 +19,13 @@ norm placement and offset, GeGLU, fused gate / up, sliding windows, sparse MLPs 
 | activations | what one micro-batch's forward keeps for backward, part by part                   |
 | memory      | weights, gradients, AdamW state under each sharding (the experts' apart); estimate |
 | planner     | --memory-budget: the checkpointing setting that fits at least recompute; --measure |
-| cli         | the table, --json, --memory-budget, main                                          |
+| mesh        | the (replicate, shard, tensor) mesh, its refusals, the GPUs, a ring collective's time |
+| comm        | a step's FLOPs and collectives per strategy and mesh (FSDP, HSDP, ZeRO, DDP, TP + SP) |
+| scale       | --gpus N: every strategy and mesh's memory, step time, tokens/s, MFU; the fastest that fits |
+| cli         | the table, --json, --memory-budget, --gpus, main                                  |
 
-benchmarks/estimate_check.py measures activations and peaks of real CPU steps against these.
+benchmarks/estimate_check.py measures activations and peaks of real CPU steps against these;
+benchmarks/planner_check.py sets the scale planner against torchtitan's published H100 throughput.
 """
 
 from trainer.estimate.activations import activation_bytes

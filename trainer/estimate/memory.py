@@ -172,6 +172,14 @@ def peak_phases(
     }
 
 
+def kept_states(states: dict[str, Any], accumulation: int) -> float:
+    """The model states on the device through the step, below every moment of peak_phases: all but
+    what lives in host memory, and the gradients only when accumulating (they exist from backward
+    to the step otherwise: zero_grad(set_to_none), and peak_phases counts them there)."""
+    on_device = {k: v for k, v in states.items() if k != "host" and k not in states["host"]}
+    return sum(v for k, v in on_device.items() if k != "gradients" or accumulation > 1)
+
+
 def estimate(cfg: Config, world_size: int = 1, vocab: int | None = None) -> dict[str, Any]:
     """The estimate as a dict (what --json prints): the run, parameters, bytes per rank, the peak."""
     m = model_shape(cfg, vocab)
@@ -181,9 +189,7 @@ def estimate(cfg: Config, world_size: int = 1, vocab: int | None = None) -> dict
     world = 1 if cfg.parallel.strategy == "none" else world_size
     accumulation = cfg.train.accumulation_steps(world)
     phases = peak_phases(cfg, m, params, act, states, accumulation)
-    on_device = {k: v for k, v in states.items() if k != "host" and k not in states["host"]}
-    # Gradients exist from backward to the step (zero_grad(set_to_none)), unless accumulating.
-    kept = sum(v for k, v in on_device.items() if k != "gradients" or accumulation > 1)
+    kept = kept_states(states, accumulation)
     moment = max(phases, key=phases.get)
     lora = params.lora
     return {
