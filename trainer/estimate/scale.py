@@ -277,6 +277,14 @@ def table(p: dict[str, Any], limit: int = 0) -> str:
             f"\nplan: {chosen['overrides']} (mesh {chosen['label']}: {chosen['tokens_per_s']:,.0f} tokens/s a GPU, "
             f"MFU {100 * chosen['mfu']:.1f}%, peak {chosen['peak'] / GIB:.1f} GiB of {memory:.0f})"
         )
+        close = [
+            r for r in p["rows"] if r is not chosen and r["fits"] and r["tokens_per_s"] >= 0.99 * chosen["tokens_per_s"]
+        ]
+        if close:  # the time model's error is larger than 1%: say which others are as good
+            lines.append(
+                f"within 1% of it (below the model's resolution): {len(close)} more, e.g. "
+                + "; ".join(f"{r['overrides']} (mesh {r['label']}, peak {r['peak'] / GIB:.1f} GiB)" for r in close[:2])
+            )
     elif p["least_peak"]:
         least = p["least_peak"]
         lines.append(
