@@ -35,6 +35,7 @@ Collectives (trainer.estimate.mesh prices each one):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trainer.config import ModelConfig
@@ -146,7 +147,7 @@ class TensorParallel:
 
 def tensor_parallel(
     ledger: Ledger, f: LayerFlops, tokens: int, m: ModelConfig, a: int, mode: str, fraction: float, calls: float,
-    float8: bool, async_tp: bool, matmul_seconds,
+    float8: bool, async_tp: bool, matmul_seconds: Callable[[float], float],
 ) -> TensorParallel:  # fmt: skip
     """TP's collectives of one micro-batch of `tokens` (module docstring), recorded `calls` times
     (micro-batches a step) in the ledger; exposed on the critical path unless async_tp, which

@@ -117,8 +117,7 @@ def peak_memory(
     """Bytes a GPU allocates at its peak on this mesh (the module docstring)."""
     run = run_config(cfg, mesh)
     mode, fraction = checkpointing(m, options)
-    autocast = mesh.strategy in ("none", "ddp")  # FSDP / DeepSpeed compute on half weights
-    key = f"{autocast}"
+    key = "autocast" if mesh.strategy in ("none", "ddp") else "half weights"  # FSDP / DeepSpeed's activations differ
     if key not in cache:
         cache[key] = activations(run, m, params, mode)
     act = cache[key]
