@@ -253,6 +253,8 @@ def log_step(run: Run, result: StepResult, meter: Throughput | None, step: int |
         "global_batch": run.global_batch, "skipped_steps": state.skipped_steps, "spike/count": run.spikes.count,
         **(meter.metrics() if meter is not None else {}), "memory/peak_gb": peak_memory_gb(strategy.device),
         **(run.instruments.metrics(step) if run.instruments is not None and step == state.step else {}),
+        **({f"data/tokens/{name}": n for name, n in run.sampler.tokens_drawn().items()}  # data=shards: per source
+           if hasattr(run.sampler, "tokens_drawn") and step == state.step else {}),
     }  # fmt: skip
     if (scale := strategy.loss_scale()) is not None:
         metrics["loss_scale"] = scale

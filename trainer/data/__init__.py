@@ -4,7 +4,9 @@ Use: `data = build_data(cfg.data, cfg.train.seq_len, cfg.train.seed, pretrained=
 one `sampler = Sampler(len(data.train), cfg.train.seed)` per rank, and each step
 `x, y, *positions = data.train.get_batch(shard_for_rank(sampler.next_global_batch(B), rank, world_size))`.
 
-data.format=text gives PackedSplit windows of one token stream, (x, y). data.format=instruct / chat
+data.format=text gives PackedSplit windows of one token stream, (x, y); data=shards gives MixtureSplit
+windows of pretokenized shard directories (trainer/data/prepare.py writes them), one or several sampled
+by weight (data.mixture), whose sampler also counts the tokens drawn from each. data.format=instruct / chat
 gives ExampleSplit rows of whole examples whose non-target tokens have IGNORE_INDEX targets, (x, y,
 positions) with data.document_mask. data.format=preference gives PreferenceSplit pairs, two rows each
 (chosen, rejected); data.format=prompts gives PromptSplit prompts, a batch being their indices. Each
@@ -21,10 +23,12 @@ from pathlib import Path
 from trainer.config import ConfigError, DataConfig
 from trainer.data.cache import Source, cached_bpe, open_or_build, split_point, token_dtype, unigram_entropy
 from trainer.data.examples import ExampleSplit, open_or_build_examples, padding_id
+from trainer.data.mixture import MixtureSplit, mixture_entropy, mixture_splits
 from trainer.data.packing import PackedSplit
 from trainer.data.preference import PreferenceSplit, check_preference_config, open_or_build_pairs
 from trainer.data.prompts import PromptRecord, PromptSplit, read_prompts
 from trainer.data.sampler import Sampler, shard_for_rank
+from trainer.data.shards import mixture_sources, open_sources, run_tokenizer
 from trainer.data.sources import open_source
 from trainer.data.streaming import StreamingSplit, streaming_splits, validation_period
 from trainer.data.synthetic import synthetic_stream
@@ -40,6 +44,7 @@ from trainer.data.tokenizer import (
 __all__ = [
     "Data",
     "ExampleSplit",
+    "MixtureSplit",
     "PackedSplit",
     "PreferenceSplit",
     "PretrainedTokenizer",
@@ -51,13 +56,13 @@ __all__ = [
     "shard_for_rank",
 ]
 
-Split = PackedSplit | ExampleSplit | StreamingSplit | PreferenceSplit | PromptSplit
+Split = PackedSplit | ExampleSplit | StreamingSplit | PreferenceSplit | PromptSplit | MixtureSplit
 
 
 def target_tokens(split: Split) -> int:
     """Tokens of a split that count toward the loss in one pass over its rows (prompts: none, the
     completions are sampled)."""
-    windows = isinstance(split, PackedSplit | StreamingSplit)
+    windows = isinstance(split, PackedSplit | StreamingSplit | MixtureSplit)
     return len(split) * split.seq_len if windows else split.target_tokens
 
 
@@ -174,6 +179,8 @@ def build_data(
     show_progress = rank == 0
     if cfg.source == "synthetic":
         return _synthetic_data(cfg, seq_len, seed)
+    if cfg.source == "shards":
+        return _shards_data(cfg, seq_len, seed, pretrained)
     if cfg.format == "preference":
         check_preference_config(cfg)
     choice = choose_tokenizer(cfg, pretrained)
@@ -318,6 +325,32 @@ def _streaming_data(
         documents=None,
         cache=f"streamed: tokenized as training reads it, validation = every "
         f"{validation_period(val_fraction)}th document",
+    )
+
+
+def _shards_data(cfg: DataConfig, seq_len: int, seed: int, pretrained: str | None) -> Data:
+    """data=shards: the prepared directories (checked first, one line each), read through memmaps; nothing
+    is tokenized, and no rank reads a whole shard (trainer/data/mixture.py)."""
+    sources = mixture_sources(cfg)
+    sets = open_sources(cfg)
+    tokenizer = run_tokenizer(cfg, sets[0], pretrained)
+    names, weights = [name for name, _, _ in sources], [weight for _, _, weight in sources]
+    train, val = mixture_splits(sets, names, weights, seq_len, cfg.val_fraction, seed)
+    if len(sets) == 1:
+        described = f"shards {sets[0].describe()}"
+    else:
+        total = sum(weights)
+        parts = [f"{n} {w / total:.0%} {s.describe()}" for n, w, s in zip(names, weights, sets, strict=True)]
+        described = f"mixture of {len(sets)} shard sets: " + ", ".join(parts)
+    return Data(
+        tokenizer=tokenizer,
+        train=train,
+        val=val,
+        unigram_entropy=mixture_entropy(sets, weights),  # of the whole streams, mixed by weight
+        entropy_rate=None,
+        source=described,
+        documents=sum(s.meta["documents"] for s in sets),
+        cache="pretokenized (shard sizes checked; prepare verifies their sha256)",
     )
 
 
