@@ -14,7 +14,7 @@ import torch
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data import PackedSplit, Sampler, shard_for_rank
-from trainer.data.sampler import SequentialSampler
+from trainer.data.sampler import LaneSampler, SequentialSampler
 from trainer.data.sources import FileSource, HFSource, open_source
 from trainer.data.streaming import StreamingSplit, shuffled, split_texts, streaming_splits, validation_period
 from trainer.data.tokenizer import ByteTokenizer
@@ -148,21 +148,23 @@ def test_resume_gives_identical_batches(tmp_path):
 
     original = splits()
     sampler = original.sampler(seed=0)
+    assert isinstance(sampler, LaneSampler)
     for _ in range(7):
         original.get_batch(sampler.next_global_batch(6))
     state = json.loads(json.dumps(sampler.state_dict()))
-    assert state == {"kind": "sequential", "position": 42}
+    assert state == {"kind": "lanes", "batches": 7}
     expected = [original.get_batch(sampler.next_global_batch(6)) for _ in range(5)]
     assert original.epoch >= 2  # the batches after the checkpoint reach a later, reshuffled epoch
 
-    resumed, resumed_sampler = splits(), SequentialSampler()
+    resumed, resumed_sampler = splits(), LaneSampler()
     resumed_sampler.load_state_dict(state)
+    longest = max(len(t.encode()) + 1 for t in corpus(12))
     for i, (x, y) in enumerate(expected):
         got_x, got_y = resumed.get_batch(resumed_sampler.next_global_batch(6))
         torch.testing.assert_close(got_x, x, rtol=0, atol=0)
         torch.testing.assert_close(got_y, y, rtol=0, atol=0)
-        if i == 0:  # skipping forward to the resume point kept only its last batch of documents
-            assert resumed.buffered_tokens < 6 * SEQ_LEN + 2 * max(len(t) + 1 for t in corpus(12))
+        if i == 0:  # skipping forward to the resume point kept, per lane, its window and a few documents
+            assert resumed.buffered_tokens < 6 * (SEQ_LEN + 1 + 3 * longest)
 
 
 def test_shuffled_is_a_seeded_permutation_within_a_buffer():
@@ -220,6 +222,84 @@ def test_rank_shards_concatenate_to_the_global_batch(tmp_path):
         torch.testing.assert_close(torch.cat([s[1] for s in shards]), y, rtol=0, atol=0)
 
 
+def lane_stream(texts: list[str], lane: int, lanes: int, epochs: int) -> np.ndarray:
+    """Lane `lane` of `lanes` cut by hand: the documents numbered lane, lane + lanes, ... over `epochs`
+    passes (numbers continue from one epoch to the next), each followed by eot."""
+    numbered = [t for _ in range(epochs) for t in texts]
+    return joined(numbered[lane::lanes])
+
+
+def test_lanes_are_the_documents_dealt_round_robin():
+    texts = corpus(13)  # 13 documents, 4 lanes: the lanes' documents change from one epoch to the next
+    train = StreamingSplit(lambda: texts, ByteTokenizer(), SEQ_LEN, chunk_documents=3)
+    sampler = train.sampler(seed=0)
+    for k in range(12):
+        rows = sampler.next_global_batch(4)
+        np.testing.assert_array_equal(rows, [[k, j, 4] for j in range(4)])
+        x, y = train.get_batch(rows)
+        for j in range(4):
+            expected_x, expected_y = windows(lane_stream(texts, j, 4, 12), [k])
+            torch.testing.assert_close(x[j : j + 1], expected_x, rtol=0, atol=0)
+            torch.testing.assert_close(y[j : j + 1], expected_y, rtol=0, atol=0)
+    assert train.epoch >= 2
+
+
+class CountingTokenizer(ByteTokenizer):
+    """Bytes, counting the documents encoded."""
+
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        self.encoded += len(texts)
+        return super().encode_batch(texts)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_each_rank_tokenizes_its_own_lanes_and_the_global_batch_does_not_change(world):
+    """World size 1 and `world`: the same global batches; each of `world` ranks tokenizes about 1 /
+    world of the documents the single process tokenizes (its rows' lanes: 8 / world of 8)."""
+    texts = corpus(120)
+    make = lambda tokenizer: StreamingSplit(lambda: texts, tokenizer, SEQ_LEN, chunk_documents=4)  # noqa: E731
+    whole_tokenizer = CountingTokenizer()
+    whole, reference = make(whole_tokenizer), LaneSampler()
+    ranks = [(make(tokenizer), LaneSampler(), tokenizer) for tokenizer in (CountingTokenizer() for _ in range(world))]
+    for _ in range(40):
+        global_batch = reference.next_global_batch(8)
+        x, y = whole.get_batch(global_batch)
+        shards = [split.get_batch(shard_for_rank(sampler.next_global_batch(8), r, world))
+                  for r, (split, sampler, _) in enumerate(ranks)]  # fmt: skip
+        torch.testing.assert_close(torch.cat([s[0] for s in shards]), x, rtol=0, atol=0)
+        torch.testing.assert_close(torch.cat([s[1] for s in shards]), y, rtol=0, atol=0)
+    assert whole.epoch >= 1 and whole_tokenizer.encoded == whole.tokenized_documents
+    share = 8 // world
+    for r, (split, _, tokenizer) in enumerate(ranks):
+        assert split.mine == set(range(r * share, (r + 1) * share))
+        # its lanes' documents and no other: 1 / world of them, to a few documents (how far each lane ran ahead)
+        assert tokenizer.encoded == split.tokenized_documents
+        assert abs(tokenizer.encoded - whole_tokenizer.encoded / world) <= 8
+
+
+def test_a_stream_resumes_at_another_world_size():
+    """Two ranks stop after 9 global batches; one process loads the sampler state and draws the
+    global batches the two ranks would have drawn next (the same rows, the same tokens)."""
+    texts = corpus(40)
+    make = lambda: StreamingSplit(lambda: texts, ByteTokenizer(), SEQ_LEN, shuffle_buffer=5, seed=4)  # noqa: E731
+    ranks = [(make(), LaneSampler()) for _ in range(2)]
+    for _ in range(9):
+        for r, (split, sampler) in enumerate(ranks):
+            split.get_batch(shard_for_rank(sampler.next_global_batch(6), r, 2))
+    state = json.loads(json.dumps(ranks[0][1].state_dict()))
+    one, one_sampler = make(), LaneSampler()
+    one_sampler.load_state_dict(state)
+    for _ in range(6):
+        x, y = one.get_batch(one_sampler.next_global_batch(6))
+        shards = [split.get_batch(shard_for_rank(sampler.next_global_batch(6), r, 2))
+                  for r, (split, sampler) in enumerate(ranks)]  # fmt: skip
+        torch.testing.assert_close(x, torch.cat([s[0] for s in shards]), rtol=0, atol=0)
+        torch.testing.assert_close(y, torch.cat([s[1] for s in shards]), rtol=0, atol=0)
+
+
 def test_splits_name_their_sampler():
     packed = PackedSplit(np.arange(50), 4)
     np.testing.assert_array_equal(packed.sampler(7).next_global_batch(30), Sampler(12, 7).next_global_batch(30))
@@ -230,6 +310,12 @@ def test_splits_name_their_sampler():
         SequentialSampler().load_state_dict(Sampler(10, 0).state_dict())
     with pytest.raises(ValueError, match="data.streaming changed"):
         Sampler(10, 0).load_state_dict(sequential.state_dict())
+    with pytest.raises(ValueError, match="data.streaming changed"):
+        LaneSampler().load_state_dict(Sampler(10, 0).state_dict())
+    with pytest.raises(ValueError, match="data.streaming changed"):
+        Sampler(10, 0).load_state_dict(LaneSampler().state_dict())
+    with pytest.raises(ValueError, match="before streams were dealt into lanes"):
+        LaneSampler().load_state_dict(sequential.state_dict())
 
 
 def test_splits_too_small_name_the_setting(tmp_path):

@@ -2,8 +2,10 @@
 
 Every rank builds the same sampler and draws the same global batch, then keeps its own shard: no
 communication, and a checkpoint needs only `state_dict()` from one rank. `Sampler` shuffles a
-split of known size (PackedSplit); `SequentialSampler` counts 0, 1, 2, ... for a streamed split
-(StreamingSplit), which cannot be shuffled globally. Each split's `sampler(seed)` gives its kind.
+split of known size (PackedSplit); `LaneSampler` hands a streamed split (StreamingSplit), which
+cannot be shuffled globally, each lane's next window (`SequentialSampler` counts 0, 1, 2, ...: one
+lane); data=shards has its MixtureSampler (trainer/data/mixture.py). Each split's `sampler(seed)`
+gives its kind.
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class Sampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the data must have the same number of samples as when saved."""
+        if state.get("kind") == "mixture":
+            raise ValueError(
+                "the sampler state is a data=shards run's but this run reads a token cache: data changed since "
+                "the checkpoint"
+            )
         if "num_samples" not in state:
             raise ValueError(
                 "the sampler state is a streamed run's (data.streaming=true) but this run reads a token "
@@ -76,6 +83,42 @@ class Sampler:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order_epoch = -1
+
+
+class LaneSampler:
+    """A streamed split's order in lanes (StreamingSplit): global batch k of B rows is window k of
+    lanes 0 .. B - 1, as rows (window, lane, lanes) of a (B, 3) int64 array. Rank r's contiguous rows
+    are always the same lanes, so it tokenizes those lanes' documents alone."""
+
+    def __init__(self) -> None:
+        self.batches = 0  # global batches drawn: the next one is window `batches` of each lane
+
+    def next_global_batch(self, global_batch_size: int) -> np.ndarray:
+        """The next global batch: (global_batch_size, 3) rows (window, lane, lanes)."""
+        if global_batch_size <= 0:
+            raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+        lanes = np.arange(global_batch_size, dtype=np.int64)
+        rows = np.stack([np.full_like(lanes, self.batches), lanes, np.full_like(lanes, global_batch_size)], axis=1)
+        self.batches += 1
+        return rows
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state: the global batches drawn."""
+        return {"kind": "lanes", "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`, which a LaneSampler wrote."""
+        if state.get("kind") == "sequential":
+            raise ValueError(
+                "the sampler state is a streamed run's from before streams were dealt into lanes (each rank "
+                "tokenizing its own share): start the run afresh (train.resume=none)"
+            )
+        if state.get("kind") != "lanes":
+            raise ValueError(
+                "the sampler state is a shuffled sampler's (a token-cache or shards run) but this run streams its "
+                "data: data.streaming changed since the checkpoint"
+            )
+        self.batches = int(state["batches"])
 
 
 class SequentialSampler:

@@ -11,13 +11,20 @@ StreamingSplit that tokenizes a batch of documents whenever the requested window
 Both splits are cut as PackedSplit cuts a token stream: each document followed by eot_id, sample i
 is tokens[i*T : i*T + T + 1] for T = seq_len. The train stream does not end: after its last
 document the first comes again (the next epoch, reshuffled when documents are shuffled), so any
-sample index >= 0 is valid and SequentialSampler's 0, 1, 2, ... never runs out.
+sample index >= 0 is valid and never runs out.
+
+Each rank tokenizes only its share: the train stream is dealt into as many lanes as the global
+batch has rows (document i to lane i % B), row j of each global batch is lane j's next window
+(LaneSampler), and a rank tokenizes the documents of its own rows' lanes alone. The global batches
+do not depend on the number of ranks, so a run resumes bitwise at another world size (with the
+same global batch).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import count
 from typing import Protocol
 
@@ -26,7 +33,7 @@ import torch
 
 from trainer.config import ConfigError
 from trainer.data.packing import PackedSplit
-from trainer.data.sampler import SequentialSampler
+from trainer.data.sampler import LaneSampler
 from trainer.data.tokenizer import Tokenizer
 
 CHUNK_DOCUMENTS = 1024  # documents per encode_batch call
@@ -56,6 +63,12 @@ def split_texts(source: Source, period: int, validation: bool) -> Iterator[str]:
         if (number % period == 0) == validation:
             yield text
         number += 1
+
+
+def encode_each(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """`texts` encoded in one batch, each one's int64 ids followed by eot_id."""
+    eot = np.array([tokenizer.eot_id], dtype=np.int64)
+    return [np.concatenate([ids.astype(np.int64, copy=False), eot]) for ids in tokenizer.encode_batch(texts)]
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str]) -> np.ndarray:
@@ -98,14 +111,40 @@ def shuffled(texts: Iterable[str], buffer_size: int, rng: np.random.Generator) -
     yield from buffer
 
 
+@dataclass
+class _Lane:
+    """One lane's buffer: consecutive pieces of its token stream, from `start` to `end`."""
+
+    pieces: deque = field(default_factory=deque)
+    start: int = 0  # lane stream position of the buffer's first token
+    end: int = 0  # position after its last token
+    floor: int = 0  # the lowest position the latest request asked for: tokens before it leave the buffer
+
+    def drop(self) -> None:
+        while self.pieces and self.start + len(self.pieces[0]) <= self.floor:
+            self.start += len(self.pieces.popleft())
+
+    def span(self, start: int, stop: int) -> np.ndarray:
+        buffer = np.concatenate(self.pieces) if len(self.pieces) != 1 else self.pieces[0]
+        self.pieces = deque([buffer])
+        return buffer[start - self.start : stop - self.start]
+
+
 class StreamingSplit:
     """The train split of a stream: windows of seq_len + 1 tokens, tokenized when first asked for.
 
+    The stream is dealt into lanes: with L lanes, document i (numbered over the endless stream, epoch
+    after epoch) goes to lane i % L, and each lane is packed into windows on its own. A request names
+    its samples as rows (window, lane, lanes), LaneSampler's rows; a 1-D array of sample numbers n is
+    one lane, the whole stream, sample n its window n. With L = the global batch, row j of every batch
+    is lane j's next window: a rank that trains rows [a, b) tokenizes only the documents of lanes a ..
+    b - 1 (it reads the others' texts and skips them), its share of the stream, and the global batch is
+    the same whatever the number of ranks.
+
     `texts()` must give the same documents in the same order each time it is called: asking for a
-    window before the buffer (a resumed run, whose buffer is empty, asks for its first window at
-    the sampler's position) restarts the stream and tokenizes forward to it again. The buffer
-    holds the tokens from the lowest window of the latest request on, so ranks that each take
-    their shard of the same consecutive global batch all move forward through one stream.
+    window before a lane's buffer (a resumed run asks for its first window at the sampler's position)
+    restarts the stream and tokenizes forward to it again. Each lane's buffer holds its tokens from the
+    lowest window of the latest request on.
     """
 
     all_targets = True  # every target counts toward the loss? (windows of a token stream: no masked or padded targets)
@@ -128,76 +167,120 @@ class StreamingSplit:
         self.shuffle_buffer = shuffle_buffer  # 0: the source's order; N: shuffled within N documents
         self.seed = seed
         self.chunk_documents = chunk_documents
+        self.lanes = 1  # L: the documents are dealt into this many lanes
+        self.mine: set[int] = set()  # the lanes this reader tokenizes (those it has been asked for)
+        self.tokenized_documents = 0  # documents this reader has tokenized (its share of those read)
         self._restart()
 
-    def sampler(self, seed: int) -> SequentialSampler:
-        """The order the loop draws this split's samples in: 0, 1, 2, ... (`seed` shuffles nothing
-        here; documents are shuffled by shuffle_buffer and seed at construction)."""
-        return SequentialSampler()
+    def sampler(self, seed: int) -> LaneSampler:
+        """The order the loop draws this split's samples in: global batch k is window k of every lane
+        (`seed` shuffles nothing here; documents are shuffled by shuffle_buffer and seed at construction)."""
+        return LaneSampler()
 
     @property
     def buffered_tokens(self) -> int:
-        """Tokens held in memory: from the lowest window of the latest request to the end of the
-        last tokenized batch of documents."""
-        return self._end - self._start
+        """Tokens held in memory: each lane's from the lowest window of the latest request to the end of
+        its last tokenized document."""
+        return sum(lane.end - lane.start for lane in self._lane.values())
 
     def get_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples `indices` as (x, y), both int64 of shape (B, T), as PackedSplit.get_batch; memory
-        holds the tokens from the lowest index's window to the highest's."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if indices.ndim != 1 or (len(indices) and indices.min() < 0):
-            raise IndexError("sample indices must be a 1-D array of non-negative integers")
-        if not len(indices):
+        """Samples `indices` (rows (window, lane, lanes), or sample numbers of one lane) as (x, y), both
+        int64 of shape (B, T), as PackedSplit.get_batch cuts each lane's stream."""
+        rows = _rows(indices)
+        if not len(rows):
             empty = torch.zeros((0, self.seq_len), dtype=torch.int64)
             return empty, empty.clone()
-        low, high = int(indices.min()), int(indices.max())
-        tokens = self._span(low * self.seq_len, (high + 1) * self.seq_len + 1)
-        offsets = (indices - low)[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, T+1)
-        windows = torch.from_numpy(tokens[offsets])
+        lanes, asked = int(rows[0, 2]), set(rows[:, 1].tolist())
+        if lanes != self.lanes or not asked <= self.mine:  # new lanes: deal the stream again
+            self.mine = (self.mine if lanes == self.lanes else set()) | asked
+            self.lanes = lanes
+            self._restart()
+        T = self.seq_len
+        need = {j: (int(rows[rows[:, 1] == j, 0].min()) * T, (int(rows[rows[:, 1] == j, 0].max()) + 1) * T + 1)
+                for j in sorted(asked)}  # fmt: skip
+        if any(start < self._lane[j].start for j, (start, _) in need.items()):
+            self._restart()
+        for j, (start, _) in need.items():
+            self._lane[j].floor = start
+        self._fill(need)
+        windows = np.empty((len(rows), T + 1), dtype=np.int64)
+        for j, (start, stop) in need.items():
+            tokens = self._lane[j].span(start, stop)
+            picked = np.flatnonzero(rows[:, 1] == j)
+            offsets = (rows[picked, 0:1] * T - start) + np.arange(T + 1)  # (rows of lane j, T+1)
+            windows[picked] = tokens[offsets]
+        windows = torch.from_numpy(windows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def _restart(self) -> None:
         self.epoch = 0  # the pass over the documents that tokenization has reached
-        self._chunks = self._token_chunks()
-        self._pieces: deque[np.ndarray] = deque()  # the buffer: consecutive pieces of the stream
-        self._start = 0  # stream position of the buffer's first token
-        self._end = 0  # stream position after its last token
+        self._documents = self._numbered_documents()
+        self._lane = {j: _Lane() for j in self.mine}
+        self._epoch_tokens = 0  # tokens of the first epoch, while this reader tokenizes every lane
 
-    def _span(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream; tokens before `start` leave the buffer."""
-        if start < self._start:
-            self._restart()
-        while self._end < stop:
-            chunk = next(self._chunks)
-            self._pieces.append(chunk)
-            self._end += len(chunk)
-            self._drop_before(start)  # keeps memory bounded while skipping forward to a resume point
-        self._drop_before(start)
-        buffer = np.concatenate(self._pieces)
-        self._pieces = deque([buffer])
-        return buffer[start - self._start : stop - self._start]
+    def _fill(self, need: dict[int, tuple[int, int]]) -> None:
+        """Tokenize this reader's documents, a batch at a time, until every lane in `need` reaches its stop."""
+        while any(self._lane[j].end < stop for j, (_, stop) in need.items()):
+            batch, epoch_ended = self._next_documents()
+            if batch:
+                encoded = encode_each(self.tokenizer, [text for _, text in batch])
+                for (j, _), tokens in zip(batch, encoded, strict=True):
+                    self._lane[j].pieces.append(tokens)
+                    self._lane[j].end += len(tokens)
+                    self._epoch_tokens += len(tokens) if self.epoch == 0 else 0
+                self.tokenized_documents += len(batch)
+            for lane in self._lane.values():
+                lane.drop()  # keeps memory bounded while skipping forward to a resume point
+            whole = len(self.mine) == self.lanes  # every lane read: the first epoch's size is known
+            if epoch_ended == 0 and whole and self._epoch_tokens < self.seq_len + 1:
+                raise ConfigError(
+                    f"train split of {self.label} holds {self._epoch_tokens} tokens, fewer than train.seq_len+1="
+                    f"{self.seq_len + 1}: lower train.seq_len or use a larger corpus"
+                )
 
-    def _drop_before(self, position: int) -> None:
-        while self._pieces and self._start + len(self._pieces[0]) <= position:
-            self._start += len(self._pieces.popleft())
+    def _next_documents(self) -> tuple[list[tuple[int, str]], int | None]:
+        """The next batch of this reader's documents as (lane, text), up to chunk_documents or
+        CHUNK_CHARACTERS (or the end of an epoch: then also that epoch's number, else None)."""
+        batch: list[tuple[int, str]] = []
+        characters = 0
+        while len(batch) < self.chunk_documents and characters < CHUNK_CHARACTERS:
+            number, text = next(self._documents)
+            if text is None:  # the end of epoch `number`
+                return batch, number
+            if number % self.lanes in self.mine:
+                batch.append((number % self.lanes, text))
+                characters += len(text)
+        return batch, None
 
-    def _token_chunks(self) -> Iterator[np.ndarray]:
-        """The endless train stream: epoch after epoch of the documents, in encoded batches."""
+    def _numbered_documents(self) -> Iterator[tuple[int, str | None]]:
+        """The endless train stream: (document number, text), epoch after epoch, with (epoch, None) after each."""
+        number = 0
         for epoch in count():
             self.epoch = epoch
             texts: Iterable[str] = self.texts()
             if self.shuffle_buffer > 0:
                 rng = np.random.default_rng([self.seed % 2**64, epoch])
                 texts = shuffled(texts, self.shuffle_buffer, rng)
-            tokens = 0
-            for chunk in token_chunks(texts, self.tokenizer, self.chunk_documents):
-                tokens += len(chunk)
-                yield chunk
-            if epoch == 0 and tokens < self.seq_len + 1:
-                raise ConfigError(
-                    f"train split of {self.label} holds {tokens} tokens, fewer than train.seq_len+1="
-                    f"{self.seq_len + 1}: lower train.seq_len or use a larger corpus"
-                )
+            first = number
+            for text in texts:
+                yield number, text
+                number += 1
+            if number == first:
+                raise ConfigError(f"train split of {self.label} holds no documents: use a larger corpus")
+            yield epoch, None
+
+
+def _rows(indices: np.ndarray) -> np.ndarray:
+    """Sample indices as rows (window, lane, lanes): LaneSampler's rows as they are, sample numbers as lane 0 of 1."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim == 1:
+        indices = np.stack([indices, np.zeros_like(indices), np.ones_like(indices)], axis=1)
+    if indices.ndim != 2 or indices.shape[1] != 3:
+        raise IndexError("sample indices must be sample numbers (1-D) or rows (window, lane, lanes)")
+    window, lane, lanes = indices.T
+    if len(indices) and (window.min() < 0 or lanes.min() != lanes.max() or lane.min() < 0 or lane.max() >= lanes[0]):
+        raise IndexError("sample indices must be non-negative windows of lanes 0 .. lanes - 1 (one lanes value)")
+    return indices
 
 
 def streaming_splits(
