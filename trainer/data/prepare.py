@@ -381,14 +381,17 @@ def unigram_entropy_of_counts(counts: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def open_prepare_source(path: str, text_field: str, extensions: list[str] | None) -> FileSource | HFSource:
+def open_prepare_source(
+    path: str, text_field: str, extensions: list[str] | None, cache_dir: str = "~/.cache/trainer"
+) -> FileSource | HFSource:
     """SOURCE as data=files reads it (or data=stdlib for `stdlib`)."""
+    cache_root = Path(cache_dir).expanduser()
     if path == "stdlib":
-        return open_source(DataConfig(source="stdlib"), Path("."))
+        return open_source(DataConfig(source="stdlib"), cache_root)
     cfg = DataConfig(source="files", path=path, text_field=text_field)
     if extensions:
         cfg.extensions = extensions
-    return open_source(cfg, Path("."))
+    return open_source(cfg, cache_root)
 
 
 def load_tokenizer(setting: str, source: FileSource | HFSource, bpe_vocab_size: int, cache_dir: str) -> Tokenizer:
@@ -413,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
     parser.add_argument("--text-field", default="text", help="the text of .jsonl / .json / .parquet records")
     parser.add_argument("--extensions", nargs="*", help="a directory's files with these suffixes (data.extensions)")
-    parser.add_argument("--cache-dir", default="~/.cache/trainer", help="--tokenizer=bpe: where the BPE is cached")
+    parser.add_argument("--cache-dir", default="~/.cache/trainer", help="where a BPE (--tokenizer=bpe) is cached")
     return parser.parse_args(argv)
 
 
@@ -421,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     """The command line: 0 when DIR holds the finished shards, 2 (one line) on bad input."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        source = open_prepare_source(args.source, args.text_field, args.extensions)
+        source = open_prepare_source(args.source, args.text_field, args.extensions, args.cache_dir)
         tokenizer = load_tokenizer(args.tokenizer, source, args.bpe_vocab_size, args.cache_dir)
         prepare(
             source, tokenizer, Path(args.out).expanduser(), workers=args.workers, shard_tokens=args.shard_tokens,
