@@ -63,7 +63,8 @@ def test_every_shipped_config_composes(group: str, option: str) -> None:
         assert cfg.model.name == option
     if group == "data":
         records = ("instruct", "chat", "preference", "prompts")
-        sources = {"files": "files", "hf": "hf", "synthetic": "synthetic"} | dict.fromkeys(records, "files")
+        sources = {"files": "files", "hf": "hf", "synthetic": "synthetic", "shards": "shards"}
+        sources |= dict.fromkeys(records, "files")
         assert cfg.data.source == sources.get(option, "stdlib")
         assert cfg.data.format == (option if option in records else "text")
     if group == "objective":

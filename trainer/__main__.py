@@ -153,6 +153,10 @@ def check_paths(cfg: Config) -> None:
         )
     if cfg.model.pretrained:
         check_pretrained_dir(cfg.model.pretrained)
+    if cfg.data.source == "shards":  # each shard directory whole and finished (meta.json and sizes only)
+        from trainer.data.shards import open_sources
+
+        open_sources(cfg.data)
 
 
 WEIGHT_FILES = (

@@ -50,7 +50,7 @@ def check_eval(cfg: EvalConfig) -> Any:
         raise ConfigError(
             f"eval.include_path={cfg.include_path} is not a directory: point it at a folder of task YAMLs"
         )
-    from trainer import evaluate as cli
+    from trainer.evaluation import registry as cli
 
     try:
         manager = cli.task_manager([cfg.include_path] if cfg.include_path else [], cfg.tasks)
@@ -109,7 +109,7 @@ class Downstream:
                 hf = copy.deepcopy(to_hf(tokenizer))  # lm_eval sets its pad token and padding side: a copy
             except ValueError as error:
                 raise ConfigError(f"eval.tasks: {error}") from error
-            from trainer import evaluate as cli
+            from trainer.evaluation import registry as cli
 
             try:
                 cli.check_generation(manager, ec.tasks, hf)
