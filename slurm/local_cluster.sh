@@ -67,7 +67,9 @@ install_packages() {
 
 write_config() {
     local cpus mem_mb
-    cpus=$(nproc)
+    # nproc honours OMP_NUM_THREADS (a test run with OMP_NUM_THREADS=1 would give a 1-CPU node on
+    # which every 2-CPU job pends forever): the machine's own count, whatever the caller's threads.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # Half the machine's memory, at most 4 GB: jobs here do not request memory (CR_Core does
     # not track it), and a RealMemory above what slurmd finds would drain the node.
     mem_mb=$(awk '/MemTotal/ {m = int($2 / 1024 / 2); print (m > 4096 ? 4096 : m)}' /proc/meminfo)
