@@ -5,6 +5,7 @@ run those), live in tests/helpers.py; pytest puts tests/ on sys.path, so tests i
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,24 @@ def trainer_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         path = tmp_path_factory.mktemp("trainer_cache")
         patch.setenv("TRAINER_CACHE_DIR", str(path))
         yield path
+
+
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def launch_environment():
+    """Each test sees the launch variables as the session started: a run in this process under
+    ddp / fsdp / zero sets RANK, LOCAL_RANK and WORLD_SIZE as torchrun would (DeepSpeed reads them),
+    and a later test would otherwise look launched (accelerate, behind transformers' TrainingArguments,
+    then starts a process group and wants MASTER_ADDR)."""
+    before = {name: os.environ.get(name) for name in LAUNCH_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -78,6 +78,7 @@ def eval_rows(run: Path) -> dict[int, dict]:
     }
 
 
+@pytest.mark.slow  # the module's two training runs (~50 s); the matrix's eval row runs in the default suite
 def test_rows_equal_trainer_evaluate_on_each_checkpoint(runs: tuple[Path, Path], tmp_path: Path) -> None:
     run, _ = runs
     rows = eval_rows(run)
@@ -99,6 +100,7 @@ def test_rows_equal_trainer_evaluate_on_each_checkpoint(runs: tuple[Path, Path],
     assert rows[4]["eval/tiny_rolling/byte_perplexity"] != rows[2]["eval/tiny_rolling/byte_perplexity"]
 
 
+@pytest.mark.slow  # the module's two training runs (~50 s); the matrix's eval row runs in the default suite
 def test_file_perplexity_equals_transformers_on_the_export(runs: tuple[Path, Path], finetune_dir: Path,
                                                           tmp_path: Path) -> None:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,6 +124,7 @@ def test_file_perplexity_equals_transformers_on_the_export(runs: tuple[Path, Pat
     assert got == pytest.approx(want, rel=1e-5), (got, want)
 
 
+@pytest.mark.slow  # the module's two training runs (~50 s); the matrix's eval row runs in the default suite
 def test_training_is_untouched(runs: tuple[Path, Path]) -> None:
     with_eval, without = runs
     a, b = read_metrics(with_eval), read_metrics(without)
@@ -133,6 +136,7 @@ def test_training_is_untouched(runs: tuple[Path, Path]) -> None:
     assert not any(k.startswith("eval/") for r in b for k in r)
 
 
+@pytest.mark.slow  # the module's two training runs (~50 s); the matrix's eval row runs in the default suite
 def test_console_line_and_time(runs: tuple[Path, Path]) -> None:
     run, _ = runs
     log = (run / "logs" / "rank0.log").read_text()

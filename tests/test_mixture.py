@@ -216,7 +216,7 @@ def columns(rows: list[dict], key: str, after: int = 0) -> list:
     return [row[key] for row in rows if key in row and row["step"] > after]
 
 
-@pytest.mark.heavy  # ~14 s on 2 CPU cores: one torchrun launch and three runs in this process
+@pytest.mark.slow  # ~14-20 s on 2 CPU cores: one torchrun launch and three runs in this process
 def test_one_and_two_ranks_train_alike_and_resume_at_another_world_size(tmp_path: Path, sources) -> None:
     """A mixture run on 1 process and on 2 ranks (DDP, the same global batch of 8): the same losses
     (to fp32 reduction order, 1e-5 relative) and bitwise the same tokens drawn per source, in the
