@@ -120,7 +120,12 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         weights, adapted, settings = add_adapters(model, weights, cfg, model_cfg)
         if settings.quantize_base:  # QLoRA (parallel=none only): NF4 base weights, quantised as they are filled
             strategy.place = base_place(model, strategy.device)
-        lora = BaseRef(base_reference(model_cfg, tc.seed), settings, adapted)
+        # rank 0 hashes the base's weight files (every byte of them), the other ranks take its answer:
+        # each rank reads only its shard of the weights themselves
+        reference = strategy.broadcast_object(
+            base_reference(model_cfg, tc.seed) if strategy.rank == 0 else None, "the LoRA base's sha256"
+        )  # collective
+        lora = BaseRef(reference, settings, adapted)
     # Counted on the meta model: strategies shard its parameters (ZeRO-3's hold numel 0 once partitioned)
     n_params = (model.num_params(), model.num_params(exclude_embeddings=True))
     flops_per_token = model.flops_per_token(tc.seq_len)

@@ -205,6 +205,17 @@ class Strategy(abc.ABC):
             dist.all_gather_object(gathered, error)  # collective
         return next((e for e in gathered if e), None)
 
+    def broadcast_object(self, value: Any, what: str = "object") -> Any:
+        """Rank 0's `value` (anything picklable) on every rank."""
+        if not _dist():
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        with collective(f"broadcast_object_list ({what})"):
+            dist.broadcast_object_list(box, src=0)  # collective
+        return box[0]
+
     def broadcast_path(self, path: Path | None) -> Path | None:
         """Rank 0's path on every rank."""
         if not _dist():
