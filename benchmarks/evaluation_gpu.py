@@ -17,16 +17,11 @@ on the CPU (to test this script where there is no GPU); its figures mean nothing
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import write_report
+from benchmarks import run_trainer, write_report
 
 CASE = "llama3-8b-lora"
 TASKS = "eval.tasks=[tiny_mc,tiny_gen,tiny_rolling]"
@@ -70,16 +65,10 @@ def run(steps: int, root: Path, tiny: bool, batch: int, extra: list[str]) -> dic
     run_dir = root / CASE
     overrides = overrides_of(steps, run_dir, tiny, batch, extra)
     record: dict[str, Any] = {"case": CASE, "overrides": overrides}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "trainer", *overrides], capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
-    record["wall_s"] = time.perf_counter() - started
-    (run_dir / "stderr.log").write_text(done.stderr)
-    metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if done.returncode != 0 or not rows:
-        tail = done.stderr.strip().splitlines()[-20:] or ["?"]
-        return record | {"error": tail[-1], "stderr_tail": tail, "steps": len(rows)}
+    ran, rows = run_trainer(overrides, run_dir)
+    record |= ran
+    if "error" in ran:
+        return record
     keep = ("step", "loss", "throughput/step_time_s", "tokens_per_s", "memory/peak_gb")
     record["steps"] = [
         {k: r[k] for k in r if k in keep or k.startswith("eval/")} for r in rows if "eval/time_s" in r

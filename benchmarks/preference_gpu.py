@@ -25,16 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import write_report
+from benchmarks import run_trainer, write_report
 
 GIB = 2**30
 CASES = ("llama3-8b-dpo-lora", "qwen3-8b-grpo-lora")
@@ -180,16 +177,10 @@ def run_case(case: str, steps: int, root: Path, tiny: bool, extra: list[str] | N
     record["estimate_gib"] = est["peak"]["bytes"] / GIB
     if cfg.objective.name in ("grpo", "rloo"):
         record["rollout_estimate_gib"] = rollout_bytes(cfg, est)["total"] / GIB
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "trainer", *overrides], capture_output=True, text=True,
-                          env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
-    record["wall_s"] = time.perf_counter() - started
-    (run_dir / "stderr.log").write_text(done.stderr)
-    metrics = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-    if done.returncode != 0 or not rows:
-        tail = done.stderr.strip().splitlines()[-20:] or ["?"]
-        return record | {"error": tail[-1], "stderr_tail": tail, "steps": len(rows)}
+    ran, rows = run_trainer(overrides, run_dir)
+    record |= ran
+    if "error" in ran:
+        return record
     timed = [r for r in rows if r["step"] > 1] or rows  # the first step: start-up and allocator warm-up
     peaks = [r["memory/peak_gb"] for r in rows if r.get("memory/peak_gb")]  # GPU: max_memory_allocated
     record |= {

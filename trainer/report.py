@@ -31,6 +31,7 @@ import re
 import string
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple
@@ -239,21 +240,29 @@ def make_charts(runs: list[Run]) -> tuple[list[Chart], list[str]]:
         for i, run in enumerate(runs)
     ]
     wanted["moe/load/<block>"] = [expert_heatmap(f"expert-heatmap-{i}", run) for i, run in enumerate(runs)]
-    # Downstream evaluation (eval.*): a chart per task with its metrics (perplexities on a log axis),
-    # and one for the held-out files' perplexities (eval/ppl/<file>)
+    wanted |= eval_charts(runs, lines)  # eval.*: a chart per task, one for eval.files
+    optional = ("noise_scale/", "sharpness/", "moe/")  # what a run switches on: not "missing" when off
+    missing = [key for key, made in wanted.items() if not any(made) and not key.startswith(optional)]
+    return [c for made in wanted.values() for c in made if c], missing
+
+
+def eval_charts(runs: list[Run], lines: Callable[..., list[Line]]) -> dict[str, list[Chart | None]]:
+    """Downstream evaluation (eval.*): a chart per task with its metrics (a log axis where they span
+    more than 100x: perplexities beside bits per byte), and one for the held-out files' perplexities
+    (eval/ppl/<file>). One run: a colour per metric; several: a colour per run, a dash per metric."""
+    several = len(runs) > 1
+    charts = {}
     for task, metrics in eval_metrics(runs).items():
         values = [v for run in runs for m in metrics for _, v in run.points(f"eval/{task}/{m}") if math.isfinite(v)]
-        log_axis = bool(values) and min(values) > 0 and max(values) > 100 * min(values)  # perplexities beside bits
+        log_axis = bool(values) and min(values) > 0 and max(values) > 100 * min(values)
         title = "Held-out perplexity (eval.files)" if task == "ppl" else f"Downstream: {task}"
-        drawn = []  # as the step-time chart: one run, a colour per metric; several, a colour per run, a dash per metric
+        drawn = []
         for j, metric in enumerate(metrics):
             dash = ("", "6,3", "2,2", "1,3")[j % 4] if several else ""
             drawn += lines(f"eval/{task}/{metric}", metric, dash, dots=True, color="" if several else svg.color(j))
         kind = "eval-" + re.sub(r"[^A-Za-z0-9_-]", "-", task)
-        wanted[f"eval/{task}/<metric>"] = [svg.line_chart(kind, title, drawn, "score", log=log_axis)]
-    optional = ("noise_scale/", "sharpness/", "moe/")  # what a run switches on: not "missing" when off
-    missing = [key for key, made in wanted.items() if not any(made) and not key.startswith(optional)]
-    return [c for made in wanted.values() for c in made if c], missing
+        charts[f"eval/{task}/<metric>"] = [svg.line_chart(kind, title, drawn, "score", log=log_axis)]
+    return charts
 
 
 def eval_metrics(runs: list[Run]) -> dict[str, list[str]]:
