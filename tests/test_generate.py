@@ -134,3 +134,19 @@ def test_sampling_with_a_seeded_generator_repeats(layout):
     assert torch.equal(first, sample(0, use_cache=False))
     assert not torch.equal(first, sample(1))
     assert not torch.equal(first, model.generate(ids, 20, temperature=0))  # sampled, not greedy
+
+
+def test_left_padded_batches_generate_with_sliding_and_full_layers() -> None:
+    """Gemma-style layers of two kinds: each kind's padding mask starts where the cache stood before this
+    forward (the first layer's cache grows during it; reading it late made the second kind's mask too short)."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(
+        vocab_size=250, n_layer=2, n_head=4, n_embd=32, block_size=64, norm="rmsnorm", mlp="geglu", position="rope",
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"], attn_softcap=50.0,
+    )).eval()  # fmt: skip
+    prompts = [[5, 17, 33], [44, 3, 9, 12, 7]]
+    idx = torch.tensor([[0, 0, *prompts[0]], prompts[1]])
+    out = model.generate(idx, 7, temperature=0, prompt_lengths=torch.tensor([3, 5]))
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), 7, temperature=0)[0, len(prompt) :]
+        assert out[row, 5:].tolist() == alone.tolist(), row

@@ -109,7 +109,7 @@ class Preemption:
             for index, got in enumerate(local):
                 if got:
                     flags[index] = got  # a fill on the device: no copy from the host
-            issued = ReadBack(strategy.all_reduce_sum(flags))  # collective
+            issued = ReadBack(strategy.all_reduce_sum(flags, world=True))  # collective
             # The first check is read at once (host sync, before any step); later ones a step after
             # they were issued, when the copy is long done unless the device runs a step behind.
             counts = (self.pending or issued).values()

@@ -202,16 +202,24 @@ def qlora_problem(cfg: LoraConfig, strategy: str, torchao: bool) -> str | None:
 def _check_launch(cfg: Config, world_size: int, has_gpu: bool) -> None:
     """What the strategy needs from the launch: process count, packages, batch split, devices."""
     strategy = cfg.parallel.strategy
+    tensor = cfg.parallel.tensor
     _require(
-        strategy != "none" or world_size == 1,
+        strategy != "none" or world_size == tensor,
         f"parallel=none with {world_size} processes would train {world_size} independent copies: "
-        "choose parallel=ddp, fsdp, zero1, zero2 or zero3",
+        "choose parallel=ddp, fsdp, zero1, zero2 or zero3"
+        + (f" (or parallel=fsdp parallel.tensor={tensor} to add data parallelism)" if tensor > 1 else ""),
     )
+    _require(
+        world_size % tensor == 0,
+        f"parallel.tensor={tensor} does not divide the world size {world_size}: replicate x shard x tensor "
+        "must be the world size",
+    )
+    _check_tensor(cfg, world_size)
     _require(
         not strategy.startswith("zero") or importlib.util.find_spec("deepspeed") is not None,
         f'parallel={strategy} needs DeepSpeed: pip install -e ".[deepspeed]" (or choose parallel=fsdp)',
     )
-    cfg.train.accumulation_steps(world_size)  # raises when the global batch cannot be split
+    cfg.train.accumulation_steps(world_size // tensor)  # raises when the global batch cannot be split
     _require(
         cfg.parallel.replicate == 1 or strategy == "fsdp",
         f"parallel.replicate={cfg.parallel.replicate} (HSDP: FSDP shards replicated across groups) needs "
@@ -223,26 +231,54 @@ def _check_launch(cfg: Config, world_size: int, has_gpu: bool) -> None:
         _check_deepspeed(cfg, world_size, has_gpu)
 
 
+def _check_tensor(cfg: Config, world_size: int) -> None:
+    """parallel.tensor: the model splits over T ranks, and what does not run split yet is refused."""
+    tensor = cfg.parallel.tensor
+    if tensor == 1:
+        return
+    from trainer.parallel.tensor import check_tensor_parallel
+
+    model = _over_checkpoint(cfg.model, _checkpoint_config(cfg.model)) if cfg.model.pretrained else cfg.model
+    if model.vocab_size is None:  # the tokenizer's, known later (build_run checks it again then)
+        model = replace(model, vocab_size=model.vocab_multiple * tensor)
+    check_tensor_parallel(model, tensor, cfg.train.seq_len)
+    refused = [
+        (cfg.lora.enabled, "LoRA adapters"),
+        (cfg.objective.name != "sft", f"objective={cfg.objective.name} (its reference / rollouts)"),
+        (bool(cfg.eval.tasks or cfg.eval.files), "in-loop evaluation (eval.tasks / eval.files)"),
+        (cfg.train.compile, "train.compile"),
+        (cfg.quant.qat, "quantization-aware training (quant.qat)"),
+        (cfg.parallel.expert > 1, "expert parallelism (parallel.expert)"),
+        (cfg.diagnostics.sharpness.enabled, "diagnostics.sharpness"),
+    ]
+    for bad, what in refused:
+        _require(not bad, f"parallel.tensor={tensor} does not run with {what} yet: drop one of them")
+
+
 def _check_fsdp(cfg: ParallelConfig, world_size: int, has_gpu: bool) -> None:
     _require(
         not cfg.fsdp_cpu_offload or has_gpu,
         "parallel.fsdp_cpu_offload=true needs a GPU (FSDP2 offloads GPU shards to the CPU; "
         "on the CPU they are there already): drop it or run on GPUs",
     )
+    data = world_size // cfg.tensor
+    ranks = f"the world size {world_size}" if cfg.tensor == 1 else (
+        f"the data-parallel ranks (world size {world_size} / parallel.tensor {cfg.tensor} = {data})")  # fmt: skip
+    product = "replicate x shard" + (" x tensor" if cfg.tensor > 1 else "")
     _require(
-        world_size % cfg.replicate == 0,
-        f"parallel.replicate={cfg.replicate} does not divide the world size {world_size}: replicate x shard "
-        "must be the world size (on several nodes: replicate = the node count)",
+        data % cfg.replicate == 0,
+        f"parallel.replicate={cfg.replicate} does not divide {ranks}: {product} must be the world size (on several "
+        "nodes: replicate = the node count)",
     )
     _require(
-        cfg.replicate == 1 or cfg.fsdp_shard_size in (0, world_size // cfg.replicate),
+        cfg.replicate == 1 or cfg.fsdp_shard_size in (0, data // cfg.replicate),
         f"parallel.replicate={cfg.replicate} and parallel.fsdp_shard_size={cfg.fsdp_shard_size} disagree at "
-        f"world size {world_size} (replicate x shard = world size): set one of them",
+        f"world size {world_size} ({product} = world size): set one of them",
     )
-    shard = cfg.fsdp_shard_size or world_size
+    shard = cfg.fsdp_shard_size or data
     _require(
-        world_size % shard == 0,
-        f"parallel.fsdp_shard_size={shard} does not divide the world size {world_size}: "
+        data % shard == 0,
+        f"parallel.fsdp_shard_size={shard} does not divide {ranks}: "
         "use a divisor (e.g. the GPUs per node) or 0 to shard over all ranks",
     )
 

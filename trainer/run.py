@@ -65,7 +65,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.micro_batch_size * self.accum * self.strategy.world_size
+        return self.cfg.train.micro_batch_size * self.accum * self.strategy.dp_size
 
     @property
     def tokens_per_step(self) -> int:
@@ -106,6 +106,10 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     strategy = build_strategy(cfg)
     data = build_data_once_per_node(cfg, strategy)
     model_cfg = resolve_model_config(cfg.model, data.tokenizer.vocab_size)
+    if cfg.parallel.tensor > 1:  # the vocabulary is known now: its padded rows must split too (every rank alike)
+        from trainer.parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(model_cfg, cfg.parallel.tensor, tc.seq_len)
     tokenizer = save_tokenizer(data, run_dir, strategy.rank)
     downstream = Downstream.build(cfg, data.tokenizer)  # eval.*: tasks loaded (or refused) before the model
     dtype, masked = DTYPES[cfg.precision.dtype], bool(getattr(data.train, "document_mask", False))
@@ -132,7 +136,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     checkpointed = parallelize(model, weights, cfg, strategy)
     torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
     run = Run(
-        cfg, run_dir, strategy, data, model_cfg, tc.accumulation_steps(strategy.world_size),
+        cfg, run_dir, strategy, data, model_cfg, tc.accumulation_steps(strategy.dp_size),
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),
         TrainState(), Checkpointer(CheckpointStore(run_dir, cfg.checkpoint.keep)), tokenizer, lora,
     )  # fmt: skip
@@ -142,7 +146,7 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         run.objective.setup_reference(run)  # a frozen copy for full fine-tuning (none under LoRA)
     run.instruments = Instruments(cfg, strategy, data.val)
     run.batches = Prefetcher(
-        data.train, run.sampler, run.global_batch, rank=strategy.rank, world_size=strategy.world_size,
+        data.train, run.sampler, run.global_batch, rank=strategy.dp_rank, world_size=strategy.dp_size,
         device=strategy.device, enabled=cfg.data.prefetch,
     )  # fmt: skip
     unwrapped = strategy.unwrapped()
@@ -153,8 +157,8 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
         f"on {strategy.world_size} rank(s)"
         + (f", mesh {mesh}" if (mesh := strategy.describe_mesh()) else "")
         + f", device {strategy.device}, {cfg.precision.dtype} | global batch "
-        f"{run.global_batch} {batch_unit(cfg)} = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.world_size} "
-        f"ranks = {run.tokens_per_step:,} tokens/step"
+        f"{run.global_batch} {batch_unit(cfg)} = {tc.micro_batch_size} micro x {run.accum} accum x {strategy.dp_size} "
+        f"{'data-parallel ranks' if strategy.dp_size != strategy.world_size else 'ranks'} = {run.tokens_per_step:,} tokens/step"
         + (f" | activation checkpointing: {checkpointed} modules" if checkpointed else "")
         + (f" | torch.compile: {len(unwrapped.blocks)} blocks" if tc.compile else "")
     )

@@ -146,7 +146,7 @@ def forward_backward(
     load: each micro-batch's expert routing is added to it (on the device).
     """
     if all_targets:
-        n_targets = torch.full((), float(y.numel() * strategy.world_size), device=y.device)  # a fill: no copy
+        n_targets = torch.full((), float(y.numel() * strategy.dp_size), device=y.device)  # a fill: no copy
     else:
         n_targets = strategy.all_reduce_sum((y != IGNORE_INDEX).sum().to(torch.float32), "target count")  # collective
     loss_sum = torch.zeros((), device=x.device)

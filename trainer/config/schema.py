@@ -395,6 +395,9 @@ class ParallelConfig:
     # HSDP: replicate the fsdp shards across this many groups (shard within each: world size / replicate
     # ranks); the device mesh (replicate, shard). On several nodes, the node count (the launch scripts)
     replicate: int = 1
+    # tensor + sequence parallelism: each layer split over this many ranks (the innermost mesh dimension:
+    # keep it within a node), with parallel=fsdp (shards over the rest) or parallel=none (alone)
+    tensor: int = 1
     fsdp_prefetch: int = 1  # blocks whose all-gather is issued ahead (forward and backward); 1: FSDP2's own default
     zero_offload_optimizer: bool = False  # DeepSpeed: optimizer state and step on the CPU
     zero_offload_params: bool = False  # DeepSpeed zero3: parameters on the CPU between uses
@@ -410,6 +413,12 @@ class ParallelConfig:
         _require(self.fsdp_shard_size >= 0, f"parallel.fsdp_shard_size must be >= 0, got {self.fsdp_shard_size}")
         _require(self.expert >= 1, f"parallel.expert must be >= 1 (1: no expert parallelism), got {self.expert}")
         _require(self.replicate >= 1, f"parallel.replicate must be >= 1 (1: no replication), got {self.replicate}")
+        _require(self.tensor >= 1, f"parallel.tensor must be >= 1 (1: no tensor parallelism), got {self.tensor}")
+        _require(
+            self.tensor == 1 or self.strategy in ("none", "fsdp"),
+            f"parallel.tensor={self.tensor} composes with parallel=fsdp (or runs alone with parallel=none), not "
+            f"parallel={self.strategy}: use parallel=fsdp parallel.tensor={self.tensor}",
+        )
         _require(self.fsdp_prefetch >= 1, f"parallel.fsdp_prefetch must be >= 1, got {self.fsdp_prefetch}")
         _require(
             not self.zero_offload_params or self.strategy == "zero3",

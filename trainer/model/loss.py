@@ -206,3 +206,49 @@ def target_logps(
         recompute = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
         parts.append(checkpoint(piece, h, t, use_reentrant=False) if recompute else piece(h, t))
     return torch.cat(parts).reshape(B, T)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, start: int, vocab: int, group
+) -> torch.Tensor:
+    """Per-token cross-entropy (N,) fp32 of logits split over the vocabulary across the ranks of
+    `group` (tensor parallelism): logits (N, V_local) are this rank's columns start ..
+    start + V_local - 1 of the padded vocabulary; columns >= vocab are padding (-inf). Three
+    all-reduces of (N,) values (the max, the sum of exponentials, the target's logit) give every
+    rank the same losses, 0 at IGNORE_INDEX; backward needs no communication (each rank's
+    gradient is its own columns' softmax minus the one-hot). Megatron-LM's
+    vocab_parallel_cross_entropy."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, vocab, group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, start, vocab, group):
+        import torch.distributed as dist
+
+        width = logits.size(-1)
+        columns = torch.arange(start, start + width, device=logits.device)
+        logits = logits.masked_fill(columns >= vocab, float("-inf"))  # padding columns
+        peak = logits.max(dim=-1).values  # (N,)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - peak[:, None]
+        exp = shifted.exp()
+        total = exp.sum(dim=-1)  # (N,)
+        dist.all_reduce(total, group=group)
+        valid = targets != IGNORE_INDEX
+        mine = valid & (targets >= start) & (targets < start + width)  # the target's column is here
+        column = (targets - start).clamp(0, width - 1)
+        target_logit = torch.where(mine, shifted.gather(1, column[:, None]).squeeze(1), 0.0)  # not -inf * 0
+        dist.all_reduce(target_logit, group=group)
+        loss = torch.where(valid, total.log() - target_logit, 0.0)
+        ctx.save_for_backward(exp / total[:, None], column, mine, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, column, mine, valid = ctx.saved_tensors
+        grad = probs.clone()
+        rows = torch.arange(grad.size(0), device=grad.device)
+        grad[rows, column] -= mine.to(grad.dtype)
+        grad *= (grad_loss * valid)[:, None]
+        return grad, None, None, None, None

@@ -68,11 +68,17 @@ def build_strategy(cfg: Config) -> Strategy:
     """The strategy `parallel.strategy` names, bound to this process's rank and device (the
     config has passed config.check_run)."""
     world_size = env_world_size()
-    started = init_distributed(cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none")
+    started = init_distributed(
+        cfg.parallel.timeout_s, single=cfg.parallel.strategy != "none" or cfg.parallel.tensor > 1
+    )
     device = pick_device(cfg.train.device)
     rank = env_rank()
     cls = strategy_class(cfg.parallel.strategy)
-    if cfg.parallel.strategy == "none":
+    if cfg.parallel.strategy == "none" and cfg.parallel.tensor > 1:  # tensor parallelism alone
+        from trainer.parallel.fsdp import TensorParallel
+
+        strategy = TensorParallel(device, rank, world_size, cfg.parallel, cfg.precision)
+    elif cfg.parallel.strategy == "none":
         strategy = cls(device, precision=cfg.precision)
     elif cfg.parallel.strategy == "fsdp":
         strategy = cls(device, rank, world_size, cfg.parallel, cfg.precision)
@@ -87,6 +93,8 @@ def build_strategy(cfg: Config) -> Strategy:
 def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: Strategy) -> int:
     """Make a model built on the meta device the one this rank trains, in torchtitan's order:
 
+    0. tensor + sequence parallelism splits every layer over the mesh's tensor dimension
+       (parallel.tensor; trainer/parallel/tensor.py), on the meta device;
     1. activation checkpointing wraps the selected blocks (before sharding: FSDP2's units and
        DeepSpeed's hooks then see the wrapped modules, and recompute stays inside each unit);
     2. torch.compile, per block and the head + loss, with train.compile (trainer/model/compile.py);
@@ -95,6 +103,8 @@ def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: 
        builds the optimizer and its schedule.
     Returns how many modules activation checkpointing wrapped.
     """
+    if cfg.parallel.tensor > 1:
+        strategy.apply_tensor_parallel(model)
     wrapped = apply_activation_checkpointing(model, model.cfg)  # the resolved config (pretrained: its own)
     if cfg.train.compile:
         apply_compile(model)

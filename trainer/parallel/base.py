@@ -54,6 +54,9 @@ class Strategy(abc.ABC):
         self.rank = rank
         self.world_size = world_size
         self.precision = precision or PrecisionConfig()
+        # the data-parallel coordinates: which share of the global batch this rank reads (tensor-parallel
+        # peers read the same one), and how many shares there are
+        self.dp_rank, self.dp_size = rank, world_size
         self.model: nn.Module | None = None  # after setup: the wrapped model the loop runs forward on
         self.owns_group = True  # close() destroys the process group (build_strategy: only one it started)
 
@@ -175,8 +178,9 @@ class Strategy(abc.ABC):
     # -- collectives over the default group (identities on one process) ------------------------------
     # Each runs under `collective(name)`: a rank that never comes (hung) or went away (died) ends
     # this one within parallel.timeout_s with a CollectiveError naming this rank and the collective.
-    def all_reduce_sum(self, value: torch.Tensor, what: str = "sum") -> torch.Tensor:
-        """Sum a tensor over ranks (what: a name for it in a timeout's message)."""
+    def all_reduce_sum(self, value: torch.Tensor, what: str = "sum", world: bool = False) -> torch.Tensor:
+        """Sum a tensor over the data-parallel ranks (what: a name for it in a timeout's message); under
+        tensor parallelism, its peers hold the same value and count once. world: over every rank."""
         if not _dist():
             return value
         import torch.distributed as dist
@@ -250,6 +254,8 @@ class TorchStrategy(Strategy):
     """none / ddp / fsdp: a torch AdamW and its schedule, the harness's dynamic loss scaler under
     fp16 (or bf16 on request), and torch.distributed.checkpoint for model + optimizer."""
 
+    plain_params: ClassVar[bool] = False  # plain tensors, not DTensors (none, ddp): the fused CPU AdamW takes them
+
     def __init__(
         self, device: torch.device, rank: int = 0, world_size: int = 1, precision: PrecisionConfig | None = None
     ) -> None:
@@ -263,7 +269,7 @@ class TorchStrategy(Strategy):
         # Fused AdamW: one kernel per step on a GPU, and the fused CPU kernel on the CPU (not over
         # FSDP's DTensors there).
         on_gpu = self.device.type == "cuda" and all(p.is_cuda for p in self.model.parameters())
-        fused = on_gpu or (self.device.type == "cpu" and self.name in ("none", "ddp"))
+        fused = on_gpu or (self.device.type == "cpu" and self.plain_params)
         self.optimizer = build_optimizer(self.model, optim_cfg, fused=fused)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
 
@@ -342,7 +348,7 @@ class TorchStrategy(Strategy):
 
     def _fused_plain(self) -> bool:
         """A fused AdamW over plain tensors (none / ddp: not FSDP's DTensors)."""
-        return bool(self.optimizer.defaults.get("fused")) and self.name in ("none", "ddp")
+        return bool(self.optimizer.defaults.get("fused")) and self.plain_params
 
     @property
     def steps_without_sync(self) -> bool:
@@ -386,6 +392,7 @@ class SingleDevice(TorchStrategy):
     """`parallel=none`: one process, one device, no wrapper."""
 
     name = "none"
+    plain_params = True
     # How materialize puts each full tensor into the model (None: storage on the device, then a copy).
     # A QLoRA run sets it (lora.run.base_place) to quantise the adapted base weights as they arrive.
     place: Callable[[nn.Parameter, torch.Tensor], None] | None = None
@@ -473,10 +480,13 @@ def quantized(tensor: torch.Tensor) -> bool:
     return not tensor.requires_grad and hasattr(tensor, "quantized_data")
 
 
-def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def group_sumsq(
+    named_grads: Iterable[tuple[str, torch.Tensor]], weights: list[float] | None = None
+) -> dict[str, torch.Tensor]:
     """Per-group sums of squares of (this rank's part of) each tensor, in fp32, on device: one
     _foreach_norm over all of them (a few kernels, not three per parameter), then one index_add
-    into the groups, whose indices are worked out once per list of names."""
+    into the groups, whose indices are worked out once per list of names. weights: a factor per
+    tensor on its square (tensor parallelism: 1 / T for a tensor its T peers hold whole)."""
     names, tensors = [], []
     for name, tensor in named_grads:
         names.append(name)
@@ -485,7 +495,10 @@ def group_sumsq(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, to
         return {}
     groups, index = _group_index(tuple(names), tensors[0].device)
     norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))  # (n_tensors,)
-    sums = torch.zeros(len(groups), dtype=torch.float32, device=norms.device).index_add_(0, index, norms * norms)
+    squares = norms * norms
+    if weights is not None:
+        squares = squares * torch.tensor(weights, dtype=torch.float32, device=norms.device)
+    sums = torch.zeros(len(groups), dtype=torch.float32, device=norms.device).index_add_(0, index, squares)
     return dict(zip(groups, sums.unbind(), strict=True))
 
 

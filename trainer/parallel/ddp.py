@@ -25,6 +25,7 @@ class DDP(TorchStrategy):
     blocks: identical on the ranks that hold the same block)."""
 
     name = "ddp"
+    plain_params = True
 
     def __init__(
         self,

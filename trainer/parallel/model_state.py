@@ -79,7 +79,26 @@ class DCPModelState(ModelState):
         state = {"model": model_state, "optim": optim_state}
         if self.strategy.experts is not None:  # each rank's expert blocks, saved once under the whole tensor
             state = self.strategy.experts.to_dtensors(state)
-        return state
+        return self._regroup(state, canonical=True)
+
+    def _regroup(self, state: dict[str, Any], canonical: bool) -> dict[str, Any]:
+        """Under tensor parallelism, the fused q / k / v (gate / up) tensors and their optimizer state as
+        new DTensors in the canonical row order (the checkpoint's, whatever the layout), or back in the
+        order the split model holds (trainer/parallel/tensor.py); unchanged otherwise."""
+        tensor = getattr(self.strategy, "tensor", 1)
+        if tensor == 1:
+            return state
+        from trainer.parallel.tensor import fused_kind, regroup_dtensor
+
+        cfg = self.strategy.unwrapped().cfg
+        move = lambda name, value: regroup_dtensor(name, value, cfg, tensor, canonical)  # noqa: E731
+        model = {name: move(name, value) for name, value in state["model"].items()}
+        optim = dict(state["optim"])
+        optim["state"] = {
+            name: {k: move(name, v) for k, v in values.items()} if fused_kind(name, cfg) else values
+            for name, values in state["optim"]["state"].items()
+        }
+        return {**state, "model": model, "optim": optim}
 
     def save_tensors(self, directory: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -111,6 +130,7 @@ class DCPModelState(ModelState):
             dcp.load(state, checkpoint_id=str(directory), no_dist=not _dist())  # fills the tensors in place
         if self.strategy.experts is not None:
             state = self.strategy.experts.to_local(state)
+        state = self._regroup(state, canonical=False)
         set_state_dict(
             self.strategy.model, optimizer,
             model_state_dict=state["model"], optim_state_dict=state["optim"], options=self._options(),

@@ -1,0 +1,228 @@
+"""Tensor and sequence parallelism (`parallel.tensor=T`) on the GPT, with DTensor's parallel styles.
+
+Megatron's split, as torchtitan applies it to Llama, on a 1-D `tensor` mesh of T ranks:
+
+| module                          | style                                   | what a rank holds              |
+|---------------------------------|-----------------------------------------|--------------------------------|
+| embed.wte                       | RowwiseParallel (vocabulary-sharded)    | 1/T of the vocabulary's rows   |
+| attn.c_attn, mlp.c_fc / w_gate / w_up / w_gate_up | ColwiseParallel       | 1/T of the heads / hidden      |
+| attn.c_proj, mlp.c_proj         | RowwiseParallel, output sequence-sharded| 1/T of the input features      |
+| norms (block and final), wpe    | SequenceParallel / replicated           | all of it, 1/T of the tokens   |
+| head (or the tied wte)          | column-wise: vocabulary-parallel loss   | 1/T of the vocabulary's rows   |
+
+Between the sublayers the residual stream is sharded along the sequence (sequence parallel): the
+norms and dropout run on T/tp tokens per rank; each attention and MLP all-gathers its input
+along the sequence and reduce-scatters its output. The head's logits stay sharded over the
+vocabulary and the loss is computed there (`loss_parallel`): no rank holds (tokens, vocab) logits.
+
+Fused projections. The GPT keeps q / k / v in one linear (c_attn: [q | k | v] rows) and a gated
+MLP may keep [gate | up] in one (w_gate_up). Column-wise sharding cuts a tensor's rows into T
+contiguous pieces, which would hand rank 0 all of q; so under TP these tensors are held in a
+*grouped* row order, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] where q_r / k_r / v_r are rank r's heads
+(kv head h // (nh / nkv) stays with its queries: T must divide the kv heads), and each rank's
+contiguous piece is exactly its heads. `to_grouped` / `to_canonical` move a full tensor between
+the orders; everything outside the TP model (weight sources, checkpoints, exports) sees the
+canonical [q | k | v] order, so a checkpoint reshards between TP and any other layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cache
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from trainer.config import ConfigError, ModelConfig
+from trainer.model.gpt import bare_name
+
+FUSED = ("attn.c_attn.weight", "attn.c_attn.bias", "mlp.w_gate_up.weight", "mlp.w_gate_up.bias")
+
+
+def check_tensor_parallel(cfg: ModelConfig, tensor: int, seq_len: int) -> None:
+    """ConfigError (one line) when the model cannot be split over `tensor` ranks."""
+    if tensor <= 1:
+        return
+    nkv = cfg.n_kv_head or cfg.n_head
+    hidden = cfg.intermediate_size or 4 * cfg.n_embd
+    needs = [
+        ("attention heads (model.n_head)", cfg.n_head),
+        ("key / value heads (model.n_kv_head; GQA: each rank keeps whole kv groups)", nkv),
+        ("hidden size (model.n_embd)", cfg.n_embd),
+        ("MLP width (model.intermediate_size)", hidden),
+        ("padded vocabulary (model.vocab_size rounded up to model.vocab_multiple)", cfg.padded_vocab_size),
+        ("sequence length (train.seq_len; sequence parallel splits it)", seq_len),
+    ]
+    for what, size in needs:
+        if size % tensor:
+            raise ConfigError(
+                f"parallel.tensor={tensor} does not divide the {what}, {size}: use a tensor degree that divides it"
+                + (" (or set model.vocab_multiple to a multiple of it)" if "vocabulary" in what else "")
+            )
+    refused = [
+        (cfg.n_experts, "mixture-of-experts MLPs (use parallel.expert with ddp)"),
+        (cfg.qk_norm == "full", "model.qk_norm=full (a norm over the whole q / k projection spans the ranks)"),
+        (cfg.loss_chunk_size not in (None, 0), "model.loss_chunk_size (the vocabulary-parallel loss never builds "
+         "whole logits: set model.loss_chunk_size=0)"),
+    ]  # fmt: skip
+    for bad, what in refused:
+        if bad:
+            raise ConfigError(f"parallel.tensor={tensor} does not run {what}")
+
+
+# -- the grouped row order of fused projections -------------------------------------------------
+
+
+@cache
+def grouped_rows(kind: str, sizes: tuple[int, ...], tensor: int) -> torch.Tensor:
+    """Row index (n,) taking a canonical fused tensor to the grouped order: grouped = canonical[index].
+    kind 'qkv': sizes (nh, nkv, hd); 'gate_up': sizes (hidden,)."""
+    if kind == "qkv":
+        nh, nkv, hd = sizes
+        parts = [(0, nh * hd), (nh * hd, nkv * hd), ((nh + nkv) * hd, nkv * hd)]  # q, k, v: (start, rows)
+    else:
+        (hidden,) = sizes
+        parts = [(0, hidden), (hidden, hidden)]
+    index = []
+    for r in range(tensor):
+        for start, rows in parts:
+            step = rows // tensor
+            index.append(torch.arange(start + r * step, start + (r + 1) * step))
+    return torch.cat(index)
+
+
+def fused_kind(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, ...]] | None:
+    """('qkv', (nh, nkv, hd)) or ('gate_up', (hidden,)) for a fused projection's weight or bias name
+    (LoRA's lora_B of one too: its rows are the projection's), else None."""
+    name = bare_name(name)
+    if ".attn.c_attn." in name and (name.endswith(("c_attn.weight", "c_attn.bias")) or "lora_B" in name):
+        return "qkv", (cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.attn_head_dim)
+    if ".mlp.w_gate_up." in name and (name.endswith(("w_gate_up.weight", "w_gate_up.bias")) or "lora_B" in name):
+        return "gate_up", (cfg.intermediate_size or 4 * cfg.n_embd,)
+    return None
+
+
+def to_grouped(name: str, full: torch.Tensor, cfg: ModelConfig, tensor: int) -> torch.Tensor:
+    """A full tensor in canonical row order -> the order the TP model holds (unchanged unless fused)."""
+    kind = fused_kind(name, cfg)
+    if kind is None or tensor == 1:
+        return full
+    return full[grouped_rows(*kind, tensor).to(full.device)]
+
+
+def to_canonical(name: str, full: torch.Tensor, cfg: ModelConfig, tensor: int) -> torch.Tensor:
+    """The inverse of to_grouped."""
+    kind = fused_kind(name, cfg)
+    if kind is None or tensor == 1:
+        return full
+    index = grouped_rows(*kind, tensor).to(full.device)
+    out = torch.empty_like(full)
+    out[index] = full
+    return out
+
+
+def grouped_source(weights, cfg: ModelConfig, tensor: int):
+    """A weight source whose fused tensors arrive in the grouped order (read whole: their rows move)."""
+    from trainer.parallel.base import whole
+
+    def source(device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, full in weights(device):
+            yield name, (to_grouped(name, whole(full), cfg, tensor) if fused_kind(name, cfg) else full)
+
+    return source
+
+
+def regroup_dtensor(name: str, value: torch.Tensor, cfg: ModelConfig, tensor: int, canonical: bool) -> torch.Tensor:
+    """A DTensor (a parameter or its optimizer state) of a fused projection as a new DTensor of the
+    same mesh and placements, its rows in the canonical order (canonical=True) or back in the grouped
+    one. Gathers the whole tensor on every rank for the move (one tensor at a time: checkpoints)."""
+    if fused_kind(name, cfg) is None or not hasattr(value, "device_mesh") or tensor == 1:
+        return value
+    move = to_canonical if canonical else to_grouped
+    full = move(name, value.full_tensor(), cfg, tensor)
+    return distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=None)
+
+
+# -- the plan --------------------------------------------------------------------------------
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Split a GPT (on the meta device or a real one) over the 1-D `mesh`, in place."""
+    tp = mesh.size()
+    cfg = model.cfg
+    vocab_rows = Shard(0)
+    parallelize_module(
+        model.embed,
+        mesh,
+        {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)},
+    )
+    if model.embed.wpe is not None:  # learned positions: replicated; added to the sequence-sharded tokens
+        distribute_module(model.embed.wpe, mesh, input_fn=_replicate_inputs)
+    # the embedding's output: this rank's tokens, a plain tensor (the residual stream stays local)
+    parallelize_module(
+        model, mesh, {"embed": PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Shard(1),
+                                                   use_local_output=True)},
+    )  # fmt: skip
+    for block in model.blocks:
+        plan = {
+            "norm_1": SequenceParallel(use_local_output=True),
+            "norm_2": SequenceParallel(use_local_output=True),
+            "attn": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
+                use_local_output=True,
+            ),
+            "attn.c_attn": ColwiseParallel(),
+            "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=True),
+            "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+        }  # fmt: skip
+        for name in ("norm_1_post", "norm_2_post"):
+            if hasattr(block, name):
+                plan[name] = SequenceParallel(use_local_output=True)
+        for name in ("c_fc", "w_gate", "w_up", "w_gate_up"):
+            if hasattr(block.mlp, name):
+                plan[f"mlp.{name}"] = ColwiseParallel()
+        parallelize_module(block, mesh, plan)
+        attn = block.attn
+        attn.n_head //= tp  # this rank's heads (the grouped c_attn rows give it whole kv groups)
+        attn.n_kv_head //= tp
+        if attn.qk_norm == "head":  # per-head norms on this rank's heads: (B, heads, T, hd), sharded on heads
+            for norm in (attn.q_norm, attn.k_norm):
+                distribute_module(norm, mesh, input_fn=_heads_in, output_fn=_local_out)
+    parallelize_module(model, mesh, {"norm_f": SequenceParallel(use_local_output=False)})
+    if model.head is not None:  # untied: the head's rows sharded like the tied wte's (column-wise matmul)
+        model.head.weight = nn.Parameter(distribute_tensor(model.head.weight, mesh, [vocab_rows]),
+                                         requires_grad=model.head.weight.requires_grad)  # fmt: skip
+    model.tensor_mesh = mesh
+    del cfg
+
+
+def _replicate_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    from torch.distributed.tensor import DTensor
+
+    return tuple(
+        DTensor.from_local(x, mesh, [Replicate()], run_check=False) if isinstance(x, torch.Tensor) else x
+        for x in inputs
+    )
+
+
+def _heads_in(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    from torch.distributed.tensor import DTensor
+
+    return tuple(DTensor.from_local(x, mesh, [Shard(1)], run_check=False) for x in inputs)
+
+
+def _local_out(module: nn.Module, output: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.to_local()
