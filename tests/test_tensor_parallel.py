@@ -6,11 +6,12 @@ process group). Slow tier (real processes, torchrun):
   and its own head size; Gemma with sandwich norms, GeGLU fused [gate | up], soft-capping and sliding
   layers; post-norm with q / k / v biases): the split model's loss, every gradient, logits and target
   log-probabilities equal the whole model's, and generation (KV cache, no cache, left-padded batches)
-  gives the same tokens;
+  gives the same tokens; and with LoRA on every linear (GPT-2's one c_attn adapter, Llama's q / k / v
+  slices, Phi-3's fused qkv_proj and gate_up_proj), every adapter's gradient too;
 - the trainer at 4 ranks, fp32: TP 2 alone and FSDP 2 x TP 2 equal one process per step (loss, gradient
   norm, every per-layer gradient and parameter norm) and in the final weights; a checkpoint saved under HSDP
   2 x 2 resumes under TP 2 and under FSDP 4 with the uninterrupted run's later steps; one saved under
-  FSDP 2 x TP 2 resumes in one process.
+  FSDP 2 x TP 2 resumes in one process; LoRA adapters (split like their base) train as in one process.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ TP = ["train.micro_batch_size=2", "train.global_batch_size=8"]
          "parallel.tensor=2 does not divide the sequence length (train.seq_len; sequence parallel splits it), 33"),
         (["parallel=fsdp", "parallel.tensor=2", "model.qk_norm=full"], 4, "does not run model.qk_norm=full"),
         (["parallel=fsdp", "parallel.tensor=2", "train.compile=true"], 4, "does not run with train.compile yet"),
+        (["parallel=fsdp", "parallel.tensor=2", "lora=default", "lora.dora=true"], 4, "does not run with DoRA"),
+        (["parallel=fsdp", "parallel.tensor=2", "lora=default", "lora.dropout=0.1"], 4,
+         "does not run with lora.dropout"),
     ],
 )  # fmt: skip
 def test_tensor_parallel_refusals(overrides: list[str], world: int, message: str) -> None:
@@ -101,7 +105,8 @@ def test_the_split_model_equals_the_whole_one(tmp_path: Path) -> None:
     done = torchrun(str(REPO / "tests" / "tp_worker.py"), str(out), cwd=REPO, nproc=2)
     assert done.returncode == 0, done.stderr[-4000:]
     results = torch.load(out)
-    assert set(results) == {"gpt2", "llama", "qwen3", "gemma", "olmo_post_qkv_bias"}
+    assert set(results) == {"gpt2", "llama", "qwen3", "gemma", "olmo_post_qkv_bias", "gpt2_lora", "llama_lora",
+                            "phi3_lora"}  # fmt: skip
     for name, gaps in results.items():
         for key in ("loss", "grad", "packed"):
             assert gaps[key] <= 1e-5, (name, key, gaps[key])
@@ -121,6 +126,9 @@ RUN = [*QUICK, *MODEL, "train.max_steps=4", "train.log_interval=1", "train.eval_
        "train.global_batch_size=8", "train.micro_batch_size=2", "optim.warmup_steps=0", "optim.eps=1e-6",
        "checkpoint.interval=2", "checkpoint.keep=4"]  # fmt: skip
 ONE = ["parallel=none", "train.micro_batch_size=8"]
+# LoRA on a Phi-3 layout (no q / k norms): one adapter over the fused [q | k | v] (qkv_proj), one over the fused
+# [gate | up] (gate_up_proj), whose lora_B rows move to the grouped order and back (checkpoints, the PEFT export)
+LORA = ["model.qk_norm=none", "model.hf_model_type=phi3", "lora=default", "lora.r=4", "lora.base_dtype=fp32"]
 
 
 def run(root: Path, name: str, *extra: str, nproc: int = 4) -> Path:
@@ -147,6 +155,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["hsdp_to_tp2"] = run(root, "hsdp_to_tp2", *ONE, "parallel.tensor=2", step2(out["hsdp"]), nproc=2)
     out["hsdp_to_fsdp4"] = run(root, "hsdp_to_fsdp4", "parallel=fsdp", step2(out["hsdp"]))
     out["fsdp2xtp2_to_one"] = run(root, "fsdp2xtp2_to_one", *ONE, step2(out["fsdp2xtp2"]), nproc=1)
+    out["lora_one"] = run(root, "lora_one", *LORA, *ONE, nproc=1)
+    out["lora_tp2"] = run(root, "lora_tp2", *LORA, *ONE, "parallel.tensor=2", nproc=2)
+    out["lora_tp2_to_one"] = run(root, "lora_tp2_to_one", *LORA, *ONE, step2(out["lora_tp2"]), nproc=1)
     return out
 
 
@@ -180,3 +191,18 @@ def test_the_start_line_names_the_3d_mesh(runs: dict[str, Path]) -> None:
     line = next(ln for ln in (runs["fsdp2xtp2"] / "logs" / "rank0.log").read_text().splitlines() if "model:" in ln)
     assert "parallel=fsdp on 4 rank(s), mesh shard 2 x tensor 2 (tensor + sequence parallel over 2 ranks; " in line
     assert "= 2 micro x 2 accum x 2 data-parallel ranks = 256 tokens/step" in line
+
+
+@pytest.mark.slow
+def test_lora_adapters_follow_their_base_under_tensor_parallelism(runs: dict[str, Path]) -> None:
+    """Column-wise bases (qkv_proj, gate_up_proj): lora_B sharded with the base's rows, lora_A whole; row-wise
+    (o_proj, down_proj): lora_A sharded with the base's columns, lora_B whole. Per step as one process; the final
+    PEFT adapters too; a TP 2 checkpoint resumes in one process."""
+    assert_rows_close(read_metrics(runs["lora_tp2"]), read_metrics(runs["lora_one"]))
+    later = [r for r in read_metrics(runs["lora_tp2"]) if r["step"] > 2]
+    assert_rows_close(read_metrics(runs["lora_tp2_to_one"]), later)
+    adapter = "checkpoints/final/adapter/adapter_model.safetensors"
+    got, want = load_file(str(runs["lora_tp2"] / adapter)), load_file(str(runs["lora_one"] / adapter))
+    assert got.keys() == want.keys() and any("qkv_proj.lora_B" in k for k in want)
+    for name, tensor in want.items():
+        assert (got[name] - tensor).norm() / tensor.norm() <= 1e-5, name

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from trainer.config import ModelConfig
+from trainer.config import LoraConfig, ModelConfig
+from trainer.lora import apply_lora
 from trainer.model.gpt import GPT
 from trainer.parallel.base import local, shard_of
 from trainer.parallel.tensor import apply_tensor_parallel, to_canonical, to_grouped
@@ -41,7 +42,7 @@ def whole(grad: torch.Tensor) -> torch.Tensor:
     return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
-def compare(cfg: ModelConfig, mesh) -> dict[str, float]:
+def compare(cfg: ModelConfig, mesh, lora: bool = False) -> dict[str, float]:
     tp = mesh.size()
     torch.manual_seed(0)
     ref = GPT(cfg)
@@ -49,6 +50,14 @@ def compare(cfg: ModelConfig, mesh) -> dict[str, float]:
     y[0, :3] = -100  # ignored targets
     with torch.device("meta"):
         split = GPT(cfg)
+    if lora:  # every linear adapted (frozen base), lora_B non-zero so that the adapters count in every output
+        adapters = LoraConfig(enabled=True, r=4, target_modules=["all-linear"])
+        apply_lora(ref, adapters)
+        apply_lora(split, adapters)
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0.0, 0.1)
     apply_tensor_parallel(split, mesh)
     split.to_empty(device="cpu")
     params = dict(split.named_parameters())
@@ -60,6 +69,9 @@ def compare(cfg: ModelConfig, mesh) -> dict[str, float]:
     got.backward()
     out = {"loss": abs(got.item() - want.item()) / abs(want.item()), "grad": 0.0}
     for name, p in ref.named_parameters():
+        if p.grad is None:  # frozen
+            assert params[name].grad is None, name
+            continue
         g = to_canonical(name, whole(params[name].grad), cfg, tp)
         # a weight every rank holds whole leaves a Partial gradient (the strategy sums it): full_tensor sums too
         out["grad"] = max(out["grad"], ((g - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item())
@@ -88,6 +100,11 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tensor",))
     results = {name: compare(ModelConfig(**BASE, **overrides), mesh) for name, overrides in CONFIGS.items()}
+    # LoRA on every linear: GPT-2's one c_attn adapter over [q | k | v], Llama's q / k / v slices of it, Phi-3's
+    # qkv_proj and gate_up_proj (fused [q | k | v], fused [gate | up])
+    phi3 = dict(CONFIGS["llama"], fused_gate_up=True, hf_model_type="phi3")
+    for name, overrides in {"gpt2": CONFIGS["gpt2"], "llama": CONFIGS["llama"], "phi3": phi3}.items():
+        results[f"{name}_lora"] = compare(ModelConfig(**BASE, **overrides), mesh, lora=True)
     if dist.get_rank() == 0:
         torch.save(results, sys.argv[1])
     dist.barrier()

@@ -243,7 +243,9 @@ def _check_tensor(cfg: Config, world_size: int) -> None:
         model = replace(model, vocab_size=model.vocab_multiple * tensor)
     check_tensor_parallel(model, tensor, cfg.train.seq_len)
     refused = [
-        (cfg.lora.enabled, "LoRA adapters"),
+        (cfg.lora.enabled and cfg.lora.dora, "DoRA (lora.dora: its row norms span the ranks)"),
+        (cfg.lora.enabled and cfg.lora.quantize_base, "lora.quantize_base (QLoRA is for one GPU)"),
+        (cfg.lora.enabled and cfg.lora.dropout > 0, "lora.dropout (one mask on the replicated input)"),
         (cfg.objective.name != "sft", f"objective={cfg.objective.name} (its reference / rollouts)"),
         (bool(cfg.eval.tasks or cfg.eval.files), "in-loop evaluation (eval.tasks / eval.files)"),
         (cfg.train.compile, "train.compile"),

@@ -134,7 +134,9 @@ def build_run(cfg: Config, run_dir: Path) -> Run:
     n_params = (model.num_params(), model.num_params(exclude_embeddings=True))
     flops_per_token = model.flops_per_token(tc.seq_len)
     checkpointed = parallelize(model, weights, cfg, strategy)
-    torch.manual_seed(tc.seed)  # dropout and sampling start from the seed, whatever the init drew
+    # dropout and sampling start from the seed, whatever the init drew; tensor-parallel peers drop out their
+    # own tokens and heads (sequence parallel), so each draws its own masks
+    torch.manual_seed(tc.seed + 7919 * strategy.tensor_rank)
     run = Run(
         cfg, run_dir, strategy, data, model_cfg, tc.accumulation_steps(strategy.dp_size),
         data.train.sampler(tc.seed), SpikeWatch(cfg.monitor.spike.z, cfg.monitor.spike.warmup),

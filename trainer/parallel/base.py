@@ -57,6 +57,7 @@ class Strategy(abc.ABC):
         # the data-parallel coordinates: which share of the global batch this rank reads (tensor-parallel
         # peers read the same one), and how many shares there are
         self.dp_rank, self.dp_size = rank, world_size
+        self.tensor_rank = 0  # this rank's place in its tensor-parallel group (parallel.tensor)
         self.model: nn.Module | None = None  # after setup: the wrapped model the loop runs forward on
         self.owns_group = True  # close() destroys the process group (build_strategy: only one it started)
 

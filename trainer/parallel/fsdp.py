@@ -63,6 +63,7 @@ class FSDP(TorchStrategy):
         self.mesh = init_device_mesh(device.type, tuple(sizes), mesh_dim_names=tuple(names))
         self.tensor = tensor
         self.dp_size, self.dp_rank = data, rank // tensor  # tensor innermost: peers are neighbours
+        self.tensor_rank = rank % tensor
         data_dims = tuple(n for n in names if n in ("replicate", "shard"))
         # fully_shard's mesh: (replicate, shard) for HSDP, (shard,) for FSDP; the data-parallel group: all of them
         self.fsdp_mesh = self.mesh[data_dims] if data_dims else None
@@ -246,6 +247,9 @@ class TensorParallel(FSDP):
 
     name = "none"
     shards = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return TorchStrategy.autocast(self)  # no FSDP2 to cast the weights: torch.autocast, as parallel=none
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, compute_dtype: torch.dtype) -> None:

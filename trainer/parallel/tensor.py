@@ -101,13 +101,19 @@ def grouped_rows(kind: str, sizes: tuple[int, ...], tensor: int) -> torch.Tensor
     return torch.cat(index)
 
 
+SLICE_LEAVES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # adapters over one part of a fused projection
+
+
 def fused_kind(name: str, cfg: ModelConfig) -> tuple[str, tuple[int, ...]] | None:
-    """('qkv', (nh, nkv, hd)) or ('gate_up', (hidden,)) for a fused projection's weight or bias name
-    (LoRA's lora_B of one too: its rows are the projection's), else None."""
+    """('qkv', (nh, nkv, hd)) or ('gate_up', (hidden,)) for a fused projection's weight or bias name,
+    or a LoRA lora_B over all of its rows (GPT-2's c_attn, Phi-3's qkv_proj / gate_up_proj); else None.
+    A q_proj / k_proj / v_proj adapter covers one part: its rows are in order already."""
     name = bare_name(name)
-    if ".attn.c_attn." in name and (name.endswith(("c_attn.weight", "c_attn.bias")) or "lora_B" in name):
+    parts = name.split(".")
+    adapter = len(parts) >= 2 and parts[-2] == "lora_B" and parts[-1] not in SLICE_LEAVES
+    if ".attn.c_attn." in name and (name.endswith(("c_attn.weight", "c_attn.bias")) or adapter):
         return "qkv", (cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.attn_head_dim)
-    if ".mlp.w_gate_up." in name and (name.endswith(("w_gate_up.weight", "w_gate_up.bias")) or "lora_B" in name):
+    if ".mlp.w_gate_up." in name and (name.endswith(("w_gate_up.weight", "w_gate_up.bias")) or adapter):
         return "gate_up", (cfg.intermediate_size or 4 * cfg.n_embd,)
     return None
 
@@ -159,7 +165,7 @@ def regroup_dtensor(name: str, value: torch.Tensor, cfg: ModelConfig, tensor: in
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     """Split a GPT (on the meta device or a real one) over the 1-D `mesh`, in place."""
     tp = mesh.size()
-    cfg = model.cfg
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}  # DTensor's styles forget it
     vocab_rows = Shard(0)
     parallelize_module(
         model.embed,
@@ -173,7 +179,12 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
         model, mesh, {"embed": PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Shard(1),
                                                    use_local_output=True)},
     )  # fmt: skip
+    from trainer.lora.layer import LoRALinear
+
     for block in model.blocks:
+        lora = {n for n, m in block.named_modules() if isinstance(m, LoRALinear)}
+        for name in lora:  # adapted linears: split by hand, their adapters following the base
+            split_lora(block.get_submodule(name), mesh, rowwise=name.endswith("c_proj"))
         plan = {
             "norm_1": SequenceParallel(use_local_output=True),
             "norm_2": SequenceParallel(use_local_output=True),
@@ -194,7 +205,7 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
         for name in ("c_fc", "w_gate", "w_up", "w_gate_up"):
             if hasattr(block.mlp, name):
                 plan[f"mlp.{name}"] = ColwiseParallel()
-        parallelize_module(block, mesh, plan)
+        parallelize_module(block, mesh, {k: v for k, v in plan.items() if k not in lora})
         attn = block.attn
         attn.n_head //= tp  # this rank's heads (the grouped c_attn rows give it whole kv groups)
         attn.n_kv_head //= tp
@@ -205,8 +216,33 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     if model.head is not None:  # untied: the head's rows sharded like the tied wte's (column-wise matmul)
         model.head.weight = nn.Parameter(distribute_tensor(model.head.weight, mesh, [vocab_rows]),
                                          requires_grad=model.head.weight.requires_grad)  # fmt: skip
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     model.tensor_mesh = mesh
-    del cfg
+
+
+def split_lora(module: nn.Module, mesh: DeviceMesh, rowwise: bool) -> None:
+    """A LoRALinear split over `mesh` like the plain linear it adapts, its adapters following the base
+    (see LoRALinear._forward_split). Column-wise: weight, bias and each lora_B sharded by rows
+    (Shard(0)), lora_A whole (Replicate). Row-wise: weight and each lora_A sharded by input features
+    (Shard(1)), bias and lora_B whole."""
+    rows, cols, whole = [Shard(0)], [Shard(1)], [Replicate()]
+
+    def place(holder: nn.Module, key: str, placements: list) -> None:
+        p = holder[key] if isinstance(holder, nn.ParameterDict) else getattr(holder, key)
+        split = nn.Parameter(distribute_tensor(p.data, mesh, placements), requires_grad=p.requires_grad)
+        if isinstance(holder, nn.ParameterDict):
+            holder[key] = split
+        else:
+            holder.register_parameter(key, split)
+
+    place(module, "weight", cols if rowwise else rows)
+    if module.bias is not None:
+        place(module, "bias", whole if rowwise else rows)
+    for leaf in module.lora_A:
+        place(module.lora_A, leaf, cols if rowwise else whole)
+        place(module.lora_B, leaf, whole if rowwise else rows)
+    module.tensor_mesh, module.rowwise = mesh, rowwise
 
 
 def _replicate_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
