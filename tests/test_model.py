@@ -401,3 +401,18 @@ def test_auto_attention_is_resolved_once_at_build_time(monkeypatch: pytest.Monke
         assert resolve_attention_backend("auto", cuda, dtype, masked=masked, dropout=dropout) == "auto"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100: SDPA decides
     assert resolve_attention_backend("auto", cuda, torch.bfloat16, masked=False) == "auto"
+
+
+def test_a_lazy_init_draws_any_rows_as_the_whole_tensor_has_them():
+    """InitTensor.rows (what an FSDP2 shard draws) equals the same rows of full(), across block boundaries;
+    the padded vocabulary's rows are zero whichever block holds them."""
+    from trainer.model.gpt import INIT_ROWS
+
+    model = meta_model(**{**GPT2_LIKE, "vocab_size": 3 * INIT_ROWS - 5, "vocab_multiple": INIT_ROWS})
+    for name, lazy in model.initial_weights(seed=3, lazy=True):
+        whole = lazy.full()
+        n = whole.shape[0]
+        for start, stop in ((0, 1), (INIT_ROWS - 1, INIT_ROWS + 2), (n // 3, n), (n - 1, n)):
+            assert torch.equal(lazy.rows(start, stop), whole[start:stop]), (name, start, stop)
+        if name == "embed.wte.weight":
+            assert n == 3 * INIT_ROWS and torch.all(whole[3 * INIT_ROWS - 5 :] == 0) and whole[: n - 5].std() > 0

@@ -58,3 +58,27 @@ def test_each_of_four_fsdp_ranks_reads_a_quarter_of_an_8_file_checkpoint(checkpo
     print(json.dumps({"files": len(files), "checkpoint_bytes": total, "bytes_read_per_rank": read}))
     assert sum(read) == total  # every byte read once, by one rank (FSDP2 shards every tensor's rows)
     assert max(read) <= total / 4 * 1.1, (read, total)  # a quarter each, up to uneven row splits
+
+
+@pytest.mark.slow  # 4 processes on 2 cores
+def test_each_of_four_fsdp_ranks_draws_its_own_rows_of_a_random_init(tmp_path: Path) -> None:
+    """A seeded random init is drawn in blocks of INIT_ROWS rows, each from its own generator: an FSDP2 shard
+    draws the blocks its rows overlap, and the values gathered again are the ones one process draws."""
+    from slice_worker import RANDOM
+
+    from trainer.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(RANDOM)
+    want = dict(model.initial_weights(seed=0))  # helpers.build draws from seed 0
+    total = sum(t.numel() for t in want.values())
+    out = tmp_path / "out.pt"
+    done = torchrun(str(REPO / "tests" / "slice_worker.py"), str(out), "random", "fsdp", cwd=REPO, nproc=4)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = torch.load(out, weights_only=True)
+    assert result["weights"].keys() == want.keys()
+    for key, tensor in want.items():
+        assert torch.equal(result["weights"][key], tensor), key
+    drawn = result["init_drawn"]
+    print(json.dumps({"init_elements": total, "drawn_per_rank": drawn}))
+    assert max(drawn) <= total / 4 * 1.2, (drawn, total)  # a quarter each, up to blocks two shards share

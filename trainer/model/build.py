@@ -30,4 +30,5 @@ def build_model(cfg: ModelConfig, seed: int, quant: QuantConfig | None = None) -
     if cfg.pretrained:
         # lazy: each tensor read when the strategy places it, a shard reading only its rows
         return model, lambda device: pretrained_weights(cfg.pretrained, cfg, lazy=True)
-    return model, lambda device: model.initial_weights(seed, device)
+    # lazy: each rank draws only the rows it holds (InitTensor), a shard its own
+    return model, lambda device: model.initial_weights(seed, device, lazy=True)

@@ -18,6 +18,7 @@ ranks, precision policy or logging.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Collection, Iterator
 from functools import partial
@@ -356,11 +357,14 @@ class GPT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    def init_parameter(
+        self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None, first_row: int = 0
+    ) -> None:
         """Fill `tensor` in place with parameter `name`'s GPT-2 init: N(0, init_std) weights,
         zero biases, norms at one, and residual output projections (c_proj) at
         init_std / sqrt(2 n_layer) so the residual stream's variance does not grow with depth.
-        Wrapper components in `name` (activation checkpointing, DDP, ...) do not matter."""
+        Wrapper components in `name` (activation checkpointing, DDP, ...) do not matter. first_row:
+        `tensor` holds the parameter's rows from this one on (a block of them: InitTensor)."""
         name, std = bare_name(name), self.cfg.init_std
         if name.endswith(("c_proj.weight", "mlp.w_down")):
             nn.init.normal_(tensor, 0.0, std / math.sqrt(2 * self.cfg.n_layer), generator=generator)
@@ -370,8 +374,8 @@ class GPT(nn.Module):
             nn.init.constant_(tensor, 1.0 - self.cfg.norm_offset if self.cfg.norm == "rmsnorm" else 1.0)
         else:
             nn.init.normal_(tensor, 0.0, std, generator=generator)
-        if name in ("embed.wte.weight", "head.weight"):
-            tensor[self.cfg.vocab_size :] = 0  # padding rows: no token; zero gradient keeps them zero
+        if name in ("embed.wte.weight", "head.weight"):  # padding rows: no token; zero gradient keeps them zero
+            tensor[max(self.cfg.vocab_size - first_row, 0) :] = 0
 
     def init_weights(self) -> None:
         """Initialise every parameter in place from the global torch RNG (see init_parameter).
@@ -379,20 +383,22 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             self.init_parameter(name, p)
 
-    def initial_weights(self, seed: int, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, new full fp32 tensor on `device`) for each parameter, in named_parameters order,
-        drawn from one torch.Generator(device) seeded with `seed`. Reads only names and shapes,
-        so it serves a meta-built or sharded model: the values depend on seed and device type
-        alone, the same on every rank. Names are the unwrapped model's (see bare_name)."""
-        generator = torch.Generator(device).manual_seed(seed)
-        # Every shape read before the first tensor is drawn: ZeRO-3 partitions a parameter as soon as
-        # it is filled (its shape becomes (0,)), and a consumer may fill one parameter (a LoRA base)
-        # before this generator reaches the next (its adapters): a shape read late would draw nothing.
-        shapes = [(name, getattr(p, "ds_shape", p.shape)) for name, p in self.named_parameters()]
+    def initial_weights(
+        self, seed: int, device: torch.device | str = "cpu", lazy: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, new full fp32 tensor on `device`) for each parameter, in named_parameters order. Reads
+        only names and shapes, so it serves a meta-built or sharded model: the values depend on the
+        seed and device type alone, the same on every rank and in any order. Each block of INIT_ROWS
+        rows is drawn from its own torch.Generator(device), seeded by (seed, name, block), so a rank
+        that holds some rows draws only the blocks they overlap: lazy=True yields InitTensors (rows /
+        full, as a pretrained checkpoint's CheckpointTensor) for the strategy to draw its part of.
+        Names are the unwrapped model's (see bare_name)."""
+        # Every shape read before the first tensor is drawn: ZeRO-3 partitions a parameter as soon as it is
+        # filled (its shape becomes (0,)).
+        shapes = [(bare_name(name), tuple(getattr(p, "ds_shape", p.shape))) for name, p in self.named_parameters()]
         for name, shape in shapes:
-            tensor = torch.empty(shape, dtype=torch.float32, device=device)
-            self.init_parameter(name, tensor, generator)
-            yield bare_name(name), tensor
+            tensor = InitTensor(self, name, shape, seed, torch.device(device))
+            yield name, tensor if lazy else tensor.full()
 
     def forward(
         self,
@@ -656,6 +662,39 @@ class GPT(nn.Module):
         cfg = self.cfg
         spans = [min(seq_len, cfg.sliding_window) if cfg.is_sliding(i) else seq_len for i in range(cfg.n_layer)]
         return 6 * self.active_params(exclude_embeddings=True) + 12 * cfg.n_head * cfg.attn_head_dim * sum(spans)
+
+
+INIT_ROWS = 64  # rows of a parameter drawn from one generator (a shard draws the blocks its rows overlap)
+INIT_DRAWN = 0  # elements this process has drawn for initial weights (InitTensor), a figure for tests
+
+
+class InitTensor:
+    """One parameter's seeded random init, drawn on demand: `rows(start, stop)` draws only the blocks of
+    INIT_ROWS rows that the range overlaps, each from its own generator seeded by (seed, name, block);
+    `full()` all of them. So an FSDP2 shard draws its own rows, not the whole tensor (see
+    trainer.parallel.base.shard_of), and every rank agrees on every value."""
+
+    def __init__(self, model: GPT, name: str, shape: tuple[int, ...], seed: int, device: torch.device) -> None:
+        self.model, self.name, self.shape, self.seed, self.device = model, name, shape, seed, device
+        self.dtype = torch.float32
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        global INIT_DRAWN
+        stop = min(stop, self.shape[0])
+        out = torch.empty((max(stop - start, 0), *self.shape[1:]), dtype=torch.float32, device=self.device)
+        for block in range(start // INIT_ROWS, -(-stop // INIT_ROWS)):
+            lo, hi = block * INIT_ROWS, min((block + 1) * INIT_ROWS, self.shape[0])
+            digest = hashlib.sha256(f"{self.seed}:{self.name}:{block}".encode()).digest()
+            generator = torch.Generator(self.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            piece = torch.empty((hi - lo, *self.shape[1:]), dtype=torch.float32, device=self.device)
+            self.model.init_parameter(self.name, piece, generator, first_row=lo)
+            INIT_DRAWN += piece.numel()
+            a, b = max(lo, start), min(hi, stop)
+            out[a - start : b - start] = piece[a - lo : b - lo]
+        return out
 
 
 def padded_positions(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:
