@@ -146,11 +146,12 @@ class Downstream:
 
         ec = self.cfg
         tasks = self.loaded["tasks"]
-        for task in tasks.values():
-            configure_task(task, ec.num_fewshot, strategy.rank, strategy.world_size)
+        for task in tasks.values():  # the data-parallel share: tensor-parallel peers score the same documents
+            configure_task(task, ec.num_fewshot, strategy.dp_rank, strategy.dp_size)
         lm = HarnessLM(
-            model, self.hf_tokenizer, batch_size=ec.batch_size, device=strategy.device, rank=strategy.rank,
-            world_size=strategy.world_size, autocast=strategy.autocast, quiet=True,
+            model, self.hf_tokenizer, batch_size=ec.batch_size, device=strategy.device, rank=strategy.dp_rank,
+            world_size=strategy.dp_size, autocast=strategy.autocast, quiet=True, group=strategy.data_group,
+            lockstep=strategy.world_size > 1 and strategy.dp_size > 1,
         )  # fmt: skip
         try:
             with quiet_lm_eval():
@@ -171,8 +172,9 @@ class Downstream:
         seq_len, batch = self.seq_len, self.cfg.batch_size
         ids = self.tokenizer.encode(text)
         windows = [ids[start : start + seq_len + 1] for start in range(0, max(len(ids) - 1, 0), seq_len)]
-        mine = windows[strategy.rank :: strategy.world_size]
-        batches = max(math.ceil(len(windows[r :: strategy.world_size]) / batch) for r in range(strategy.world_size))
+        rank, ranks = strategy.dp_rank, strategy.dp_size  # tensor-parallel peers take the same windows
+        mine = windows[rank::ranks]
+        batches = max(math.ceil(len(windows[r::ranks]) / batch) for r in range(ranks))
         device = strategy.device
         total = torch.zeros((), dtype=torch.float64, device=device)
         count = 0

@@ -79,10 +79,15 @@ class HarnessLM(HFLM):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int = 1, max_length: int | None = None,
                  device: str | torch.device = "cpu", name: str = "trainer", rank: int = 0, world_size: int = 1,
-                 autocast: Callable[[], Any] | None = None, quiet: bool = False) -> None:  # fmt: skip
+                 autocast: Callable[[], Any] | None = None, quiet: bool = False, group: Any = None,
+                 lockstep: bool | None = None) -> None:  # fmt: skip
         """model: a harness GPT (under several ranks every rank's copy, sharded or not: all take part);
         autocast: a context factory every model call runs under (the training precision; None: fp32);
-        quiet: no progress bars (the in-loop evaluation)."""
+        quiet: no progress bars (the in-loop evaluation). rank / world_size: this rank's share of the
+        documents, among the data-parallel ranks of `group` (None: every rank; under tensor parallelism
+        the peers of a tensor group take the same share and gather within their own data-parallel group);
+        lockstep: join the forwards of every rank (default: world_size > 1; tensor parallelism with data
+        parallelism needs it even where its group holds one rank)."""
         from lm_eval.api.model import TemplateLM
         from transformers import AutoModelForCausalLM
 
@@ -107,7 +112,9 @@ class HarnessLM(HFLM):
         self._rank, self._world_size = rank, world_size
         self.autocast = autocast or contextlib.nullcontext
         self.quiet = quiet
-        self.lockstep = Lockstep(model, self._device, self.autocast) if world_size > 1 else None
+        self.group = group
+        lockstep = world_size > 1 if lockstep is None else lockstep
+        self.lockstep = Lockstep(model, self._device, self.autocast) if lockstep else None
 
     def close(self) -> None:
         """Remove the lockstep hook (the model trains on without it)."""
@@ -120,7 +127,7 @@ class HarnessLM(HFLM):
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         with collective("all_gather (evaluation request counts)"):
-            dist.all_gather(parts, tensor)  # collective
+            dist.all_gather(parts, tensor, group=self.group)  # collective
         return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
@@ -132,7 +139,7 @@ class HarnessLM(HFLM):
             return [obj]
         gathered: list[Any] = [None] * self.world_size
         with collective("all_gather_object (evaluation results)"):
-            dist.all_gather_object(gathered, obj)  # collective (all_gather: gloo and NCCL alike)
+            dist.all_gather_object(gathered, obj, group=self.group)  # collective (all_gather: gloo and NCCL alike)
         if self.rank != dst:
             return None
         return [interleaved(gathered)] if all(per_document(g) for g in gathered) else gathered

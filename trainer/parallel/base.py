@@ -58,6 +58,7 @@ class Strategy(abc.ABC):
         # peers read the same one), and how many shares there are
         self.dp_rank, self.dp_size = rank, world_size
         self.tensor_rank = 0  # this rank's place in its tensor-parallel group (parallel.tensor)
+        self.data_group: Any = None  # the process group of this rank's data-parallel peers (None: every rank)
         self.model: nn.Module | None = None  # after setup: the wrapped model the loop runs forward on
         self.owns_group = True  # close() destroys the process group (build_strategy: only one it started)
 
