@@ -48,17 +48,21 @@ COMPLETION_LENGTHS = [[1, 5, 8, 3], [2, 6, 4, 7], [8, 1, 3, 2], [4, 4, 6, 5]]  #
 REWARDS = [1, 0, 0, 1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 1, 1]  # a group of equal rewards would have no signal
 
 
+PARALLEL = {"tp": ["parallel=none", f"parallel.tensor={WORLD}"]}  # tensor parallelism alone: both ranks, one batch
+
+
 def config(strategy: str, objective: str):
     from trainer.config.load import compose_config
 
-    accum = GLOBAL_ROWS // ROWS_PER_MICRO // (1 if strategy == "none" else WORLD)
+    accum = GLOBAL_ROWS // ROWS_PER_MICRO // (1 if strategy in ("none", "tp") else WORLD)
     micro = ROWS_PER_MICRO // 2 if objective == "dpo" else ROWS_PER_MICRO // 4  # pairs / prompts
     # lora.alpha = 1 (scale 1 / r): adapters of 0.2 x N(0, 1) then move each weight by about as much as the
     # base's own init; at alpha / r = 8 they would swamp it, and in so ill-conditioned a model a 1e-7
     # relative change of the weights moves the second step's gradient by 1e-3.
     overrides = [
         *(f"model.{k}={v}" for k, v in LLAMA_LIKE.items()), "lora=default", "lora.r=4", "lora.alpha=1.0",
-        "lora.base_dtype=fp32", "precision=fp32", f"parallel={strategy}", f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
+        "lora.base_dtype=fp32", "precision=fp32", *PARALLEL.get(strategy, [f"parallel={strategy}"]),
+        f"train.micro_batch_size={micro}", f"train.grad_accum_steps={accum}",
         f"optim.clip_grad_norm={CLIP}", "train.device=cpu", *OPTIM, *OBJECTIVES[objective],
     ]  # fmt: skip
     cfg, _ = compose_config(overrides)
@@ -135,7 +139,7 @@ def run_case(name: str) -> dict:
     strategy = build(cfg)
     objective = build_objective(cfg)
     unit = 2 if objective_name == "dpo" else 4  # rows that stay together on one rank: a pair, a group
-    units = shard_for_rank(torch.arange(GLOBAL_ROWS // unit).numpy(), strategy.rank, strategy.world_size)
+    units = shard_for_rank(torch.arange(GLOBAL_ROWS // unit).numpy(), strategy.dp_rank, strategy.dp_size)
     mine = torch.cat([torch.arange(u * unit, (u + 1) * unit) for u in units.tolist()])
     initial = strategy.full_state_dict(trainable_only=True)  # collective; on CPU, none / ddp: the live tensors
     out: dict = {"rows": mine, "steps": [], "initial": {k: v.clone() for k, v in initial.items()}}

@@ -1,5 +1,5 @@
 """objective=dpo and objective=grpo (loss_type dapo and grpo) on 2 real CPU ranks (gloo, torchrun) under
-ddp, fsdp and zero3 equal one process on the same global batch: two LoRA steps through train_step
+ddp, fsdp, zero3 and tensor parallelism alone (parallel.tensor=2) equal one process on the same global batch: two LoRA steps through train_step
 (tests/objective_worker.py), the reference being the base with the adapters off. Compared: each step's
 loss, grad norm, target count and objective figures, the reference log-probs of rank 0's rows (GRPO)
 and each adapter's update over the two steps.
@@ -18,7 +18,7 @@ from helpers import FP32_UNIT_ROUNDOFF, LLAMA_LIKE, fp32_rtol, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTIVES = list(worker.OBJECTIVES)
-STRATEGIES = ["ddp", "fsdp", "zero3"]
+STRATEGIES = ["ddp", "fsdp", "zero3", "tp"]  # tp: parallel=none parallel.tensor=2 (both ranks on one batch)
 pytestmark = pytest.mark.slow  # ~45 s on 2 CPU cores: two torch imports per rank, DeepSpeed, 9 cases
 RTOL = 1e-5  # losses, figures, reference log-probs (measured: <= 6e-7 relative)
 # A gradient entry adds (global rows x tokens) x (the widest inner sum, intermediate_size) products, through
@@ -28,7 +28,7 @@ GRAD_RTOL = fp32_rtol(terms=TERMS, depth=2 * 2 + 2)  # 4.0e-5
 
 
 def cases() -> list[str]:
-    strategies = ["ddp", "fsdp"] + (["zero3"] if importlib.util.find_spec("deepspeed") else [])
+    strategies = ["ddp", "fsdp", "tp"] + (["zero3"] if importlib.util.find_spec("deepspeed") else [])
     return [f"{s}/{o}" for s in strategies for o in OBJECTIVES]
 
 

@@ -283,3 +283,28 @@ def test_in_loop_evaluation_under_tensor_parallelism_equals_one_process(finetune
         for key, value in want[0].items():
             if key != "eval/time_s":
                 assert abs(got[0][key] - value) <= 1e-5 * max(abs(value), 1.0), (name, key, got[0][key], value)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_dpo_with_a_split_reference_equals_one_process(finetune_dir: Path, tmp_path: Path) -> None:
+    """objective=dpo without LoRA: the reference is a frozen copy, split over the tensor group like the policy.
+    TP 2 logs one process's losses and DPO figures (DPO's and GRPO's step numerics under TP, with LoRA, are in
+    tests/test_objective_ranks.py)."""
+    common = [
+        "objective=dpo", "data=preference", f"data.path={finetune_dir / 'preference.jsonl'}",
+        f"model.pretrained={finetune_dir / 'llama'}", "train.seq_len=32", "train.micro_batch_size=4",
+        "train.max_steps=3", "train.log_interval=1", "train.eval_interval=3", "optim.lr=5e-3", "optim.warmup_steps=0",
+        "optim.eps=1e-6", "logger.wandb=false", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
+        "train.sample_tokens=0", "parallel=none",
+    ]  # fmt: skip
+    one = run_cli(*common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-4000:]
+    tp = torchrun("-m", "trainer", *common, "parallel.tensor=2", f"hydra.run.dir={tmp_path / 'tp2'}", cwd=tmp_path)
+    assert tp.returncode == 0, tp.stderr[-4000:]
+    want, got = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    assert abs(want[-1]["rewards/margins"]) > 1e-4  # the policy has moved off its reference
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "val_loss"):
+            if key in w:
+                assert abs(g[key] - w[key]) <= 1e-5 * max(abs(w[key]), 1e-3), (w["step"], key, g[key], w[key])

@@ -68,7 +68,8 @@ class Objective:
 
         strategy = run.strategy
         model, weights = build_model(run.model_cfg, run.cfg.train.seed, run.cfg.quant)  # meta: no memory yet
-        shards = strategy.world_size if strategy.name in ("fsdp", "zero3") else 1
+        split = strategy.name in ("fsdp", "zero3") or strategy.dp_size < strategy.world_size  # sharded, or TP
+        shards = strategy.world_size if split else 1
         need = model.num_params() * (2 if run.cfg.precision.dtype in ("bf16", "fp16") else 4) / shards
         if strategy.device.type == "cuda":
             check_copy_fits(self.name, need, torch.cuda.mem_get_info(strategy.device)[0])

@@ -120,8 +120,8 @@ class DPO(Objective):
         pairs (the same ones each time), every rank its share: val_loss, val_rewards/accuracies, ..."""
         split, strategy, tc = run.data.val, run.strategy, run.cfg.train
         n = min(len(split), tc.micro_batch_size * tc.eval_batches)
-        mine = np.arange(n)[strategy.rank :: strategy.world_size]
-        rounds = -(-n // (tc.micro_batch_size * strategy.world_size))  # every rank runs as many forwards
+        mine = np.arange(n)[strategy.dp_rank :: strategy.dp_size]  # tensor-parallel peers: the same pairs
+        rounds = -(-n // (tc.micro_batch_size * strategy.dp_size))  # every rank runs as many forwards
         totals = torch.zeros(len(METRICS) + 2, device=strategy.device)
         with evaluating(strategy.unwrapped()), strategy.autocast():
             for r in range(rounds):
@@ -160,8 +160,8 @@ class DPO(Objective):
             )
         strategy, micro = run.strategy, run.cfg.train.micro_batch_size
         values = torch.zeros(2 * split.pairs, device=strategy.device)
-        rounds = -(-len(split) // (micro * strategy.world_size))  # every rank runs as many forwards
-        mine = np.arange(len(split))[strategy.rank :: strategy.world_size]
+        rounds = -(-len(split) // (micro * strategy.dp_size))  # every rank runs as many forwards
+        mine = np.arange(len(split))[strategy.dp_rank :: strategy.dp_size]  # tensor-parallel peers: the same
         with evaluating(strategy.unwrapped()), strategy.autocast():
             for r in range(rounds):
                 units = mine[r * micro : (r + 1) * micro]

@@ -77,7 +77,7 @@ class GRPO(Objective):
         lengths = torch.tensor([len(p) for p in prompts], device=strategy.device)
         stop = list(getattr(tokenizer, "stop_ids", None) or [tokenizer.eot_id])
         generator = torch.Generator(strategy.device).manual_seed(
-            hash((run.cfg.train.seed, step, strategy.rank)) % 2**63
+            hash((run.cfg.train.seed, step, strategy.dp_rank)) % 2**63  # tensor-parallel peers draw alike
         )
         agree = None
         if strategy.world_size > 1:  # collective: every rank runs as many forwards (sharded weights)
@@ -225,7 +225,7 @@ class GRPO(Objective):
         x train.eval_batches of them), every rank its share: val_reward/mean."""
         split, strategy, tc = run.data.val, run.strategy, run.cfg.train
         n = min(len(split), tc.micro_batch_size * tc.eval_batches)
-        mine = np.arange(n)[strategy.rank :: strategy.world_size].tolist() or [0]
+        mine = np.arange(n)[strategy.dp_rank :: strategy.dp_size].tolist() or [0]
         records = [split.prompt(i) for i in mine]
         completions = self.generate(run, [r.ids for r in records], 0, temperature=0.0)
         tokenizer = run.data.tokenizer
@@ -233,7 +233,7 @@ class GRPO(Objective):
         texts = [tokenizer.decode([t for t in c if t not in stop]) for c in completions]
         scores = score(self.rewards, [r.text for r in records], texts, completions, [r.fields for r in records])
         rewards = torch.nan_to_num(combine(scores, self.rewards), nan=0.0).to(strategy.device)
-        owned = float(strategy.rank < n)  # a rank without validation prompts joined the forwards only
+        owned = float(strategy.dp_rank < n)  # a rank without validation prompts joined the forwards only
         total = strategy.all_reduce_sum(
             torch.stack([rewards.sum() * owned, torch.tensor(len(records) * owned, device=strategy.device)]),
             "validation reward",

@@ -136,10 +136,14 @@ class FSDP(TorchStrategy):
         return model.cfg
 
     def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
-        if self.tensor > 1:
-            raise RuntimeError("parallel.tensor holds no frozen reference copy (config.check_run refuses it)")
         model.requires_grad_(False)
-        apply_fsdp(model, self.fsdp_mesh, self.cfg, DTYPES[self.precision.dtype])  # sharded like the policy
+        if self.tensor > 1:  # split like the policy
+            from trainer.parallel.tensor import grouped_source
+
+            self.apply_tensor_parallel(model)
+            weights = grouped_source(weights, model.cfg, self.tensor)
+        if self.shards:
+            apply_fsdp(model, self.fsdp_mesh, self.cfg, DTYPES[self.precision.dtype])  # sharded like the policy
         materialize(model, weights, torch.device("cpu") if self.cfg.fsdp_cpu_offload else self.device)
         return model.eval()
 
