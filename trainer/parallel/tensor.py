@@ -138,12 +138,14 @@ def to_canonical(name: str, full: torch.Tensor, cfg: ModelConfig, tensor: int) -
 
 
 def grouped_source(weights, cfg: ModelConfig, tensor: int):
-    """A weight source whose fused tensors arrive in the grouped order (read whole: their rows move)."""
-    from trainer.parallel.base import whole
+    """A weight source whose fused tensors arrive in the grouped order (read whole: their rows move; a
+    checkpoint's or a lazy init's tensor, not read yet, through its full())."""
 
     def source(device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         for name, full in weights(device):
-            yield name, (to_grouped(name, whole(full), cfg, tensor) if fused_kind(name, cfg) else full)
+            if fused_kind(name, cfg):
+                full = to_grouped(name, full.full() if hasattr(full, "rows") else full, cfg, tensor)
+            yield name, full
 
     return source
 
@@ -179,6 +181,9 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
         model, mesh, {"embed": PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Shard(1),
                                                    use_local_output=True)},
     )  # fmt: skip
+    # A copy, not the DTensor's own local tensor: handed to a compiled block (train.compile) that alias is
+    # taken by AOTAutograd for a view of the DTensor, and the embedding's backward got a plain gradient.
+    model.embed.register_forward_hook(lambda module, inputs, output: output.clone())
     from trainer.lora.layer import LoRALinear
 
     for block in model.blocks:
