@@ -75,12 +75,15 @@ fi
 # the nodes (parallel.replicate = the node count: the device mesh (replicate, shard)), so every
 # all-gather and reduce-scatter stays on a node's fast links and only the replicas' all-reduce of
 # gradient shards crosses nodes. The caller's parallel.replicate or parallel.fsdp_shard_size wins;
-# so does a strategy chosen elsewhere (an experiment's config: pass parallel.replicate yourself).
+# so does a strategy chosen elsewhere (an experiment's config: pass parallel.replicate yourself). With
+# parallel.tensor the caller lays out the mesh: tensor parallelism inside a node and FSDP across the
+# nodes (torchtitan's 70B: FSDP 32 x TP 8), unless parallel.replicate is given too.
 has_fsdp=0
 has_mesh=0
 for arg in "${overrides[@]}"; do
     [[ "${arg#++}" == parallel=fsdp || "${arg#++}" == parallel.strategy=fsdp ]] && has_fsdp=1
     [[ "${arg#++}" == parallel.replicate=* || "${arg#++}" == parallel.fsdp_shard_size=* ]] && has_mesh=1
+    [[ "${arg#++}" == parallel.tensor=* ]] && has_mesh=1
 done
 # (An elastic NNODES=MIN:MAX keeps flat sharding: its node count, and so the mesh, can change.)
 if [[ "${has_fsdp}" -eq 1 && "${has_mesh}" -eq 0 && "${NNODES}" =~ ^[0-9]+$ && "${NNODES}" -gt 1 ]]; then

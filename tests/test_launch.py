@@ -185,6 +185,7 @@ def test_multi_node_uses_c10d_rendezvous(tmp_path: Path):
     [
         (["parallel=fsdp", "parallel.replicate=4"], "2", False),  # the caller's mesh
         (["parallel=fsdp", "parallel.fsdp_shard_size=16"], "2", False),
+        (["parallel=fsdp", "parallel.tensor=8"], "2", False),  # TP in a node, FSDP across: the caller's mesh
         (["parallel=ddp"], "2", False),  # not fsdp
         (["parallel=fsdp"], "1", False),  # one node: flat sharding
         (["parallel=fsdp"], "1:4", False),  # elastic: the node count can change
