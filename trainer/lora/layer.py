@@ -62,14 +62,13 @@ class LoRALinear(nn.Linear):
         self.lora_magnitude = _parameters({leaf: (n,) for leaf, n in rows.items()} if dora else {}, device)
 
     adapters_off = False  # set by `adapters_off(model)`: the base alone (a DPO / GRPO reference)
-    # parallel.tensor: the mesh, and whether the base is split row-wise (o / down) or column-wise
-    # (trainer.parallel.tensor.split_lora sets them; the adapters follow the base's placement)
-    tensor_mesh = None
-    rowwise = False
+    # parallel.tensor: the forward of the layer split over ranks, its adapters following the base
+    # (trainer.parallel.tensor.split_lora sets it)
+    split_forward = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tensor_mesh is not None:
-            return self._forward_split(x)
+        if self.split_forward is not None:
+            return self.split_forward(self, x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if is_nf4(self.weight):  # QLoRA: no dequantised copy of the base is kept for backward
             y = linear_nf4(x, self.weight, bias)  # (..., out)
@@ -86,48 +85,6 @@ class LoRALinear(nn.Linear):
             pieces.append(y[..., start:stop] + self._delta(leaf, x, start, stop).to(y.dtype))
             end = stop
         if end < self.out_features:
-            pieces.append(y[..., end:])
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
-
-    def _forward_split(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer split over the tensor-parallel ranks, as DTensor's ColwiseParallel / RowwiseParallel
-        split a plain linear, its adapters following the base. Column-wise (q / k / v, gate / up): x is
-        every token's input (..., in), the base's rows and each lora_B's are sharded, lora_A is whole;
-        returns this rank's output columns, each adapter's slice at its local rows (start / T, stop / T:
-        the grouped order of trainer.parallel.tensor). Row-wise (o / down): x is this rank's input
-        features (..., in / T), the base's columns and lora_A's are sharded, lora_B is whole; base and
-        adapter outputs are partial sums, reduce-scattered over the sequence (sequence parallel)."""
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        mesh, tp = self.tensor_mesh, self.tensor_mesh.size()
-        weight = self.weight if torch.is_autocast_enabled(x.device.type) else self.weight.to(x.dtype)
-        if self.rowwise:
-            xd = DTensor.from_local(x, mesh, [Shard(-1)], run_check=False)
-            y = F.linear(xd, weight)  # Partial: each rank's input features' share
-            if not self.adapters_off:
-                for leaf in self.slices:  # one, over every row (o_proj, down_proj, GPT-2's c_proj)
-                    A, B = self.lora_A[leaf], self.lora_B[leaf]
-                    h = xd if torch.is_autocast_enabled(x.device.type) else xd.to(A.dtype)
-                    y = y + (F.linear(F.linear(h, A), B) * self.scale).to(y.dtype)  # Partial + Partial
-            y = y.redistribute(placements=[Shard(1)])  # summed, and cut to this rank's tokens
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-            return y.to_local()
-        xd = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = F.linear(xd, weight, bias).to_local()  # (..., out / T)
-        if self.adapters_off:
-            return y
-        pieces, end = [], 0
-        for leaf, (start, stop) in self.slices.items():
-            start, stop = start // tp, stop // tp
-            if start > end:
-                pieces.append(y[..., end:start])
-            A, B = self.lora_A[leaf], self.lora_B[leaf]
-            h = xd if torch.is_autocast_enabled(x.device.type) else xd.to(A.dtype)
-            pieces.append(y[..., start:stop] + (F.linear(F.linear(h, A), B) * self.scale).to_local().to(y.dtype))
-            end = stop
-        if end < y.size(-1):
             pieces.append(y[..., end:])
         return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
 

@@ -422,10 +422,11 @@ class GPT(nn.Module):
         """
         cfg = self.cfg
         T = idx.size(1)
-        # parallel.tensor: sequence parallelism splits the tokens evenly over the ranks, so a length it
-        # does not divide (generation, evaluation) runs with `extra` tokens appended: after the real
-        # ones, they change none of them (causal attention), and they are cut before the head.
-        extra = (-T) % self.tensor_mesh.size() if self.tensor_mesh is not None else 0
+        # A split model (sequence parallelism: trainer.parallel.tensor) needs a multiple of
+        # sequence_multiple tokens: a length it does not divide (generation, evaluation) runs with
+        # `extra` tokens appended, after the real ones, changing none of them (causal attention); they
+        # are cut before the head.
+        extra = (-T) % self.sequence_multiple
         padded = cache is not None and cache.pad is not None  # left-padded rows of batched generation
         if padded:
             start = cache.length  # read once: the first layer's cache grows during this forward
@@ -449,11 +450,12 @@ class GPT(nn.Module):
                     masks[local] = document_mask(positions, cfg.sliding_window) if local and mask is not None else mask
             x = block(x, ropes[local], masks[local], None if cache is None else cache.layers[i])  # (B, T, C)
         x = self.norm_f(x)
-        if self.tensor_mesh is not None:  # parallel.tensor: x is sequence-sharded, the head vocabulary-sharded
-            if extra and cache is not None:  # the appended tokens' keys and values leave the cache
-                for layer in cache.layers:
-                    layer.length -= extra
-            return self._vocab_parallel_head(x, T, targets, token_logps, logits_to_keep)
+        if extra and cache is not None:  # the appended tokens' keys and values leave the cache
+            for layer in cache.layers:
+                layer.length -= extra
+        if self.split_head is not None:  # a split model's head (x: a DTensor sharded over the sequence)
+            return self.split_head(self, x, T, targets, token_logps, logits_to_keep)
+        x = x[:, :T] if extra else x
         # The head's weight is read here, inside GPT.forward, where FSDP2 (root group) and ZeRO-3
         # (external parameter, found by DeepSpeed's parameter getter) have gathered it.
         weight = self.embed.wte.weight if self.head is None else self.head.weight  # (padded vocab, C)
@@ -485,36 +487,10 @@ class GPT(nn.Module):
         return self.cfg.router_aux_loss_coef * aux * (targets != IGNORE_INDEX).sum()
 
     moe_aux_loss: torch.Tensor | None = None  # the last training forward's load-balancing loss
-    tensor_mesh = None  # parallel.tensor: the mesh trainer.parallel.tensor split the model over
-
-    def _vocab_parallel_head(
-        self, x: torch.Tensor, T: int, targets: torch.Tensor | None, token_logps: bool, logits_to_keep: int
-    ) -> torch.Tensor:
-        """The head under tensor parallelism: x, the final norm's output, is a DTensor sharded on the
-        sequence; the head's rows (or the tied wte's) are sharded over the vocabulary. The tokens are
-        all-gathered, each rank computes its vocabulary columns' logits, and the loss (or the target
-        log-probabilities) comes from a vocabulary-parallel cross-entropy (Megatron's): no
-        rank ever holds whole (tokens, vocab) logits. Logits for generation are gathered whole."""
-        from torch.distributed.tensor import Replicate
-
-        from trainer.model.loss import vocab_parallel_cross_entropy
-
-        cfg = self.cfg
-        weight = self.embed.wte.weight if self.head is None else self.head.weight  # DTensor (padded vocab, C)
-        x = x.redistribute(placements=[Replicate()])[:, :T]  # (B, T, C) every (real) token on every rank
-        if targets is None:
-            x = x[:, -logits_to_keep:] if logits_to_keep else x
-            logits = F.linear(x, weight).full_tensor()[..., : cfg.vocab_size]  # (B, T, vocab)
-            return softcap(logits, cfg.final_softcap)
-        logits = softcap(F.linear(x, weight), cfg.final_softcap)  # (B, T, padded vocab), sharded on vocab
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).to_local()  # this rank's columns
-        start = self.tensor_mesh.get_local_rank() * logits.size(-1)  # the first column it holds
-        values = vocab_parallel_cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), start, cfg.vocab_size, self.tensor_mesh.get_group()
-        ).view_as(targets)  # (B, T): each token's loss, the same on every rank; 0 at IGNORE_INDEX
-        if token_logps:
-            return -values
-        return values.sum() + self._moe_aux_loss(targets)
+    # Set by trainer.parallel.tensor on a split model: the token count a forward needs a multiple of, and
+    # the head + loss (vocabulary-parallel) that replaces the one below; the defaults: the whole model's.
+    sequence_multiple = 1
+    split_head = None
 
     _compiled_loss = None  # set by compile_loss
 
@@ -593,8 +569,7 @@ class GPT(nn.Module):
         # The cache holds what this call can reach (the prompt and the new tokens), not block_size: a
         # 40k-token model sampling 1k tokens after a short prompt keeps 1k-odd positions per row.
         capacity = min(self.cfg.block_size, idx.size(1) + max_new_tokens)
-        if self.tensor_mesh is not None:  # room for the tokens a forward appends (see forward)
-            capacity += self.tensor_mesh.size() - 1
+        capacity += self.sequence_multiple - 1  # room for the tokens a split model's forward appends
         cache = KVCache(len(self.blocks), capacity) if use_cache else None
         if prompt_lengths is not None:
             if cache is None or idx.size(1) + max_new_tokens > self.cfg.block_size:

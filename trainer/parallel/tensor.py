@@ -23,17 +23,23 @@ contiguous pieces, which would hand rank 0 all of q; so under TP these tensors a
 contiguous piece is exactly its heads. `to_grouped` / `to_canonical` move a full tensor between
 the orders; everything outside the TP model (weight sources, checkpoints, exports) sees the
 canonical [q | k | v] order, so a checkpoint reshards between TP and any other layout.
+
+The model stays rank-agnostic: GPT.forward only pads a sequence to `sequence_multiple` tokens and calls
+`split_head` when set; both are set here, as is a LoRALinear's `split_forward` (its adapters follow
+the base's placement). What runs split lives in this file: the styles, `vocab_parallel_head` and
+Megatron's `vocab_parallel_cross_entropy`, `split_lora_forward`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -44,7 +50,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from trainer.config import ConfigError, ModelConfig
-from trainer.model.gpt import bare_name
+from trainer.model.gpt import bare_name, softcap
+from trainer.model.loss import IGNORE_INDEX
 
 FUSED = ("attn.c_attn.weight", "attn.c_attn.bias", "mlp.w_gate_up.weight", "mlp.w_gate_up.bias")
 
@@ -223,7 +230,8 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
                                          requires_grad=model.head.weight.requires_grad)  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
-    model.tensor_mesh = mesh
+    model.sequence_multiple = tp  # sequence parallelism: every rank an equal share of the tokens
+    model.split_head = partial(vocab_parallel_head, mesh=mesh)
 
 
 def split_lora(module: nn.Module, mesh: DeviceMesh, rowwise: bool) -> None:
@@ -247,7 +255,127 @@ def split_lora(module: nn.Module, mesh: DeviceMesh, rowwise: bool) -> None:
     for leaf in module.lora_A:
         place(module.lora_A, leaf, cols if rowwise else whole)
         place(module.lora_B, leaf, whole if rowwise else rows)
-    module.tensor_mesh, module.rowwise = mesh, rowwise
+    module.split_forward = partial(split_lora_forward, mesh=mesh, rowwise=rowwise)
+
+
+def split_lora_forward(layer: nn.Module, x: torch.Tensor, mesh: DeviceMesh, rowwise: bool) -> torch.Tensor:
+    """A LoRALinear `layer` split over the tensor-parallel ranks, as DTensor's ColwiseParallel / RowwiseParallel
+    split a plain linear, its adapters following the base. Column-wise (q / k / v, gate / up): x is
+    every token's input (..., in), the base's rows and each lora_B's are sharded, lora_A is whole;
+    returns this rank's output columns, each adapter's slice at its local rows (start / T, stop / T:
+    the grouped order of trainer.parallel.tensor). Row-wise (o / down): x is this rank's input
+    features (..., in / T), the base's columns and lora_A's are sharded, lora_B is whole; base and
+    adapter outputs are partial sums, reduce-scattered over the sequence (sequence parallel)."""
+    tp = mesh.size()
+    weight = layer.weight if torch.is_autocast_enabled(x.device.type) else layer.weight.to(x.dtype)
+    if rowwise:
+        xd = DTensor.from_local(x, mesh, [Shard(-1)], run_check=False)
+        y = F.linear(xd, weight)  # Partial: each rank's input features' share
+        if not layer.adapters_off:
+            for leaf in layer.slices:  # one, over every row (o_proj, down_proj, GPT-2's c_proj)
+                A, B = layer.lora_A[leaf], layer.lora_B[leaf]
+                h = xd if torch.is_autocast_enabled(x.device.type) else xd.to(A.dtype)
+                y = y + (F.linear(F.linear(h, A), B) * layer.scale).to(y.dtype)  # Partial + Partial
+        y = y.redistribute(placements=[Shard(1)])  # summed, and cut to this rank's tokens
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.to_local()
+    xd = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    y = F.linear(xd, weight, bias).to_local()  # (..., out / T)
+    if layer.adapters_off:
+        return y
+    pieces, end = [], 0
+    for leaf, (start, stop) in layer.slices.items():
+        start, stop = start // tp, stop // tp
+        if start > end:
+            pieces.append(y[..., end:start])
+        A, B = layer.lora_A[leaf], layer.lora_B[leaf]
+        h = xd if torch.is_autocast_enabled(x.device.type) else xd.to(A.dtype)
+        pieces.append(y[..., start:stop] + (F.linear(F.linear(h, A), B) * layer.scale).to_local().to(y.dtype))
+        end = stop
+    if end < y.size(-1):
+        pieces.append(y[..., end:])
+    return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+
+
+# -- the head: vocabulary-parallel logits and loss ------------------------------------------------------
+
+
+def vocab_parallel_head(
+    model: nn.Module,
+    x: torch.Tensor,
+    T: int,
+    targets: torch.Tensor | None,
+    token_logps: bool,
+    logits_to_keep: int,
+    mesh: DeviceMesh,
+) -> torch.Tensor:
+    """GPT's head on a split model (GPT.split_head): x, the final norm's output, is a DTensor sharded on the
+    sequence (with GPT.forward's appended tokens past T); the head's rows (or the tied wte's) are sharded
+    over the vocabulary. The tokens are all-gathered, each rank computes its vocabulary columns' logits,
+    and the loss (or the target log-probabilities) comes from a vocabulary-parallel cross-entropy
+    (Megatron's): no rank ever holds whole (tokens, vocab) logits. Logits for generation are gathered whole."""
+    cfg = model.cfg
+    weight = model.embed.wte.weight if model.head is None else model.head.weight  # DTensor (padded vocab, C)
+    x = x.redistribute(placements=[Replicate()])[:, :T]  # (B, T, C) every (real) token on every rank
+    if targets is None:
+        x = x[:, -logits_to_keep:] if logits_to_keep else x
+        logits = F.linear(x, weight).full_tensor()[..., : cfg.vocab_size]  # (B, T, vocab)
+        return softcap(logits, cfg.final_softcap)
+    logits = softcap(F.linear(x, weight), cfg.final_softcap)  # (B, T, padded vocab), sharded on vocab
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)).to_local()  # this rank's columns
+    start = mesh.get_local_rank() * logits.size(-1)  # the first column it holds
+    values = vocab_parallel_cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), start, cfg.vocab_size, mesh.get_group()
+    ).view_as(targets)  # (B, T): each token's loss, the same on every rank; 0 at IGNORE_INDEX
+    return -values if token_logps else values.sum()
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, start: int, vocab: int, group
+) -> torch.Tensor:
+    """Per-token cross-entropy (N,) fp32 of logits split over the vocabulary across the ranks of
+    `group` (tensor parallelism): logits (N, V_local) are this rank's columns start ..
+    start + V_local - 1 of the padded vocabulary; columns >= vocab are padding (-inf). Three
+    all-reduces of (N,) values (the max, the sum of exponentials, the target's logit) give every
+    rank the same losses, 0 at IGNORE_INDEX; backward needs no communication (each rank's
+    gradient is its own columns' softmax minus the one-hot). Megatron-LM's
+    vocab_parallel_cross_entropy."""
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, vocab, group)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, start, vocab, group):
+        import torch.distributed as dist
+
+        width = logits.size(-1)
+        columns = torch.arange(start, start + width, device=logits.device)
+        logits = logits.masked_fill(columns >= vocab, float("-inf"))  # padding columns
+        peak = logits.max(dim=-1).values  # (N,)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - peak[:, None]
+        exp = shifted.exp()
+        total = exp.sum(dim=-1)  # (N,)
+        dist.all_reduce(total, group=group)
+        valid = targets != IGNORE_INDEX
+        mine = valid & (targets >= start) & (targets < start + width)  # the target's column is here
+        column = (targets - start).clamp(0, width - 1)
+        target_logit = torch.where(mine, shifted.gather(1, column[:, None]).squeeze(1), 0.0)  # not -inf * 0
+        dist.all_reduce(target_logit, group=group)
+        loss = torch.where(valid, total.log() - target_logit, 0.0)
+        ctx.save_for_backward(exp / total[:, None], column, mine, valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        probs, column, mine, valid = ctx.saved_tensors
+        grad = probs.clone()
+        rows = torch.arange(grad.size(0), device=grad.device)
+        grad[rows, column] -= mine.to(grad.dtype)
+        grad *= (grad_loss * valid)[:, None]
+        return grad, None, None, None, None
 
 
 def _replicate_inputs(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
