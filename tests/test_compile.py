@@ -60,3 +60,23 @@ def test_compile_with_deepspeed_or_qlora_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^train.compile=true with parallel=zero2 is not supported"):
         check_run(cfg, world_size=2)
     check_run(compose_config(["parallel=fsdp", "train.compile=true"])[0], world_size=2)
+
+
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_inside_checkpoints_compiles_what_the_wrappers_hold(mode: str) -> None:
+    """parallel.tensor's order: the checkpoint runs eagerly around compiled code (AOTAutograd cannot trace the
+    checkpoint of a region that builds DTensors). Marking modules compiled is lazy: nothing compiles here."""
+    from trainer.model.checkpointing import WRAPPED
+
+    cfg = dataclasses.replace(LLAMA, activation_checkpointing=mode)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    apply_activation_checkpointing(model, cfg)
+    assert apply_compile(model, inside_checkpoints=True) == 2 and compiled_blocks(model) == 2
+    compiled = lambda m: getattr(m, "_compiled_call_impl", None) is not None  # noqa: E731
+    for block in model.blocks:
+        if mode == "full":
+            assert not compiled(block) and compiled(getattr(block, WRAPPED))
+        else:  # the wrapped attention's inside, and the MLP; the block itself (norms, residuals) eager
+            assert not compiled(block) and not compiled(block.attn)
+            assert compiled(getattr(block.attn, WRAPPED)) and compiled(block.mlp)

@@ -12,7 +12,8 @@ process group). Slow tier (real processes, torchrun):
   norm, every per-layer gradient and parameter norm) and in the final weights; a checkpoint saved under HSDP
   2 x 2 resumes under TP 2 and under FSDP 4 with the uninterrupted run's later steps; one saved under
   FSDP 2 x TP 2 resumes in one process; LoRA adapters (split like their base) train as in one process; with
-  train.compile (each split block compiled), TP 2 equals a compiled single process.
+  train.compile and full activation checkpointing (each split block compiled inside its eager checkpoint),
+  TP 2 equals a compiled single process.
 """
 
 from __future__ import annotations
@@ -83,8 +84,6 @@ TP = ["train.micro_batch_size=2", "train.global_batch_size=8"]
         (["parallel=fsdp", "parallel.tensor=2", "train.seq_len=33"], 4,
          "parallel.tensor=2 does not divide the sequence length (train.seq_len; sequence parallel splits it), 33"),
         (["parallel=fsdp", "parallel.tensor=2", "model.qk_norm=full"], 4, "does not run model.qk_norm=full"),
-        (["parallel=fsdp", "parallel.tensor=2", "train.compile=true", "model.activation_checkpointing=full"], 4,
-         "does not run with train.compile and model.activation_checkpointing together"),
         (["parallel=fsdp", "parallel.tensor=2", "lora=default", "lora.dora=true"], 4, "does not run with DoRA"),
         (["parallel=fsdp", "parallel.tensor=2", "lora=default", "lora.dropout=0.1"], 4,
          "does not run with lora.dropout"),
@@ -160,8 +159,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["fsdp2xtp2_to_one"] = run(root, "fsdp2xtp2_to_one", *ONE, step2(out["fsdp2xtp2"]), nproc=1)
     out["compiled_one"] = run(root, "compiled_one", *ONE, "train.compile=true", "train.max_steps=2", nproc=1)
     out["compiled_tp2"] = run(
-        root, "compiled_tp2", *ONE, "parallel.tensor=2", "train.compile=true", "train.max_steps=2", nproc=2
-    )
+        root, "compiled_tp2", *ONE, "parallel.tensor=2", "train.compile=true", "train.max_steps=2",
+        "model.activation_checkpointing=full", nproc=2,
+    )  # fmt: skip
     out["lora_one"] = run(root, "lora_one", *LORA, *ONE, nproc=1)
     out["lora_tp2"] = run(root, "lora_tp2", *LORA, *ONE, "parallel.tensor=2", nproc=2)
     out["lora_tp2_to_one"] = run(root, "lora_tp2_to_one", *LORA, *ONE, step2(out["lora_tp2"]), nproc=1)

@@ -246,11 +246,6 @@ def _check_tensor(cfg: Config, world_size: int) -> None:
         (cfg.lora.enabled and cfg.lora.dora, "DoRA (lora.dora: its row norms span the ranks)"),
         (cfg.lora.enabled and cfg.lora.quantize_base, "lora.quantize_base (QLoRA is for one GPU)"),
         (cfg.lora.enabled and cfg.lora.dropout > 0, "lora.dropout (one mask on the replicated input)"),
-        (
-            cfg.train.compile and cfg.model.activation_checkpointing != "none",
-            "train.compile and model.activation_checkpointing together (AOTAutograd's recompute of a split block "
-            "fails; either one alone runs)",
-        ),
         (cfg.quant.qat, "quantization-aware training (quant.qat)"),
         (cfg.parallel.expert > 1, "expert parallelism (parallel.expert)"),
         (cfg.diagnostics.sharpness.enabled, "diagnostics.sharpness"),

@@ -18,15 +18,32 @@ from __future__ import annotations
 from torch import nn
 
 
-def apply_compile(model: nn.Module) -> int:
-    """Compile each of model.blocks in place, and the head + loss; returns how many blocks."""
+def apply_compile(model: nn.Module, inside_checkpoints: bool = False) -> int:
+    """Compile each of model.blocks in place, and the head + loss; returns how many blocks.
+
+    inside_checkpoints: where a block (or its attention / MLP) is wrapped for activation checkpointing,
+    compile what the wrapper holds, so that the checkpoint runs eagerly around compiled code: a split
+    model (parallel.tensor) needs it, as AOTAutograd cannot trace the checkpoint of a region that
+    builds DTensors (it saves their DeviceMesh among the tensors). Full checkpointing: the block inside
+    its wrapper; selective: the block's attention and MLP (the norms and residual adds run eager)."""
+    from trainer.model.checkpointing import WRAPPED
+
     fullgraph = model.cfg.attention_backend != "flash_attn"
     for block in model.blocks:
-        block.compile(fullgraph=fullgraph)
+        if inside_checkpoints and hasattr(block, WRAPPED):  # full
+            getattr(block, WRAPPED).compile(fullgraph=fullgraph)
+        elif inside_checkpoints and any(hasattr(block.get_submodule(n), WRAPPED) for n in ("attn", "mlp")):
+            for name in ("attn", "mlp"):
+                part = block.get_submodule(name)
+                getattr(part, WRAPPED, part).compile(fullgraph=fullgraph)
+        else:
+            block.compile(fullgraph=fullgraph)
     model.compile_loss()
     return len(model.blocks)
 
 
 def compiled_blocks(model: nn.Module) -> int:
-    """How many of model.blocks run compiled (for the log and the tests)."""
-    return sum(getattr(block, "_compiled_call_impl", None) is not None for block in model.blocks)
+    """How many of model.blocks run compiled, whole or in their parts (for the log and the tests)."""
+    return sum(
+        any(getattr(m, "_compiled_call_impl", None) is not None for m in block.modules()) for block in model.blocks
+    )

@@ -107,6 +107,6 @@ def parallelize(model: nn.Module, weights: WeightSource, cfg: Config, strategy: 
         strategy.apply_tensor_parallel(model)
     wrapped = apply_activation_checkpointing(model, model.cfg)  # the resolved config (pretrained: its own)
     if cfg.train.compile:
-        apply_compile(model)
+        apply_compile(model, inside_checkpoints=cfg.parallel.tensor > 1)
     strategy.setup(model, weights, cfg.optim, cfg.train.max_steps)
     return wrapped
