@@ -135,7 +135,8 @@ def test_spike_policy_log_records_the_event(tmp_path: Path) -> None:
     (event,) = spike_rows(rows)
     assert event["step"] == CORRUPT_STEP and event["spike/action"] == "log"
     assert event["spike/grad_norm"] == 1 and event["spike/grad_norm_z"] > 6
-    assert event["grad_norm"] > 3 * event["spike/grad_norm_baseline"]  # 3.4x here
+    # 3.0x here (3.4x under the init drawn before its per-block generators: the same seed, other values)
+    assert event["grad_norm"] > 2 * event["spike/grad_norm_baseline"]
     assert event["loss"] > event["spike/loss_baseline"]
     assert rows[-1]["spike/count"] == 1 and rows[-1]["skipped_steps"] == 0
 

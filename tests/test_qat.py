@@ -20,6 +20,7 @@ from trainer.config import ConfigError, ModelConfig
 from trainer.config.schema import QuantConfig
 from trainer.model import GPT
 from trainer.model.build import build_model
+from trainer.parallel.base import whole
 from trainer.preflight import check_run, resolve_model_config
 from trainer.quant import QATLinear, add_fake_quantization, quantization_error, quantize_dequantize
 from trainer.quant.qat import tq  # torchao.quantization, imported with its log lines silenced
@@ -108,7 +109,7 @@ def test_names_and_state_dict_keys_stay_the_float_models(mlp: str) -> None:
     assert type(model.embed.wte) is nn.Embedding and model.head is None  # float, tied
     # a float checkpoint loads into the QAT model and back, strictly
     model.to_empty(device="cpu")
-    model.load_state_dict(dict(weights("cpu")), strict=True)
+    model.load_state_dict({name: whole(t) for name, t in weights("cpu")}, strict=True)  # a lazy init, drawn
     GPT(cfg).load_state_dict(model.state_dict(), strict=True)
 
 

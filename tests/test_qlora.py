@@ -29,7 +29,7 @@ from trainer.lora.run import base_place, cast_frozen_base, check_quantizable
 from trainer.model import load_hf_config
 from trainer.model.build import build_model
 from trainer.model.loss import IGNORE_INDEX, cross_entropy_sum
-from trainer.parallel.base import materialize
+from trainer.parallel.base import materialize, whole
 from trainer.preflight import qlora_problem
 
 needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs torchao")
@@ -175,7 +175,7 @@ def test_apply_lora_on_a_real_model_quantises_as_the_streamed_fill():
     tensors (no cast: fp32 NF4): the same NF4 weights, DoRA magnitudes and adapters."""
     cfg, settings = ModelConfig(**LLAMA_LIKE), qlora_settings(dora=True)
     model, weights = build_model(cfg, seed=0)
-    base = list(weights(CPU))  # the base tensors alone (before the model has adapters)
+    base = [(name, whole(t)) for name, t in weights(CPU)]  # the base tensors alone (before the model has adapters)
     apply_lora(model, settings)
     materialize(model, with_adapter_init(lambda device: iter(base), model, seed=0), CPU, base_place(model, CPU))
     real, _ = build_model(cfg, seed=0)
@@ -237,7 +237,7 @@ def test_merge_is_onto_the_dequantised_base(dora):
         merged_weight = plain.blocks[0].attn.c_attn.weight.detach()
         torch.testing.assert_close(merged_weight, layer.weight.get_original_weight().float() + delta, rtol=0, atol=1e-6)
         _, weights = build_model(cfg, seed=0)
-        original = dict(weights(CPU))["blocks.0.attn.c_attn.weight"]
+        original = whole(dict(weights(CPU))["blocks.0.attn.c_attn.weight"])  # the lazy init, drawn
         assert (merged_weight - (original + delta)).abs().max() > 1e-3
 
 
