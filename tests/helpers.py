@@ -56,6 +56,16 @@ def lora_run_args(root: Path, model: str, *extra: str) -> list[str]:
             f"data.cache_dir={root / 'cache'}", *extra]  # fmt: skip
 
 
+def run_trainer(root: Path, name: str, *args: str, nproc: int = 1) -> Path:
+    """`python -m trainer ARGS` with its run dir root/name, under torchrun when nproc > 1; fails the test
+    (with the run's last stderr) unless it succeeded. Returns the run dir."""
+    out = root / name
+    args = (*args, f"hydra.run.dir={out}")
+    done = torchrun("-m", "trainer", *args, cwd=root, nproc=nproc) if nproc > 1 else run_cli(*args, cwd=root)
+    assert done.returncode == 0, (name, done.stderr[-4000:])
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, read_metrics, run_cli, torchrun
+from helpers import QUICK, read_metrics, run_trainer
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow  # five runs, three of them 4 processes on 2 cores
@@ -30,11 +30,7 @@ COMPARED = ("loss", "grad_norm", "grad_norm/", "param_norm/")
 
 
 def run(root: Path, name: str, *extra: str, nproc: int = 4) -> Path:
-    out = root / name
-    args = [*RUN, *extra, f"hydra.run.dir={out}"]
-    done = torchrun("-m", "trainer", *args, cwd=root, nproc=nproc) if nproc > 1 else run_cli(*args, cwd=root)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    return run_trainer(root, name, *RUN, *extra, nproc=nproc)
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_bad_intervals_fail_before_training(tmp_path, bad):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 10 s: two runs and a resume
 def test_a_resumed_run_continues_the_noise_scale_and_sharpness_exactly(tmp_path):
     """4 steps straight vs 2 + resume + 2: the noise scale's EMAs live in the checkpoint, so step 4's
     figures are bitwise the same; sharpness rows only at its interval."""

@@ -411,7 +411,7 @@ def test_single_node_ddp_two_ranks(single_node_run):
     assert (run_dir / "logs" / "rank0.log").is_file() and (run_dir / "logs" / "rank1.log").is_file()
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 22 s: the deepspeed launcher beside torchrun, which the default tier launches
 @pytest.mark.deepspeed
 def test_deepspeed_launcher_zero2_matches_torchrun_ddp(tmp_path: Path, single_node_run):
     """deepspeed.sh starts 2 ranks on CPU; ZeRO-2 over them gives DDP's losses on the same batch."""

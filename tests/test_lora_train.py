@@ -249,7 +249,7 @@ def test_the_adapted_modules_fit_in_one_line() -> None:
     )
 
 
-@pytest.mark.heavy
+@pytest.mark.slow  # 12 s: a run, then its resume refused
 def test_resuming_against_another_base_is_refused(finetune_dir: Path, tmp_path: Path) -> None:
     """The checkpoint keeps the base by path and sha256: the same shape with other weights is refused
     in one line, and nothing in the run is changed. (GPT-2 layout, bf16 autocast.)"""

@@ -171,6 +171,7 @@ def test_sbatch_two_torchruns_meet_by_rendezvous_and_train_ddp(first_job):
     assert (checkpoints / "latest").read_text().strip() == "step_00000020"
 
 
+@pytest.mark.slow  # 17 s: a second job on the first's checkpoints (the default tier runs the first)
 def test_sbatch_resubmitted_job_resumes_from_last_checkpoint(slurm_env, first_job):
     """What a requeued job does: the same run dir and arguments again. train.sbatch adds
     train.resume=auto, so the job continues from step 20 (the end) instead of refusing the run

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, read_metrics, run_cli, torchrun
+from helpers import QUICK, read_metrics, run_trainer, torchrun
 from safetensors.torch import load_file
 from test_hsdp import assert_rows_close
 
@@ -134,11 +134,7 @@ LORA = ["model.qk_norm=none", "model.hf_model_type=phi3", "lora=default", "lora.
 
 
 def run(root: Path, name: str, *extra: str, nproc: int = 4) -> Path:
-    out = root / name
-    args = [*RUN, *extra, f"hydra.run.dir={out}"]
-    done = torchrun("-m", "trainer", *args, cwd=root, nproc=nproc) if nproc > 1 else run_cli(*args, cwd=root)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return out
+    return run_trainer(root, name, *RUN, *extra, nproc=nproc)
 
 
 def step2(run_dir: Path) -> str:
@@ -275,12 +271,8 @@ def test_in_loop_evaluation_under_tensor_parallelism_equals_one_process(finetune
         ("tp2", ["parallel=none", "parallel.tensor=2", "train.micro_batch_size=4"], 2),
         ("fsdp2xtp2", ["parallel=fsdp", "parallel.tensor=2", "train.micro_batch_size=2"], 4),
     ]:
-        args = [*common, *extra, f"hydra.run.dir={tmp_path / name}"]
-        done = (
-            torchrun("-m", "trainer", *args, cwd=tmp_path, nproc=nproc) if nproc > 1 else run_cli(*args, cwd=tmp_path)
-        )
-        assert done.returncode == 0, (name, done.stderr[-4000:])
-        rows[name] = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in read_metrics(tmp_path / name)]
+        out = run_trainer(tmp_path, name, *common, *extra, nproc=nproc)
+        rows[name] = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in read_metrics(out)]
         rows[name] = [r for r in rows[name] if r]
     want = rows["one"]
     assert len(want) == 1 and any(k.startswith("eval/tiny_gen/") for k in want[0]) and "eval/ppl/chat" in want[0]
@@ -304,11 +296,9 @@ def test_full_fine_tuning_dpo_with_a_split_reference_equals_one_process(finetune
         "optim.eps=1e-6", "logger.wandb=false", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
         "train.sample_tokens=0", "parallel=none",
     ]  # fmt: skip
-    one = run_cli(*common, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-4000:]
-    tp = torchrun("-m", "trainer", *common, "parallel.tensor=2", f"hydra.run.dir={tmp_path / 'tp2'}", cwd=tmp_path)
-    assert tp.returncode == 0, tp.stderr[-4000:]
-    want, got = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "tp2")
+    one = run_trainer(tmp_path, "one", *common)
+    tp2 = run_trainer(tmp_path, "tp2", *common, "parallel.tensor=2", nproc=2)
+    want, got = read_metrics(one), read_metrics(tp2)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
     assert abs(want[-1]["rewards/margins"]) > 1e-4  # the policy has moved off its reference
     for g, w in zip(got, want, strict=True):
