@@ -157,8 +157,14 @@ class Strategy(abc.ABC):
         trainable_only: the sums are of trainable parameters only (gradients, updates)."""
         return sums
 
+    def sumsq_weights(self, names: Iterable[str]) -> list[float] | None:
+        """A factor per named tensor on its square in the per-group sums (None: all 1): tensor parallelism
+        counts once a tensor its peers all hold whole."""
+        return None
+
     def param_sumsq_by_group(self) -> dict[str, torch.Tensor]:
-        return self.reduce_owned(group_sumsq(self.owned_params()))
+        named = list(self.owned_params())
+        return self.reduce_owned(group_sumsq(named, self.sumsq_weights(n for n, _ in named)))
 
     def snapshot_params(self) -> list[torch.Tensor]:
         """A copy of the owned weights, to measure the next update against (monitor steps only):
@@ -175,7 +181,8 @@ class Strategy(abc.ABC):
         names, params = zip(*self.owned_params(trainable_only=True), strict=True) if before else ((), ())
         if before:
             torch._foreach_sub_(before, list(params))
-        return self.reduce_owned(group_sumsq(zip(names, before, strict=True)), trainable_only=True)
+        sums = group_sumsq(zip(names, before, strict=True), self.sumsq_weights(names))
+        return self.reduce_owned(sums, trainable_only=True)
 
     # -- collectives over the default group (identities on one process) ------------------------------
     # Each runs under `collective(name)`: a rank that never comes (hung) or went away (died) ends

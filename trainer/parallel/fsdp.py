@@ -124,16 +124,12 @@ class FSDP(TorchStrategy):
         if self.tensor > 1:  # fused q / k / v (gate / up) rows in the order the split model holds them
             from trainer.parallel.tensor import grouped_source
 
-            weights = grouped_source(weights, self.unwrapped_cfg(model), self.tensor)
+            weights = grouped_source(weights, model.cfg, self.tensor)
         if self.shards:
             apply_fsdp(model, self.fsdp_mesh, self.cfg, DTYPES[self.precision.dtype])
         home = torch.device("cpu") if self.cfg.fsdp_cpu_offload else self.device  # offloaded shards live on the CPU
         materialize(model, weights, home)
         return model
-
-    @staticmethod
-    def unwrapped_cfg(model: nn.Module):
-        return model.cfg
 
     def frozen_copy(self, model: nn.Module, weights: WeightSource) -> nn.Module:
         model.requires_grad_(False)
@@ -198,35 +194,28 @@ class FSDP(TorchStrategy):
         few floats adds the shards up (replicas under hybrid sharding are not added twice).
         """
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        sums = group_sumsq(named, self._weights(named))
+        sums = group_sumsq(named, self.sumsq_weights(n for n, _ in named))
         sums = {k: v.to(self.device) for k, v in sums.items()}
         return self._reduce(sums)
 
     def reduce_owned(self, sums: dict[str, torch.Tensor], trainable_only: bool = False) -> dict[str, torch.Tensor]:
         return self._reduce(sums)  # each rank owns a shard of every parameter
 
-    def param_sumsq_by_group(self) -> dict[str, torch.Tensor]:
-        named = list(self.owned_params())
-        return self._reduce(group_sumsq(named, self._weights(named)))
-
-    def update_sumsq_by_group(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        names, params = zip(*self.owned_params(trainable_only=True), strict=True) if before else ((), ())
-        if before:
-            torch._foreach_sub_(before, list(params))
-        named = list(zip(names, before, strict=True))
-        weights = self._weights([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
-        return self._reduce(group_sumsq(named, weights))
-
-    def _weights(self, named) -> list[float] | None:
+    def sumsq_weights(self, names) -> list[float] | None:
         """Under tensor parallelism, 1 / T for a tensor every tensor-parallel peer holds whole (norms,
         biases after a row-wise split): its T copies count once in the sums over the shard group."""
         if self.tensor == 1:
             return None
-        from torch.distributed.tensor import Replicate
+        if self._replicated is None:  # worked out once: the placements do not change
+            from torch.distributed.tensor import Replicate
 
-        dim = self.mesh.mesh_dim_names.index("tensor")
-        params = dict(self.model.named_parameters())
-        return [1.0 / self.tensor if isinstance(params[n].placements[dim], Replicate) else 1.0 for n, _ in named]
+            dim = self.mesh.mesh_dim_names.index("tensor")
+            self._replicated = {
+                n for n, p in self.model.named_parameters() if isinstance(p.placements[dim], Replicate)
+            }  # fmt: skip
+        return [1.0 / self.tensor if n in self._replicated else 1.0 for n in names]
+
+    _replicated: set[str] | None = None
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return all_reduce_groups(sums, group=self.shard_group) if self.shard_group is not None else sums
